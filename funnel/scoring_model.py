@@ -1,0 +1,257 @@
+"""The scoring model: a versioned TOML file that marketing and sales agree on.
+
+It says what each activity is worth, which profile facts make a good fit, what
+counts against a lead, how engagement decays, where the MQL threshold lies and
+which timers (nurture, SLAs, cool-off) run. `load_model` validates it with
+pydantic; an error names the field (and the TOML line where it can be found).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
+
+from funnel.models import FactValue, Stage
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> timedelta:
+    """'90s', '15m', '12h', '30d', '2w' (or seconds as a number) -> timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a duration; write e.g. '90s', '15m', '12h', '30d' or '2w'")
+    if seconds <= 0:
+        raise ValueError(f"duration {value!r} must be positive")
+    return timedelta(seconds=seconds)
+
+
+def format_duration(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit in ("w", "d", "h", "m"):
+        if seconds % _UNITS[unit] == 0:
+            return f"{seconds // _UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+Duration = Annotated[
+    timedelta, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EventRule(_Section):
+    """Points for one activity type (implicit/behavioural, or negative)."""
+
+    points: float
+    cap: float | None = Field(default=None, gt=0)  # most points this type can add in total
+    count_once: bool = False  # only the first occurrence scores
+    activity: bool = True  # resets the inactivity clock (an unsubscribe does not)
+
+
+class FitRule(_Section):
+    """Points when a profile fact matches: equals, one of, or a numeric range."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    field: str
+    points: float
+    equals: FactValue | None = None
+    one_of: list[FactValue] | None = None
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> "FitRule":
+        given = [self.equals is not None, self.one_of is not None, self.min is not None or self.max is not None]
+        if sum(given) != 1:
+            raise ValueError(f"fit rule {self.name!r} needs exactly one of: equals, one_of, min/max")
+        return self
+
+    def matches(self, facts: dict[str, FactValue]) -> bool:
+        if self.field not in facts:
+            return False
+        value = facts[self.field]
+        if self.equals is not None:
+            return _same(value, self.equals)
+        if self.one_of is not None:
+            return any(_same(value, option) for option in self.one_of)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+def _same(a: FactValue, b: FactValue) -> bool:
+    """Strings compare case-insensitively; a bool never equals a number."""
+    if isinstance(a, str) and isinstance(b, str):
+        return a.casefold() == b.casefold()
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    return a == b
+
+
+class Frequency(_Section):
+    """Repeats of one activity type close together are worth more than spread out.
+
+    The n-th event of a type within `window` of the previous ones scores
+    `points * min(1 + bonus * (n - 1), max_multiplier)`.
+    """
+
+    window: Duration = timedelta(days=7)
+    bonus: float = Field(default=0.5, ge=0)
+    max_multiplier: float = Field(default=2.0, ge=1)
+
+
+class Decay(_Section):
+    """After `after` without activity, engagement falls every `every` period."""
+
+    after: Duration = timedelta(days=30)
+    every: Duration = timedelta(days=30)
+    percent: float | None = Field(default=25.0, gt=0, le=100)
+    points: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> "Decay":
+        if (self.percent is None) == (self.points is None):
+            raise ValueError("decay needs exactly one of: percent, points")
+        return self
+
+
+class Thresholds(_Section):
+    mql: float = 100
+    fast_track: list[str] = Field(default_factory=list)  # event types that make an MQL at once
+    on_mql_decay: Literal["recycle", "stay"] = "recycle"
+
+
+class Shortcuts(_Section):
+    """Configured shortcuts of the funnel for small deals (domain: MQL -> SQL in one call)."""
+
+    auto_accept: bool = False  # an MQL becomes SAL without presales
+    qualify_from_mql: bool = False  # presales may qualify an MQL directly to SQL
+
+
+class Qualification(_Section):
+    bant_min: int = Field(default=3, ge=1, le=4)
+    meddic_min: int = Field(default=5, ge=1, le=6)
+
+
+class NurtureStep(_Section):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    after: Duration  # after entering the track, or after the previous step
+
+
+class Sla(_Section):
+    """A deadline that starts on a stage or an event and escalates when missed."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    due: Duration
+    on_stage: Stage | None = None
+    on_event: str | None = None
+    met_by: Literal["contact", "stage_exit"]
+    escalate_to: str = "sales-manager"
+
+    @model_validator(mode="after")
+    def _one_start(self) -> "Sla":
+        if (self.on_stage is None) == (self.on_event is None):
+            raise ValueError(f"sla {self.name!r} needs exactly one of: on_stage, on_event")
+        if self.on_event is not None and self.met_by == "stage_exit":
+            raise ValueError(f"sla {self.name!r} starts on an event; it can only be met_by 'contact'")
+        return self
+
+
+class CoolOff(_Section):
+    """How long a recycled or lost lead rests before it may requalify."""
+
+    recycled: Duration = timedelta(days=30)
+    lost: Duration = timedelta(days=90)
+    reset_engagement_on_recycle: bool = True
+
+
+class ScoringModel(_Section):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+    description: str = ""
+    events: dict[str, EventRule]
+    fit: list[FitRule] = Field(default_factory=list)
+    frequency: Frequency = Frequency()
+    decay: Decay = Decay()
+    thresholds: Thresholds = Thresholds()
+    shortcuts: Shortcuts = Shortcuts()
+    qualification: Qualification = Qualification()
+    nurture: dict[Literal["iql", "recycled"], list[NurtureStep]] = Field(default_factory=dict)
+    sla: list[Sla] = Field(default_factory=list)
+    cool_off: CoolOff = CoolOff()
+    presales_team: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ScoringModel":
+        for name in self.events:
+            if not re.match(r"^[a-z][a-z0-9_]{0,63}$", name):
+                raise ValueError(f"event type {name!r}: use lower_snake_case")
+        unknown = [t for t in self.thresholds.fast_track if t not in self.events]
+        if unknown:
+            raise ValueError(f"thresholds.fast_track names unknown event types: {', '.join(unknown)}")
+        for sla in self.sla:
+            if sla.on_event is not None and sla.on_event not in self.events:
+                raise ValueError(f"sla {sla.name!r}: on_event {sla.on_event!r} is not an event type")
+        names = [rule.name for rule in self.fit]
+        if len(names) != len(set(names)):
+            raise ValueError("fit rule names must be unique")
+        return self
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class ModelError(ValueError):
+    """A scoring model file that cannot be used; the message says where and why."""
+
+
+def parse_model(text: str, source: str = "<model>") -> ScoringModel:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ModelError(f"{source}: not valid TOML: {err}") from None
+    try:
+        return ScoringModel.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            path = ".".join(str(p) for p in e["loc"])
+            line = _line_of(text, e["loc"])
+            where = f" (line {line})" if line else ""
+            problems.append(f"  {path or '<top>'}{where}: {e['msg']}")
+        raise ModelError(f"{source}: invalid scoring model:\n" + "\n".join(problems)) from None
+
+
+def load_model(path: str | Path) -> ScoringModel:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ModelError(f"cannot read scoring model {path}: {err.strerror}") from None
+    return parse_model(text, str(path))
+
+
+def _line_of(text: str, loc: tuple) -> int | None:
+    """Best effort: the line where the deepest named key of `loc` is written."""
+    for key in reversed([p for p in loc if isinstance(p, str)]):
+        pattern = re.compile(rf"^\s*(\[+\s*)?([\w.\"-]*\.)?\"?{re.escape(key)}\"?\s*(=|\]|\.)", re.M)
+        match = pattern.search(text)
+        if match:
+            return text.count("\n", 0, match.start()) + 1
+    return None
