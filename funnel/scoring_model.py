@@ -194,7 +194,6 @@ class ScoringModel(_Section):
     nurture: dict[Literal["iql", "recycled"], list[NurtureStep]] = Field(default_factory=dict)
     sla: list[Sla] = Field(default_factory=list)
     cool_off: CoolOff = CoolOff()
-    presales_team: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ScoringModel":

@@ -1,0 +1,69 @@
+"""Settings for every Leadflow process, read from the environment, and the one
+way to connect to Temporal.
+
+Defaults are the embedded setup: a local dev server on localhost:7233 and a
+SQLite file under ./data. Point the same code at a Temporal cluster and
+PostgreSQL by setting TEMPORAL_ADDRESS (or a Temporal env-config profile) and
+LEADFLOW_DATABASE_URL.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MODEL = HERE / "scoring_models" / "default.toml"
+
+
+class Settings(BaseModel):
+    # None means: take it from Temporal's env-config (TEMPORAL_ADDRESS, TEMPORAL_PROFILE,
+    # temporal.toml), falling back to localhost:7233.
+    temporal_address: str | None = None
+    temporal_namespace: str | None = None
+    task_queue: str = "leadflow"
+    database_url: str = "sqlite:///data/leadflow.db"
+    model_path: Path = DEFAULT_MODEL
+    webhook_url: str | None = None
+    presales_team: list[str] = Field(default_factory=lambda: ["presales-1", "presales-2"])
+    # Continue-as-new when the server suggests it or history passes this many events.
+    max_history_events: int = 2000
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        values: dict[str, object] = {}
+        mapping = {
+            "TEMPORAL_ADDRESS": "temporal_address",
+            "TEMPORAL_NAMESPACE": "temporal_namespace",
+            "LEADFLOW_TASK_QUEUE": "task_queue",
+            "LEADFLOW_DATABASE_URL": "database_url",
+            "LEADFLOW_MODEL": "model_path",
+            "LEADFLOW_WEBHOOK_URL": "webhook_url",
+            "LEADFLOW_MAX_HISTORY_EVENTS": "max_history_events",
+        }
+        for var, field in mapping.items():
+            if env.get(var):
+                values[field] = env[var]
+        if env.get("LEADFLOW_PRESALES_TEAM"):
+            values["presales_team"] = [n.strip() for n in env["LEADFLOW_PRESALES_TEAM"].split(",") if n.strip()]
+        return cls.model_validate(values)
+
+
+async def connect(settings: Settings | None = None):
+    """A Temporal client with the pydantic converter, honouring env-config profiles."""
+    from temporalio.client import Client
+    from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.envconfig import ClientConfig
+
+    settings = settings or Settings.from_env()
+    connect_config = dict(ClientConfig.load_client_connect_config())
+    if settings.temporal_address:
+        connect_config["target_host"] = settings.temporal_address
+    connect_config.setdefault("target_host", "localhost:7233")
+    if settings.temporal_namespace:
+        connect_config["namespace"] = settings.temporal_namespace
+    connect_config["data_converter"] = pydantic_data_converter
+    return await Client.connect(**connect_config)
