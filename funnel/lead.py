@@ -107,8 +107,10 @@ class Lead:
     # ------------------------------------------------------------------ creation
 
     @classmethod
-    def create(cls, lead_id: str, model: ScoringModel, now: datetime, **kwargs) -> "Lead":
-        state = LeadState(lead_id=lead_id, created_at=now, stage_since=now, model_ref=model.ref)
+    def create(cls, lead_id: str, model: ScoringModel, now: datetime, channel: str | None = None,
+               **kwargs) -> "Lead":
+        """A new IQL lead; `channel` is its first touch, when the first input tells it."""
+        state = LeadState(lead_id=lead_id, created_at=now, stage_since=now, model_ref=model.ref, channel=channel)
         state.history.append(StageVisit(stage=Stage.IQL, entered_at=now))
         lead = cls(state, model, **kwargs)
         lead._now = now

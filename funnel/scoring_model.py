@@ -123,6 +123,14 @@ class Decay(_Section):
     percent: float | None = Field(default=25.0, gt=0, le=100)
     points: float | None = Field(default=None, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _points_replace_default_percent(cls, data: object) -> object:
+        # TOML has no null: a file that gives `points` must not also get the default percent.
+        if isinstance(data, dict) and data.get("points") is not None and "percent" not in data:
+            data = {**data, "percent": None}
+        return data
+
     @model_validator(mode="after")
     def _one_amount(self) -> "Decay":
         if (self.percent is None) == (self.points is None):
@@ -180,6 +188,14 @@ class CoolOff(_Section):
     reset_engagement_on_recycle: bool = True
 
 
+class _FieldError(ValueError):
+    """A cross-field check's error, with the field it is about (pydantic reports those at the top)."""
+
+    def __init__(self, loc: tuple, message: str):
+        super().__init__(message)
+        self.loc = loc
+
+
 class ScoringModel(_Section):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
     version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
@@ -199,16 +215,19 @@ class ScoringModel(_Section):
     def _consistent(self) -> "ScoringModel":
         for name in self.events:
             if not re.match(r"^[a-z][a-z0-9_]{0,63}$", name):
-                raise ValueError(f"event type {name!r}: use lower_snake_case")
+                raise _FieldError(("events", name), f"event type {name!r}: use lower_snake_case")
         unknown = [t for t in self.thresholds.fast_track if t not in self.events]
         if unknown:
-            raise ValueError(f"thresholds.fast_track names unknown event types: {', '.join(unknown)}")
-        for sla in self.sla:
+            raise _FieldError(
+                ("thresholds", "fast_track"), f"thresholds.fast_track names unknown event types: {', '.join(unknown)}"
+            )
+        for i, sla in enumerate(self.sla):
             if sla.on_event is not None and sla.on_event not in self.events:
-                raise ValueError(f"sla {sla.name!r}: on_event {sla.on_event!r} is not an event type")
+                raise _FieldError(("sla", i, "on_event"), f"sla {sla.name!r}: on_event {sla.on_event!r} is not an event type")
         names = [rule.name for rule in self.fit]
         if len(names) != len(set(names)):
-            raise ValueError("fit rule names must be unique")
+            again = next(i for i, name in enumerate(names) if name in names[:i])
+            raise _FieldError(("fit", again, "name"), "fit rule names must be unique")
         return self
 
     @property
@@ -230,8 +249,9 @@ def parse_model(text: str, source: str = "<model>") -> ScoringModel:
     except ValidationError as err:
         problems = []
         for e in err.errors():
-            path = ".".join(str(p) for p in e["loc"])
-            line = _line_of(text, e["loc"])
+            loc = e["loc"] or getattr(e.get("ctx", {}).get("error"), "loc", ())
+            path = ".".join(str(p) for p in loc)
+            line = _line_of(text, loc)
             where = f" (line {line})" if line else ""
             problems.append(f"  {path or '<top>'}{where}: {e['msg']}")
         raise ModelError(f"{source}: invalid scoring model:\n" + "\n".join(problems)) from None
@@ -247,10 +267,36 @@ def load_model(path: str | Path) -> ScoringModel:
 
 
 def _line_of(text: str, loc: tuple) -> int | None:
-    """Best effort: the line where the deepest named key of `loc` is written."""
-    for key in reversed([p for p in loc if isinstance(p, str)]):
-        pattern = re.compile(rf"^\s*(\[+\s*)?([\w.\"-]*\.)?\"?{re.escape(key)}\"?\s*(=|\]|\.)", re.M)
-        match = pattern.search(text)
-        if match:
-            return text.count("\n", 0, match.start()) + 1
+    """Best effort: the line where the deepest written part of `loc` is (key, table or [[table]] entry).
+
+    Follows TOML tables so `events.live_chat.points` or `sla.2.due` find their own line,
+    not the first `points =` or `due =` in the file.
+    """
+    where: dict[tuple, int] = {}
+    table: tuple = ()
+    arrays: dict[tuple, int] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if match := re.match(r"^\[\[\s*([^\[\]]+?)\s*\]\]", line):
+            base = _keys(match.group(1))
+            arrays[base] = arrays.get(base, -1) + 1
+            table = base + (arrays[base],)
+        elif match := re.match(r"^\[\s*([^\[\]]+?)\s*\]", line):
+            table = _keys(match.group(1))
+        elif match := re.match(r"^([A-Za-z0-9_\-.\"' ]+?)\s*=", line):
+            key = table + _keys(match.group(1))
+            for end in range(len(table) + 1, len(key) + 1):
+                where.setdefault(key[:end], number)
+            continue
+        else:
+            continue
+        for end in range(1, len(table) + 1):  # a table's header is where it and its parents begin
+            where.setdefault(table[:end], number)
+    for end in range(len(loc), 0, -1):
+        if (line_number := where.get(tuple(loc[:end]))) is not None:
+            return line_number
     return None
+
+
+def _keys(dotted: str) -> tuple[str, ...]:
+    return tuple(part.strip().strip("\"'") for part in dotted.split("."))

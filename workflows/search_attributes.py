@@ -1,0 +1,24 @@
+"""Search attributes a lead upserts so leads can be listed by stage, owner, score.
+
+Stage, owner and channel are keywords; no PII ever goes here (they are stored
+unencrypted by Temporal). Servers must know them before a lead upserts them:
+the dev server gets `--search-attribute NAME=TYPE`, tests register them.
+"""
+
+from temporalio.common import SearchAttributeKey
+
+LEAD_STAGE = SearchAttributeKey.for_keyword("LeadStage")
+LEAD_OWNER = SearchAttributeKey.for_keyword("LeadOwner")
+LEAD_CHANNEL = SearchAttributeKey.for_keyword("LeadChannel")
+LEAD_SCORE = SearchAttributeKey.for_float("LeadScore")
+
+ALL = [LEAD_STAGE, LEAD_OWNER, LEAD_CHANNEL, LEAD_SCORE]
+
+
+def dev_server_flags() -> list[str]:
+    """`--search-attribute` flags for `temporal server start-dev`."""
+    flags: list[str] = []
+    for key in ALL:
+        kind = key.indexed_value_type.name.removeprefix("INDEXED_VALUE_TYPE_").title()  # KEYWORD -> Keyword
+        flags += ["--search-attribute", f"{key.name}={kind}"]
+    return flags
