@@ -13,7 +13,7 @@ import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -27,11 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import client as leads  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditStore  # noqa: E402
 from config import Settings  # noqa: E402
-from workflows import search_attributes as sa  # noqa: E402
+from funnel.models import ActivityEvent, Actor, Role  # noqa: E402
 from worker import build_worker  # noqa: E402
+from workflows import search_attributes as sa  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -56,8 +58,10 @@ async def register_search_attributes(client: Client) -> None:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 async def ts_env():
+    """A fresh server per test (it starts in ~0.1 s): leads of other tests would keep
+    timers that no worker serves, and skipping time past them stalls."""
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=binary("temporal-test-server"), data_converter=pydantic_data_converter
     )
@@ -99,8 +103,31 @@ async def running_worker(client: Client, settings: Settings, store: AuditStore):
             yield worker
 
 
-T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
-
-
 def hours(n: float) -> timedelta:
     return timedelta(hours=n)
+
+
+ANNA = Actor(name="anna", role=Role.PRESALES)
+BEN = Actor(name="ben", role=Role.SALES)
+MIA = Actor(name="mia", role=Role.MANAGER)
+
+
+def event(lead: str, n: str, kind: str, at, channel: str | None = "website") -> ActivityEvent:
+    return ActivityEvent(event_id=f"{lead}-{n}", lead_id=lead, type=kind, occurred_at=at, channel=channel)
+
+
+async def settle(env, client, lead: str, until, tries: int = 200):
+    """Let the worker catch up: wait until the lead's view satisfies `until`.
+
+    On the time-skipping server each try moves the clock by 3.6 s; on the dev server it sleeps.
+    """
+    view = None
+    for _ in range(tries):
+        try:
+            view = await leads.get_view(client, lead)
+            if until(view):
+                return view
+        except leads.LeadNotFound:
+            pass
+        await env.sleep(hours(0.001))
+    raise AssertionError(f"lead {lead} never reached the expected state; last: {view}")

@@ -7,8 +7,6 @@ import pytest
 import client as leads
 from funnel.models import (
     Accept,
-    ActivityEvent,
-    Actor,
     AuditKind,
     Bant,
     Close,
@@ -17,31 +15,9 @@ from funnel.models import (
     Qualify,
     Reject,
     Reopen,
-    Role,
     Stage,
 )
-from tests.conftest import hours, running_worker
-
-ANNA = Actor(name="anna", role=Role.PRESALES)
-BEN = Actor(name="ben", role=Role.SALES)
-MIA = Actor(name="mia", role=Role.MANAGER)
-
-
-def event(lead: str, n: str, kind: str, at, channel: str | None = "website") -> ActivityEvent:
-    return ActivityEvent(event_id=f"{lead}-{n}", lead_id=lead, type=kind, occurred_at=at, channel=channel)
-
-
-async def settle(env, client, settings, lead: str, until):
-    """Let the worker catch up (time-skipping): wait until the lead's view satisfies `until`."""
-    for _ in range(200):
-        try:
-            view = await leads.get_view(client, lead)
-            if until(view):
-                return view
-        except leads.LeadNotFound:
-            pass
-        await env.sleep(hours(0.001))
-    raise AssertionError(f"lead {lead} never reached the expected state; last: {view}")
+from tests.conftest import ANNA, BEN, MIA, event, running_worker, settle
 
 
 async def test_first_visit_to_won(ts_env, settings, store):
@@ -56,7 +32,7 @@ async def test_first_visit_to_won(ts_env, settings, store):
             event(lead, "2", "webinar_attended", now),
             event(lead, "3", "pricing_page_visit", now),
         ])
-        view = await settle(ts_env, client, settings, lead, lambda v: v.events_applied == 3)
+        view = await settle(ts_env, client, lead, lambda v: v.events_applied == 3)
         assert view.stage == Stage.IQL
         assert view.score["fit"] == 20 and view.score["engagement"] == 56
         assert view.channel == "website"
@@ -64,7 +40,7 @@ async def test_first_visit_to_won(ts_env, settings, store):
         await leads.send_events(client, settings, [event(lead, "4", "content_download", now),
                                                    event(lead, "5", "email_click", now),
                                                    event(lead, "6", "live_chat", now)])
-        view = await settle(ts_env, client, settings, lead, lambda v: v.owner is not None)
+        view = await settle(ts_env, client, lead, lambda v: v.owner is not None)
         assert view.stage == Stage.MQL
         assert view.score["total"] >= 100
         assert view.owner in settings.presales_team
@@ -113,7 +89,7 @@ async def test_duplicates_are_applied_once_and_recorded(ts_env, settings, store)
         await leads.send_events(client, settings, [once])
         await leads.send_events(client, settings, [once, event(lead, "2", "website_visit", now)])
         await leads.send_events(client, settings, [once])
-        view = await settle(ts_env, client, settings, lead, lambda v: v.duplicates_ignored == 2)
+        view = await settle(ts_env, client, lead, lambda v: v.duplicates_ignored == 2)
         assert view.events_applied == 2
         assert view.score["engagement"] == 21
     history = store.history(lead)
@@ -127,7 +103,7 @@ async def test_refused_commands_write_nothing(ts_env, settings, store):
     async with running_worker(client, settings, store):
         now = await ts_env.get_current_time()
         await leads.send_events(client, settings, [event(lead, "1", "website_visit", now)])
-        await settle(ts_env, client, settings, lead, lambda v: v.events_applied == 1)
+        await settle(ts_env, client, lead, lambda v: v.events_applied == 1)
         before = store.count_history(lead)
         with pytest.raises(leads.CommandRefused, match="cannot accept lead L-refused: it is iql, not mql"):
             await leads.run_command(client, lead, Accept(by=ANNA))
@@ -140,7 +116,7 @@ async def test_refused_commands_write_nothing(ts_env, settings, store):
         assert store.count_history(lead) == before
         # the workflow is still healthy and takes the next event
         await leads.send_events(client, settings, [event(lead, "2", "demo_request", now)])
-        view = await settle(ts_env, client, settings, lead, lambda v: v.stage == Stage.MQL)
+        view = await settle(ts_env, client, lead, lambda v: v.stage == Stage.MQL)
 
 
 async def test_disqualify_then_manager_reopens(ts_env, settings, store):
@@ -149,7 +125,7 @@ async def test_disqualify_then_manager_reopens(ts_env, settings, store):
     async with running_worker(client, settings, store):
         now = await ts_env.get_current_time()
         await leads.send_events(client, settings, [event(lead, "1", "demo_request", now)])
-        await settle(ts_env, client, settings, lead, lambda v: v.stage == Stage.MQL)
+        await settle(ts_env, client, lead, lambda v: v.stage == Stage.MQL)
         view = await leads.run_command(client, lead, Reject(by=ANNA, reason="competitor"))
         assert view.stage == Stage.DISQUALIFIED
         with pytest.raises(leads.CommandRefused, match="role presales may not; allowed: manager"):
