@@ -127,6 +127,9 @@ class Lead:
         old = self.state.model_ref
         self.model = model
         self.state.model_ref = model.ref
+        progress = self.state.nurture
+        if progress and progress.next_step >= len(model.nurture.get(progress.track, [])):  # type: ignore[call-overload]
+            self.state.nurture = None  # the new model has no such step: the track is over
         self._audit(AuditKind.MODEL_CHANGED, SYSTEM, f"scoring model {old} -> {model.ref}")
         self._refit(SYSTEM, now, cause=f"model {model.ref}")
 
@@ -138,10 +141,9 @@ class Lead:
 
     def ingest(self, event: ActivityEvent, now: datetime) -> None:
         """Apply one activity event (once per event_id) at its occurred_at time."""
-        self._now = now
         s = self.state
-        if self._is_duplicate(event.event_id, kind="event", channel=event.channel):
-            return
+        self._now = now
+        # Checked before de-duplication, so a corrected resend under the same id still counts.
         rule = self.model.events.get(event.type)
         if event.lead_id != s.lead_id:
             return self._ignore(event, f"event {event.event_id} is for lead {event.lead_id}, not {s.lead_id}")
@@ -149,10 +151,15 @@ class Lead:
             return self._ignore(event, f"unknown event type {event.type!r} in model {self.model.ref}")
         if event.occurred_at > now + FUTURE_TOLERANCE:
             return self._ignore(event, f"event {event.event_id} occurred in the future ({event.occurred_at.isoformat()})")
+        if self._is_duplicate(event.event_id, kind="event", channel=event.channel):
+            return
         t = event.occurred_at
+        # Timers due before the event happened fire first (a worker that was down
+        # gets both at once); then the event is applied as of now.
+        self.tick(min(t, now))
+        self._now = now
         if s.channel is None and event.channel:
             s.channel = event.channel
-        self._decay_until(min(t, now))
         s.count_by_type[event.type] = s.count_by_type.get(event.type, 0) + 1
         s.events_applied += 1
 
@@ -186,8 +193,9 @@ class Lead:
     def update_profile(self, update: ProfileUpdate, now: datetime) -> None:
         """Merge profile facts (later values win) and re-evaluate the fit rules."""
         self._now = now
-        if self._is_duplicate(update.update_id, kind="profile update"):
+        if self._is_duplicate(update.update_id, kind="profile update", namespace="profile:"):
             return
+        self.tick(now)
         self.state.profile.update(update.facts)
         facts = ", ".join(f"{k}={v}" for k, v in sorted(update.facts.items()))
         self._audit(AuditKind.PROFILE_UPDATED, update.actor, f"profile: {facts}", event_id=update.update_id)
@@ -199,8 +207,12 @@ class Lead:
         self._plan(command)
 
     def execute(self, command: Command, now: datetime) -> None:
-        """Carry out a presales/sales/manager command, or raise Refused (then nothing changed)."""
-        self._now = now
+        """Carry out a presales/sales/manager command, or raise Refused.
+
+        Timers due before the command fire first (a late accept is a breached SLA,
+        not a met one); a refused command changes nothing beyond that.
+        """
+        self.tick(now)
         trigger, detail = self._plan(command)
         actor = command.by
         if isinstance(command, LogContact):
@@ -244,12 +256,13 @@ class Lead:
         """Fire every timer due at or before `now`: decay, SLA breaches, nurture, cool-off."""
         self._now = now
         s = self.state
-        self._decay_until(now)
-        if s.stage == Stage.MQL and self.model.thresholds.on_mql_decay == "recycle":
-            if s.score.total < self.model.thresholds.mql and s.score.breakdown.get("decay", 0) < 0:
-                self._move(Trigger.DECAY_BELOW_THRESHOLD, SYSTEM, now, reason="inactivity_decay")
+        # SLAs first: a recycle below would cancel a deadline that was already missed.
         for sla in sorted([x for x in s.slas if x.due_at <= now], key=lambda x: x.due_at):
             self._close_sla(sla, AuditKind.SLA_BREACHED, SYSTEM, now)
+        decayed = self._decay_until(now)
+        if decayed and s.stage == Stage.MQL and self.model.thresholds.on_mql_decay == "recycle":
+            if s.score.total < self.model.thresholds.mql:
+                self._move(Trigger.DECAY_BELOW_THRESHOLD, SYSTEM, now, reason="inactivity_decay")
         while s.nurture and s.nurture.next_at <= now:
             self._send_nurture_step(now)
         if s.cool_off_until is not None and s.cool_off_until <= now:
@@ -348,13 +361,15 @@ class Lead:
 
     def _next_decay_at(self) -> datetime | None:
         s = self.state
-        if s.last_activity_at is None or s.score.engagement <= 0:
-            return None
+        if s.last_activity_at is None or s.score.engagement <= 0 or s.stage in CLOSED_STAGES:
+            return None  # closed leads are not scored down: nothing reads their score
         decay = self.model.decay
         return s.last_activity_at + decay.after + decay.every * s.decay_steps
 
-    def _decay_until(self, t: datetime) -> None:
+    def _decay_until(self, t: datetime) -> bool:
+        """Apply every decay step due by `t`; True if any was."""
         decay = self.model.decay
+        decayed = False
         while (due := self._next_decay_at()) is not None and due <= t:
             engagement = self.state.score.engagement
             if decay.percent is not None:
@@ -367,11 +382,13 @@ class Lead:
                 loss = engagement
             idle = due - self.state.last_activity_at
             self.state.decay_steps += 1
+            decayed = True
             self._add_points(
                 "engagement", "decay", -round(loss, 2),
                 f"{_fmt(-round(loss, 2))} inactivity decay ({label} after {format_duration(idle)} without activity)",
                 SYSTEM,
             )
+        return decayed
 
     def _check_threshold(self, now: datetime) -> None:
         s = self.state
@@ -535,15 +552,18 @@ class Lead:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _is_duplicate(self, item_id: str, kind: str, channel: str | None = None) -> bool:
+    def _is_duplicate(self, item_id: str, kind: str, channel: str | None = None, namespace: str = "") -> bool:
+        """Remember `item_id` (bounded); True, recorded, if it was seen. Profile updates
+        have their own namespace so they never collide with event ids."""
+        key = namespace + item_id
         s = self.state
-        if item_id in self._seen:
+        if key in self._seen:
             s.duplicates_ignored += 1
             self._audit(AuditKind.DUPLICATE_IGNORED, SYSTEM, f"duplicate {kind} {item_id} ignored", event_id=item_id,
                         channel=channel)
             return True
-        self._seen.add(item_id)
-        s.seen_ids.append(item_id)
+        self._seen.add(key)
+        s.seen_ids.append(key)
         if len(s.seen_ids) > self.seen_ids_max:
             dropped = s.seen_ids[: len(s.seen_ids) - self.seen_ids_max]
             s.seen_ids = s.seen_ids[len(dropped):]

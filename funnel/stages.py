@@ -90,7 +90,9 @@ def check(lead_id: str, stage: Stage, trigger: Trigger, role: Role, shortcuts: S
     verb = _VERB.get(trigger, trigger.value.replace("_", " "))
     if move is None:
         allowed = sources(trigger, shortcuts)
-        expected = " or ".join(s.value for s in allowed) or "no stage"
+        if not allowed:
+            raise Refused(f"cannot {verb} lead {lead_id}: this scoring model does not enable it")
+        expected = " or ".join(s.value for s in allowed)
         raise Refused(f"cannot {verb} lead {lead_id}: it is {stage.value}, not {expected}")
     if role not in move.roles:
         may = ", ".join(sorted(r.value for r in move.roles))
