@@ -1,0 +1,373 @@
+"""The durable audit store and outbox behind the lead activities.
+
+Temporal retries activities, so every write here is idempotent: an audit entry
+is keyed by "<lead_id>/<seq>", an outbound message by its message id and an
+owner assignment by its assignment id. Writing the same thing twice is a no-op
+that reports zero new rows, never a duplicate and never an error.
+
+SQLite (the default, one file) and PostgreSQL (psycopg 3) share this code; only
+the upsert and the handling of concurrent writers differ, and both are decided
+in `AuditStore.__init__`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import JSON, Column, DateTime, Index, Text, event, func, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from funnel.models import AuditEntry, AuditKind, Outbound, OutboundKind
+
+# SQLAlchemy only guarantees rowcount for UPDATE/DELETE; without this option an
+# INSERT through psycopg 3 reports -1. We need the number of rows actually
+# inserted to tell new entries from already-stored ones.
+_ROWCOUNT = {"preserve_rowcount": True}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UtcDateTime(TypeDecorator):
+    """Aware UTC datetimes in, aware UTC datetimes out, on every backend.
+
+    PostgreSQL keeps the offset (timestamptz); SQLite stores text without one,
+    so we write UTC and re-attach UTC on read. Naive values are refused, as the
+    models refuse them: we cannot know which zone they meant.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: the store only takes timezone-aware values")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def _utc_column(**kwargs: Any) -> Column:
+    return Column(UtcDateTime(), **kwargs)
+
+
+# --------------------------------------------------------------------------- tables
+# Enums are stored as their plain string values (not database enum types), so a
+# new AuditKind or Stage needs no schema migration.
+
+
+class AuditRow(SQLModel, table=True):
+    __tablename__ = "audit_entry"
+    __table_args__ = (
+        Index("ix_audit_entry_lead_seq", "lead_id", "seq", unique=True),
+        Index("ix_audit_entry_kind", "kind"),
+        Index("ix_audit_entry_to_stage", "to_stage"),
+        Index("ix_audit_entry_channel", "channel"),
+    )
+
+    entry_id: str = Field(primary_key=True)
+    lead_id: str
+    seq: int
+    at: datetime = Field(sa_column=_utc_column(nullable=False))
+    kind: str
+    actor: str
+    role: str
+    detail: str = Field(sa_column=Column(Text, nullable=False))
+    channel: str | None = None
+    event_id: str | None = None
+    rule: str | None = None
+    points: float | None = None
+    score_total: float | None = None
+    score_fit: float | None = None
+    score_engagement: float | None = None
+    model_ref: str | None = None
+    from_stage: str | None = None
+    to_stage: str | None = None
+    trigger: str | None = None
+    reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class OutboxRow(SQLModel, table=True):
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_acked_kind", "acked_at", "kind"),)
+
+    message_id: str = Field(primary_key=True)
+    lead_id: str = Field(index=True)
+    kind: str
+    at: datetime = Field(sa_column=_utc_column(nullable=False))
+    payload: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(sa_column=_utc_column(nullable=False))
+    delivered_webhook: bool = False
+    acked_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
+
+
+class OwnerAssignmentRow(SQLModel, table=True):
+    __tablename__ = "owner_assignment"
+
+    assignment_id: str = Field(primary_key=True)
+    owner: str
+    team_name: str
+    assigned_at: datetime = Field(sa_column=_utc_column(nullable=False))
+
+
+class RoundRobinRow(SQLModel, table=True):
+    __tablename__ = "round_robin"
+
+    team_name: str = Field(primary_key=True)
+    counter: int = 0
+
+
+# Core tables for the writes (dialect INSERT ... ON CONFLICT, bulk UPDATE).
+_AUDIT = AuditRow.__table__
+_OUTBOX = OutboxRow.__table__
+_OWNERS = OwnerAssignmentRow.__table__
+_ROUND_ROBIN = RoundRobinRow.__table__
+
+
+# --------------------------------------------------------------------------- conversions
+# The one place each pydantic model meets its row.
+
+
+def _audit_values(entry: AuditEntry) -> dict[str, Any]:
+    values = entry.model_dump(mode="python")
+    for name in ("kind", "role", "from_stage", "to_stage", "trigger"):
+        if values[name] is not None:
+            values[name] = str(values[name].value)
+    values["entry_id"] = entry.entry_id
+    return values
+
+
+def _audit_entry(row: AuditRow) -> AuditEntry:
+    return AuditEntry.model_validate(row.model_dump(exclude={"entry_id"}))
+
+
+def _outbox_values(message: Outbound) -> dict[str, Any]:
+    return {
+        "message_id": message.message_id,
+        "lead_id": message.lead_id,
+        "kind": message.kind.value,
+        "at": message.at,
+        "payload": message.model_dump(mode="json")["payload"],
+        "created_at": utcnow(),
+        "delivered_webhook": False,
+        "acked_at": None,
+    }
+
+
+def _outbound(row: OutboxRow) -> Outbound:
+    return Outbound(message_id=row.message_id, lead_id=row.lead_id, kind=row.kind, at=row.at, payload=row.payload)
+
+
+# --------------------------------------------------------------------------- store
+
+
+class AuditStore:
+    """Audit history, outbox and owner assignments in one SQL database.
+
+    Safe to share between threads: activities run in a thread pool and call it
+    concurrently for many leads.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise ValueError(f"unsupported database {url!r}: use sqlite:///... or postgresql+psycopg://...")
+        self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
+        if self.dialect == "sqlite":
+            self.engine = _sqlite_engine(url)
+            # SQLite has one writer at a time; queueing our own threads here
+            # beats having them spin on "database is locked".
+            self._write_lock: contextlib.AbstractContextManager = threading.Lock()
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True)
+            # PostgreSQL locks rows itself; ON CONFLICT and row locks suffice.
+            self._write_lock = contextlib.nullcontext()
+        SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN])
+
+    def dispose(self) -> None:
+        """Close pooled connections (tests, shutdown)."""
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Session]:
+        """One write transaction: committed on success, rolled back on error."""
+        with self._write_lock, Session(self.engine) as session, session.begin():
+            yield session
+
+    def ping(self) -> None:
+        """Raises if the database cannot be reached (health checks)."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    # ----------------------------------------------------------------- audit
+
+    def write_audit(self, entries: list[AuditEntry]) -> int:
+        """Insert the entries in one transaction; returns how many were new.
+
+        Entries already stored (same lead and seq) are skipped, so an activity
+        retry after a lost response writes nothing twice.
+        """
+        if not entries:
+            return 0
+        # Sorted by key, so concurrent batches that overlap take their row locks
+        # in the same order: on PostgreSQL, unsorted overlapping batches can
+        # deadlock (each waiting for the other's uncommitted duplicate).
+        rows = sorted((_audit_values(e) for e in entries), key=lambda row: (row["lead_id"], row["seq"]))
+        # One statement run for many parameter sets: SQLAlchemy sends them as
+        # multi-row INSERTs ("insertmanyvalues") from one cached compilation.
+        # ON CONFLICT DO NOTHING returns only the rows it inserted.
+        stmt = self._insert(_AUDIT).on_conflict_do_nothing().returning(_AUDIT.c.entry_id)
+        with self._writing() as session:
+            inserted = len(session.exec(stmt, params=rows).all())
+        return inserted
+
+    def history(self, lead_id: str, offset: int = 0, limit: int = 100) -> list[AuditEntry]:
+        stmt = select(AuditRow).where(AuditRow.lead_id == lead_id).order_by(AuditRow.seq).offset(offset).limit(limit)
+        with Session(self.engine) as session:
+            return [_audit_entry(row) for row in session.exec(stmt)]
+
+    def count_history(self, lead_id: str) -> int:
+        stmt = select(func.count()).select_from(AuditRow).where(AuditRow.lead_id == lead_id)
+        with Session(self.engine) as session:
+            return session.exec(stmt).one()
+
+    def stage_changes(self, since: datetime | None = None) -> list[AuditEntry]:
+        """Lead creations and stage changes, per lead in order: the input of funnel reports."""
+        kinds = [AuditKind.LEAD_CREATED.value, AuditKind.STAGE_CHANGED.value]
+        stmt = select(AuditRow).where(AuditRow.kind.in_(kinds))
+        if since is not None:
+            stmt = stmt.where(AuditRow.at >= since)
+        stmt = stmt.order_by(AuditRow.lead_id, AuditRow.seq)
+        with Session(self.engine) as session:
+            return [_audit_entry(row) for row in session.exec(stmt)]
+
+    # ----------------------------------------------------------------- outbox
+
+    def add_outbox(self, message: Outbound) -> bool:
+        """Store a message for delivery; False if this message id is already there."""
+        stmt = self._insert(_OUTBOX).values(_outbox_values(message)).on_conflict_do_nothing()
+        with self._writing() as session:
+            return session.exec(stmt, execution_options=_ROWCOUNT).rowcount == 1
+
+    def is_delivered(self, message_id: str) -> bool:
+        """Whether the webhook has accepted this message (so a retry must not POST again)."""
+        stmt = select(OutboxRow.delivered_webhook).where(OutboxRow.message_id == message_id)
+        with Session(self.engine) as session:
+            return bool(session.exec(stmt).first())
+
+    def mark_delivered(self, message_id: str) -> None:
+        stmt = update(_OUTBOX).where(_OUTBOX.c.message_id == message_id).values(delivered_webhook=True)
+        with self._writing() as session:
+            session.exec(stmt)
+
+    def pending_outbox(self, kind: OutboundKind | None = None, limit: int = 100) -> list[Outbound]:
+        """Messages nobody has acknowledged yet, oldest first (for pollers instead of a webhook)."""
+        stmt = select(OutboxRow).where(OutboxRow.acked_at.is_(None))
+        if kind is not None:
+            stmt = stmt.where(OutboxRow.kind == OutboundKind(kind).value)
+        stmt = stmt.order_by(OutboxRow.created_at, OutboxRow.message_id).limit(limit)
+        with Session(self.engine) as session:
+            return [_outbound(row) for row in session.exec(stmt)]
+
+    def ack_outbox(self, message_ids: list[str]) -> int:
+        """Acknowledge messages; returns how many were not acknowledged before."""
+        if not message_ids:
+            return 0
+        stmt = (
+            update(_OUTBOX)
+            .where(_OUTBOX.c.message_id.in_(list(message_ids)), _OUTBOX.c.acked_at.is_(None))
+            .values(acked_at=utcnow())
+        )
+        with self._writing() as session:
+            return session.exec(stmt, execution_options=_ROWCOUNT).rowcount
+
+    # ----------------------------------------------------------------- owners
+
+    def owner_of(self, assignment_id: str) -> str | None:
+        stmt = select(OwnerAssignmentRow.owner).where(OwnerAssignmentRow.assignment_id == assignment_id)
+        with Session(self.engine) as session:
+            return session.exec(stmt).first()
+
+    def assign_owner(self, assignment_id: str, team: list[str], team_name: str = "presales") -> str:
+        """The next owner of `team` in turn, or the owner already given to `assignment_id`.
+
+        The counter is incremented by an UPDATE first, so concurrent callers
+        (threads, or other processes and hosts on PostgreSQL) queue on that row
+        and each gets a distinct turn. If another caller recorded this
+        assignment id meanwhile, our transaction rolls back (giving the turn
+        back) and we return theirs.
+        """
+        if not team:
+            raise ValueError(f"team {team_name!r} has no members to assign {assignment_id!r} to")
+        existing = self.owner_of(assignment_id)
+        if existing is not None:
+            return existing
+        try:
+            with self._writing() as session:
+                session.exec(self._insert(_ROUND_ROBIN).values(team_name=team_name, counter=0).on_conflict_do_nothing())
+                session.exec(
+                    update(_ROUND_ROBIN)
+                    .where(_ROUND_ROBIN.c.team_name == team_name)
+                    .values(counter=_ROUND_ROBIN.c.counter + 1)
+                )
+                counter = session.exec(select(RoundRobinRow.counter).where(RoundRobinRow.team_name == team_name)).one()
+                owner = team[(counter - 1) % len(team)]
+                recorded = session.exec(
+                    self._insert(_OWNERS)
+                    .values(assignment_id=assignment_id, owner=owner, team_name=team_name, assigned_at=utcnow())
+                    .on_conflict_do_nothing(),
+                    execution_options=_ROWCOUNT,
+                ).rowcount
+                if recorded != 1:
+                    raise _AlreadyAssigned  # roll back: the turn goes back to the queue
+            return owner
+        except _AlreadyAssigned:
+            existing = self.owner_of(assignment_id)
+            if existing is None:  # pragma: no cover - the row that blocked us cannot vanish
+                raise RuntimeError(f"assignment {assignment_id!r} conflicted but is not stored") from None
+            return existing
+
+
+class _AlreadyAssigned(Exception):
+    """Another caller recorded the same assignment id while we took a turn."""
+
+
+def _sqlite_engine(url: str) -> Engine:
+    """A SQLite engine for many threads: WAL so readers never block the writer."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    memory = database in ("", ":memory:") or database.startswith("file::memory:")
+    if not memory and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+    if memory:
+        kwargs["poolclass"] = StaticPool  # one shared connection, or each thread sees its own empty db
+    engine = create_engine(url, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return engine
