@@ -113,9 +113,10 @@ async def run_command(client: Client, lead_id: str, command: Command) -> LeadVie
             raise CommandRefused(cause.message) from None
         raise
     except RPCError as err:
-        _raise_not_found(err, lead_id)
-        if err.status == RPCStatusCode.FAILED_PRECONDITION or "completed" in err.message.lower():
+        # A completed (won) lead answers NOT_FOUND too, with "already completed".
+        if "completed" in err.message.lower():
             raise LeadClosed(f"lead {lead_id} is closed (won): it takes no more commands") from None
+        _raise_not_found(err, lead_id)
         raise
 
 

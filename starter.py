@@ -1,0 +1,828 @@
+"""The Leadflow command line, for people and scripts (installed as `leadflow`).
+
+    leadflow event L-1 webinar_attended --channel webinar
+    leadflow profile L-1 target_account=true company_size=250
+    leadflow accept L-1 --by anna
+    leadflow qualify L-1 --by anna --budget --authority --need
+    leadflow contact L-1 --by ben --channel meeting
+    leadflow close L-1 won --by ben
+    leadflow show L-1 [--json]
+    leadflow history L-1 [--json]
+    leadflow list --stage mql
+    leadflow report
+    leadflow import events.jsonl
+
+Everything typed is validated before anything is sent. Exit codes: 0 ok,
+1 cannot reach Temporal (or another system error), 2 invalid input,
+3 no such lead, 4 the lead refused the command, 5 the lead is closed (won).
+Settings (TEMPORAL_ADDRESS, LEADFLOW_DATABASE_URL, LEADFLOW_MODEL, ...) come
+from the environment, see config.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+import uuid
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import ValidationError
+
+import client as api
+from config import Settings, connect
+from funnel.lead import FUTURE_TOLERANCE, LeadView
+from funnel.models import (
+    Accept,
+    ActivityEvent,
+    Actor,
+    Bant,
+    Close,
+    Command,
+    LogContact,
+    Meddic,
+    ProfileUpdate,
+    Qualify,
+    Reject,
+    Reopen,
+    Role,
+    Stage,
+    check_lead_id,
+)
+from funnel.scoring_model import ModelError, ScoringModel, load_model
+
+PROG = "leadflow"
+IMPORT_CONCURRENCY = 16  # leads sent at the same time by `import`
+# Commands and `show` need the lead's worker to answer; without one Temporal waits forever.
+ANSWER_TIMEOUT = 60.0
+HUMAN_ROLES = [Role.PRESALES.value, Role.SALES.value, Role.MANAGER.value, Role.MARKETING.value]
+# The role a command is given when --role is not: who normally does it.
+DEFAULT_ROLES = {
+    "accept": Role.PRESALES,
+    "reject": Role.PRESALES,
+    "qualify": Role.PRESALES,
+    "contact": Role.SALES,
+    "close": Role.SALES,
+    "reopen": Role.MANAGER,
+}
+BANT_FLAGS = ["budget", "authority", "need", "timing"]
+MEDDIC_FLAGS = ["metrics", "economic_buyer", "decision_criteria", "decision_process", "identify_pain", "champion"]
+CSV_COLUMNS = ["event_id", "lead_id", "type", "occurred_at", "channel"]
+_INT = re.compile(r"^[+-]?\d+$")
+_FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class CliError(Exception):
+    """An expected failure: one line on stderr and an exit code, never a traceback."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class BadInput(CliError):
+    def __init__(self, message: str):
+        super().__init__(message, 2)
+
+
+class Unreachable(CliError):
+    def __init__(self, address: str):
+        super().__init__(f"cannot reach Temporal at {address}: is `scripts/run` running?", 1)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`leadflow: error: ...`) and exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --------------------------------------------------------------------------- parsing values
+
+
+def lead_id_arg(value: str) -> str:
+    try:
+        return check_lead_id(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def parse_timestamp(value: str) -> datetime:
+    """ISO 8601 with a timezone, as UTC; naive timestamps are refused (which zone was meant?)."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise BadInput(f"invalid timestamp {value!r}: use ISO 8601, e.g. 2026-11-22T10:00:00Z") from None
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise BadInput(f"timestamp {value!r} has no timezone: add one, e.g. {value}Z or {value}+01:00")
+    return parsed.astimezone(timezone.utc)
+
+
+def check_not_future(at: datetime, now: datetime, what: str = "timestamp") -> None:
+    if at > now + FUTURE_TOLERANCE:
+        raise BadInput(
+            f"{what} {at.isoformat()} is more than {int(FUTURE_TOLERANCE.total_seconds() // 60)} minutes "
+            f"in the future (now {now.replace(microsecond=0).isoformat()})"
+        )
+
+
+def parse_value(text: str) -> bool | int | float | str:
+    """true/false -> bool, integers, decimals, anything else stays a string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if _INT.match(text.strip()):
+        return int(text)
+    if _FLOAT.match(text.strip()):
+        number = float(text)
+        if math.isfinite(number):
+            return number
+    return text
+
+
+def parse_assignments(items: list[str], what: str) -> dict[str, bool | int | float | str]:
+    """['k=v', ...] -> {k: parsed v}; refuses items without '=', empty keys, empty values, repeats."""
+    facts: dict[str, bool | int | float | str] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise BadInput(f"{what} {item!r}: expected NAME=VALUE, e.g. company_size=250")
+        if not key:
+            raise BadInput(f"{what} {item!r}: the name before '=' is empty")
+        if not re.match(r"^[a-z][a-z0-9_]{0,63}$", key):
+            raise BadInput(f"{what} {item!r}: name {key!r} must be lower_snake_case (a-z, 0-9, _)")
+        if raw.strip() == "":
+            raise BadInput(f"{what} {item!r}: the value after '=' is empty")
+        if key in facts:
+            raise BadInput(f"{what} {key!r} is given twice")
+        facts[key] = parse_value(raw.strip())
+    return facts
+
+
+def describe_validation(err: ValidationError) -> str:
+    """Pydantic errors as `field: message; field: message` (lead ids get our own wording)."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["loc"] and e["loc"][-1] == "lead_id" and e["type"] == "string_pattern_mismatch":
+            try:
+                check_lead_id(str(e.get("input")))
+            except ValueError as bad:
+                msg = str(bad)
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _validated(factory: Callable[..., Any], **values: Any) -> Any:
+    try:
+        return factory(**values)
+    except ValidationError as err:
+        raise BadInput(describe_validation(err)) from None
+
+
+def _load_model(settings: Settings) -> ScoringModel:
+    try:
+        return load_model(settings.model_path)
+    except ModelError as err:
+        raise BadInput(str(err).replace("\n", " ")) from None
+
+
+def check_event_type(event_type: str, model: ScoringModel) -> None:
+    if event_type not in model.events:
+        raise BadInput(
+            f"unknown event type {event_type!r} in scoring model {model.ref}; known types: "
+            + ", ".join(sorted(model.events))
+        )
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4()}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# --------------------------------------------------------------------------- Temporal
+
+
+def temporal_address(settings: Settings) -> str:
+    if settings.temporal_address:
+        return settings.temporal_address
+    try:
+        from temporalio.envconfig import ClientConfig
+
+        return str(ClientConfig.load_client_connect_config().get("target_host") or "localhost:7233")
+    except Exception:
+        return "localhost:7233"
+
+
+# Set once this process holds a real Temporal client (see `main` on why that matters).
+_temporal_client_made = False
+
+
+async def _connect(settings: Settings):
+    global _temporal_client_made
+    try:
+        temporal = await connect(settings)
+    except RuntimeError as err:
+        if "connect" in str(err).lower():
+            raise Unreachable(temporal_address(settings)) from None
+        raise
+    from temporalio.client import Client
+
+    if isinstance(temporal, Client):
+        _temporal_client_made = True
+    return temporal
+
+
+async def _answer(call, lead_id: str, what: str):
+    """Await a call the lead's workflow must answer, but not forever (no worker, a stuck lead)."""
+    try:
+        return await asyncio.wait_for(call, ANSWER_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise CliError(
+            f"lead {lead_id} did not answer the {what} within {ANSWER_TIMEOUT:.0f} s: is the worker running "
+            f"(`scripts/run`)?" + (f" The {what} may still be applied: check `{PROG} show {lead_id}`."
+                                   if what != "query" else ""),
+            1,
+        ) from None
+
+
+def _store(settings: Settings):
+    """The audit store; a SQLite file that does not exist is an error, not a new empty store."""
+    from sqlalchemy.engine import make_url
+
+    from activities.store import AuditStore
+
+    url = make_url(settings.database_url)
+    database = url.database or ""
+    if url.get_backend_name() == "sqlite" and database not in ("", ":memory:") and not database.startswith("file:"):
+        if not Path(database).expanduser().exists():
+            raise CliError(
+                f"no audit store at {database} (LEADFLOW_DATABASE_URL={settings.database_url}): "
+                "run from the project directory or set LEADFLOW_DATABASE_URL",
+                1,
+            )
+    return AuditStore(settings.database_url)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def _when(value: datetime | str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _points(value: float) -> str:
+    return f"{value:+g}"
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def print_view(view: LeadView, as_json: bool = False) -> None:
+    if as_json:
+        _print_json(view.model_dump(mode="json"))
+        return
+    from rich.table import Table
+
+    score = view.score
+    grid = Table(title=f"lead {view.lead_id}", show_header=False, title_justify="left", box=None, padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("stage", view.stage.value)
+    grid.add_row("since", _when(view.stage_since))
+    grid.add_row("owner", view.owner or "-")
+    grid.add_row("channel", view.channel or "-")
+    grid.add_row("score", f"{score.get('total', 0):g} (fit {score.get('fit', 0):g}, engagement {score.get('engagement', 0):g})")
+    if view.qualified_by:
+        grid.add_row("qualified", view.qualified_by)
+    if view.profile:
+        grid.add_row("profile", ", ".join(f"{k}={v}" for k, v in sorted(view.profile.items())))
+    if view.deadlines:
+        grid.add_row(
+            "deadlines", "\n".join(f"{d.name} due {_when(d.due_at)} ({d.cause})" for d in view.deadlines)
+        )
+    else:
+        grid.add_row("deadlines", "-")
+    nurture = view.next_nurture_step
+    grid.add_row(
+        "next nurture", f"{nurture.get('track')} step {nurture.get('step')} at {_when(nurture.get('at'))}" if nurture else "-"
+    )
+    grid.add_row("next decay", _when(view.next_decay_at))
+    if view.cool_off_until:
+        grid.add_row("cool-off until", _when(view.cool_off_until))
+    grid.add_row("model", view.model_ref)
+    grid.add_row("events", f"{view.events_applied} applied, {view.duplicates_ignored} duplicates ignored")
+    console = _console()
+    console.print(grid)
+    breakdown = score.get("breakdown") or {}
+    if isinstance(breakdown, dict) and breakdown:
+        table = Table(title="score breakdown", title_justify="left")
+        table.add_column("rule")
+        table.add_column("points", justify="right")
+        for rule, points in breakdown.items():
+            table.add_row(rule, _points(points))
+        console.print(table)
+
+
+def print_history(entries, total: int, offset: int, as_json: bool) -> None:
+    if as_json:
+        _print_json([entry.model_dump(mode="json") for entry in entries])
+        return
+    from rich.table import Table
+
+    table = Table(title_justify="left")
+    for name, justify in (("seq", "right"), ("time", "left"), ("kind", "left"), ("actor/role", "left"),
+                          ("detail", "left"), ("score", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for e in entries:
+        table.add_row(
+            str(e.seq), _when(e.at), e.kind.value, f"{e.actor}/{e.role.value}", e.detail,
+            "-" if e.score_total is None else f"{e.score_total:g}",
+        )
+    console = _console()
+    console.print(table)
+    if entries:
+        console.print(f"entries {offset + 1}-{offset + len(entries)} of {total}")
+    else:
+        console.print(f"no entries from offset {offset} ({total} in all)")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+async def cmd_event(args, settings: Settings) -> int:
+    model = _load_model(settings)
+    check_event_type(args.type, model)
+    now = utcnow()
+    at = parse_timestamp(args.at) if args.at is not None else now
+    check_not_future(at, now, "--at")
+    attributes = parse_assignments(args.attr or [], "--attr")
+    event = _validated(
+        ActivityEvent,
+        event_id=args.id or new_id("ev"),
+        lead_id=args.lead,
+        type=args.type,
+        occurred_at=at,
+        channel=args.channel,
+        attributes=attributes,
+    )
+    tc = await _connect(settings)
+    await api.send_events(tc, settings, [event])
+    print(f"event {event.event_id} ({event.type} at {event.occurred_at.isoformat()}) sent to lead {event.lead_id}")
+    return 0
+
+
+async def cmd_profile(args, settings: Settings) -> int:
+    facts = parse_assignments(args.facts, "profile fact")
+    values: dict[str, Any] = dict(update_id=args.id or new_id("pu"), lead_id=args.lead, facts=facts)
+    if args.by is not None:
+        try:
+            values["actor"] = _validated(Actor, name=args.by, role=args.role)
+        except BadInput as err:
+            raise BadInput(f"--by {args.by!r}: {err}") from None
+    update = _validated(ProfileUpdate, **values)
+    tc = await _connect(settings)
+    await api.send_profile(tc, settings, update)
+    shown = ", ".join(f"{k}={json.dumps(v)}" for k, v in facts.items())
+    print(f"profile update {update.update_id} ({shown}) sent to lead {update.lead_id}")
+    return 0
+
+
+def build_command(args) -> Command:
+    """The command object for accept/reject/qualify/contact/close/reopen, validated."""
+    role = args.role or DEFAULT_ROLES[args.command].value
+    try:
+        by = _validated(Actor, name=args.by, role=role)
+    except BadInput as err:
+        raise BadInput(f"--by {args.by!r}: {err}") from None
+    kind = args.command
+    if kind == "accept":
+        return _validated(Accept, by=by, note=args.note)
+    if kind == "reject":
+        return _validated(Reject, by=by, reason=args.reason, recycle=args.recycle, note=args.note)
+    if kind == "qualify":
+        bant_given = [f for f in BANT_FLAGS if getattr(args, f)]
+        meddic_given = [f for f in MEDDIC_FLAGS if getattr(args, f)]
+        if args.meddic:
+            if bant_given:
+                raise BadInput(f"--{bant_given[0]} is a BANT criterion; it cannot be combined with --meddic")
+            criteria = {f: getattr(args, f) for f in MEDDIC_FLAGS}
+            return _validated(Qualify, by=by, framework="meddic", meddic=Meddic(**criteria), note=args.note)
+        if meddic_given:
+            flag = meddic_given[0].replace("_", "-")
+            raise BadInput(f"--{flag} is a MEDDIC criterion: add --meddic")
+        criteria = {f: getattr(args, f) for f in BANT_FLAGS}
+        return _validated(Qualify, by=by, framework="bant", bant=Bant(**criteria), note=args.note)
+    if kind == "contact":
+        return _validated(LogContact, by=by, channel=args.channel, note=args.note)
+    if kind == "close":
+        return _validated(Close, by=by, outcome=args.outcome, reason=args.reason, note=args.note)
+    if kind == "reopen":
+        return _validated(Reopen, by=by, reason=args.reason, note=args.note)
+    raise BadInput(f"unknown command {kind!r}")  # pragma: no cover - argparse knows the commands
+
+
+async def cmd_lead_command(args, settings: Settings) -> int:
+    command = build_command(args)
+    tc = await _connect(settings)
+    view = await _answer(api.run_command(tc, args.lead, command), args.lead, f"{args.command} command")
+    print_view(view, as_json=args.json)
+    return 0
+
+
+async def cmd_show(args, settings: Settings) -> int:
+    tc = await _connect(settings)
+    view = await _answer(api.get_view(tc, args.lead), args.lead, "query")
+    print_view(view, as_json=args.json)
+    return 0
+
+
+async def cmd_history(args, settings: Settings) -> int:
+    store = _store(settings)
+    try:
+        total = store.count_history(args.lead)
+        if total == 0:
+            raise api.LeadNotFound(f"no lead {args.lead} (no history in the audit store)")
+        entries = store.history(args.lead, offset=args.offset, limit=args.limit)
+    finally:
+        store.dispose()
+    print_history(entries, total, args.offset, args.json)
+    return 0
+
+
+async def cmd_list(args, settings: Settings) -> int:
+    tc = await _connect(settings)
+    try:
+        leads = await api.list_leads(tc, stage=args.stage, owner=args.owner)
+    except ValueError as err:
+        raise BadInput(str(err)) from None
+    if args.json:
+        _print_json([vars(lead) for lead in leads])
+        return 0
+    from rich.table import Table
+
+    table = Table(title_justify="left")
+    for name in ("lead", "stage", "score", "owner", "channel"):
+        table.add_column(name, justify="right" if name == "score" else "left")
+    for lead in leads:
+        table.add_row(
+            lead.lead_id, lead.stage or "-", "-" if lead.score is None else f"{lead.score:g}",
+            lead.owner or "-", lead.channel or "-",
+        )
+    console = _console()
+    console.print(table)
+    console.print(f"{len(leads)} running lead(s)")
+    return 0
+
+
+async def cmd_report(args, settings: Settings) -> int:
+    from funnel.report import funnel_report
+
+    store = _store(settings)
+    try:
+        entries = store.stage_changes()
+    finally:
+        store.dispose()
+    report = funnel_report(entries, now=utcnow())
+    if args.json:
+        _print_json(report.model_dump(mode="json"))
+        return 0
+    from rich.table import Table
+
+    console = _console()
+    for channel in [report.overall, *report.by_channel]:
+        title = "all channels" if channel is report.overall else f"channel {channel.channel}"
+        table = Table(title=f"{title}: {channel.leads} lead(s)", title_justify="left")
+        for name, justify in (("stage", "left"), ("reached", "right"), ("converted", "right"),
+                              ("conversion", "right"), ("avg days in stage", "right")):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for s in channel.stages:
+            table.add_row(
+                s.stage.value if hasattr(s.stage, "value") else str(s.stage),
+                str(s.reached),
+                "-" if s.converted is None else str(s.converted),
+                "-" if s.conversion_rate is None else f"{s.conversion_rate:.0%}",
+                "-" if s.avg_days_in_stage is None else f"{s.avg_days_in_stage:.1f}",
+            )
+        console.print(table)
+    if not report.by_channel:
+        console.print("no leads in the audit store yet")
+    return 0
+
+
+# --------------------------------------------------------------------------- import
+
+
+def read_import_file(path: Path, model: ScoringModel, now: datetime) -> tuple[list[ActivityEvent], list[str]]:
+    """Every event of the file, or the problems: one `line N: field: message` per bad line."""
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".csv"):
+        raise BadInput(f"{path}: unknown file type {suffix or '(none)'!r}: use .jsonl, .ndjson or .csv")
+    try:
+        handle = path.open(encoding="utf-8", newline="")
+    except OSError as err:
+        raise BadInput(f"cannot read {path}: {err.strerror}") from None
+    events: list[ActivityEvent] = []
+    problems: list[str] = []
+
+    def check(number: int, data: Any) -> None:
+        try:
+            event = ActivityEvent.model_validate(data)
+        except ValidationError as err:
+            problems.append(f"line {number}: {describe_validation(err)}")
+            return
+        if event.type not in model.events:
+            problems.append(f"line {number}: type: unknown event type {event.type!r} in scoring model {model.ref}")
+        elif event.occurred_at > now + FUTURE_TOLERANCE:
+            problems.append(f"line {number}: occurred_at: {event.occurred_at.isoformat()} is in the future")
+        else:
+            events.append(event)
+
+    with handle:
+        try:
+            if suffix == ".csv":
+                reader = csv.DictReader(handle)
+                header = reader.fieldnames or []
+                missing = [c for c in CSV_COLUMNS if c not in header and c != "channel"]
+                unknown = [c for c in header if c not in CSV_COLUMNS]
+                if missing or unknown:
+                    raise BadInput(
+                        f"{path}: line 1: header must be {','.join(CSV_COLUMNS)}"
+                        + (f" (missing: {', '.join(missing)})" if missing else "")
+                        + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+                    )
+                for row in reader:
+                    if None in row:
+                        problems.append(f"line {reader.line_num}: more fields than the header has")
+                        continue
+                    data = dict(row)
+                    if not data.get("channel"):
+                        data.pop("channel", None)  # an empty channel column means: none
+                    check(reader.line_num, data)
+            else:
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        data = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        problems.append(f"line {number}: not valid JSON: {err.msg} (column {err.colno})")
+                        continue
+                    check(number, data)
+        except UnicodeDecodeError:
+            raise BadInput(f"{path}: not UTF-8 text") from None
+    return events, problems
+
+
+async def cmd_import(args, settings: Settings) -> int:
+    path = Path(args.file)
+    model = _load_model(settings)
+    events, problems = read_import_file(path, model, utcnow())
+    if problems:
+        for problem in problems:
+            print(f"{PROG}: {path}: {problem}", file=sys.stderr)
+        print(f"{PROG}: {len(problems)} invalid line(s) in {path}: nothing sent", file=sys.stderr)
+        return 2
+    if not events:
+        print(f"no events in {path}: nothing sent")
+        return 0
+    by_lead: dict[str, list[ActivityEvent]] = defaultdict(list)
+    for event in events:
+        by_lead[event.lead_id].append(event)
+    for lead_events in by_lead.values():
+        lead_events.sort(key=lambda e: e.occurred_at)
+
+    tc = await _connect(settings)
+    started = time.monotonic()
+    closed: list[str] = []
+    failed: list[str] = []
+    sent = 0
+    gate = asyncio.Semaphore(IMPORT_CONCURRENCY)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TextColumn("events"), TimeElapsedColumn(),
+        console=_console(stderr=True), disable=not sys.stderr.isatty(), transient=False,
+    )
+
+    async def send(lead_id: str, lead_events: list[ActivityEvent], task) -> None:
+        nonlocal sent
+        async with gate:
+            try:
+                await api.send_events(tc, settings, lead_events)
+                sent += len(lead_events)
+            except api.LeadClosed:
+                closed.append(lead_id)
+            except Exception as err:  # reported per lead below; the other leads go on
+                failed.append(f"lead {lead_id}: {type(err).__name__}: {err}")
+            progress.advance(task, len(lead_events))
+
+    with progress:
+        task = progress.add_task("import", total=len(events))
+        await asyncio.gather(*(send(lead, items, task) for lead, items in by_lead.items()))
+    seconds = time.monotonic() - started
+    print(f"sent {sent} event(s) for {len(by_lead) - len(closed) - len(failed)} lead(s) in {seconds:.1f} s")
+    for problem in failed:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+    if closed:
+        print(f"{PROG}: {len(closed)} lead(s) closed (won), their events not applied: {', '.join(sorted(closed))}",
+              file=sys.stderr)
+    if failed:
+        return 1
+    return 5 if closed else 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Leadflow: each sales lead a durable Temporal workflow.",
+                     epilog="exit codes: 0 ok, 1 cannot reach Temporal, 2 invalid input, 3 no such lead, "
+                            "4 command refused, 5 lead closed")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def lead_parser(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("lead", type=lead_id_arg, metavar="LEAD", help="lead id (an opaque key, never an e-mail)")
+        return p
+
+    p = lead_parser("event", "record an activity of a lead (creates the lead if new)")
+    p.add_argument("type", metavar="TYPE", help="event type from the scoring model, e.g. webinar_attended")
+    p.add_argument("--id", help="event id (default: a fresh one); the same id is applied once")
+    p.add_argument("--at", metavar="ISO8601", help="when it happened, with timezone (default: now)")
+    p.add_argument("--channel", help="channel, e.g. webinar, organic, paid_search")
+    p.add_argument("--attr", action="append", metavar="K=V", help="an attribute of the event (repeatable)")
+    p.set_defaults(handler=cmd_event)
+
+    p = lead_parser("profile", "set profile (fit) facts of a lead: true/false, numbers, else text")
+    p.add_argument("facts", nargs="+", metavar="FIELD=VALUE")
+    p.add_argument("--id", help="update id (default: a fresh one); the same id is applied once")
+    p.add_argument("--by", help="who supplies the facts (default: leadflow/system)")
+    p.add_argument("--role", choices=HUMAN_ROLES, default=Role.MARKETING.value, help="role of --by (default marketing)")
+    p.set_defaults(handler=cmd_profile)
+
+    def command_parser(name: str, help: str) -> argparse.ArgumentParser:
+        p = lead_parser(name, help)
+        p.add_argument("--by", required=True, metavar="NAME", help="who does it")
+        p.add_argument("--role", choices=HUMAN_ROLES, default=None,
+                       help=f"role of --by (default {DEFAULT_ROLES[name].value})")
+        p.add_argument("--note", help="free-text note for the history")
+        p.add_argument("--json", action="store_true", help="print the lead's new state as JSON")
+        p.set_defaults(handler=cmd_lead_command)
+        return p
+
+    command_parser("accept", "presales accepts an MQL (-> sal)")
+
+    p = command_parser("reject", "reject a lead: disqualify, or --recycle to nurture it again")
+    p.add_argument("--reason", required=True, metavar="CODE", help="reason code, e.g. no_budget")
+    p.add_argument("--recycle", action="store_true", help="not now: back to nurturing instead of disqualified")
+
+    p = command_parser("qualify", "qualify a lead (-> sql) with BANT (default) or --meddic criteria")
+    for flag in BANT_FLAGS:
+        p.add_argument(f"--{flag}", action="store_true", help=f"BANT: {flag} confirmed")
+    p.add_argument("--meddic", action="store_true", help="use MEDDIC instead of BANT")
+    for flag in MEDDIC_FLAGS:
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action="store_true", help=f"MEDDIC: {flag} confirmed")
+
+    p = command_parser("contact", "log a contact with the lead")
+    p.add_argument("--channel", choices=["phone", "email", "meeting", "chat", "other"], default="phone")
+
+    p = command_parser("close", "close the deal as won or lost")
+    p.add_argument("outcome", choices=["won", "lost"], metavar="{won,lost}")
+    p.add_argument("--reason", metavar="CODE", help="reason code (required for lost)")
+
+    p = command_parser("reopen", "a manager reopens a lost or disqualified lead (-> recycled)")
+    p.add_argument("--reason", required=True, metavar="CODE")
+
+    p = lead_parser("show", "show a lead's current state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_show)
+
+    p = lead_parser("history", "a lead's audit history (also of closed leads)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=_non_negative, default=100)
+    p.add_argument("--offset", type=_non_negative, default=0)
+    p.set_defaults(handler=cmd_history)
+
+    p = sub.add_parser("list", help="running leads", description="running leads, by stage and owner")
+    p.add_argument("--stage", choices=[s.value for s in Stage])
+    p.add_argument("--owner")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_list)
+
+    p = sub.add_parser("report", help="funnel report per channel from the audit store")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser("import", help="send events from a .jsonl/.ndjson or .csv file")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(handler=cmd_import)
+    return parser
+
+
+def _non_negative(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return number
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; `argv=None` means: this process is the command (console script, __main__)."""
+    code = _run(argv)
+    if argv is None and _temporal_client_made:
+        # A short-lived process holding a Temporal client can abort in interpreter
+        # teardown ("Fatal Python error: PyGILState_Release ...", exit -6) when the
+        # SDK's Rust threads outlive Python (temporalio/sdk-python#300). Output is
+        # complete and there is nothing else to clean up: leave without teardown.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error (already printed)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        settings = Settings.from_env()
+    except ValidationError as err:
+        print(f"{PROG}: invalid settings in the environment: {describe_validation(err)}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(args.handler(args, settings))
+    except CliError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return err.code
+    except api.LeadNotFound as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 3
+    except api.CommandRefused as err:
+        print(f"{PROG}: refused: {err}", file=sys.stderr)
+        return 4
+    except api.LeadClosed as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 5
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        # Temporal or database trouble we cannot explain better: still one line.
+        from temporalio.service import RPCError
+
+        if isinstance(err, RPCError):
+            print(f"{PROG}: Temporal error: {err.message}", file=sys.stderr)
+            return 1
+        try:
+            from sqlalchemy.exc import SQLAlchemyError
+        except ImportError:  # pragma: no cover
+            SQLAlchemyError = ()  # type: ignore[assignment]
+        if isinstance(err, SQLAlchemyError):
+            print(f"{PROG}: audit store error: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
