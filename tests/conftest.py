@@ -116,11 +116,9 @@ def event(lead: str, n: str, kind: str, at, channel: str | None = "website") -> 
     return ActivityEvent(event_id=f"{lead}-{n}", lead_id=lead, type=kind, occurred_at=at, channel=channel)
 
 
-async def settle(env, client, lead: str, until, tries: int = 200):
-    """Let the worker catch up: wait until the lead's view satisfies `until`.
-
-    On the time-skipping server each try moves the clock by 3.6 s; on the dev server it sleeps.
-    """
+async def settle(env, client, lead: str, until, tries: int = 400):
+    """Let the worker catch up: poll the lead's view every 50 ms (of server time,
+    so the time-skipping server moves on too) until it satisfies `until`."""
     view = None
     for _ in range(tries):
         try:
@@ -129,5 +127,5 @@ async def settle(env, client, lead: str, until, tries: int = 200):
                 return view
         except leads.LeadNotFound:
             pass
-        await env.sleep(hours(0.001))
+        await env.sleep(timedelta(milliseconds=50))
     raise AssertionError(f"lead {lead} never reached the expected state; last: {view}")

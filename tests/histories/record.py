@@ -1,0 +1,76 @@
+"""Record lead workflow histories for the replay test.
+
+Run after a change to workflow code has shipped (leads are running with it):
+    .venv/bin/python tests/histories/record.py
+It drives leads through the funnel (including continue-as-new) on a throwaway
+dev server and writes one JSON history per workflow run into this folder.
+Keep the old files: they are the running leads the new code must still replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+
+from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
+from temporalio.testing import WorkflowEnvironment  # noqa: E402
+
+import client as leads  # noqa: E402
+from activities.store import AuditStore  # noqa: E402
+from config import Settings  # noqa: E402
+from funnel.models import Accept, Bant, Close, LogContact, ProfileUpdate, Qualify, Reject  # noqa: E402
+from tests.conftest import ANNA, BEN, binary, event, running_worker, settle  # noqa: E402
+from workflows import search_attributes as sa  # noqa: E402
+from workflows.lead import workflow_id  # noqa: E402
+
+
+async def main() -> None:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=binary("temporal"), data_converter=pydantic_data_converter,
+        search_attributes=sa.ALL,
+        dev_server_extra_args=["--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=40"],
+    )
+    tmp = Path(tempfile.mkdtemp())
+    settings = Settings(task_queue="record", database_url=f"sqlite:///{tmp / 'audit.db'}")
+    store = AuditStore(settings.database_url)
+    client = env.client
+    async with running_worker(client, settings, store):
+        now = await env.get_current_time()
+        won, lost, burst = "R-won", "R-disq", "R-burst"
+        await leads.send_profile(client, settings, ProfileUpdate(update_id="p", lead_id=won,
+                                                                  facts={"target_account": True}))
+        await leads.send_events(client, settings, [event(won, "1", "webinar_attended", now),
+                                                   event(won, "2", "demo_request", now),
+                                                   event(won, "2", "demo_request", now)])
+        await settle(env, client, won, lambda v: v.owner is not None)
+        await leads.run_command(client, won, Accept(by=ANNA))
+        await leads.run_command(client, won, Qualify(by=ANNA, bant=Bant(budget=True, need=True, timing=True)))
+        await leads.run_command(client, won, LogContact(by=BEN))
+        await leads.run_command(client, won, Close(by=BEN, outcome="won"))
+
+        await leads.send_events(client, settings, [event(lost, "1", "demo_request", now)])
+        await settle(env, client, lost, lambda v: v.owner is not None)
+        await leads.run_command(client, lost, Reject(by=ANNA, reason="student", recycle=True))
+
+        for b in range(15):
+            await leads.send_events(client, settings, [event(burst, f"{b}-{i}", "website_visit", now) for i in range(3)])
+        await settle(env, client, burst, lambda v: v.events_applied == 45, tries=300)
+
+        for lead in (won, lost, burst):
+            async for run in client.list_workflows(f"WorkflowId = '{workflow_id(lead)}'"):
+                history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
+                if not any(e.HasField("workflow_task_completed_event_attributes") for e in history.events):
+                    continue  # a run that has not made a decision yet has nothing to replay
+                path = HERE / f"{lead}-{run.run_id[:8]}.json"
+                path.write_text(history.to_json())
+                print("wrote", path.name, len(history.events), "events")
+    await env.shutdown()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,121 @@
+"""Durability on the real dev server: continue-as-new in the middle of a burst of
+activity, a worker restart in the middle of a lead's life, and replay of saved
+histories (so a change to workflow code that would break running leads fails here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+import client as leads
+from config import DEFAULT_MODEL, Settings
+from funnel.models import Accept, AuditKind, ProfileUpdate, Stage
+from tests.conftest import ANNA, event, running_worker, settle
+from workflows.lead import LeadWorkflow, workflow_id
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+async def runs_of(client, lead: str, at_least: int = 1) -> list:
+    """The lead's runs; visibility is eventually consistent, so give it a few seconds."""
+    for _ in range(100):
+        runs = [w async for w in client.list_workflows(f"WorkflowId = '{workflow_id(lead)}'")]
+        if len(runs) >= at_least:
+            break
+        await asyncio.sleep(0.1)
+    return runs
+
+
+async def test_continue_as_new_mid_activity_keeps_state_and_audit(dev_env, settings, store):
+    """The dev server suggests continue-as-new after 40 history events; 120 events
+    in 30 concurrent signals cross that several times."""
+    client, lead = dev_env.client, "D-can"
+    async with running_worker(client, settings, store):
+        now = await dev_env.get_current_time()
+        await leads.send_profile(client, settings, ProfileUpdate(update_id="p1", lead_id=lead,
+                                                                  facts={"target_account": True}))
+        batches = [[event(lead, f"{b}-{i}", "email_open", now) for i in range(4)] for b in range(30)]
+        await asyncio.gather(*(leads.send_events(client, settings, batch) for batch in batches))
+        view = await settle(dev_env, client, lead, lambda v: v.events_applied == 120, tries=300)
+        runs = await runs_of(client, lead, at_least=2)
+        assert len(runs) >= 2, "the burst crossed a continue-as-new"
+        # a redelivery of an event from the first run is still recognised after continue-as-new
+        await leads.send_events(client, settings, [event(lead, "0-0", "email_open", now)])
+        view = await settle(dev_env, client, lead, lambda v: v.duplicates_ignored == 1)
+        assert view.score["fit"] == 20
+        assert view.score["engagement"] == 20  # email_open capped at 20
+        assert view.events_applied == 120
+    history = store.history(lead, limit=10_000)
+    assert [e.seq for e in history] == list(range(1, len(history) + 1)), "no gap, no duplicate across runs"
+    scored = [e for e in history if e.kind == AuditKind.SCORE_CHANGED and e.rule == "email_open"]
+    assert len(scored) == 120
+    assert sum(e.points for e in scored) == 20
+
+
+async def test_worker_restart_mid_life(dev_env, tmp_path):
+    """Stop the worker with a lead waiting on a timer and events in flight; a new
+    worker picks up where the old one stopped: nothing lost, nothing twice."""
+    fast_model = tmp_path / "fast.toml"
+    fast_model.write_text(
+        DEFAULT_MODEL.read_text().replace('after = "1d"\n', 'after = "3s"\n', 1)
+    )
+    settings = Settings(task_queue=f"restart-{tmp_path.name}", database_url=f"sqlite:///{tmp_path / 'audit.db'}",
+                        model_path=fast_model)
+    from activities.store import AuditStore
+
+    store = AuditStore(settings.database_url)
+    client, lead = dev_env.client, "D-restart"
+    now = await dev_env.get_current_time()
+    async with running_worker(client, settings, store):
+        await leads.send_events(client, settings, [event(lead, "1", "website_visit", now)])
+        view = await settle(dev_env, client, lead, lambda v: v.events_applied == 1)
+        assert view.next_nurture_step["step"] == "welcome"
+    # no worker: the nurture timer (3 s) fires unattended, then events queue up in Temporal
+    await asyncio.sleep(4)
+    now = await dev_env.get_current_time()
+    await leads.send_events(client, settings, [event(lead, "2", "demo_request", now),
+                                               event(lead, "3", "website_visit", now)])
+    async with running_worker(client, settings, store):
+        view = await settle(dev_env, client, lead, lambda v: v.owner is not None, tries=100)
+        assert view.events_applied == 3
+        assert view.stage == Stage.MQL
+        view = await leads.run_command(client, lead, Accept(by=ANNA))
+        assert view.stage == Stage.SAL
+    history = store.history(lead, limit=1000)
+    assert [e.seq for e in history] == list(range(1, len(history) + 1))
+    assert [e.detail for e in history if e.kind == AuditKind.NURTURE_STEP_SENT] == ["nurture iql step welcome"]
+
+
+def saved_histories() -> list[Path]:
+    return sorted(HISTORIES.glob("*.json"))
+
+
+def test_there_are_saved_histories_to_replay():
+    assert len(saved_histories()) >= 2
+
+
+@pytest.mark.parametrize("path", saved_histories(), ids=lambda p: p.stem)
+async def test_replay_saved_history(path: Path):
+    """Histories recorded by tests/histories/record.py from earlier code must replay."""
+    history = WorkflowHistory.from_json(path.stem, json.loads(path.read_text()))
+    replayer = Replayer(workflows=[LeadWorkflow], data_converter=pydantic_data_converter)
+    await asyncio.wait_for(replayer.replay_workflow(history), timeout=60)
+
+
+async def test_replay_detects_a_changed_workflow():
+    """The replay test above can fail: a workflow that decides differently is caught."""
+    path = saved_histories()[0]
+    history = WorkflowHistory.from_json(path.stem, json.loads(path.read_text()))
+    from tests import changed_workflow
+
+    replayer = Replayer(workflows=[changed_workflow.LeadWorkflow], data_converter=pydantic_data_converter)
+    with pytest.raises(Exception, match="[Nn]ondetermin"):
+        await replayer.replay_workflow(history)
+
