@@ -9,6 +9,7 @@ no caller has to know Temporal's.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from workflows.lead import UPDATE_FOR_COMMAND, LeadInput, LeadWorkflow, workflow
 
 # One signal carries at most this many events (payloads stay far below 2 MB).
 SIGNAL_BATCH = 100
+NOT_READY_RETRIES = 5
 
 
 class LeadNotFound(LookupError):
@@ -106,7 +108,17 @@ async def run_command(client: Client, lead_id: str, command: Command) -> LeadVie
     handle = client.get_workflow_handle(workflow_id(lead_id))
     update = UPDATE_FOR_COMMAND[command.kind]
     try:
-        return await handle.execute_update(update, command, result_type=LeadView)
+        for attempt in range(NOT_READY_RETRIES):
+            try:
+                return await handle.execute_update(update, command, result_type=LeadView)
+            except RPCError as err:
+                # The update met a workflow task that failed (e.g. a continue-as-new the
+                # server refused because this very update arrived): it was never
+                # accepted, so sending it again is safe.
+                if b"WorkflowNotReadyFailure" not in (err.raw_grpc_status or b"") or attempt == NOT_READY_RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.1 * (attempt + 1))
+        raise AssertionError("unreachable")
     except WorkflowUpdateFailedError as err:
         cause = err.cause
         if isinstance(cause, ApplicationError):

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         Close,
         LeadState,
         LogContact,
+        Outbound,
         OutboundKind,
         ProfileUpdate,
         Qualify,
@@ -39,6 +40,8 @@ with workflow.unsafe.imports_passed_through():
 
 AUDIT_TIMEOUT = timedelta(seconds=30)
 DELIVERY_TIMEOUT = timedelta(minutes=2)
+# Deliveries retry until the receiver is back (no attempt limit), at most every 10 minutes.
+DELIVERY_RETRY = RetryPolicy(maximum_interval=timedelta(minutes=10))
 MODEL_RETRY_DELAY = timedelta(minutes=1)
 
 
@@ -49,6 +52,7 @@ class LeadInput(BaseModel):
     state: LeadState | None = None
     model: ScoringModel | None = None
     pending: list[ActivityEvent | ProfileUpdate] = Field(default_factory=list)
+    undelivered: list[Outbound] = Field(default_factory=list)  # deliveries still retrying
     max_history_events: int = 2000
     seen_ids_max: int = SEEN_IDS_MAX
 
@@ -68,7 +72,8 @@ class LeadWorkflow:
     def __init__(self, inp: LeadInput) -> None:
         self._inbox: list[ActivityEvent | ProfileUpdate] = list(inp.pending)
         self._lead: Lead | None = None
-        self._commands_pending = False  # a command ran; its effects wait for the loop
+        self._work_pending = False  # a command or a delivery left effects for the loop
+        self._undelivered: dict[str, Outbound] = {}
         self._written_seq = inp.state.audit_seq if inp.state else 0
         self._upserted: dict[str, object] = {}
 
@@ -88,26 +93,32 @@ class LeadWorkflow:
             self._lead = Lead(inp.state, model, seen_ids_max=inp.seen_ids_max)
             self._lead.use_model(model, now)
         lead = self._lead
+        for message in inp.undelivered:
+            self._start_delivery(message)
         while True:
             self._apply_inbox()
             lead.tick(workflow.now())
-            self._commands_pending = False
+            self._work_pending = False
             await self._carry_out_effects()
-            if self._inbox or self._commands_pending:
+            if self._inbox or self._work_pending:
                 continue
             if lead.state.stage == Stage.WON:
                 # Terminal: nothing can happen to a won lead any more. Let running
-                # update handlers return first.
-                await workflow.wait_condition(workflow.all_handlers_finished)
-                return lead.view()
+                # update handlers return and deliveries finish first.
+                await workflow.wait_condition(lambda: workflow.all_handlers_finished() and not self._undelivered)
+                if not (self._inbox or self._work_pending):
+                    return lead.view()
+                continue
             if self._history_is_long(inp.max_history_events):
                 await workflow.wait_condition(workflow.all_handlers_finished)
-                if not (self._inbox or self._commands_pending):
+                if not (self._inbox or self._work_pending):
+                    # Deliveries still retrying are carried over and restarted by the next run.
                     workflow.continue_as_new(
                         LeadInput(
                             lead_id=inp.lead_id,
                             state=lead.state,
                             model=lead.model,
+                            undelivered=list(self._undelivered.values()),
                             max_history_events=inp.max_history_events,
                             seen_ids_max=inp.seen_ids_max,
                         )
@@ -116,7 +127,7 @@ class LeadWorkflow:
             wake = lead.next_wakeup()
             timeout = max(wake - workflow.now(), timedelta(0)) if wake else None
             try:
-                await workflow.wait_condition(lambda: bool(self._inbox) or self._commands_pending, timeout=timeout)
+                await workflow.wait_condition(lambda: bool(self._inbox) or self._work_pending, timeout=timeout)
             except asyncio.TimeoutError:
                 pass  # a timer is due: the loop's tick fires it
 
@@ -132,11 +143,12 @@ class LeadWorkflow:
                 self._lead.update_profile(item, now)
 
     async def _carry_out_effects(self) -> None:
-        """Write the audit, then deliver outbound messages, until the core has nothing left."""
+        """Write the audit (awaited: history first), then start deliveries (not awaited)."""
         assert self._lead is not None
-        lead = self._lead
         while True:
-            effects = lead.take_effects()
+            effects = self._lead.take_effects()
+            if not effects.audit and not effects.outbound:
+                break
             if effects.audit:
                 await workflow.execute_local_activity(
                     "record_audit",
@@ -147,16 +159,29 @@ class LeadWorkflow:
                 )
                 self._written_seq = effects.audit[-1].seq
             for message in effects.outbound:
-                if message.kind == OutboundKind.HANDOVER:
-                    owner = await workflow.execute_activity(
-                        "hand_over", message, result_type=str, start_to_close_timeout=DELIVERY_TIMEOUT
-                    )
-                    lead.assign_owner(owner, workflow.now())
-                else:
-                    await workflow.execute_activity("deliver", message, start_to_close_timeout=DELIVERY_TIMEOUT)
-            if not effects.audit and not effects.outbound:
-                break
+                self._start_delivery(message)
         self._upsert_search_attributes()
+
+    def _start_delivery(self, message: Outbound) -> None:
+        """Deliver beside the main loop: a webhook that is down retries on its own
+        and never holds up events, commands or timers of the lead."""
+        self._undelivered[message.message_id] = message
+        asyncio.create_task(self._deliver(message))
+
+    async def _deliver(self, message: Outbound) -> None:
+        if message.kind == OutboundKind.HANDOVER:
+            owner = await workflow.execute_activity(
+                "hand_over", message, result_type=str, start_to_close_timeout=DELIVERY_TIMEOUT,
+                retry_policy=DELIVERY_RETRY,
+            )
+            assert self._lead is not None
+            self._lead.assign_owner(owner, workflow.now())
+            self._work_pending = True  # the owner's audit entry goes out with the loop
+        else:
+            await workflow.execute_activity(
+                "deliver", message, start_to_close_timeout=DELIVERY_TIMEOUT, retry_policy=DELIVERY_RETRY
+            )
+        del self._undelivered[message.message_id]
 
     async def _load_model(self, carried: ScoringModel | None) -> ScoringModel:
         """The worker's current model; a broken model file never fails a lead."""
@@ -228,7 +253,7 @@ class LeadWorkflow:
         except Refused as refused:
             raise ApplicationError(str(refused), type="Refused", non_retryable=True) from None
         target = self._lead.state.audit_seq
-        self._commands_pending = True
+        self._work_pending = True
         await workflow.wait_condition(lambda: self._written_seq >= target)
         return self._lead.view()
 
