@@ -52,6 +52,14 @@ async def test_continue_as_new_mid_activity_keeps_state_and_audit(dev_env, setti
         assert view.score["fit"] == 20
         assert view.score["engagement"] == 20  # email_open capped at 20
         assert view.events_applied == 120
+        # listed once by stage (closed runs left by continue-as-new are not), with its score
+        for _ in range(50):
+            listed = [x for x in await leads.list_leads(client, stage="iql") if x.lead_id == lead]
+            if listed and listed[0].score == 40:
+                break
+            await asyncio.sleep(0.1)
+        assert [(x.stage, x.score, x.channel) for x in listed] == [("iql", 40.0, "website")]
+        assert not [x for x in await leads.list_leads(client, stage="mql") if x.lead_id == lead]
     history = store.history(lead, limit=10_000)
     assert [e.seq for e in history] == list(range(1, len(history) + 1)), "no gap, no duplicate across runs"
     scored = [e for e in history if e.kind == AuditKind.SCORE_CHANGED and e.rule == "email_open"]
