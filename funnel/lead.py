@@ -494,11 +494,17 @@ class Lead:
             s.owner = None
             # A lead back from a lost deal has served its cool-off already.
             s.cool_off_until = None if trigger == Trigger.COOL_OFF_ENDED else now + self.model.cool_off.recycled
-            if self.model.cool_off.reset_engagement_on_recycle and s.score.engagement:
-                self._add_points("engagement", "recycle_reset", -s.score.engagement,
-                                 f"{_fmt(-s.score.engagement)} engagement reset on recycle", SYSTEM)
-                s.points_by_type.clear()
-                s.count_by_type.clear()
+            if self.model.cool_off.reset_engagement_on_recycle:
+                # Back to nurturing with a clean slate of interest, but negative
+                # criteria (an unsubscribe, a bounce) are not forgiven.
+                kept = {t: p for t, p in s.points_by_type.items() if p < 0}
+                delta = round(sum(kept.values()) - s.score.engagement, 2)
+                if delta:
+                    self._add_points("engagement", "recycle_reset", delta,
+                                     f"{_fmt(delta)} engagement reset on recycle" + (" (negative points kept)" if kept else ""),
+                                     SYSTEM)
+                s.points_by_type = kept
+                s.count_by_type = {t: n for t, n in s.count_by_type.items() if t in kept}
                 s.recent.clear()
         if stage in (Stage.IQL, Stage.RECYCLED):
             self._start_nurture(now)

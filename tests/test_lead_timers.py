@@ -442,3 +442,17 @@ def test_switching_to_a_model_with_the_same_track_keeps_the_schedule():
     lead.tick(T0 + days(1))
     lead.use_model(v2, T0 + days(2))
     assert lead.view().next_nurture_step == {"track": "iql", "step": "case-study", "at": iso(T0 + days(4))}
+
+
+def test_recycling_resets_interest_but_not_negative_criteria():
+    """An unsubscribe is not forgiven by a recycle: its -20 and its count-once stay."""
+    lead = new_lead()
+    for kind in ["unsubscribe", "webinar_attended", "demo_request"]:
+        feed(lead, kind, T0)
+    assert lead.state.stage == Stage.MQL and lead.state.score.engagement == 130
+    lead.execute(Reject(by=PRESALES, reason="not_now", recycle=True), T0)
+    assert lead.state.stage == Stage.RECYCLED
+    assert lead.state.score.engagement == -20
+    assert lead.state.points_by_type == {"unsubscribe": -20}
+    feed(lead, "unsubscribe", T0 + hours(1))
+    assert lead.state.score.engagement == -20, "count_once is still remembered"
