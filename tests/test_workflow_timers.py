@@ -18,6 +18,16 @@ def outbox(store, kind: OutboundKind, lead: str):
     return [m for m in store.pending_outbox(kind=kind, limit=1000) if m.lead_id == lead]
 
 
+async def delivered(env, store, kind: OutboundKind, lead: str, count: int):
+    """Deliveries run beside the lead's loop: wait (server time) until `count` are in the outbox."""
+    for _ in range(200):
+        messages = outbox(store, kind, lead)
+        if len(messages) >= count:
+            return messages
+        await env.sleep(timedelta(milliseconds=50))
+    return outbox(store, kind, lead)
+
+
 def audit(store, lead: str, kind: AuditKind):
     return [e for e in store.history(lead, limit=10_000) if e.kind == kind]
 
@@ -34,7 +44,9 @@ async def test_nurture_steps_follow_their_delays_and_stop_when_the_lead_advances
         assert outbox(store, OutboundKind.NURTURE_STEP, lead) == []
         await ts_env.sleep(hours(2))
         view = await settle(ts_env, client, lead, lambda v: v.next_nurture_step["step"] == "case-study")
-        assert [m.payload["step"] for m in outbox(store, OutboundKind.NURTURE_STEP, lead)] == ["welcome"]
+        assert [m.payload["step"] for m in await delivered(ts_env, store, OutboundKind.NURTURE_STEP, lead, 1)] == [
+            "welcome"
+        ]
 
         await ts_env.sleep(3 * DAY)
         await settle(ts_env, client, lead, lambda v: v.next_nurture_step["step"] == "webinar-invite")
@@ -59,9 +71,9 @@ async def test_presales_decision_sla_breached_escalates(ts_env, settings, store)
         await ts_env.sleep(2 * DAY + hours(1))
         view = await settle(ts_env, client, lead, lambda v: not v.deadlines)
         assert view.stage == Stage.MQL  # breaching escalates; it does not decide for presales
+        escalations = await delivered(ts_env, store, OutboundKind.ESCALATION, lead, 1)
     breached = audit(store, lead, AuditKind.SLA_BREACHED)
     assert [e.rule for e in breached] == ["presales_decision"]
-    escalations = outbox(store, OutboundKind.ESCALATION, lead)
     assert len(escalations) == 1
     assert escalations[0].payload["escalate_to"] == "presales-lead"
     assert escalations[0].payload["owner"] in settings.presales_team
@@ -149,7 +161,8 @@ async def test_unaccepted_mql_decays_back_to_recycled_then_requalifies_after_coo
         assert view.score["total"] >= 100
 
         await ts_env.sleep(cool_off_until - now)
-        view = await settle(ts_env, client, lead, lambda v: v.stage == Stage.MQL)
+        # the handover (and with it the owner) is delivered beside the lead's loop
+        view = await settle(ts_env, client, lead, lambda v: v.stage == Stage.MQL and v.owner is not None)
     triggers = [e.trigger for e in audit(store, lead, AuditKind.STAGE_CHANGED)]
     assert triggers == [Trigger.FAST_TRACK, Trigger.DECAY_BELOW_THRESHOLD, Trigger.REQUALIFY]
     assert len(outbox(store, OutboundKind.HANDOVER, lead)) == 2
