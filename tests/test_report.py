@@ -1,0 +1,70 @@
+"""Funnel reports from audit entries: conversion and time per stage, per channel."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from funnel.lead import Lead
+from funnel.models import Accept, ActivityEvent, Actor, Bant, Close, Qualify, Reject, Role, Stage
+from funnel.report import funnel_report
+from funnel.scoring_model import load_model
+from config import DEFAULT_MODEL
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+ANNA = Actor(name="anna", role=Role.PRESALES)
+BEN = Actor(name="ben", role=Role.SALES)
+MODEL = load_model(DEFAULT_MODEL)
+
+
+def lead_through(lead_id: str, channel: str, steps: list[str]) -> list:
+    """A lead from a demo request at T0 through `steps`, one day apart; its audit entries."""
+    lead = Lead.create(lead_id, MODEL, T0, channel=channel)
+    lead.ingest(ActivityEvent(event_id=f"{lead_id}-1", lead_id=lead_id, type="demo_request", occurred_at=T0,
+                              channel=channel), T0)
+    now = T0
+    for step in steps:
+        now += timedelta(days=1)
+        command = {
+            "accept": Accept(by=ANNA),
+            "qualify": Qualify(by=ANNA, bant=Bant(budget=True, need=True, timing=True)),
+            "won": Close(by=BEN, outcome="won"),
+            "disqualify": Reject(by=ANNA, reason="competitor"),
+        }[step]
+        lead.execute(command, now)
+    return lead.take_effects().audit
+
+
+def stats(report, channel: str, stage: Stage):
+    group = report.overall if channel == "all" else next(c for c in report.by_channel if c.channel == channel)
+    return next(s for s in group.stages if s.stage == stage)
+
+
+def test_conversion_and_time_per_stage_per_channel():
+    entries = (
+        lead_through("W-1", "webinar", ["accept", "qualify", "won"])
+        + lead_through("W-2", "webinar", ["disqualify"])
+        + lead_through("S-1", "website", ["accept"])
+    )
+    report = funnel_report(entries, now=T0 + timedelta(days=10))
+    assert [c.channel for c in report.by_channel] == ["webinar", "website"]
+    assert report.overall.leads == 3
+
+    mql = stats(report, "all", Stage.MQL)
+    assert (mql.reached, mql.converted, mql.conversion_rate) == (3, 2, round(2 / 3, 4))
+    assert mql.avg_days_in_stage == 1.0  # every MQL was decided a day later
+    webinar_sal = stats(report, "webinar", Stage.SAL)
+    assert (webinar_sal.reached, webinar_sal.converted, webinar_sal.conversion_rate) == (1, 1, 1.0)
+    website_sal = stats(report, "website", Stage.SAL)
+    assert (website_sal.reached, website_sal.converted, website_sal.in_stage_now) == (1, 0, 1)
+    assert website_sal.avg_days_in_stage is None  # still there: no finished visit
+    won = stats(report, "all", Stage.WON)
+    assert (won.reached, won.converted, won.conversion_rate) == (1, None, None)
+    assert stats(report, "webinar", Stage.DISQUALIFIED).reached == 1
+    iql = stats(report, "all", Stage.IQL)
+    assert iql.reached == 3 and iql.avg_days_in_stage == 0.0  # fast-tracked at once
+
+
+def test_empty_history_gives_an_empty_report():
+    report = funnel_report([], now=T0)
+    assert report.overall.leads == 0 and report.by_channel == []
+    assert all(s.reached == 0 and s.conversion_rate is None for s in report.overall.stages)
