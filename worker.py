@@ -37,7 +37,6 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
         activities=all_activities(activities),
         activity_executor=executor or ThreadPoolExecutor(ACTIVITY_THREADS),
         max_concurrent_activities=ACTIVITY_THREADS,
-        max_concurrent_local_activities=ACTIVITY_THREADS,
     )
 
 

@@ -4,7 +4,7 @@ Signals bring activity events and profile facts (applied once each, in
 `occurred_at` order within what has arrived); updates bring presales/sales
 commands (validated before anything is written); the lead's timers become one
 `wait_condition` until the next wake-up. Effects of the core go out through
-activities: audit entries (a local activity, batched), handover with owner
+activities: audit entries (batched, awaited), handover with owner
 assignment, nurture steps, escalations and opportunities.
 """
 
@@ -150,7 +150,12 @@ class LeadWorkflow:
             if not effects.audit and not effects.outbound:
                 break
             if effects.audit:
-                await workflow.execute_local_activity(
+                # A regular activity, not a local one: it is scheduled only by a workflow
+                # task that completed, so the rows are always decisions Temporal kept. (A
+                # local activity runs inside the task; if that task then fails, e.g. a
+                # continue-as-new refused because signals came in, its retry decides
+                # anew under the same `lead/seq` ids and the store would keep stale rows.)
+                await workflow.execute_activity(
                     "record_audit",
                     effects.audit,
                     result_type=int,
