@@ -250,6 +250,18 @@ class AuditStore:
         with Session(self.engine) as session:
             return session.exec(stmt).one()
 
+    def applied_ids(self, kind: AuditKind, wanted: dict[str, list[str]]) -> set[tuple[str, str]]:
+        """(lead, id) pairs among `wanted` ({lead: ids}) with an entry of `kind`: lets an edge
+        tell a redelivery is a duplicate (the lead de-duplicates regardless)."""
+        found: set[tuple[str, str]] = set()
+        with Session(self.engine) as session:
+            for lead_id, ids in wanted.items():
+                stmt = select(AuditRow.event_id).where(
+                    AuditRow.lead_id == lead_id, AuditRow.kind == kind.value, AuditRow.event_id.in_(ids)
+                )
+                found.update((lead_id, event_id) for event_id in session.exec(stmt))
+        return found
+
     def stage_changes(self, since: datetime | None = None) -> list[AuditEntry]:
         """Lead creations and stage changes, per lead in order: the input of funnel reports."""
         kinds = [AuditKind.LEAD_CREATED.value, AuditKind.STAGE_CHANGED.value]

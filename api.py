@@ -1,0 +1,1272 @@
+"""Leadflow's HTTP API: one service for the tools around the funnel.
+
+Marketing automation (Mautic, HubSpot, Marketo) posts activity webhooks and
+profile facts; presales and sales tools send decisions and get the lead's new
+state back; managers' tools read lead states, audit histories, the outbox of
+handovers/nurture steps/escalations and the funnel report.
+
+Every call reaches the lead workflows through `client.py` only (signal-with-
+start for events and facts, workflow updates for commands, queries for state)
+and reads history from the audit store, so the API holds no state of its own:
+run as many as you like beside the worker (`uvicorn api:app`, started by
+scripts/run_local.py).
+
+Why FastAPI: the funnel's inputs are pydantic models already, and FastAPI
+validates requests with pydantic, answers 422 naming the bad field, and
+derives the OpenAPI document and interactive docs (/docs, /redoc,
+/openapi.json) from the same models, so the documentation cannot drift from
+what is enforced. uvicorn is its well-kept ASGI server.
+
+Configuration (environment, besides config.py's Settings):
+
+    LEADFLOW_API_KEYS       name:role:key[,name:role:key...]   roles: marketing,
+                            presales, sales, manager; keys of 16+ characters
+    LEADFLOW_API_KEYS_FILE  a TOML file of [[keys]] tables (name, role and
+                            either key or sha256 = hex digest of the key)
+    LEADFLOW_API_DEV_KEYS   1: also accept the dev keys dev-marketing,
+                            dev-presales, dev-sales, dev-manager (local runs only)
+
+With no key configured the API refuses to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import math
+import os
+import re
+import threading
+import tomllib
+import uuid
+from collections import defaultdict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+    WrapValidator,
+    model_validator,
+)
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+import client as leads
+from activities.store import AuditStore
+from config import Settings, connect
+from funnel.lead import FUTURE_TOLERANCE, LeadView
+from funnel.models import (
+    LEAD_ID_PATTERN,
+    NAME_PATTERN,
+    Accept,
+    ActivityEvent,
+    Actor,
+    AuditEntry,
+    AuditKind,
+    AwareDatetime,
+    Bant,
+    Channel,
+    Close,
+    EventId,
+    LeadId,
+    LogContact,
+    Meddic,
+    Outbound,
+    OutboundKind,
+    ProfileUpdate,
+    Qualify,
+    ReasonCode,
+    Reject,
+    Reopen,
+    Role,
+    Stage,
+)
+from funnel.report import FunnelReport, funnel_report
+from funnel.scoring_model import ModelError, ScoringModel, load_model
+
+log = logging.getLogger("leadflow.api")
+
+# --------------------------------------------------------------------------- limits
+
+MAX_BODY_BYTES = 1024 * 1024  # per request, by Content-Length and while reading
+MAX_BATCH = 500  # events per POST /events/batch
+MAX_PAGE = 1000  # history entries, leads, outbox messages per read
+SEND_CONCURRENCY = 16  # leads of one batch signalled at the same time
+SEND_TIMEOUT = 20.0  # s for Temporal to take one lead's events (signal-with-start)
+ANSWER_TIMEOUT = 30.0  # s for a lead to answer a command or query
+CONNECT_TIMEOUT = 5.0  # s to (re)connect to Temporal
+PROBE_TIMEOUT = 3.0  # s per readiness check
+EARLIEST_EVENT = datetime(1970, 1, 1, tzinfo=timezone.utc)
+MIN_KEY_LENGTH = 16
+DEV_KEYS = {f"dev-{role.value}": role for role in (Role.MARKETING, Role.PRESALES, Role.SALES, Role.MANAGER)}
+KEY_ROLES = (Role.MARKETING, Role.PRESALES, Role.SALES, Role.MANAGER)
+
+
+# =========================================================================== API keys
+
+
+class ConfigError(Exception):
+    """The API cannot start with this configuration; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the owner of the key, as configured. Never what a body claims."""
+
+    name: str
+    role: Role
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(name=self.name, role=self.role)
+
+
+@dataclass(frozen=True)
+class _StoredKey:
+    principal: Principal
+    digest: bytes  # sha256 of the key; the plain key is never kept
+
+
+class _KeyFileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    role: str
+    key: str | None = None
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> _KeyFileEntry:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError("give exactly one of key or sha256")
+        return self
+
+
+class KeyRing:
+    """The configured API keys, by sha256 digest, each bound to a name and a role."""
+
+    def __init__(self, keys: list[_StoredKey]):
+        seen: dict[bytes, str] = {}
+        for stored in keys:
+            if stored.digest in seen:
+                raise ConfigError(f"API keys of {seen[stored.digest]} and {stored.principal.name} are the same key")
+            seen[stored.digest] = stored.principal.name
+        self._keys = tuple(keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @staticmethod
+    def digest(key: str) -> bytes:
+        return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+    @classmethod
+    def entry(cls, name: str, role: str, key: str | None = None, sha256: str | None = None,
+              min_length: int = MIN_KEY_LENGTH) -> _StoredKey:
+        name, role = name.strip(), role.strip()
+        if role not in {r.value for r in KEY_ROLES}:
+            raise ConfigError(
+                f"API key {name!r}: unknown role {role!r}; use one of {', '.join(r.value for r in KEY_ROLES)}"
+            )
+        try:
+            actor = Actor(name=name, role=Role(role))
+        except ValidationError:
+            raise ConfigError(f"API key {name!r}: the name must be 1-100 characters") from None
+        if sha256 is not None:
+            digest = bytes.fromhex(sha256)
+        else:
+            assert key is not None
+            if len(key) < min_length or any(c.isspace() for c in key):
+                raise ConfigError(
+                    f"API key {name!r}: the key must be at least {min_length} characters without spaces "
+                    "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
+            digest = cls.digest(key)
+        return _StoredKey(Principal(actor.name, actor.role), digest)
+
+    @classmethod
+    def parse(cls, spec: str) -> list[_StoredKey]:
+        """`name:role:key,name:role:key` (the key itself may contain ':')."""
+        keys = []
+        for number, item in enumerate(spec.split(","), start=1):
+            if not item.strip():
+                continue
+            parts = item.strip().split(":", 2)
+            if len(parts) != 3:
+                raise ConfigError(f"LEADFLOW_API_KEYS entry {number}: expected name:role:key")
+            keys.append(cls.entry(*parts))
+        return keys
+
+    @classmethod
+    def parse_file(cls, path: Path) -> list[_StoredKey]:
+        """[[keys]] tables with name, role and key or sha256 (hex digest of the key)."""
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as err:
+            raise ConfigError(f"LEADFLOW_API_KEYS_FILE {path}: cannot read it: {err.strerror or err}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"LEADFLOW_API_KEYS_FILE {path}: not valid TOML: {err}") from None
+        unknown = set(data) - {"keys"}
+        if unknown or not isinstance(data.get("keys", []), list):
+            raise ConfigError(f"LEADFLOW_API_KEYS_FILE {path}: expected only [[keys]] tables")
+        keys = []
+        for number, raw in enumerate(data.get("keys", []), start=1):
+            try:
+                item = _KeyFileEntry.model_validate(raw)
+            except ValidationError as err:
+                raise ConfigError(f"LEADFLOW_API_KEYS_FILE {path}: key {number}: {_describe(err)}") from None
+            keys.append(cls.entry(item.name, item.role, item.key, item.sha256))
+        return keys
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> KeyRing:
+        env = dict(os.environ if env is None else env)
+        keys = cls.parse(env.get("LEADFLOW_API_KEYS", ""))
+        if env.get("LEADFLOW_API_KEYS_FILE"):
+            keys += cls.parse_file(Path(env["LEADFLOW_API_KEYS_FILE"]))
+        dev = env.get("LEADFLOW_API_DEV_KEYS", "").strip().lower()
+        if dev in ("1", "true", "yes"):
+            log.warning("LEADFLOW_API_DEV_KEYS is on: the well-known dev keys are accepted (local use only)")
+            keys += cls.dev_keys()
+        elif dev not in ("", "0", "false", "no"):
+            raise ConfigError(f"LEADFLOW_API_DEV_KEYS={dev!r}: use 1 or 0")
+        if not keys:
+            raise ConfigError(
+                "no API keys configured: set LEADFLOW_API_KEYS=name:role:key[,...] (roles: marketing, presales, "
+                "sales, manager) or LEADFLOW_API_KEYS_FILE=keys.toml; for local development only, "
+                "LEADFLOW_API_DEV_KEYS=1 accepts the keys dev-marketing, dev-presales, dev-sales and dev-manager"
+            )
+        return cls(keys)
+
+    @classmethod
+    def dev_keys(cls) -> list[_StoredKey]:
+        return [cls.entry(key, role.value, key=key, min_length=1) for key, role in DEV_KEYS.items()]
+
+    def lookup(self, presented: str) -> Principal | None:
+        """The key's owner, or None. Compares against every stored digest, in constant time each."""
+        digest = self.digest(presented)
+        found = None
+        for stored in self._keys:
+            if hmac.compare_digest(digest, stored.digest):
+                found = stored.principal
+        return found
+
+
+# =========================================================================== request and response models
+
+
+def _plain_text(value: str) -> str:
+    """Free text goes into histories, payloads and SQL: no control characters, valid Unicode."""
+    if re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", value):
+        raise ValueError("must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+def _fact_value(value: Any) -> bool | int | float | str:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError("integer out of range (64-bit)")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+    if isinstance(value, str):
+        if len(value) > 1000:
+            raise ValueError("must be at most 1000 characters")
+        return _plain_text(value)
+    raise ValueError("must be a boolean, a number or a string")
+
+
+Note = Annotated[str, StringConstraints(max_length=1000), AfterValidator(_plain_text)]
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+FactValue = Annotated[
+    bool | int | float | str,
+    PlainValidator(_fact_value),  # one clear message instead of one per member of the union
+    WithJsonSchema({"anyOf": [{"type": "boolean"}, {"type": "integer"}, {"type": "number"},
+                              {"type": "string", "maxLength": 1000}]}),
+]
+Facts = Annotated[dict[Name, FactValue], Field(max_length=50)]
+OwnerName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.@:-]{0,99}$")]
+MessageId = Annotated[str, StringConstraints(min_length=1, max_length=300), AfterValidator(_plain_text)]
+PathLeadId = Annotated[str, PathParam(pattern=LEAD_ID_PATTERN, description="lead id (an opaque key)")]
+
+
+class _Request(BaseModel):
+    """Request bodies refuse unknown fields: a typo is an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class EventIn(_Request):
+    """One activity of a lead, as marketing automation reports it. The same `event_id`
+    delivered again is applied once."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "event_id": "mautic-84121", "lead_id": "L-1042", "type": "webinar_attended",
+            "occurred_at": "2026-11-22T10:00:00Z", "channel": "webinar", "attributes": {"webinar": "q4-launch"},
+        }]},
+    )
+
+    event_id: EventId = Field(description="the sender's id of this event; redeliveries are applied once")
+    lead_id: LeadId = Field(description="an opaque key (never an e-mail address): 1-128 of A-Z a-z 0-9 _ . : -")
+    type: Name = Field(description="an event type of the scoring model, e.g. webinar_attended")
+    occurred_at: AwareDatetime = Field(
+        description="ISO 8601 with a timezone; not before 1970 and not more than 5 minutes in the future"
+    )
+    channel: Channel | None = Field(default=None, description="e.g. webinar, website, email (first touch of a lead)")
+    attributes: Facts = Field(default_factory=dict)
+
+    def to_event(self) -> ActivityEvent:
+        return ActivityEvent(**self.model_dump())
+
+
+class _RejectedItem:
+    """A batch item that failed validation: kept in place so the others go on."""
+
+    def __init__(self, errors: list[dict]):
+        self.errors = errors
+
+
+def _keep_invalid(value: Any, handler) -> Any:
+    try:
+        return handler(value)
+    except ValidationError as err:
+        return _RejectedItem(err.errors(include_url=False, include_input=False))
+
+
+class EventBatchIn(_Request):
+    events: list[Annotated[EventIn, WrapValidator(_keep_invalid)]] = Field(
+        min_length=1, max_length=MAX_BATCH,
+        description=f"1 to {MAX_BATCH} events, for any leads; each is validated on its own",
+    )
+
+
+Outcome = Literal["accepted", "duplicate", "rejected"]
+
+
+class EventResult(BaseModel):
+    index: int = Field(description="position in the batch")
+    event_id: str | None = None
+    lead_id: str | None = None
+    outcome: Outcome = Field(
+        description="accepted: Temporal holds it for the lead, applied once; duplicate: already applied (or "
+                    "repeated in this batch), changes nothing; rejected: not applied, see reason"
+    )
+    reason: str | None = None
+
+
+class BatchResult(BaseModel):
+    accepted: int
+    duplicates: int
+    rejected: int
+    results: list[EventResult]
+
+
+class EventAccepted(BaseModel):
+    event_id: str
+    lead_id: str
+    outcome: Literal["accepted", "duplicate"]
+    detail: str
+
+
+class ProfileIn(_Request):
+    update_id: EventId | None = Field(
+        default=None, description="the sender's id of this update, applied once; default: a fresh id"
+    )
+    facts: Annotated[dict[Name, FactValue], Field(min_length=1, max_length=50)] = Field(
+        description="profile (fit) facts; a later value of a fact replaces the earlier",
+        examples=[{"target_account": True, "company_size": 250, "industry": "software"}],
+    )
+
+
+class ProfileAccepted(BaseModel):
+    update_id: str
+    lead_id: str
+    outcome: Literal["accepted", "duplicate"]
+    detail: str
+
+
+class AcceptIn(_Request):
+    note: Note | None = None
+
+
+class RejectIn(_Request):
+    reason: ReasonCode = Field(description="reason code, e.g. no_budget, wrong_audience")
+    recycle: bool = Field(default=False, description="true: back to nurturing (recycled); false: disqualified")
+    note: Note | None = None
+
+
+class QualifyIn(_Request):
+    framework: Literal["bant", "meddic"] = "bant"
+    bant: Bant | None = None
+    meddic: Meddic | None = None
+    note: Note | None = None
+
+
+class ContactIn(_Request):
+    channel: Literal["phone", "email", "meeting", "chat", "other"] = "phone"
+    note: Note | None = None
+
+
+class CloseIn(_Request):
+    outcome: Literal["won", "lost"]
+    reason: ReasonCode | None = Field(default=None, description="required for lost")
+    note: Note | None = None
+
+
+class ReopenIn(_Request):
+    reason: ReasonCode
+    note: Note | None = None
+
+
+class HistoryPage(BaseModel):
+    lead_id: str
+    total: int = Field(description="entries in the lead's whole history")
+    offset: int
+    limit: int
+    entries: list[AuditEntry]
+
+
+class LeadSummaryOut(BaseModel):
+    lead_id: str
+    stage: str | None
+    score: float | None
+    owner: str | None
+    channel: str | None
+
+
+class LeadList(BaseModel):
+    count: int
+    leads: list[LeadSummaryOut]
+
+
+class OutboxPage(BaseModel):
+    count: int
+    messages: list[Outbound]
+
+
+class AckIn(_Request):
+    message_ids: list[MessageId] = Field(min_length=1, max_length=MAX_PAGE)
+
+
+class AckResult(BaseModel):
+    acknowledged: int = Field(description="messages acknowledged now")
+    unchanged: int = Field(description="already acknowledged, or unknown")
+
+
+class Check(BaseModel):
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    temporal: Check
+    store: Check
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class FieldProblem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationProblem(BaseModel):
+    detail: list[FieldProblem]
+    message: str
+
+
+def _describe(err: ValidationError | list[dict], prefix: tuple = ()) -> str:
+    errors = err.errors(include_url=False) if isinstance(err, ValidationError) else err
+    return "; ".join(
+        f"{'.'.join(str(p) for p in (*prefix, *e['loc'])) or 'value'}: {_message(e)}" for e in errors
+    )
+
+
+def _message(error: dict) -> str:
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    detail = (error.get("ctx") or {}).get("error")
+    if error["type"] == "json_invalid" and isinstance(detail, str):
+        msg = f"{msg}: {detail}"
+    return msg
+
+
+# =========================================================================== backends
+
+
+class Unavailable(Exception):
+    """Temporal or the audit store cannot be reached (503)."""
+
+
+class NoAnswer(Exception):
+    """The lead's workflow did not answer in time (504)."""
+
+
+class _ScoringModelFile:
+    """The scoring model the worker uses, re-read when the file changes: events of a type
+    it does not know are refused here with a clear message instead of ignored by the lead."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._model: ScoringModel | None = None
+        self._stamp: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def get(self) -> ScoringModel:
+        stamp = self._file_stamp()
+        if self._model is not None and (stamp is None or stamp == self._stamp):
+            return self._model
+        with self._lock:
+            if self._model is None or (stamp is not None and stamp != self._stamp):
+                try:
+                    self._model = load_model(self.path)
+                except ModelError as err:
+                    if self._model is None:
+                        raise
+                    log.warning("keeping scoring model %s: %s", self._model.ref, err)
+                self._stamp = stamp
+        return self._model
+
+
+class Backends:
+    """Temporal and the audit store, connected lazily so the API starts (and /readyz can
+    say what is missing) while either is down; a call that needs one gets a 503."""
+
+    def __init__(self, settings: Settings, temporal: Client | None = None, store: AuditStore | None = None):
+        self.settings = settings
+        self._temporal = temporal
+        self._store = store
+        self._own_store = store is None
+        self._connecting = asyncio.Lock()
+        self._store_lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        return self.settings.temporal_address or os.environ.get("TEMPORAL_ADDRESS") or "localhost:7233"
+
+    async def temporal(self) -> Client:
+        if self._temporal is None:
+            async with self._connecting:
+                if self._temporal is None:
+                    try:
+                        self._temporal = await asyncio.wait_for(connect(self.settings), CONNECT_TIMEOUT)
+                    except (TimeoutError, RuntimeError, OSError, RPCError) as err:
+                        raise Unavailable(f"cannot reach Temporal at {self.address}: {_first_line(err)}") from None
+        return self._temporal
+
+    def store(self) -> AuditStore:
+        """Blocking (creates tables the first time): call it from a thread."""
+        if self._store is None:
+            with self._store_lock:
+                if self._store is None:
+                    try:
+                        self._store = AuditStore(self.settings.database_url)
+                    except SQLAlchemyError as err:
+                        raise Unavailable(f"cannot reach the audit store: {_first_line(err)}") from None
+        return self._store
+
+    async def in_store(self, fn, *args):
+        """Run `fn(store, *args)` in a thread; store trouble becomes Unavailable (503)."""
+
+        def call():
+            try:
+                return fn(self.store(), *args)
+            except SQLAlchemyError as err:
+                raise Unavailable(f"audit store error: {_first_line(err)}") from None
+
+        return await run_in_threadpool(call)
+
+    async def warm_up(self) -> None:
+        try:
+            await self.temporal()
+        except Unavailable as err:
+            log.warning("%s; will retry on the first request that needs it", err)
+        try:
+            await run_in_threadpool(self.store)
+        except Unavailable as err:
+            log.warning("%s; will retry on the first request that needs it", err)
+
+    def close(self) -> None:
+        if self._own_store and self._store is not None:
+            self._store.dispose()
+
+
+def _first_line(err: BaseException) -> str:
+    text = getattr(err, "message", None) or str(err) or type(err).__name__
+    return str(text).strip().splitlines()[0][:300] if str(text).strip() else type(err).__name__
+
+
+def _is_temporal_trouble(err: BaseException) -> bool:
+    return isinstance(err, (RPCError, TimeoutError, ConnectionError, Unavailable)) or (
+        isinstance(err, RuntimeError) and "connect" in str(err).lower()
+    )
+
+
+async def _temporal_call(awaitable, timeout: float, what: str):
+    """Await a Temporal call; unreachable -> Unavailable (503), no answer -> NoAnswer (504)."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        raise NoAnswer(
+            f"no answer to the {what} within {timeout:.0f} s: is the worker running? "
+            + ("A command may still be applied: read the lead to see." if what != "query" else "")
+        ) from None
+    except RPCError as err:
+        raise Unavailable(f"Temporal error: {_first_line(err)}") from None
+
+
+def _backends(request: Request) -> Backends:
+    return request.app.state.backends
+
+
+def _model(request: Request) -> ScoringModel:
+    return request.app.state.scoring_model.get()
+
+
+# =========================================================================== authentication
+
+
+_bearer = HTTPBearer(auto_error=False, scheme_name="bearer", description="Authorization: Bearer <API key>")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey", description="X-API-Key: <API key>")
+
+
+def allow(*roles: Role):
+    """A dependency: the caller's key must be valid (401) and of one of `roles` (403);
+    managers may do everything."""
+    allowed = frozenset(roles) | {Role.MANAGER}
+    names = ", ".join(r.value for r in KEY_ROLES if r in allowed)
+
+    async def caller(
+        request: Request,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+        header_key: Annotated[str | None, Security(_api_key)],
+    ) -> Principal:
+        presented = bearer.credentials if bearer is not None else header_key
+        if not presented:
+            raise HTTPException(
+                401, "missing API key: send Authorization: Bearer <key> or X-API-Key: <key>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        principal = request.app.state.keys.lookup(presented)
+        if principal is None:
+            raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        if principal.role not in allowed:
+            raise HTTPException(403, f"role {principal.role.value} may not do this; allowed: {names}")
+        return principal
+
+    return caller
+
+
+# =========================================================================== edge checks
+
+
+def _event_problem(event: EventIn, model: ScoringModel, now: datetime) -> tuple[str, str] | None:
+    """(field, message) if the event cannot be applied, as the CLI checks it."""
+    if event.type not in model.events:
+        return "type", (
+            f"unknown event type {event.type!r} in scoring model {model.ref}; known types: "
+            + ", ".join(sorted(model.events))
+        )
+    if event.occurred_at > now + FUTURE_TOLERANCE:
+        minutes = int(FUTURE_TOLERANCE.total_seconds() // 60)
+        return "occurred_at", (
+            f"{event.occurred_at.isoformat()} is more than {minutes} minutes in the future "
+            f"(now {now.replace(microsecond=0).isoformat()})"
+        )
+    if event.occurred_at < EARLIEST_EVENT:
+        return "occurred_at", f"{event.occurred_at.isoformat()} is before {EARLIEST_EVENT.date().isoformat()}"
+    return None
+
+
+async def _applied_hint(backends: Backends, kind: AuditKind, wanted: dict[str, list[str]]) -> set[tuple[str, str]]:
+    """Best effort: with the store down, events are still taken (and de-duplicated by the lead)."""
+    try:
+        return await backends.in_store(AuditStore.applied_ids, kind, wanted)
+    except Unavailable as err:
+        log.warning("duplicate hint skipped: %s", err)
+        return set()
+
+
+async def _deliver(backends: Backends, events: list[ActivityEvent]) -> dict[str, str]:
+    """Signal-with-start the events into their leads, one call per lead, in occurred_at
+    order. Returns {lead: reason} for closed (won) leads; raises Unavailable if Temporal
+    did not take some lead's events (the caller retries: delivered events apply once)."""
+    temporal = await backends.temporal()
+    by_lead: dict[str, list[ActivityEvent]] = defaultdict(list)
+    for event in events:
+        by_lead[event.lead_id].append(event)
+    gate = asyncio.Semaphore(SEND_CONCURRENCY)
+
+    async def send(lead_events: list[ActivityEvent]) -> None:
+        async with gate:
+            lead_events.sort(key=lambda e: e.occurred_at)
+            await asyncio.wait_for(leads.send_events(temporal, backends.settings, lead_events), SEND_TIMEOUT)
+
+    results = await asyncio.gather(*(send(items) for items in by_lead.values()), return_exceptions=True)
+    closed: dict[str, str] = {}
+    failed: list[BaseException] = []
+    for lead_id, result in zip(by_lead, results):
+        if isinstance(result, leads.LeadClosed):
+            closed[lead_id] = f"lead {lead_id} is closed (won): it takes no more events"
+        elif isinstance(result, BaseException):
+            if not _is_temporal_trouble(result):
+                raise result
+            failed.append(result)
+    if failed:
+        raise Unavailable(
+            f"Temporal did not take the events of {len(failed)} of {len(by_lead)} lead(s) "
+            f"({_first_line(failed[0])}); retry: events already taken are applied once"
+        )
+    return closed
+
+
+# =========================================================================== routes
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "no or invalid API key"},
+    403: {"model": Problem, "description": "the key's role may not do this"},
+    413: {"model": Problem, "description": f"body larger than {MAX_BODY_BYTES} bytes"},
+    422: {"model": ValidationProblem, "description": "invalid input; each problem names its field"},
+    503: {"model": Problem, "description": "Temporal or the audit store cannot be reached; retry later"},
+}
+LEAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    404: {"model": Problem, "description": "no such lead"},
+    409: {"model": Problem, "description": "the lead refused: not in a stage (or role) that allows it"},
+    410: {"model": Problem, "description": "the lead is closed (won) and takes no more input"},
+    504: {"model": Problem, "description": "the lead did not answer in time (is the worker running?)"},
+}
+
+health = APIRouter(tags=["health"])
+ingest = APIRouter(tags=["events and profile facts"], responses=ERRORS)
+commands = APIRouter(prefix="/leads/{lead_id}", tags=["commands"], responses=LEAD_ERRORS)
+reads = APIRouter(tags=["reads"], responses=ERRORS)
+outbox = APIRouter(prefix="/outbox", tags=["outbox"], responses=ERRORS)
+
+
+# --------------------------------------------------------------------------- health
+
+
+@health.get("/healthz", summary="The process is up", response_model=dict[str, str])
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@health.get(
+    "/readyz", summary="Temporal and the audit store are reachable", response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "not ready: see which check failed"}},
+)
+async def readyz(request: Request):
+    backends = _backends(request)
+
+    async def temporal() -> Check:
+        try:
+            client = await backends.temporal()
+            ok = await asyncio.wait_for(client.service_client.check_health(), PROBE_TIMEOUT)
+            return Check(ok=bool(ok), detail="reachable" if ok else "serving, but not healthy")
+        except Exception as err:  # noqa: BLE001 - a probe reports whatever went wrong
+            return Check(ok=False, detail=_first_line(err))
+
+    async def store() -> Check:
+        try:
+            await asyncio.wait_for(backends.in_store(AuditStore.ping), PROBE_TIMEOUT)
+            return Check(ok=True, detail="reachable")
+        except Exception as err:  # noqa: BLE001 - a probe reports whatever went wrong
+            return Check(ok=False, detail=_first_line(err))
+
+    t, s = await asyncio.gather(temporal(), store())
+    body = Readiness(ready=t.ok and s.ok, temporal=t, store=s)
+    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+
+# --------------------------------------------------------------------------- events and profile facts
+
+_INGEST_ROLES = "Roles: marketing, manager."
+
+
+@ingest.post(
+    "/events", status_code=202, response_model=EventAccepted,
+    summary="One activity event (a webhook)",
+    description=(
+        "Validates the event (fields, type known in the scoring model, occurred_at not more than 5 minutes "
+        "in the future) and signals it into its lead's workflow, creating the lead. 202 means Temporal holds "
+        "it durably. Idempotent by event_id: a redelivery changes nothing; it is answered `duplicate` when "
+        "the audit store already shows it applied, else `accepted` (and then applied once by the lead). "
+        "410 if the lead is closed (won). " + _INGEST_ROLES
+    ),
+    responses={410: {"model": Problem, "description": "the lead is closed (won)"}},
+)
+async def post_event(
+    event: EventIn, request: Request, caller: Annotated[Principal, Depends(allow(Role.MARKETING))]
+) -> EventAccepted:
+    problem = _event_problem(event, _model(request), datetime.now(timezone.utc))
+    if problem is not None:
+        field, msg = problem
+        raise RequestValidationError([{"loc": ("body", field), "msg": msg, "type": "value_error"}])
+    backends = _backends(request)
+    seen = await _applied_hint(backends, AuditKind.SCORE_CHANGED, {event.lead_id: [event.event_id]})
+    duplicate = (event.lead_id, event.event_id) in seen
+    closed = await _deliver(backends, [event.to_event()])
+    if closed and not duplicate:
+        raise leads.LeadClosed(closed[event.lead_id])
+    return EventAccepted(
+        event_id=event.event_id, lead_id=event.lead_id, outcome="duplicate" if duplicate else "accepted",
+        detail="already applied: changes nothing" if duplicate else "taken; applied once by the lead",
+    )
+
+
+@ingest.post(
+    "/events/batch", status_code=202, response_model=BatchResult,
+    summary=f"Up to {MAX_BATCH} activity events at once",
+    description=(
+        f"1 to {MAX_BATCH} events for any leads (body at most {MAX_BODY_BYTES} bytes). Each event is validated "
+        "on its own: a bad one is `rejected` with its reason (naming the field) while the good ones are "
+        "`accepted`, so the answer is 202 with one result per event, in order. Events of one lead are "
+        "delivered together, in occurred_at order, and the lead applies them in time order. An event for a "
+        "closed (won) lead is rejected. A repeat of an event_id in the same batch, or an event the audit "
+        "store shows applied, is `duplicate`. The whole batch is refused (422) only if the body is not "
+        "`{\"events\": [...]}` with 1 to 500 items. 503 if Temporal could not take every lead's events: "
+        "retry the batch, events already taken are applied once. " + _INGEST_ROLES
+    ),
+)
+async def post_events(
+    batch: EventBatchIn, request: Request, caller: Annotated[Principal, Depends(allow(Role.MARKETING))]
+) -> BatchResult:
+    model, now = _model(request), datetime.now(timezone.utc)
+    results: list[EventResult] = []
+    valid: dict[int, EventIn] = {}
+    first_seen: set[tuple[str, str]] = set()
+    for index, item in enumerate(batch.events):
+        if isinstance(item, _RejectedItem):
+            results.append(EventResult(index=index, outcome="rejected",
+                                       reason=_describe(item.errors, ("events", index))))
+            continue
+        result = EventResult(index=index, event_id=item.event_id, lead_id=item.lead_id, outcome="accepted")
+        results.append(result)
+        if (problem := _event_problem(item, model, now)) is not None:
+            result.outcome, result.reason = "rejected", f"events.{index}.{problem[0]}: {problem[1]}"
+        elif (item.lead_id, item.event_id) in first_seen:
+            result.outcome, result.reason = "duplicate", "repeats an earlier event_id of this batch"
+        else:
+            first_seen.add((item.lead_id, item.event_id))
+            valid[index] = item
+    if valid:
+        backends = _backends(request)
+        wanted: dict[str, list[str]] = defaultdict(list)
+        for item in valid.values():
+            wanted[item.lead_id].append(item.event_id)
+        seen = await _applied_hint(backends, AuditKind.SCORE_CHANGED, wanted)
+        closed = await _deliver(backends, [item.to_event() for item in valid.values()])
+        for index, item in valid.items():
+            if (item.lead_id, item.event_id) in seen:
+                results[index].outcome, results[index].reason = "duplicate", "already applied: changes nothing"
+            elif item.lead_id in closed:
+                results[index].outcome, results[index].reason = "rejected", closed[item.lead_id]
+    counts = {outcome: sum(1 for r in results if r.outcome == outcome) for outcome in ("accepted", "duplicate",
+                                                                                        "rejected")}
+    return BatchResult(accepted=counts["accepted"], duplicates=counts["duplicate"], rejected=counts["rejected"],
+                       results=results)
+
+
+@ingest.post(
+    "/leads/{lead_id}/profile", status_code=202, response_model=ProfileAccepted,
+    summary="Profile (fit) facts about a lead",
+    description=(
+        "Signals the facts into the lead (creating it); the lead re-evaluates its fit rules. Idempotent by "
+        "update_id (give one for webhook redeliveries). The actor recorded is the API key's owner. "
+        "410 if the lead is closed (won). " + _INGEST_ROLES
+    ),
+    responses={410: {"model": Problem, "description": "the lead is closed (won)"}},
+)
+async def post_profile(
+    lead_id: PathLeadId, body: ProfileIn, request: Request,
+    caller: Annotated[Principal, Depends(allow(Role.MARKETING))],
+) -> ProfileAccepted:
+    update = ProfileUpdate(update_id=body.update_id or f"pu-{uuid.uuid4()}", lead_id=lead_id, facts=body.facts,
+                           actor=caller.actor)
+    backends = _backends(request)
+    seen = await _applied_hint(backends, AuditKind.PROFILE_UPDATED, {lead_id: [update.update_id]})
+    duplicate = (lead_id, update.update_id) in seen
+    temporal = await backends.temporal()
+    try:
+        await _temporal_call(leads.send_profile(temporal, backends.settings, update), SEND_TIMEOUT, "profile update")
+    except leads.LeadClosed:
+        if not duplicate:
+            raise
+    except NoAnswer as err:
+        raise Unavailable(str(err)) from None
+    return ProfileAccepted(
+        update_id=update.update_id, lead_id=lead_id, outcome="duplicate" if duplicate else "accepted",
+        detail="already applied: changes nothing" if duplicate else "taken; applied once by the lead",
+    )
+
+
+# --------------------------------------------------------------------------- commands
+
+
+async def _command(request: Request, lead_id: str, command) -> LeadView:
+    temporal = await _backends(request).temporal()
+    return await _temporal_call(leads.run_command(temporal, lead_id, command), ANSWER_TIMEOUT,
+                                f"{command.kind} command")
+
+
+_COMMAND_NOTE = (
+    " Executed as a workflow update: 200 with the lead's new state; 409 with the lead's reason if its stage "
+    "(or the stage's rules for your role) does not allow it; 404 for an unknown lead; 410 for a won lead. "
+    "The actor recorded is the API key's owner."
+)
+
+
+@commands.post("/accept", response_model=LeadView, summary="Presales accepts an MQL (-> SAL)",
+               description="Roles: presales, manager." + _COMMAND_NOTE)
+async def accept(lead_id: PathLeadId, body: AcceptIn, request: Request,
+                 caller: Annotated[Principal, Depends(allow(Role.PRESALES))]) -> LeadView:
+    return await _command(request, lead_id, Accept(by=caller.actor, **body.model_dump()))
+
+
+@commands.post("/reject", response_model=LeadView, summary="Disqualify, or recycle to nurturing, with a reason",
+               description="Roles: presales, sales (after acceptance), manager." + _COMMAND_NOTE)
+async def reject(lead_id: PathLeadId, body: RejectIn, request: Request,
+                 caller: Annotated[Principal, Depends(allow(Role.PRESALES, Role.SALES))]) -> LeadView:
+    return await _command(request, lead_id, Reject(by=caller.actor, **body.model_dump()))
+
+
+@commands.post("/qualify", response_model=LeadView, summary="Qualify by BANT or MEDDIC (SAL -> SQL)",
+               description="Roles: presales, sales, manager." + _COMMAND_NOTE)
+async def qualify(lead_id: PathLeadId, body: QualifyIn, request: Request,
+                  caller: Annotated[Principal, Depends(allow(Role.PRESALES, Role.SALES))]) -> LeadView:
+    return await _command(request, lead_id, Qualify(by=caller.actor, **body.model_dump()))
+
+
+@commands.post("/contact", response_model=LeadView, summary="Log a contact (meets follow-up SLAs)",
+               description="Roles: sales, presales (follow-ups of MQLs), manager." + _COMMAND_NOTE)
+async def contact(lead_id: PathLeadId, body: ContactIn, request: Request,
+                  caller: Annotated[Principal, Depends(allow(Role.SALES, Role.PRESALES))]) -> LeadView:
+    return await _command(request, lead_id, LogContact(by=caller.actor, **body.model_dump()))
+
+
+@commands.post("/close", response_model=LeadView, summary="Close an SQL as won or lost (lost needs a reason)",
+               description="Roles: sales, manager." + _COMMAND_NOTE)
+async def close(lead_id: PathLeadId, body: CloseIn, request: Request,
+                caller: Annotated[Principal, Depends(allow(Role.SALES))]) -> LeadView:
+    return await _command(request, lead_id, Close(by=caller.actor, **body.model_dump()))
+
+
+@commands.post("/reopen", response_model=LeadView, summary="Reopen a lost or disqualified lead (-> recycled)",
+               description="Roles: manager." + _COMMAND_NOTE)
+async def reopen(lead_id: PathLeadId, body: ReopenIn, request: Request,
+                 caller: Annotated[Principal, Depends(allow())]) -> LeadView:
+    return await _command(request, lead_id, Reopen(by=caller.actor, **body.model_dump()))
+
+
+# --------------------------------------------------------------------------- reads
+
+_READERS = (Role.MARKETING, Role.PRESALES, Role.SALES)
+
+
+@reads.get(
+    "/leads/{lead_id}", response_model=LeadView, summary="A lead's current state and score breakdown",
+    description="Live state from the lead's workflow (works for won leads too). Roles: all.",
+    responses={404: {"model": Problem, "description": "no such lead"},
+               504: {"model": Problem, "description": "the lead did not answer in time"}},
+)
+async def get_lead(lead_id: PathLeadId, request: Request,
+                   caller: Annotated[Principal, Depends(allow(*_READERS))]) -> LeadView:
+    temporal = await _backends(request).temporal()
+    return await _temporal_call(leads.get_view(temporal, lead_id), ANSWER_TIMEOUT, "query")
+
+
+@reads.get(
+    "/leads/{lead_id}/history", response_model=HistoryPage, summary="A lead's audit history, oldest first",
+    description=(
+        "Every score change, stage change, profile update, duplicate, SLA and contact, with its actor, from "
+        "the audit store: complete for closed leads and across continue-as-new. Paginated by offset/limit; "
+        "`total` is the whole history's length. 404 if the store has nothing for the lead. Roles: all."
+    ),
+    responses={404: {"model": Problem, "description": "no history for this lead"}},
+)
+async def get_history(
+    lead_id: PathLeadId, request: Request, caller: Annotated[Principal, Depends(allow(*_READERS))],
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+) -> HistoryPage:
+    def page(store: AuditStore) -> tuple[int, list[AuditEntry]]:
+        total = store.count_history(lead_id)
+        return total, (store.history(lead_id, offset=offset, limit=limit) if total else [])
+
+    total, entries = await _backends(request).in_store(page)
+    if total == 0:
+        raise leads.LeadNotFound(f"no lead {lead_id} (no history in the audit store)")
+    return HistoryPage(lead_id=lead_id, total=total, offset=offset, limit=limit, entries=entries)
+
+
+@reads.get(
+    "/leads", response_model=LeadList, summary="Running leads, by stage and owner",
+    description=(
+        "From Temporal visibility: running leads only (won leads have completed), updated within about a "
+        "second of a change. Roles: all."
+    ),
+)
+async def list_leads(
+    request: Request, caller: Annotated[Principal, Depends(allow(*_READERS))],
+    stage: Stage | None = None,
+    owner: Annotated[OwnerName | None, Query(description="e.g. presales-1")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+) -> LeadList:
+    temporal = await _backends(request).temporal()
+    found = await _temporal_call(
+        leads.list_leads(temporal, stage=stage.value if stage else None, owner=owner, limit=limit),
+        ANSWER_TIMEOUT, "query",
+    )
+    return LeadList(count=len(found), leads=[LeadSummaryOut(**vars(lead)) for lead in found])
+
+
+@reads.get(
+    "/report", response_model=FunnelReport, summary="Funnel report: conversion and time per stage, per channel",
+    description="From the audit store's stage changes (optionally since a time). Roles: manager.",
+)
+async def get_report(
+    request: Request, caller: Annotated[Principal, Depends(allow())],
+    since: Annotated[AwareDatetime | None, Query(description="ISO 8601 with a timezone")] = None,
+) -> FunnelReport:
+    entries = await _backends(request).in_store(lambda store: store.stage_changes(since))
+    return funnel_report(entries, now=datetime.now(timezone.utc))
+
+
+# --------------------------------------------------------------------------- outbox
+
+
+@outbox.get(
+    "", response_model=OutboxPage, summary="Pending handovers, nurture steps, escalations, opportunities",
+    description=(
+        "Messages nobody has acknowledged yet, oldest first, for tools that poll instead of taking the "
+        "webhook. Acknowledge them with POST /outbox/ack. Roles: marketing, manager."
+    ),
+)
+async def get_outbox(
+    request: Request, caller: Annotated[Principal, Depends(allow(Role.MARKETING))],
+    kind: OutboundKind | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+) -> OutboxPage:
+    messages = await _backends(request).in_store(lambda store: store.pending_outbox(kind, limit))
+    return OutboxPage(count=len(messages), messages=messages)
+
+
+@outbox.post(
+    "/ack", response_model=AckResult, summary="Acknowledge outbox messages",
+    description="Idempotent: acknowledging again (or an unknown id) changes nothing. Roles: marketing, manager.",
+)
+async def ack_outbox(
+    body: AckIn, request: Request, caller: Annotated[Principal, Depends(allow(Role.MARKETING))]
+) -> AckResult:
+    ids = list(dict.fromkeys(body.message_ids))
+    done = await _backends(request).in_store(lambda store: store.ack_outbox(ids))
+    return AckResult(acknowledged=done, unchanged=len(ids) - done)
+
+
+# =========================================================================== errors and middleware
+
+
+def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())], "msg": _message(e),
+             "type": str(e.get("type", "value_error"))}
+            for e in exc.errors()
+        ]
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+        return JSONResponse({"detail": errors, "message": message}, status_code=422)
+
+    @app.exception_handler(leads.LeadNotFound)
+    async def not_found(request: Request, exc: leads.LeadNotFound) -> JSONResponse:
+        return _problem(404, str(exc))
+
+    @app.exception_handler(leads.CommandRefused)
+    async def refused(request: Request, exc: leads.CommandRefused) -> JSONResponse:
+        return _problem(409, f"refused: {exc}")
+
+    @app.exception_handler(leads.LeadClosed)
+    async def closed(request: Request, exc: leads.LeadClosed) -> JSONResponse:
+        return _problem(410, str(exc))
+
+    @app.exception_handler(Unavailable)
+    async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        return _problem(503, str(exc), headers={"Retry-After": "5"})
+
+    @app.exception_handler(NoAnswer)
+    async def no_answer(request: Request, exc: NoAnswer) -> JSONResponse:
+        return _problem(504, str(exc))
+
+    @app.exception_handler(RPCError)
+    async def temporal_error(request: Request, exc: RPCError) -> JSONResponse:
+        return _problem(503, f"Temporal error: {_first_line(exc)}", headers={"Retry-After": "5"})
+
+
+class BodyLimit:
+    """Refuses bodies over `limit` bytes with 413: by Content-Length before reading, and
+    by counting while reading (chunked uploads, lying headers)."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"request body larger than {self.limit} bytes"
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await _send_problem(send, 400, "invalid Content-Length header")
+            if int(length) > self.limit:
+                return await _send_problem(send, 413, too_large)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    # FastAPI passes HTTPExceptions raised while reading the body through.
+                    raise HTTPException(413, too_large)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _send_problem(send, status: int, detail: str) -> None:
+    body = JSONResponse({"detail": detail}).body
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class StartupMessage:
+    """A configuration error at startup is one clear line in uvicorn's log, not a traceback."""
+
+    def __init__(self, app, state):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def clean_send(message):
+            problem = getattr(self.state, "startup_error", None)
+            if message["type"] == "lifespan.startup.failed" and problem:
+                message = {**message, "message": f"leadflow api cannot start: {problem}"}
+            await send(message)
+
+        await self.app(scope, receive, clean_send)
+
+
+# =========================================================================== the app
+
+DESCRIPTION = f"""
+One HTTP service for the tools around Leadflow's funnel (IQL -> MQL -> SAL -> SQL -> won/lost); each
+lead is a durable Temporal workflow.
+
+**Authentication**: an API key, as `Authorization: Bearer <key>` or `X-API-Key: <key>`. Each key is
+bound to a name and a role in the configuration; the audit history records that name and role as the
+actor of everything done with the key (bodies never name an actor). No valid key: 401; a role that may
+not: 403.
+
+| role | may |
+|---|---|
+| marketing | post events and profile facts; read leads and histories; poll and acknowledge the outbox |
+| presales | accept, reject, qualify, log contacts; read leads and histories |
+| sales | log contacts, qualify, reject (after acceptance), close won/lost; read leads and histories |
+| manager | everything, including reopen and the funnel report |
+
+The lead itself checks each command against its stage and the role (409 with its reason).
+
+**Webhooks** are at-least-once: events are idempotent by `event_id`, profile updates by `update_id`.
+Bodies are at most {MAX_BODY_BYTES} bytes; batches at most {MAX_BATCH} events. `/healthz` and `/readyz` need no key.
+"""
+
+
+def create_app(settings: Settings | None = None, keys: KeyRing | None = None, temporal: Client | None = None,
+               store: AuditStore | None = None) -> FastAPI:
+    """The API. Without arguments everything comes from the environment at startup
+    (`uvicorn api:app`); tests pass their own settings, keys, client and store."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            cfg = settings or Settings.from_env()
+            app.state.keys = keys or KeyRing.from_env()
+            app.state.scoring_model = _ScoringModelFile(cfg.model_path)
+            model = app.state.scoring_model.get()
+        except ValidationError as err:
+            app.state.startup_error = f"invalid settings in the environment: {_describe(err)}"
+            raise
+        except (ConfigError, ModelError) as err:
+            app.state.startup_error = str(err).replace("\n", " ")
+            raise
+        app.state.backends = backends = Backends(cfg, temporal, store)
+        await backends.warm_up()
+        log.info("API with %d key(s), scoring model %s, task queue %r", len(app.state.keys), model.ref,
+                 cfg.task_queue)
+        try:
+            yield
+        finally:
+            backends.close()
+
+    app = FastAPI(title="Leadflow API", version="1.0", description=DESCRIPTION, lifespan=lifespan,
+                  responses={500: {"model": Problem, "description": "a bug: please report it"}})
+    for router in (health, ingest, commands, reads, outbox):
+        app.include_router(router)
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimit)
+    app.add_middleware(StartupMessage, state=app.state)
+    return app
+
+
+app = create_app()
