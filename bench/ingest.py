@@ -1,0 +1,531 @@
+"""Ingest benchmark: how fast do lead workflows take webhook events, compared with
+the fastest a Temporal workflow can take signals on the same server?
+
+One run starts one Temporal dev server (SQLite file by default, `--in-memory`
+optionally) and, in this process, measures two phases one after the other:
+
+1. baseline: `bench.counting_workflow.CountingWorkflow` (counts `event` signals,
+   nothing else) gets N leads x M events by signal-with-start from C concurrent
+   senders sharing one client; done when every workflow's `count` query says M.
+2. lead: the real `LeadWorkflow` with the real worker (`worker.build_worker`)
+   and the real audit store (SQLite in a temp dir, or `--store URL`) gets the
+   same N x M events through `client.send_events`, one event per call (as
+   webhooks arrive); done when every lead's view says `events_applied == M`
+   and the store holds N x M SCORE_CHANGED entries.
+
+Both are end to end: from the first send until the last confirmation (each
+phase first takes one untimed warm-up lead). It prints a table (events/s,
+ratio lead/baseline, history events per ingested event, overall and by event
+type, continue-as-new runs, CPU seconds of this process = worker + senders and
+of the dev server, peak RSS) and a one-line JSON summary. Figures only:
+nothing here passes or fails.
+
+On a shared 2-core machine the absolute rates move a lot with what else runs;
+`--rounds R` alternates baseline and lead R times on the same server and
+sums them (plus the ratio of each round). CPU per event is the steadier figure.
+
+    .venv/bin/python bench/ingest.py [--leads 50] [--events 40] [--concurrency 32]
+                                     [--db-file | --in-memory] [--store sqlite|URL] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Awaitable, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import func  # noqa: E402
+from sqlmodel import Session, select  # noqa: E402
+from temporalio.api.enums.v1 import EventType  # noqa: E402
+from temporalio.client import Client, WorkflowExecutionStatus  # noqa: E402
+from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
+from temporalio.service import RPCError  # noqa: E402
+from temporalio.testing import WorkflowEnvironment  # noqa: E402
+from temporalio.worker import Worker  # noqa: E402
+
+import client as leads_client  # noqa: E402
+from activities.lead_activities import LeadActivities  # noqa: E402
+from activities.store import AuditRow, AuditStore  # noqa: E402
+from bench.counting_workflow import CountingWorkflow  # noqa: E402
+from config import DEFAULT_MODEL, Settings  # noqa: E402
+from funnel.models import ActivityEvent, AuditKind  # noqa: E402
+from funnel.scoring_model import load_model  # noqa: E402
+from worker import ACTIVITY_THREADS, build_worker  # noqa: E402
+from workflows import search_attributes as sa  # noqa: E402
+from workflows.lead import workflow_id as lead_workflow_id  # noqa: E402
+
+BIN = Path(sys.executable).parent
+POLL_INTERVAL = 0.1  # seconds between confirmation rounds
+DONE_TIMEOUT = 600.0  # give up waiting for confirmation after this long (and say so)
+SEND_ATTEMPTS = 5
+
+# How often each event type arrives, roughly as marketing automation reports
+# them: many visits and opens, few demo requests. Types the model lacks are
+# skipped; model types missing here get weight 1.
+EVENT_WEIGHTS = {
+    "website_visit": 30, "email_open": 20, "email_click": 10, "pricing_page_visit": 8,
+    "social_interaction": 6, "content_download": 6, "video_view": 5, "webinar_registration": 3,
+    "newsletter_signup": 2, "webinar_attended": 2, "live_chat": 2, "event_attended": 1,
+    "sample_request": 1, "cart_add": 1, "demo_request": 1, "unsubscribe": 0.5, "email_bounced": 0.5,
+}
+CHANNELS = ["web", "email", "social", "ads", "events"]
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def rss_mb() -> float:
+    """Peak resident set size of this process (worker + senders) so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def cpu_self() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def child_pids() -> list[int]:
+    """Processes this one started (the dev server), from /proc."""
+    pids: list[int] = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    return pids
+
+
+def cpu_of(pids: list[int]) -> float:
+    """utime + stime of the given processes, in seconds (0 for any that are gone)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+@dataclass
+class Phase:
+    name: str
+    workflows: int
+    events: int
+    rss_before_mb: float = 0.0
+    rss_after_mb: float = 0.0
+    send_seconds: float = 0.0
+    total_seconds: float = 0.0
+    cpu_bench_s: float = 0.0
+    cpu_server_s: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # seconds per successful send
+    send_retries: int = 0
+    history_events: int = 0
+    runs: int = 0
+    continued_as_new: int = 0
+    history_by_type: Counter = field(default_factory=Counter)
+    confirmed: bool = True
+    rounds: list[float] = field(default_factory=list)  # events/s of each round, once folded
+
+    def add(self, other: "Phase") -> None:
+        """Fold another round of the same phase into this one (sums; peak RSS is the last)."""
+        for name in ("workflows", "events", "send_seconds", "total_seconds", "cpu_bench_s", "cpu_server_s",
+                     "send_retries", "history_events", "runs", "continued_as_new"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.history_by_type.update(other.history_by_type)
+        self.rss_after_mb = other.rss_after_mb
+        self.confirmed &= other.confirmed
+        self.rounds.append(other.events_per_s)
+        self.latencies += other.latencies
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.total_seconds if self.total_seconds else 0.0
+
+    def latency_ms(self, q: float) -> float:
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+    @property
+    def cpu_ms_per_event(self) -> float:
+        return 1000 * (self.cpu_bench_s + self.cpu_server_s) / self.events if self.events else 0.0
+
+    @property
+    def history_per_event(self) -> float:
+        return self.history_events / self.events if self.events else 0.0
+
+
+# --------------------------------------------------------------------------- input
+
+
+def make_events(prefix: str, leads: int, per_lead: int, seed: int) -> list[ActivityEvent]:
+    """N x M events, interleaved across leads (event j of every lead before event j+1)."""
+    model = load_model(DEFAULT_MODEL)
+    types = [t for t in model.events]
+    weights = [EVENT_WEIGHTS.get(t, 1.0) for t in types]
+    rng = random.Random(seed)
+    now = datetime.now(timezone.utc)
+    lead_ids = [f"{prefix}-{i:05d}" for i in range(leads)]
+    channels = {lead: rng.choice(CHANNELS) for lead in lead_ids}
+    events = []
+    for j in range(per_lead):
+        for lead in lead_ids:
+            events.append(
+                ActivityEvent(
+                    event_id=f"{lead}-e{j:05d}",
+                    lead_id=lead,
+                    type=rng.choices(types, weights)[0],
+                    occurred_at=now,
+                    channel=channels[lead],
+                    attributes={"source": "bench"},
+                )
+            )
+    return events
+
+
+# --------------------------------------------------------------------------- driving
+
+
+async def send_all(events: list[ActivityEvent], concurrency: int,
+                   send: Callable[[ActivityEvent], Awaitable[None]], phase: Phase) -> float:
+    """Send every event from `concurrency` tasks; returns the start time (perf_counter)."""
+    queue: asyncio.Queue[ActivityEvent] = asyncio.Queue()
+    for event in events:
+        queue.put_nowait(event)
+    latencies = phase.latencies
+
+    async def sender() -> None:
+        while True:
+            try:
+                event = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            for attempt in range(SEND_ATTEMPTS):
+                t = time.perf_counter()
+                try:
+                    await send(event)
+                    latencies.append(time.perf_counter() - t)
+                    break
+                except RPCError:
+                    if attempt == SEND_ATTEMPTS - 1:
+                        raise
+                    phase.send_retries += 1
+                    await asyncio.sleep(0.2 * (attempt + 1))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(sender() for _ in range(concurrency)))
+    phase.send_seconds = time.perf_counter() - start
+    return start
+
+
+async def wait_until(keys: list[str], is_done: Callable[[str], Awaitable[bool]]) -> bool:
+    """Poll `is_done(key)` for the keys not done yet, all at once, until all are (or time out)."""
+    pending = list(keys)
+    deadline = time.perf_counter() + DONE_TIMEOUT
+    while pending:
+        results = await asyncio.gather(*(is_done(k) for k in pending), return_exceptions=True)
+        pending = [k for k, ok in zip(pending, results) if ok is not True]
+        if not pending:
+            return True
+        if time.perf_counter() > deadline:
+            print(f"  gave up waiting: {len(pending)} not confirmed, e.g. {pending[0]}", file=sys.stderr)
+            return False
+        await asyncio.sleep(POLL_INTERVAL)
+    return True
+
+
+WARMUP_EVENTS = 3
+
+
+async def warm_up(send: Callable[[ActivityEvent], Awaitable[None]],
+                  is_done: Callable[[str], Awaitable[bool]]) -> None:
+    """One untimed lead through the phase's worker first (caches, connections, first poll)."""
+    events = make_events(f"w{uuid.uuid4().hex[:6]}", 1, WARMUP_EVENTS, seed=0)
+    for event in events:
+        await send(event)
+    await wait_until([events[0].lead_id], is_done)
+
+
+async def count_history(client: Client, workflow_ids: list[str], phase: Phase) -> None:
+    """History events over every run of each workflow id (runs closed by continue-as-new too)."""
+    sem = asyncio.Semaphore(16)
+
+    async def one(wid: str) -> None:
+        async with sem:
+            runs = [e async for e in client.list_workflows(f"WorkflowId = '{wid}'")]
+            for execution in runs:
+                history = await client.get_workflow_handle(wid, run_id=execution.run_id).fetch_history()
+                phase.history_events += len(history.events)
+                phase.history_by_type.update(EventType.Name(e.event_type) for e in history.events)
+                phase.runs += 1
+                if execution.status == WorkflowExecutionStatus.CONTINUED_AS_NEW:
+                    phase.continued_as_new += 1
+
+    await asyncio.gather(*(one(w) for w in workflow_ids))
+
+
+class Meter:
+    """Peak RSS from the start of a phase (worker start-up included); CPU from `start()`
+    (after the warm-up) to `stop()` (before the history is counted)."""
+
+    def __init__(self, phase: Phase, server_pids: list[int]):
+        self.phase, self.server_pids = phase, server_pids
+        phase.rss_before_mb = rss_mb()
+        self.cpu0 = self.server0 = 0.0
+
+    def start(self) -> None:
+        self.cpu0, self.server0 = cpu_self(), cpu_of(self.server_pids)
+
+    def stop(self) -> None:
+        self.phase.cpu_bench_s = cpu_self() - self.cpu0
+        self.phase.cpu_server_s = cpu_of(self.server_pids) - self.server0
+        self.phase.rss_after_mb = rss_mb()
+
+
+async def run_baseline(client: Client, events: list[ActivityEvent], lead_ids: list[str], per_lead: int,
+                       concurrency: int, server_pids: list[int]) -> Phase:
+    phase = Phase("baseline", workflows=len(lead_ids), events=len(events))
+    task_queue = f"bench-count-{uuid.uuid4().hex[:8]}"
+
+    def wid(lead_id: str) -> str:
+        return f"count-{lead_id}"
+
+    async def send(event: ActivityEvent) -> None:
+        await client.start_workflow(
+            CountingWorkflow.run, id=wid(event.lead_id), task_queue=task_queue,
+            start_signal="event", start_signal_args=[event],
+        )
+
+    async def done(lead_id: str) -> bool:
+        expected = WARMUP_EVENTS if lead_id.startswith("w") else per_lead
+        return await client.get_workflow_handle(wid(lead_id)).query(CountingWorkflow.count) >= expected
+
+    meter = Meter(phase, server_pids)
+    async with Worker(client, task_queue=task_queue, workflows=[CountingWorkflow]):
+        await warm_up(send, done)
+        meter.start()
+        start = await send_all(events, concurrency, send, phase)
+        phase.confirmed = await wait_until(lead_ids, done)
+        phase.total_seconds = time.perf_counter() - start
+        meter.stop()
+    await count_history(client, [wid(lead) for lead in lead_ids], phase)
+    return phase
+
+
+def score_changes(store: AuditStore, prefix: str) -> int:
+    """Distinct events scored in the store: a row count could hide one event scored
+    twice and another not at all."""
+    stmt = (
+        select(func.count(func.distinct(AuditRow.event_id))).select_from(AuditRow)
+        .where(AuditRow.kind == AuditKind.SCORE_CHANGED.value, AuditRow.lead_id.startswith(f"{prefix}-"),
+               AuditRow.event_id.is_not(None))
+    )
+    with Session(store.engine) as session:
+        return session.exec(stmt).one()
+
+
+async def run_lead(client: Client, settings: Settings, events: list[ActivityEvent], lead_ids: list[str],
+                   per_lead: int, concurrency: int, prefix: str, server_pids: list[int]) -> Phase:
+    phase = Phase("lead", workflows=len(lead_ids), events=len(events))
+    store = AuditStore(settings.database_url)
+    activities = LeadActivities(settings, store)
+
+    async def send(event: ActivityEvent) -> None:
+        await leads_client.send_events(client, settings, [event])
+
+    async def applied(lead_id: str) -> bool:
+        expected = WARMUP_EVENTS if lead_id.startswith("w") else per_lead
+        return (await leads_client.get_view(client, lead_id)).events_applied >= expected
+
+    async def audited(_: str) -> bool:
+        return await asyncio.to_thread(score_changes, store, prefix) >= len(events)
+
+    try:
+        meter = Meter(phase, server_pids)
+        with ThreadPoolExecutor(ACTIVITY_THREADS) as executor:
+            async with build_worker(client, settings, activities, executor):
+                await warm_up(send, applied)
+                meter.start()
+                start = await send_all(events, concurrency, send, phase)
+                phase.confirmed = await wait_until(lead_ids, applied)
+                phase.confirmed &= await wait_until(["store"], audited)
+                phase.total_seconds = time.perf_counter() - start
+                meter.stop()
+        await count_history(client, [lead_workflow_id(lead) for lead in lead_ids], phase)
+    finally:
+        activities.close()
+        store.dispose()
+    return phase
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Phase, lead: Phase) -> dict:
+    ratio = lead.events_per_s / base.events_per_s if base.events_per_s else 0.0
+    print()
+    print(f"Leadflow ingest benchmark: {args.leads} leads x {args.events} events = "
+          f"{args.leads * args.events} events per phase and round, {args.rounds} round(s), "
+          f"concurrency {args.concurrency}, dev server {server_kind}, audit store {store_kind}, "
+          f"{os.cpu_count()} CPUs")
+    rows = [
+        ("events/s (end to end)", f"{base.events_per_s:.1f}", f"{lead.events_per_s:.1f}"),
+        ("seconds end to end", f"{base.total_seconds:.2f}", f"{lead.total_seconds:.2f}"),
+        ("seconds sending", f"{base.send_seconds:.2f}", f"{lead.send_seconds:.2f}"),
+        ("send latency p50/p99 ms", f"{base.latency_ms(0.5)}/{base.latency_ms(0.99)}",
+         f"{lead.latency_ms(0.5)}/{lead.latency_ms(0.99)}"),
+        ("send retries", str(base.send_retries), str(lead.send_retries)),
+        ("history events per event", f"{base.history_per_event:.2f}", f"{lead.history_per_event:.2f}"),
+        ("history events total", str(base.history_events), str(lead.history_events)),
+        ("workflow runs / continue-as-new", f"{base.runs} / {base.continued_as_new}",
+         f"{lead.runs} / {lead.continued_as_new}"),
+        ("CPU s bench process (worker)", f"{base.cpu_bench_s:.1f}", f"{lead.cpu_bench_s:.1f}"),
+        ("CPU s dev server", f"{base.cpu_server_s:.1f}", f"{lead.cpu_server_s:.1f}"),
+        ("CPU ms per event bench+server", f"{base.cpu_ms_per_event:.1f}", f"{lead.cpu_ms_per_event:.1f}"),
+        ("peak RSS MB before -> after", f"{base.rss_before_mb:.0f} -> {base.rss_after_mb:.0f}",
+         f"{lead.rss_before_mb:.0f} -> {lead.rss_after_mb:.0f}"),
+        ("all confirmed", str(base.confirmed), str(lead.confirmed)),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows + [("", "baseline", "")])
+    w2 = max(len(r[2]) for r in rows + [("", "", "lead")])
+    print(f"  {'':<{w0}}  {'baseline':>{w1}}  {'lead':>{w2}}")
+    for name, a, b in rows:
+        print(f"  {name:<{w0}}  {a:>{w1}}  {b:>{w2}}")
+    cpu_ratio = base.cpu_ms_per_event / lead.cpu_ms_per_event if lead.cpu_ms_per_event else 0.0
+    print(f"  ratio lead/baseline events/s: {ratio:.2f}  (target >= 0.8)")
+    print(f"  ratio by CPU per event (baseline/lead ms, steadier when the machine is shared): {cpu_ratio:.2f}")
+    round_ratios = [lead_eps / base_eps for base_eps, lead_eps in zip(base.rounds, lead.rounds) if base_eps]
+    if len(round_ratios) > 1:
+        print("  rounds (baseline / lead events/s, ratio): " + ", ".join(
+            f"{b:.0f}/{l:.0f} {r:.2f}" for b, l, r in zip(base.rounds, lead.rounds, round_ratios))
+            + f"; median ratio {statistics.median(round_ratios):.2f}")
+    print("  history events per ingested event, by type:")
+    kinds = sorted(set(base.history_by_type) | set(lead.history_by_type),
+                   key=lambda k: -(lead.history_by_type[k] + base.history_by_type[k]))
+    wk = max(len(k.removeprefix("EVENT_TYPE_")) for k in kinds) if kinds else 10
+    for k in kinds:
+        print(f"    {k.removeprefix('EVENT_TYPE_').lower():<{wk}}  "
+              f"{base.history_by_type[k] / base.events:>6.2f}  {lead.history_by_type[k] / lead.events:>6.2f}")
+    summary = {
+        "leads": args.leads, "events_per_lead": args.events, "concurrency": args.concurrency,
+        "server": server_kind, "store": store_kind, "dynamic_config": args.dynamic_config, "cpus": os.cpu_count(),
+        "baseline_eps": round(base.events_per_s, 1), "lead_eps": round(lead.events_per_s, 1),
+        "ratio": round(ratio, 3),
+        "cpu_ratio": round(cpu_ratio, 3),
+        "rounds": args.rounds,
+        **({"round_ratios": [round(r, 3) for r in round_ratios],
+            "median_round_ratio": round(statistics.median(round_ratios), 3)} if len(round_ratios) > 1 else {}),
+        "baseline_hist_per_event": round(base.history_per_event, 2),
+        "lead_hist_per_event": round(lead.history_per_event, 2),
+        "continue_as_new": lead.continued_as_new,
+        "baseline_cpu_bench_s": round(base.cpu_bench_s, 1), "baseline_cpu_server_s": round(base.cpu_server_s, 1),
+        "lead_cpu_bench_s": round(lead.cpu_bench_s, 1), "lead_cpu_server_s": round(lead.cpu_server_s, 1),
+        "baseline_cpu_ms_per_event": round(base.cpu_ms_per_event, 2),
+        "lead_cpu_ms_per_event": round(lead.cpu_ms_per_event, 2),
+        "rss_mb": [round(base.rss_before_mb), round(base.rss_after_mb), round(lead.rss_before_mb),
+                   round(lead.rss_after_mb)],
+        "confirmed": base.confirmed and lead.confirmed,
+    }
+    print(json.dumps(summary, separators=(",", ":")))
+    return summary
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--leads", type=int, default=50, help="leads (workflows) per phase (default 50)")
+    p.add_argument("--events", type=int, default=40, help="events per lead (default 40)")
+    p.add_argument("--concurrency", type=int, default=32, help="concurrent senders sharing one client (default 32)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--db-file", dest="in_memory", action="store_false",
+                      help="dev server persists to a SQLite file in a temp dir (default)")
+    mode.add_argument("--in-memory", dest="in_memory", action="store_true", help="dev server keeps state in memory")
+    p.set_defaults(in_memory=False)
+    p.add_argument("--store", default="sqlite",
+                   help="audit store: 'sqlite' (a file in the temp dir, default) or a database URL, e.g.\n"
+                        "postgresql+psycopg://user:pw@host/db (rows of earlier runs are not counted)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat baseline then lead this many times on the same server, with new leads\n"
+                        "each round, and sum the rounds (a shared machine is noisy; default 1)")
+    p.add_argument("--dynamic-config", action="append", default=[], metavar="KEY=JSON",
+                   help="extra dev-server dynamic config, repeatable, e.g.\n"
+                        "system.enableActivityEagerExecution=true")
+    p.add_argument("--seed", type=int, default=1, help="random seed of the event mix (default 1)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (server db, audit db)")
+    args = p.parse_args(argv)
+    if min(args.leads, args.events, args.concurrency, args.rounds) < 1:
+        p.error("--leads, --events, --concurrency and --rounds must be at least 1")
+    return args
+
+
+async def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="leadflow-bench-"))
+    database_url = f"sqlite:///{tmp / 'audit.db'}" if args.store == "sqlite" else args.store
+    store_kind = "sqlite file" if args.store == "sqlite" else database_url.split("://")[0]
+    server_kind = "in memory" if args.in_memory else "sqlite file"
+    print(f"starting the dev server ({server_kind}) in {tmp} ...", file=sys.stderr)
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(BIN / "temporal"),
+        search_attributes=sa.ALL,
+        data_converter=pydantic_data_converter,
+        dev_server_database_filename=None if args.in_memory else str(tmp / "temporal.db"),
+        dev_server_log_level="error",
+        dev_server_extra_args=[a for kv in args.dynamic_config for a in ("--dynamic-config-value", kv)],
+    )
+    base = Phase("baseline", workflows=0, events=0)
+    lead = Phase("lead", workflows=0, events=0)
+    try:
+        server_pids = child_pids()
+        for n in range(1, args.rounds + 1):
+            prefix = f"b{uuid.uuid4().hex[:6]}"  # new leads each round
+            events = make_events(prefix, args.leads, args.events, args.seed)
+            lead_ids = sorted({e.lead_id for e in events})
+            print(f"round {n}, phase 1: baseline (counting workflow) ...", file=sys.stderr)
+            b = await run_baseline(env.client, events, lead_ids, args.events, args.concurrency, server_pids)
+            print(f"  {b.events_per_s:.1f} events/s", file=sys.stderr)
+            settings = Settings(task_queue=f"bench-lead-{uuid.uuid4().hex[:8]}", database_url=database_url)
+            print(f"round {n}, phase 2: lead workflow ...", file=sys.stderr)
+            ld = await run_lead(env.client, settings, events, lead_ids, args.events, args.concurrency, prefix,
+                                server_pids)
+            print(f"  {ld.events_per_s:.1f} events/s", file=sys.stderr)
+            if n == 1:
+                base.rss_before_mb, lead.rss_before_mb = b.rss_before_mb, ld.rss_before_mb
+            base.add(b)
+            lead.add(ld)
+    finally:
+        await env.shutdown()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return report(args, server_kind, store_kind, base, lead)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
