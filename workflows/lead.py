@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
-from pydantic import BaseModel, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from funnel.lead import SEEN_IDS_MAX, Lead, LeadView
+    from funnel.lead import Lead, LeadView
     from funnel.models import (
         Accept,
         ActivityEvent,
@@ -37,24 +36,16 @@ with workflow.unsafe.imports_passed_through():
     )
     from funnel.scoring_model import ScoringModel
     from workflows import search_attributes as sa
+    from workflows.lead_input import LeadInput
 
 AUDIT_TIMEOUT = timedelta(seconds=30)
 DELIVERY_TIMEOUT = timedelta(minutes=2)
 # Deliveries retry until the receiver is back (no attempt limit), at most every 10 minutes.
 DELIVERY_RETRY = RetryPolicy(maximum_interval=timedelta(minutes=10))
 MODEL_RETRY_DELAY = timedelta(minutes=1)
-
-
-class LeadInput(BaseModel):
-    """How a lead starts, or goes on after continue-as-new (then `state` is set)."""
-
-    lead_id: str
-    state: LeadState | None = None
-    model: ScoringModel | None = None
-    pending: list[ActivityEvent | ProfileUpdate] = Field(default_factory=list)
-    undelivered: list[Outbound] = Field(default_factory=list)  # deliveries still retrying
-    max_history_events: int = 2000
-    seen_ids_max: int = SEEN_IDS_MAX
+# Leads started before this patch replay the old way: the model loaded by a regular
+# activity and search attributes upserted after every audit write.
+PATCH_LEAN_INGEST = "lean-ingest-1"
 
 
 def _occurred(item: ActivityEvent | ProfileUpdate) -> datetime:
@@ -76,11 +67,13 @@ class LeadWorkflow:
         self._undelivered: dict[str, Outbound] = {}
         self._written_seq = inp.state.audit_seq if inp.state else 0
         self._upserted: dict[str, object] = {}
+        self._lean = True  # set from the patch marker when the run starts
 
     # ------------------------------------------------------------------ main loop
 
     @workflow.run
     async def run(self, inp: LeadInput) -> LeadView:
+        self._lean = workflow.patched(PATCH_LEAN_INGEST)
         model = await self._load_model(inp.model)
         now = workflow.now()
         if inp.state is None:
@@ -102,6 +95,10 @@ class LeadWorkflow:
             await self._carry_out_effects()
             if self._inbox or self._work_pending:
                 continue
+            # Caught up with all input: now is when visibility should show the lead. (Not
+            # after every audit batch: each upsert is a visibility write on the server,
+            # and during a burst of events the next batch would overwrite it at once.)
+            self._upsert_search_attributes()
             if lead.state.stage == Stage.WON:
                 # Terminal: nothing can happen to a won lead any more. Let running
                 # update handlers return and deliveries finish first.
@@ -165,7 +162,8 @@ class LeadWorkflow:
                 self._written_seq = effects.audit[-1].seq
             for message in effects.outbound:
                 self._start_delivery(message)
-        self._upsert_search_attributes()
+        if not self._lean:
+            self._upsert_search_attributes()
 
     def _start_delivery(self, message: Outbound) -> None:
         """Deliver beside the main loop: a webhook that is down retries on its own
@@ -190,9 +188,13 @@ class LeadWorkflow:
 
     async def _load_model(self, carried: ScoringModel | None) -> ScoringModel:
         """The worker's current model; a broken model file never fails a lead."""
+        # A local activity: reading the model file is a pure read, so running it inside
+        # the workflow task is safe, and it spares every new run a round trip through
+        # the server (a regular activity costs four history events and a task).
+        load = workflow.execute_local_activity if self._lean else workflow.execute_activity
         while True:
             try:
-                return await workflow.execute_activity(
+                return await load(
                     "load_scoring_model",
                     result_type=ScoringModel,
                     start_to_close_timeout=timedelta(seconds=30),
