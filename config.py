@@ -17,6 +17,18 @@ from pydantic import BaseModel, Field
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "scoring_models" / "default.toml"
 
+# Dynamic config for the embedded dev server (scripts/run, the tests, the benchmark).
+# Eager activity execution: the server hands an activity to the worker that scheduled
+# it in its reply to the workflow task, instead of a round trip through matching.
+# Clusters enable it the same way (it is off by default in Temporal's own server).
+DEV_SERVER_DYNAMIC_CONFIG = {"system.enableActivityEagerExecution": "true"}
+
+
+def dev_server_dynamic_flags(**extra: str) -> list[str]:
+    """`--dynamic-config-value KEY=JSON` flags for `temporal server start-dev`."""
+    values = {**DEV_SERVER_DYNAMIC_CONFIG, **extra}
+    return [flag for key, value in values.items() for flag in ("--dynamic-config-value", f"{key}={value}")]
+
 
 class Settings(BaseModel):
     # None means: take it from Temporal's env-config (TEMPORAL_ADDRESS, TEMPORAL_PROFILE,

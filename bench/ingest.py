@@ -66,7 +66,7 @@ import client as leads_client  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditRow, AuditStore  # noqa: E402
 from bench.counting_workflow import CountingWorkflow  # noqa: E402
-from config import DEFAULT_MODEL, Settings  # noqa: E402
+from config import DEFAULT_MODEL, DEV_SERVER_DYNAMIC_CONFIG, Settings, dev_server_dynamic_flags  # noqa: E402
 from funnel.models import ActivityEvent, AuditKind  # noqa: E402
 from funnel.scoring_model import load_model  # noqa: E402
 from worker import ACTIVITY_THREADS, build_worker  # noqa: E402
@@ -433,7 +433,7 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
               f"{base.history_by_type[k] / base.events:>6.2f}  {lead.history_by_type[k] / lead.events:>6.2f}")
     summary = {
         "leads": args.leads, "events_per_lead": args.events, "concurrency": args.concurrency,
-        "server": server_kind, "store": store_kind, "dynamic_config": args.dynamic_config, "cpus": os.cpu_count(),
+        "server": server_kind, "store": store_kind, "dynamic_config": {**DEV_SERVER_DYNAMIC_CONFIG, **dict(kv.split("=", 1) for kv in args.dynamic_config)}, "cpus": os.cpu_count(),
         "baseline_eps": round(base.events_per_s, 1), "lead_eps": round(lead.events_per_s, 1),
         "ratio": round(ratio, 3),
         "cpu_ratio": round(cpu_ratio, 3),
@@ -475,8 +475,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="repeat baseline then lead this many times on the same server, with new leads\n"
                         "each round, and sum the rounds (a shared machine is noisy; default 1)")
     p.add_argument("--dynamic-config", action="append", default=[], metavar="KEY=JSON",
-                   help="extra dev-server dynamic config, repeatable, e.g.\n"
-                        "system.enableActivityEagerExecution=true")
+                   help="dev-server dynamic config on top of the embedded default's\n"
+                        "(config.DEV_SERVER_DYNAMIC_CONFIG), repeatable, e.g.\n"
+                        "system.enableActivityEagerExecution=false")
     p.add_argument("--seed", type=int, default=1, help="random seed of the event mix (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (server db, audit db)")
     args = p.parse_args(argv)
@@ -498,7 +499,8 @@ async def main(argv: list[str] | None = None) -> dict:
         data_converter=pydantic_data_converter,
         dev_server_database_filename=None if args.in_memory else str(tmp / "temporal.db"),
         dev_server_log_level="error",
-        dev_server_extra_args=[a for kv in args.dynamic_config for a in ("--dynamic-config-value", kv)],
+        # The embedded default's dynamic config (as scripts/run starts it), plus --dynamic-config.
+        dev_server_extra_args=dev_server_dynamic_flags(**dict(kv.split("=", 1) for kv in args.dynamic_config)),
     )
     base = Phase("baseline", workflows=0, events=0)
     lead = Phase("lead", workflows=0, events=0)

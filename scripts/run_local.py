@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from config import dev_server_dynamic_flags  # noqa: E402
 from workflows.search_attributes import dev_server_flags  # noqa: E402
 
 ENV_HELP = """\
@@ -167,6 +168,7 @@ def run(children: list[Child]) -> int:
         "--ip", "127.0.0.1", "--port", str(temporal_port), "--ui-port", str(ui_port),
         "--namespace", "default", "--log-level", "warn",
         *dev_server_flags(),
+        *dev_server_dynamic_flags(),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     children.append(server := Child("Temporal dev server", server_cmd, env))

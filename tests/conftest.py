@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 import client as leads  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditStore  # noqa: E402
-from config import Settings  # noqa: E402
+from config import Settings, dev_server_dynamic_flags  # noqa: E402
 from funnel.models import ActivityEvent, Actor, Role  # noqa: E402
 from worker import build_worker  # noqa: E402
 from workflows import search_attributes as sa  # noqa: E402
@@ -77,7 +77,7 @@ async def dev_env():
         dev_server_existing_path=binary("temporal"),
         data_converter=pydantic_data_converter,
         search_attributes=sa.ALL,
-        dev_server_extra_args=["--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=40"],
+        dev_server_extra_args=dev_server_dynamic_flags(**{"limit.historyCount.suggestContinueAsNew": "40"}),
     )
     yield env
     await env.shutdown()

@@ -22,7 +22,7 @@ from temporalio.testing import WorkflowEnvironment  # noqa: E402
 
 import client as leads  # noqa: E402
 from activities.store import AuditStore  # noqa: E402
-from config import Settings  # noqa: E402
+from config import Settings, dev_server_dynamic_flags  # noqa: E402
 from funnel.models import Accept, Bant, Close, LogContact, ProfileUpdate, Qualify, Reject  # noqa: E402
 from tests.conftest import ANNA, BEN, binary, event, running_worker, settle  # noqa: E402
 from workflows import search_attributes as sa  # noqa: E402
@@ -33,7 +33,7 @@ async def main() -> None:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=binary("temporal"), data_converter=pydantic_data_converter,
         search_attributes=sa.ALL,
-        dev_server_extra_args=["--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=40"],
+        dev_server_extra_args=dev_server_dynamic_flags(**{"limit.historyCount.suggestContinueAsNew": "40"}),
     )
     tmp = Path(tempfile.mkdtemp())
     settings = Settings(task_queue="record", database_url=f"sqlite:///{tmp / 'audit.db'}")
