@@ -23,6 +23,7 @@ from funnel.lead import LeadView
 from funnel.models import ActivityEvent, Command, ProfileUpdate
 from workflows import search_attributes as sa
 from workflows.lead import UPDATE_FOR_COMMAND, LeadInput, LeadWorkflow, workflow_id
+from workflows.lead_input import CURRENT_VERSION
 
 # One signal carries at most this many events (payloads stay far below 2 MB).
 SIGNAL_BATCH = 100
@@ -60,7 +61,7 @@ def _start_options(settings: Settings, lead_id: str) -> dict:
 
 
 def _input(settings: Settings, lead_id: str) -> LeadInput:
-    return LeadInput(lead_id=lead_id, max_history_events=settings.max_history_events)
+    return LeadInput(lead_id=lead_id, max_history_events=settings.max_history_events, version=CURRENT_VERSION)
 
 
 async def send_events(client: Client, settings: Settings, events: list[ActivityEvent]) -> None:

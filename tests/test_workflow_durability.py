@@ -127,3 +127,52 @@ async def test_replay_detects_a_changed_workflow():
     with pytest.raises(Exception, match="[Nn]ondetermin"):
         await replayer.replay_workflow(history)
 
+
+
+def _history_kinds(history) -> list[str]:
+    from temporalio.api.enums.v1 import EventType
+
+    return [EventType.Name(e.event_type).removeprefix("EVENT_TYPE_").lower() for e in history.events]
+
+
+def _scheduled_activities(history) -> list[str]:
+    return [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
+            if e.HasField("activity_task_scheduled_event_attributes")]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_run_version_decides_how_the_model_is_loaded(ts_env, settings, store, version):
+    """Leads started by older code (input version 1) must keep replaying their way: the
+    model by a regular activity. Version 2 (what callers start now) reads it by local
+    activity, which leaves a marker instead of an activity round trip. Both score alike."""
+    from workflows.lead_input import CURRENT_VERSION, LeadInput
+
+    client, lead = ts_env.client, f"V{version}"
+    assert CURRENT_VERSION == 2
+    async with running_worker(client, settings, store):
+        now = await ts_env.get_current_time()
+        await client.start_workflow(
+            LeadWorkflow.run, LeadInput(lead_id=lead, version=version), id=workflow_id(lead),
+            task_queue=settings.task_queue, start_signal="event",
+            start_signal_args=[event(lead, "1", "webinar_attended", now)],
+        )
+        view = await settle(ts_env, client, lead, lambda v: v.events_applied == 1)
+        assert view.score["engagement"] == 50
+        history = await client.get_workflow_handle(workflow_id(lead)).fetch_history()
+    activities = _scheduled_activities(history)
+    if version == 1:
+        assert "load_scoring_model" in activities
+    else:
+        assert "load_scoring_model" not in activities
+        assert "marker_recorded" in _history_kinds(history)
+    assert "record_audit" in activities
+
+
+async def test_callers_start_leads_at_the_current_version(ts_env, settings, store):
+    client, lead = ts_env.client, "V-now"
+    async with running_worker(client, settings, store):
+        now = await ts_env.get_current_time()
+        await leads.send_events(client, settings, [event(lead, "1", "website_visit", now)])
+        await settle(ts_env, client, lead, lambda v: v.events_applied == 1)
+        history = await client.get_workflow_handle(workflow_id(lead)).fetch_history()
+    assert "load_scoring_model" not in _scheduled_activities(history)

@@ -36,16 +36,13 @@ with workflow.unsafe.imports_passed_through():
     )
     from funnel.scoring_model import ScoringModel
     from workflows import search_attributes as sa
-    from workflows.lead_input import LeadInput
+    from workflows.lead_input import CURRENT_VERSION, LeadInput
 
 AUDIT_TIMEOUT = timedelta(seconds=30)
 DELIVERY_TIMEOUT = timedelta(minutes=2)
 # Deliveries retry until the receiver is back (no attempt limit), at most every 10 minutes.
 DELIVERY_RETRY = RetryPolicy(maximum_interval=timedelta(minutes=10))
 MODEL_RETRY_DELAY = timedelta(minutes=1)
-# Leads started before this patch replay the old way: the model loaded by a regular
-# activity and search attributes upserted after every audit write.
-PATCH_LEAN_INGEST = "lean-ingest-1"
 
 
 def _occurred(item: ActivityEvent | ProfileUpdate) -> datetime:
@@ -67,13 +64,14 @@ class LeadWorkflow:
         self._undelivered: dict[str, Outbound] = {}
         self._written_seq = inp.state.audit_seq if inp.state else 0
         self._upserted: dict[str, object] = {}
-        self._lean = True  # set from the patch marker when the run starts
+        # Version 1 runs (started by older code) replay the old way: the model loaded by a
+        # regular activity and search attributes upserted after every audit write.
+        self._lean = inp.version >= 2
 
     # ------------------------------------------------------------------ main loop
 
     @workflow.run
     async def run(self, inp: LeadInput) -> LeadView:
-        self._lean = workflow.patched(PATCH_LEAN_INGEST)
         model = await self._load_model(inp.model)
         now = workflow.now()
         if inp.state is None:
@@ -118,6 +116,7 @@ class LeadWorkflow:
                             undelivered=list(self._undelivered.values()),
                             max_history_events=inp.max_history_events,
                             seen_ids_max=inp.seen_ids_max,
+                            version=CURRENT_VERSION,
                         )
                     )
                 continue

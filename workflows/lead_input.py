@@ -13,6 +13,13 @@ from funnel.lead import SEEN_IDS_MAX
 from funnel.models import ActivityEvent, LeadState, Outbound, ProfileUpdate
 from funnel.scoring_model import ScoringModel
 
+# How a run behaves, for replay: runs started by older code have no `version` in
+# their input and replay as 1. Version 2 loads the model by local activity and
+# upserts search attributes once caught up. (Chosen by input rather than
+# `workflow.patched()`: a patch upserts the TemporalChangeVersion search attribute,
+# a visibility write for every new lead.)
+CURRENT_VERSION = 2
+
 
 class LeadInput(BaseModel):
     """How a lead starts, or goes on after continue-as-new (then `state` is set)."""
@@ -24,3 +31,4 @@ class LeadInput(BaseModel):
     undelivered: list[Outbound] = Field(default_factory=list)  # deliveries still retrying
     max_history_events: int = 2000
     seen_ids_max: int = SEEN_IDS_MAX
+    version: int = 1  # callers and continue-as-new set CURRENT_VERSION
