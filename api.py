@@ -453,6 +453,11 @@ class HistoryPage(BaseModel):
     offset: int
     limit: int
     entries: list[AuditEntry]
+    complete: bool = Field(
+        default=True,
+        description="false when Temporal could not be asked for the lead's entries not yet in the store "
+        "(score changes reach the store within LEADFLOW_AUDIT_MAX_LAG): the page is the store's alone",
+    )
 
 
 class LeadSummaryOut(BaseModel):
@@ -1018,9 +1023,10 @@ async def get_lead(lead_id: PathLeadId, request: Request,
 @reads.get(
     "/leads/{lead_id}/history", response_model=HistoryPage, summary="A lead's audit history, oldest first",
     description=(
-        "Every score change, stage change, profile update, duplicate, SLA and contact, with its actor, from "
-        "the audit store: complete for closed leads and across continue-as-new. Paginated by offset/limit; "
-        "`total` is the whole history's length. 404 if the store has nothing for the lead. Roles: all."
+        "Every score change, stage change, profile update, duplicate, SLA and contact, with its actor: the "
+        "audit store, then the entries the lead has not written there yet (score changes reach the store "
+        "within LEADFLOW_AUDIT_MAX_LAG). Complete for closed leads and across continue-as-new. Paginated by "
+        "offset/limit; `total` is the whole history's length. 404 if there is nothing for the lead. Roles: all."
     ),
     responses={404: {"model": Problem, "description": "no history for this lead"}},
 )
@@ -1029,14 +1035,25 @@ async def get_history(
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> HistoryPage:
-    def page(store: AuditStore) -> tuple[int, list[AuditEntry]]:
-        total = store.count_history(lead_id)
-        return total, (store.history(lead_id, offset=offset, limit=limit) if total else [])
+    backends = _backends(request)
+    # The lead's unwritten tail first, then the store (see client.read_history). The
+    # store alone still answers when Temporal is down: managers can audit regardless.
+    complete = True
+    try:
+        temporal = await backends.temporal()
+        tail = await _temporal_call(leads.audit_tail(temporal, lead_id), ANSWER_TIMEOUT, "query")
+    except (Unavailable, NoAnswer):
+        tail, complete = [], False
 
-    total, entries = await _backends(request).in_store(page)
+    def page(store: AuditStore) -> tuple[int, list[AuditEntry]]:
+        return leads.merge_history(tail, store.count_history(lead_id),
+                                   lambda o, n: store.history(lead_id, offset=o, limit=n), offset, limit)
+
+    total, entries = await backends.in_store(page)
     if total == 0:
-        raise leads.LeadNotFound(f"no lead {lead_id} (no history in the audit store)")
-    return HistoryPage(lead_id=lead_id, total=total, offset=offset, limit=limit, entries=entries)
+        raise leads.LeadNotFound(f"no lead {lead_id} (no history yet)")
+    return HistoryPage(lead_id=lead_id, total=total, offset=offset, limit=limit, entries=entries,
+                       complete=complete)
 
 
 @reads.get(

@@ -20,7 +20,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from config import Settings
 from funnel.lead import LeadView
-from funnel.models import ActivityEvent, Command, ProfileUpdate
+from activities.store import AuditStore
+from funnel.models import ActivityEvent, AuditEntry, Command, ProfileUpdate
 from workflows import search_attributes as sa
 from workflows.lead import UPDATE_FOR_COMMAND, LeadInput, LeadWorkflow, workflow_id
 from workflows.lead_input import CURRENT_VERSION
@@ -61,7 +62,8 @@ def _start_options(settings: Settings, lead_id: str) -> dict:
 
 
 def _input(settings: Settings, lead_id: str) -> LeadInput:
-    return LeadInput(lead_id=lead_id, max_history_events=settings.max_history_events, version=CURRENT_VERSION)
+    return LeadInput(lead_id=lead_id, max_history_events=settings.max_history_events, version=CURRENT_VERSION,
+                     audit_max_lag_seconds=settings.audit_max_lag_seconds)
 
 
 async def send_events(client: Client, settings: Settings, events: list[ActivityEvent]) -> None:
@@ -142,6 +144,59 @@ async def get_view(client: Client, lead_id: str) -> LeadView:
         raise
     except WorkflowQueryFailedError as err:
         raise LeadNotFound(f"lead {lead_id} cannot be read yet: {err}") from None
+
+
+async def audit_tail(client: Client, lead_id: str) -> list[AuditEntry]:
+    """Entries the lead has not written to the store yet (none if it has closed)."""
+    handle = client.get_workflow_handle(workflow_id(lead_id))
+    try:
+        return await handle.query(LeadWorkflow.audit_tail, result_type=list[AuditEntry])
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND or "completed" in err.message.lower():
+            return []  # never existed, or won: a won lead writes everything before it completes
+        raise
+    except WorkflowQueryFailedError:
+        return []  # still starting: it has decided nothing yet
+
+
+def merge_history(tail: list[AuditEntry], stored: int, store_page, offset: int,
+                  limit: int) -> tuple[int, list[AuditEntry]]:
+    """One page of a lead's whole history: `stored` entries in the store (one writer
+    per lead, batches in order, so seqs 1..stored), then the lead's unwritten `tail`.
+    `store_page(offset, limit)` reads the store. Returns (total, page)."""
+    tail = [entry for entry in tail if entry.seq > stored]
+    page = list(store_page(offset, limit)) if offset < stored else []
+    if len(page) < limit:
+        start = max(offset - stored, 0)
+        page += tail[start : start + limit - len(page)]
+    return stored + len(tail), page
+
+
+async def read_history(client: Client, store: AuditStore, lead_id: str, offset: int = 0,
+                       limit: int = 100) -> tuple[int, list[AuditEntry]]:
+    """A lead's whole audit history, oldest first: the store, then what the lead still
+    holds (score changes wait up to LEADFLOW_AUDIT_MAX_LAG for the store)."""
+    # The tail first, then the store: whatever the lead writes in between is then in
+    # the store (and dropped from the tail), never missing from both.
+    tail = await audit_tail(client, lead_id)
+
+    def from_store() -> tuple[int, list[AuditEntry]]:
+        return merge_history(tail, store.count_history(lead_id),
+                             lambda o, n: store.history(lead_id, offset=o, limit=n), offset, limit)
+
+    return await asyncio.to_thread(from_store)
+
+
+async def flush_audit(client: Client, lead_id: str) -> int:
+    """Have the lead write all its audit entries to the store now; returns the last seq."""
+    handle = client.get_workflow_handle(workflow_id(lead_id))
+    try:
+        return await handle.execute_update(LeadWorkflow.flush_audit, result_type=int)
+    except RPCError as err:
+        if "completed" in err.message.lower():
+            return -1  # won: everything was written before it completed
+        _raise_not_found(err, lead_id)
+        raise
 
 
 async def list_leads(client: Client, stage: str | None = None, owner: str | None = None,

@@ -42,6 +42,9 @@ class Settings(BaseModel):
     presales_team: list[str] = Field(default_factory=lambda: ["presales-1", "presales-2"])
     # Continue-as-new when the server suggests it or history passes this many events.
     max_history_events: int = 2000
+    # Score changes reach the audit store (and LeadScore visibility) at the latest this
+    # many seconds after they happen; stage changes, commands and timers at once.
+    audit_max_lag_seconds: float = Field(default=30.0, ge=0)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -55,6 +58,7 @@ class Settings(BaseModel):
             "LEADFLOW_MODEL": "model_path",
             "LEADFLOW_WEBHOOK_URL": "webhook_url",
             "LEADFLOW_MAX_HISTORY_EVENTS": "max_history_events",
+            "LEADFLOW_AUDIT_MAX_LAG": "audit_max_lag_seconds",
         }
         for var, field in mapping.items():
             if env.get(var):

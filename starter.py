@@ -468,10 +468,19 @@ async def cmd_show(args, settings: Settings) -> int:
 async def cmd_history(args, settings: Settings) -> int:
     store = _store(settings)
     try:
-        total = store.count_history(args.lead)
+        try:
+            tc = await _connect(settings)
+            total, entries = await _answer(
+                api.read_history(tc, store, args.lead, offset=args.offset, limit=args.limit), args.lead, "query"
+            )
+        except CliError as err:  # Temporal unreachable, or no worker to answer the query
+            # The store alone still answers: managers can audit while Temporal is down.
+            print(f"{PROG}: {err}; showing the audit store only (score changes of the last "
+                  f"{settings.audit_max_lag_seconds:g} s may be missing)", file=sys.stderr)
+            total = store.count_history(args.lead)
+            entries = store.history(args.lead, offset=args.offset, limit=args.limit)
         if total == 0:
-            raise api.LeadNotFound(f"no lead {args.lead} (no history in the audit store)")
-        entries = store.history(args.lead, offset=args.offset, limit=args.limit)
+            raise api.LeadNotFound(f"no lead {args.lead} (no history yet)")
     finally:
         store.dispose()
     print_history(entries, total, args.offset, args.json)

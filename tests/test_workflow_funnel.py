@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
+
 import pytest
 
 import client as leads
@@ -92,7 +95,15 @@ async def test_duplicates_are_applied_once_and_recorded(ts_env, settings, store)
         view = await settle(ts_env, client, lead, lambda v: v.duplicates_ignored == 2)
         assert view.events_applied == 2
         assert view.score["engagement"] == 21
-    history = store.history(lead)
+        # Readable at once (the lead's tail), in the store within the audit lag.
+        _, history = await leads.read_history(client, store, lead)
+        assert store.count_history(lead) == 0, "score changes and duplicates wait for the next write"
+        await ts_env.sleep(timedelta(seconds=settings.audit_max_lag_seconds + 1))
+        for _ in range(100):
+            if store.count_history(lead) == len(history):
+                break
+            await asyncio.sleep(0.05)
+        assert store.history(lead) == history
     assert sum(1 for e in history if e.kind == AuditKind.DUPLICATE_IGNORED) == 2
     assert sum(1 for e in history if e.kind == AuditKind.SCORE_CHANGED and e.event_id == f"{lead}-1") == 1
 

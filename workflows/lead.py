@@ -6,6 +6,16 @@ commands (validated before anything is written); the lead's timers become one
 `wait_condition` until the next wake-up. Effects of the core go out through
 activities: audit entries (batched, awaited), handover with owner
 assignment, nurture steps, escalations and opportunities.
+
+The audit goes to the store on a cadence. Each write is an activity and costs
+the server about as much as taking the event itself, so high-volume entries
+(score changes, duplicates, profile facts) wait, up to `audit_max_lag_seconds`
+or AUDIT_BATCH_MAX entries; anything else (a stage change, a command, an SLA, an
+outbound message) writes everything pending at once, before deliveries start
+and before a command returns. Until written, entries are in the lead's state
+(rebuilt from Temporal's history like the rest of it) and readable by the
+`audit_tail` query, so `client.read_history` always shows all of them.
+Search attributes are refreshed with each write.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ with workflow.unsafe.imports_passed_through():
         ActivityEvent,
         Close,
         LeadState,
+        AuditEntry,
+        AuditKind,
         LogContact,
         Outbound,
         OutboundKind,
@@ -43,6 +55,12 @@ DELIVERY_TIMEOUT = timedelta(minutes=2)
 # Deliveries retry until the receiver is back (no attempt limit), at most every 10 minutes.
 DELIVERY_RETRY = RetryPolicy(maximum_interval=timedelta(minutes=10))
 MODEL_RETRY_DELAY = timedelta(minutes=1)
+# Entries that may wait for the next audit write; any other kind writes at once.
+DEFERRABLE = frozenset({
+    AuditKind.LEAD_CREATED, AuditKind.SCORE_CHANGED, AuditKind.PROFILE_UPDATED,
+    AuditKind.DUPLICATE_IGNORED, AuditKind.EVENT_IGNORED,
+})
+AUDIT_BATCH_MAX = 200  # write when this many entries wait, whatever their age
 
 
 def _occurred(item: ActivityEvent | ProfileUpdate) -> datetime:
@@ -64,9 +82,17 @@ class LeadWorkflow:
         self._undelivered: dict[str, Outbound] = {}
         self._written_seq = inp.state.audit_seq if inp.state else 0
         self._upserted: dict[str, object] = {}
-        # Version 1 runs (started by older code) replay the old way: the model loaded by a
-        # regular activity and search attributes upserted after every audit write.
+        # Version 1 runs (started by older code) replay the old way: every audit batch
+        # written at once, the model loaded by a regular activity.
         self._lean = inp.version >= 2
+        self._audit_max_lag = timedelta(seconds=inp.audit_max_lag_seconds)
+        self._unwritten: list[AuditEntry] = []  # produced, not yet sent to the store
+        self._writing: list[AuditEntry] = []  # sent, not yet confirmed
+        self._flush_requested = False  # a command, the lag timer or flush_audit wants it now
+        self._lag_timer_armed = False
+        self._attributes_due = False  # search attributes follow the audit writes
+        self._wake_timers: set[datetime] = set()  # running timers for the lead's wake-ups
+        self._wake_due = False
 
     # ------------------------------------------------------------------ main loop
 
@@ -93,20 +119,25 @@ class LeadWorkflow:
             await self._carry_out_effects()
             if self._inbox or self._work_pending:
                 continue
-            # Caught up with all input: now is when visibility should show the lead. (Not
-            # after every audit batch: each upsert is a visibility write on the server,
-            # and during a burst of events the next batch would overwrite it at once.)
-            self._upsert_search_attributes()
+            if self._lean and self._attributes_due:
+                # Caught up with all input, and the store has moved on: visibility follows.
+                # (Each upsert is a visibility write on the server; during a burst the
+                # next batch would overwrite it at once.)
+                self._upsert_search_attributes()
+                self._attributes_due = False
+            if self._unwritten and (lead.state.stage == Stage.WON or self._history_is_long(inp.max_history_events)):
+                self._flush_requested = True  # nothing stays unwritten past the end of a run
+                continue
             if lead.state.stage == Stage.WON:
                 # Terminal: nothing can happen to a won lead any more. Let running
                 # update handlers return and deliveries finish first.
                 await workflow.wait_condition(lambda: workflow.all_handlers_finished() and not self._undelivered)
-                if not (self._inbox or self._work_pending):
+                if not (self._inbox or self._work_pending or self._unwritten):
                     return lead.view()
                 continue
             if self._history_is_long(inp.max_history_events):
                 await workflow.wait_condition(workflow.all_handlers_finished)
-                if not (self._inbox or self._work_pending):
+                if not (self._inbox or self._work_pending or self._unwritten):
                     # Deliveries still retrying are carried over and restarted by the next run.
                     workflow.continue_as_new(
                         LeadInput(
@@ -117,13 +148,24 @@ class LeadWorkflow:
                             max_history_events=inp.max_history_events,
                             seen_ids_max=inp.seen_ids_max,
                             version=CURRENT_VERSION,
+                            audit_max_lag_seconds=inp.audit_max_lag_seconds,
                         )
                     )
                 continue
             wake = lead.next_wakeup()
+            if self._lean:
+                if wake:
+                    self._arm_wake_timer(wake)
+                self._wake_due = False
+                await workflow.wait_condition(
+                    lambda: bool(self._inbox) or self._work_pending or self._flush_requested or self._wake_due
+                )
+                continue  # the loop's tick fires whatever is due
             timeout = max(wake - workflow.now(), timedelta(0)) if wake else None
             try:
-                await workflow.wait_condition(lambda: bool(self._inbox) or self._work_pending, timeout=timeout)
+                await workflow.wait_condition(
+                    lambda: bool(self._inbox) or self._work_pending or self._flush_requested, timeout=timeout
+                )
             except asyncio.TimeoutError:
                 pass  # a timer is due: the loop's tick fires it
 
@@ -139,30 +181,77 @@ class LeadWorkflow:
                 self._lead.update_profile(item, now)
 
     async def _carry_out_effects(self) -> None:
-        """Write the audit (awaited: history first), then start deliveries (not awaited)."""
+        """Write the audit when it is due (awaited: history first), then start
+        deliveries (not awaited)."""
         assert self._lead is not None
         while True:
             effects = self._lead.take_effects()
-            if not effects.audit and not effects.outbound:
-                break
-            if effects.audit:
-                # A regular activity, not a local one: it is scheduled only by a workflow
-                # task that completed, so the rows are always decisions Temporal kept. (A
-                # local activity runs inside the task; if that task then fails, e.g. a
-                # continue-as-new refused because signals came in, its retry decides
-                # anew under the same `lead/seq` ids and the store would keep stale rows.)
-                await workflow.execute_activity(
-                    "record_audit",
-                    effects.audit,
-                    result_type=int,
-                    start_to_close_timeout=AUDIT_TIMEOUT,
-                    retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
-                )
-                self._written_seq = effects.audit[-1].seq
+            self._unwritten += effects.audit
+            if self._unwritten and self._audit_due(bool(effects.outbound)):
+                await self._write_audit()
             for message in effects.outbound:
                 self._start_delivery(message)
+            if not effects.audit and not effects.outbound:
+                break
+        if not self._unwritten:
+            self._flush_requested = False
+        elif self._lean:
+            self._arm_lag_timer()
         if not self._lean:
             self._upsert_search_attributes()
+
+    def _audit_due(self, outbound: bool) -> bool:
+        if not self._lean or self._flush_requested or outbound or not self._audit_max_lag:
+            return True
+        if len(self._unwritten) >= AUDIT_BATCH_MAX:
+            return True
+        return any(entry.kind not in DEFERRABLE for entry in self._unwritten)
+
+    async def _write_audit(self) -> None:
+        # A regular activity, not a local one: it is scheduled only by a workflow task
+        # that completed, so the rows are always decisions Temporal kept. (A local
+        # activity runs inside the task; if that task then fails, e.g. a continue-as-new
+        # refused because signals came in, its retry decides anew under the same
+        # `lead/seq` ids and the store would keep stale rows.)
+        self._writing, self._unwritten = self._unwritten, []
+        self._flush_requested = False
+        await workflow.execute_activity(
+            "record_audit",
+            self._writing,
+            result_type=int,
+            start_to_close_timeout=AUDIT_TIMEOUT,
+            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
+        )
+        self._written_seq = self._writing[-1].seq
+        self._writing = []
+        self._attributes_due = True
+
+    def _arm_wake_timer(self, wake: datetime) -> None:
+        """Keep a timer for the lead's next wake-up without restarting it on every
+        event: a wait with a timeout would start a timer and cancel it again for each
+        signal (two history events and two timer writes per event)."""
+        if any(pending <= wake for pending in self._wake_timers):
+            return  # an earlier or equal timer wakes the loop, which then looks again
+        self._wake_timers.add(wake)
+        asyncio.create_task(self._wake_at(wake))
+
+    async def _wake_at(self, wake: datetime) -> None:
+        await workflow.sleep(max(wake - workflow.now(), timedelta(0)))
+        self._wake_timers.discard(wake)
+        self._wake_due = True
+
+    def _arm_lag_timer(self) -> None:
+        """One timer per write cycle, never cancelled: a timer restarted for every
+        event would cost as much as the writes it saves."""
+        if not self._lag_timer_armed:
+            self._lag_timer_armed = True
+            asyncio.create_task(self._flush_after_lag())
+
+    async def _flush_after_lag(self) -> None:
+        await workflow.sleep(self._audit_max_lag)
+        self._lag_timer_armed = False
+        if self._unwritten:
+            self._flush_requested = True
 
     def _start_delivery(self, message: Outbound) -> None:
         """Deliver beside the main loop: a webhook that is down retries on its own
@@ -249,7 +338,23 @@ class LeadWorkflow:
             raise ApplicationError("lead is starting; ask again in a moment")
         return self._lead.view()
 
+    @workflow.query
+    def audit_tail(self) -> list[AuditEntry]:
+        """Entries the store may not have yet (waiting or being written), oldest first."""
+        return self._writing + self._unwritten
+
     # ------------------------------------------------------------------ updates
+
+    @workflow.update
+    async def flush_audit(self) -> int:
+        """Write every audit entry so far to the store now; returns the last seq written."""
+        await workflow.wait_condition(lambda: self._lead is not None)
+        assert self._lead is not None
+        target = self._lead.state.audit_seq
+        self._flush_requested = True
+        self._work_pending = True
+        await workflow.wait_condition(lambda: self._written_seq >= target)
+        return self._written_seq
 
     async def _execute(self, command) -> LeadView:
         await workflow.wait_condition(lambda: self._lead is not None)
@@ -259,6 +364,7 @@ class LeadWorkflow:
         except Refused as refused:
             raise ApplicationError(str(refused), type="Refused", non_retryable=True) from None
         target = self._lead.state.audit_seq
+        self._flush_requested = True  # the caller reads the history it made
         self._work_pending = True
         await workflow.wait_condition(lambda: self._written_seq >= target)
         return self._lead.view()

@@ -14,8 +14,9 @@ from funnel.models import ActivityEvent, LeadState, Outbound, ProfileUpdate
 from funnel.scoring_model import ScoringModel
 
 # How a run behaves, for replay: runs started by older code have no `version` in
-# their input and replay as 1. Version 2 loads the model by local activity and
-# upserts search attributes once caught up. (Chosen by input rather than
+# their input and replay as 1 (every audit batch written at once, the model loaded
+# by a regular activity). Version 2 writes the audit on a cadence (see
+# workflows/lead.py) and loads the model by local activity. (Chosen by input rather than
 # `workflow.patched()`: a patch upserts the TemporalChangeVersion search attribute,
 # a visibility write for every new lead.)
 CURRENT_VERSION = 2
@@ -32,3 +33,6 @@ class LeadInput(BaseModel):
     max_history_events: int = 2000
     seen_ids_max: int = SEEN_IDS_MAX
     version: int = 1  # callers and continue-as-new set CURRENT_VERSION
+    # Score changes and other high-volume audit entries reach the store at the latest
+    # this long after they happen (0: at once). Stage changes, commands and timers at once.
+    audit_max_lag_seconds: float = Field(default=30.0, ge=0)
