@@ -1059,8 +1059,9 @@ async def get_history(
 @reads.get(
     "/leads", response_model=LeadList, summary="Running leads, by stage and owner",
     description=(
-        "From Temporal visibility: running leads only (won leads have completed), updated within about a "
-        "second of a change. Roles: all."
+        "From Temporal visibility: running leads only (won leads have completed). Visibility follows the "
+        "lead's audit writes: stage and owner changes within about a second, a new lead and its latest score "
+        "within LEADFLOW_AUDIT_MAX_LAG. Roles: all."
     ),
 )
 async def list_leads(
