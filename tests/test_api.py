@@ -276,7 +276,9 @@ async def test_duplicate_and_out_of_order_webhooks(api, store, dev_env):
     assert r.json()["accepted"] == 4
     assert [x["event_id"] for x in r.json()["results"]] == [f"{lead}-p{i}" for i in (3, 2, 1, 0)]
     await view_when(mautic, lead, lambda v: v["events_applied"] == 6)
-    entries = (await mautic.get(f"/leads/{lead}/history", params={"limit": 1000})).json()["entries"]
+    page = (await mautic.get(f"/leads/{lead}/history", params={"limit": 1000})).json()
+    assert page["complete"] is True and page["total"] == len(page["entries"])
+    entries = page["entries"]
     scored = [(e["event_id"], e["points"]) for e in entries
               if e["kind"] == "score_changed" and (e["event_id"] or "").startswith(f"{lead}-p")]
     assert scored == [(f"{lead}-p0", 5), (f"{lead}-p1", 7.5), (f"{lead}-p2", 10), (f"{lead}-p3", 10)]
@@ -484,8 +486,13 @@ async def test_temporal_unreachable_is_503(tmp_path, store, settings):
                 assert response.status_code == 503, response.text
                 assert "cannot reach Temporal" in response.json()["detail"]
                 assert response.headers["retry-after"] == "5"
-            # Reads from the audit store do not need Temporal.
+            # Reads from the audit store do not need Temporal: the history is the store's
+            # alone, and says so.
             assert (await anna.get(f"/leads/{lead}/history")).status_code == 404
+            store.write_audit([AuditEntry(lead_id="U-2", seq=1, at=now(), kind=AuditKind.LEAD_CREATED,
+                                          actor="leadflow", role="system", detail="lead created as iql")])
+            page = (await anna.get("/leads/U-2/history")).json()
+            assert page["total"] == 1 and page["complete"] is False
             assert (await api.as_("mia").get("/report")).status_code == 200
         finally:
             await api.close()

@@ -580,6 +580,8 @@ def _entries(lead_id: str) -> list[AuditEntry]:
 
 @pytest.fixture
 def store_url(tmp_path, monkeypatch):
+    """A store with L-1's history, and (unless a test says otherwise) no Temporal: the
+    CLI then shows the store alone, with a warning."""
     from activities.store import AuditStore
 
     url = f"sqlite:///{tmp_path / 'audit.db'}"
@@ -587,7 +589,41 @@ def store_url(tmp_path, monkeypatch):
     store.write_audit(_entries("L-1"))
     store.dispose()
     monkeypatch.setenv("LEADFLOW_DATABASE_URL", url)
+
+    async def refused(_settings=None):
+        raise RuntimeError("Failed client connect: Server connection error: connection refused")
+
+    monkeypatch.setattr(starter, "connect", refused)
     return url
+
+
+def test_history_without_temporal_shows_the_store_and_says_so(capsys, store_url):
+    code, out, err = run(capsys, "history", "L-1", "--json")
+    assert code == 0
+    assert [e["seq"] for e in json.loads(out)] == [1, 2, 3, 4]
+    assert "showing the audit store only" in err and "30 s" in err
+
+
+def test_history_adds_what_the_lead_has_not_written_yet(capsys, store_url, monkeypatch):
+    later = AuditEntry(seq=5, at=NOW + timedelta(days=1, minutes=5), kind=AuditKind.SCORE_CHANGED,
+                       detail="+1 website_visit (event e9)", lead_id="L-1", role=Role.SYSTEM, actor="leadflow")
+    asked = []
+
+    async def connect(_settings=None):
+        return object()
+
+    async def audit_tail(_client, lead_id):
+        asked.append(lead_id)
+        return [_entries("L-1")[3], later]  # the tail may overlap the store (a write just landed)
+
+    monkeypatch.setattr(starter, "connect", connect)
+    monkeypatch.setattr(client, "audit_tail", audit_tail)
+    code, out, err = run(capsys, "history", "L-1", "--json")
+    assert code == 0 and not err
+    assert asked == ["L-1"]
+    assert [e["seq"] for e in json.loads(out)] == [1, 2, 3, 4, 5]
+    code, out, _ = run(capsys, "history", "L-1", "--json", "--offset", "3", "--limit", "5")
+    assert [e["seq"] for e in json.loads(out)] == [4, 5]
 
 
 def test_history_json_and_paging(capsys, store_url):
