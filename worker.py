@@ -15,7 +15,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.lead_activities import LeadActivities, all_activities
 from config import Settings, connect
@@ -27,8 +28,18 @@ ACTIVITY_THREADS = 16
 
 
 def build_worker(client: Client, settings: Settings, activities: LeadActivities | None = None,
-                 executor: ThreadPoolExecutor | None = None) -> Worker:
-    """The worker for `settings.task_queue`; activities are blocking (SQL, HTTP), hence threads."""
+                 executor: ThreadPoolExecutor | None = None, sandboxed: bool = False) -> Worker:
+    """The worker for `settings.task_queue`; activities are blocking (SQL, HTTP), hence threads.
+
+    The lead workflow runs outside Temporal's Python sandbox: measured in
+    bench/ingest.py, the sandbox took ~25% of the worker's CPU (SDK 1.35 looks up a
+    serialization context inside it for every payload, and builds an 8-10 ms
+    sandbox per lead run), and it checks only `workflows/lead.py` itself: the logic
+    in `funnel/` is passed through, as Temporal recommends, so the sandbox never
+    checked it. Determinism rests on the design (the core takes `now` as an
+    argument and does no I/O), on replaying saved histories, and on a test that
+    runs a lead's whole life in the sandbox (`sandboxed=True`).
+    """
     activities = activities or LeadActivities(settings)
     return Worker(
         client,
@@ -37,6 +48,7 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
         activities=all_activities(activities),
         activity_executor=executor or ThreadPoolExecutor(ACTIVITY_THREADS),
         max_concurrent_activities=ACTIVITY_THREADS,
+        workflow_runner=SandboxedWorkflowRunner() if sandboxed else UnsandboxedWorkflowRunner(),
     )
 
 

@@ -97,9 +97,10 @@ def store(settings) -> AuditStore:
 
 
 @asynccontextmanager
-async def running_worker(client: Client, settings: Settings, store: AuditStore):
+async def running_worker(client: Client, settings: Settings, store: AuditStore, sandboxed: bool = False):
     with ThreadPoolExecutor(16) as executor:
-        async with build_worker(client, settings, LeadActivities(settings, store), executor) as worker:
+        async with build_worker(client, settings, LeadActivities(settings, store), executor,
+                                sandboxed=sandboxed) as worker:
             yield worker
 
 

@@ -23,10 +23,14 @@ from funnel.models import (
 from tests.conftest import ANNA, BEN, MIA, event, running_worker, settle
 
 
-async def test_first_visit_to_won(ts_env, settings, store):
+@pytest.mark.parametrize("sandboxed", [False, True], ids=["as-deployed", "in-sandbox"])
+async def test_first_visit_to_won(ts_env, settings, store, sandboxed):
+    """The whole funnel, as the worker runs it (unsandboxed), and in Temporal's sandbox,
+    which raises on any non-deterministic call in the workflow code: the guard that
+    keeps workflows/lead.py sandbox-clean (see worker.build_worker)."""
     client = ts_env.client
     lead = "L-won"
-    async with running_worker(client, settings, store):
+    async with running_worker(client, settings, store, sandboxed=sandboxed):
         now = await ts_env.get_current_time()
         await leads.send_profile(client, settings, ProfileUpdate(update_id="p1", lead_id=lead,
                                                                   facts={"target_account": True}))
