@@ -55,10 +55,12 @@ DELIVERY_TIMEOUT = timedelta(minutes=2)
 # Deliveries retry until the receiver is back (no attempt limit), at most every 10 minutes.
 DELIVERY_RETRY = RetryPolicy(maximum_interval=timedelta(minutes=10))
 MODEL_RETRY_DELAY = timedelta(minutes=1)
-# Entries that may wait for the next audit write; any other kind writes at once.
+# Entries that may wait for the next audit write; any other kind writes at once. The
+# owner comes back from the handover, which has told presales already (webhook and
+# outbox carry it), so it need not cost a write of its own.
 DEFERRABLE = frozenset({
     AuditKind.LEAD_CREATED, AuditKind.SCORE_CHANGED, AuditKind.PROFILE_UPDATED,
-    AuditKind.DUPLICATE_IGNORED, AuditKind.EVENT_IGNORED,
+    AuditKind.DUPLICATE_IGNORED, AuditKind.EVENT_IGNORED, AuditKind.OWNER_ASSIGNED,
 })
 AUDIT_BATCH_MAX = 200  # write when this many entries wait, whatever their age
 
@@ -89,7 +91,7 @@ class LeadWorkflow:
         self._unwritten: list[AuditEntry] = []  # produced, not yet sent to the store
         self._writing: list[AuditEntry] = []  # sent, not yet confirmed
         self._flush_requested = False  # a command, the lag timer or flush_audit wants it now
-        self._lag_timer_armed = False
+        self._lag_timer: asyncio.Task | None = None
         self._attributes_due = False  # search attributes follow the audit writes
         self._wake_timers: set[datetime] = set()  # running timers for the lead's wake-ups
         self._wake_due = False
@@ -195,6 +197,9 @@ class LeadWorkflow:
                 break
         if not self._unwritten:
             self._flush_requested = False
+            if self._lag_timer is not None:  # nothing waits: a firing timer would wake us for nothing
+                self._lag_timer.cancel()
+                self._lag_timer = None
         elif self._lean:
             self._arm_lag_timer()
         if not self._lean:
@@ -241,15 +246,15 @@ class LeadWorkflow:
         self._wake_due = True
 
     def _arm_lag_timer(self) -> None:
-        """One timer per write cycle, never cancelled: a timer restarted for every
-        event would cost as much as the writes it saves."""
-        if not self._lag_timer_armed:
-            self._lag_timer_armed = True
-            asyncio.create_task(self._flush_after_lag())
+        """One timer per write cycle: started by the first entry that waits, cancelled
+        when a write leaves nothing waiting, never restarted per event (a timer per
+        event would cost as much as the writes it saves)."""
+        if self._lag_timer is None:
+            self._lag_timer = asyncio.create_task(self._flush_after_lag())
 
     async def _flush_after_lag(self) -> None:
         await workflow.sleep(self._audit_max_lag)
-        self._lag_timer_armed = False
+        self._lag_timer = None
         if self._unwritten:
             self._flush_requested = True
 
