@@ -1060,8 +1060,8 @@ async def get_history(
     "/leads", response_model=LeadList, summary="Running leads, by stage and owner",
     description=(
         "From Temporal visibility: running leads only (won leads have completed). Visibility follows the "
-        "lead's audit writes: stage and owner changes within about a second, a new lead and its latest score "
-        "within LEADFLOW_AUDIT_MAX_LAG. Roles: all."
+        "lead's audit writes: stage changes within about a second, a new lead, its owner and its latest "
+        "score within LEADFLOW_AUDIT_MAX_LAG. Roles: all."
     ),
 )
 async def list_leads(

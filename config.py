@@ -42,8 +42,8 @@ class Settings(BaseModel):
     presales_team: list[str] = Field(default_factory=lambda: ["presales-1", "presales-2"])
     # Continue-as-new when the server suggests it or history passes this many events.
     max_history_events: int = 2000
-    # Score changes reach the audit store (and LeadScore visibility) at the latest this
-    # many seconds after they happen; stage changes, commands and timers at once.
+    # Score changes and owner assignments reach the audit store (and visibility) at the
+    # latest this many seconds after they happen; stage changes, commands, SLAs at once.
     audit_max_lag_seconds: float = Field(default=30.0, ge=0)
 
     @classmethod

@@ -2,14 +2,14 @@
 
 Signals bring activity events and profile facts (applied once each, in
 `occurred_at` order within what has arrived); updates bring presales/sales
-commands (validated before anything is written); the lead's timers become one
-`wait_condition` until the next wake-up. Effects of the core go out through
+commands (validated before anything is written); the lead's deadlines become
+one running timer for the next wake-up. Effects of the core go out through
 activities: audit entries (batched, awaited), handover with owner
 assignment, nurture steps, escalations and opportunities.
 
 The audit goes to the store on a cadence. Each write is an activity and costs
-the server about as much as taking the event itself, so high-volume entries
-(score changes, duplicates, profile facts) wait, up to `audit_max_lag_seconds`
+the server about as much as taking the event itself, so the entries in DEFERRABLE
+(score changes, duplicates, profile facts, ...) wait, up to `audit_max_lag_seconds`
 or AUDIT_BATCH_MAX entries; anything else (a stage change, a command, an SLA, an
 outbound message) writes everything pending at once, before deliveries start
 and before a command returns. Until written, entries are in the lead's state

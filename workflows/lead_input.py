@@ -33,6 +33,6 @@ class LeadInput(BaseModel):
     max_history_events: int = 2000
     seen_ids_max: int = SEEN_IDS_MAX
     version: int = 1  # callers and continue-as-new set CURRENT_VERSION
-    # Score changes and other high-volume audit entries reach the store at the latest
-    # this long after they happen (0: at once). Stage changes, commands and timers at once.
+    # Score changes and other deferrable audit entries (workflows/lead.py DEFERRABLE)
+    # reach the store at the latest this long after they happen (0: at once).
     audit_max_lag_seconds: float = Field(default=30.0, ge=0)
