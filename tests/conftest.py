@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.enums.v1 import EventType, IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -130,3 +130,14 @@ async def settle(env, client, lead: str, until, tries: int = 400):
             pass
         await env.sleep(timedelta(milliseconds=50))
     raise AssertionError(f"lead {lead} never reached the expected state; last: {view}")
+
+
+def history_kinds(history) -> list[str]:
+    """A workflow history's event types, e.g. "timer_started"."""
+    return [EventType.Name(e.event_type).removeprefix("EVENT_TYPE_").lower() for e in history.events]
+
+
+def scheduled_activities(history) -> list[str]:
+    """The activity types a workflow history scheduled, in order."""
+    return [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
+            if e.HasField("activity_task_scheduled_event_attributes")]

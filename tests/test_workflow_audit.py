@@ -11,11 +11,16 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from temporalio.api.enums.v1 import EventType
-
 import client as leads
 from funnel.models import Accept, AuditKind, Stage
-from tests.conftest import ANNA, event, running_worker, settle
+from tests.conftest import (
+    ANNA,
+    event,
+    history_kinds,
+    running_worker,
+    scheduled_activities,
+    settle,
+)
 from workflows.lead import workflow_id
 
 
@@ -26,10 +31,6 @@ async def store_reaches(store, lead: str, count: int) -> int:
             break
         await asyncio.sleep(0.02)
     return store.count_history(lead)
-
-
-def kinds(history) -> list[str]:
-    return [EventType.Name(e.event_type).removeprefix("EVENT_TYPE_").lower() for e in history.events]
 
 
 async def test_score_changes_wait_for_the_lag_and_are_readable_meanwhile(ts_env, settings, store):
@@ -54,9 +55,7 @@ async def test_score_changes_wait_for_the_lag_and_are_readable_meanwhile(ts_env,
         pages = [(await leads.read_history(client, store, lead, offset=o, limit=2))[1] for o in range(0, total, 2)]
         assert [e for page in pages for e in page] == whole
         handle = client.get_workflow_handle(workflow_id(lead))
-        audit_writes = [e for e in (await handle.fetch_history()).events
-                        if e.activity_task_scheduled_event_attributes.activity_type.name == "record_audit"]
-        assert len(audit_writes) == 1
+        assert scheduled_activities(await handle.fetch_history()).count("record_audit") == 1
 
 
 async def test_stage_change_and_command_write_at_once(ts_env, settings, store):
@@ -113,11 +112,11 @@ async def test_events_do_not_restart_the_wake_up_timer(ts_env, settings, store):
         await leads.send_events(client, settings, [event(lead, "d", "demo_request", now)])
         await settle(ts_env, client, lead, lambda v: v.owner is not None)
         handle = client.get_workflow_handle(workflow_id(lead))
-        before = kinds(await handle.fetch_history())
+        before = history_kinds(await handle.fetch_history())
         for n in range(8):
             await leads.send_events(client, settings, [event(lead, str(n), "email_open", now)])
             await settle(ts_env, client, lead, lambda v, n=n: v.events_applied == n + 2)
-        after = kinds(await handle.fetch_history())
+        after = history_kinds(await handle.fetch_history())
     assert after.count("timer_canceled") == before.count("timer_canceled")
     # at most the audit lag's timer was started by the events
     assert after.count("timer_started") - before.count("timer_started") <= 1

@@ -17,7 +17,14 @@ from temporalio.worker import Replayer
 import client as leads
 from config import DEFAULT_MODEL, Settings
 from funnel.models import Accept, AuditKind, ProfileUpdate, Stage
-from tests.conftest import ANNA, event, running_worker, settle
+from tests.conftest import (
+    ANNA,
+    event,
+    history_kinds,
+    running_worker,
+    scheduled_activities,
+    settle,
+)
 from workflows.lead import LeadWorkflow, workflow_id
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -132,17 +139,6 @@ async def test_replay_detects_a_changed_workflow():
 
 
 
-def _history_kinds(history) -> list[str]:
-    from temporalio.api.enums.v1 import EventType
-
-    return [EventType.Name(e.event_type).removeprefix("EVENT_TYPE_").lower() for e in history.events]
-
-
-def _scheduled_activities(history) -> list[str]:
-    return [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
-            if e.HasField("activity_task_scheduled_event_attributes")]
-
-
 @pytest.mark.parametrize("version", [1, 2])
 async def test_run_version_decides_how_the_model_is_loaded(ts_env, settings, store, version):
     """Leads started by older code (input version 1) must keep replaying their way: the
@@ -162,12 +158,12 @@ async def test_run_version_decides_how_the_model_is_loaded(ts_env, settings, sto
         view = await settle(ts_env, client, lead, lambda v: v.events_applied == 1)
         assert view.score["engagement"] == 50
         history = await client.get_workflow_handle(workflow_id(lead)).fetch_history()
-    activities = _scheduled_activities(history)
+    activities = scheduled_activities(history)
     if version == 1:
         assert "load_scoring_model" in activities
     else:
         assert "load_scoring_model" not in activities
-        assert "marker_recorded" in _history_kinds(history)
+        assert "marker_recorded" in history_kinds(history)
     assert "record_audit" in activities
 
 
@@ -178,4 +174,4 @@ async def test_callers_start_leads_at_the_current_version(ts_env, settings, stor
         await leads.send_events(client, settings, [event(lead, "1", "website_visit", now)])
         await settle(ts_env, client, lead, lambda v: v.events_applied == 1)
         history = await client.get_workflow_handle(workflow_id(lead)).fetch_history()
-    assert "load_scoring_model" not in _scheduled_activities(history)
+    assert "load_scoring_model" not in scheduled_activities(history)
