@@ -63,7 +63,8 @@ def _start_options(settings: Settings, lead_id: str) -> dict:
 
 def _input(settings: Settings, lead_id: str) -> LeadInput:
     return LeadInput(lead_id=lead_id, max_history_events=settings.max_history_events, version=CURRENT_VERSION,
-                     audit_max_lag_seconds=settings.audit_max_lag_seconds)
+                     audit_max_lag_seconds=settings.audit_max_lag_seconds,
+                     decision_delay_seconds=settings.decision_delay_seconds)
 
 
 async def send_events(client: Client, settings: Settings, events: list[ActivityEvent]) -> None:

@@ -40,11 +40,16 @@ class Settings(BaseModel):
     model_path: Path = DEFAULT_MODEL
     webhook_url: str | None = None
     presales_team: list[str] = Field(default_factory=lambda: ["presales-1", "presales-2"])
+    # Account executives who get a lead when it becomes an SQL, round-robin.
+    sales_team: list[str] = Field(default_factory=lambda: ["ae-1", "ae-2"])
     # Continue-as-new when the server suggests it or history passes this many events.
     max_history_events: int = 2000
     # Score changes and owner assignments reach the audit store (and visibility) at the
     # latest this many seconds after they happen; stage changes, commands, SLAs at once.
     audit_max_lag_seconds: float = Field(default=30.0, ge=0)
+    # A lead decides by itself (threshold, fast track, below threshold) this long after the
+    # input that calls for it: webhooks that arrive out of order within it are decided together.
+    decision_delay_seconds: float = Field(default=5.0, ge=0, le=3600)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -59,12 +64,14 @@ class Settings(BaseModel):
             "LEADFLOW_WEBHOOK_URL": "webhook_url",
             "LEADFLOW_MAX_HISTORY_EVENTS": "max_history_events",
             "LEADFLOW_AUDIT_MAX_LAG": "audit_max_lag_seconds",
+            "LEADFLOW_DECISION_DELAY": "decision_delay_seconds",
         }
         for var, field in mapping.items():
             if env.get(var):
                 values[field] = env[var]
-        if env.get("LEADFLOW_PRESALES_TEAM"):
-            values["presales_team"] = [n.strip() for n in env["LEADFLOW_PRESALES_TEAM"].split(",") if n.strip()]
+        for var, field in (("LEADFLOW_PRESALES_TEAM", "presales_team"), ("LEADFLOW_SALES_TEAM", "sales_team")):
+            if env.get(var):
+                values[field] = [n.strip() for n in env[var].split(",") if n.strip()]
         return cls.model_validate(values)
 
 

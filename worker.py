@@ -19,6 +19,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.lead_activities import LeadActivities, all_activities
+from activities.store import ModelConflict
 from config import Settings, connect
 from funnel.scoring_model import ModelError, load_model
 from workflows.lead import LeadWorkflow
@@ -53,9 +54,10 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
 
 
 async def run(settings: Settings) -> None:
-    model = load_model(settings.model_path)
+    load_model(settings.model_path)  # a bad file stops the worker before anything else
     client = await connect(settings)
     activities = LeadActivities(settings)
+    model = activities.sync_model_file()
     with ThreadPoolExecutor(ACTIVITY_THREADS) as executor:
         worker = build_worker(client, settings, activities, executor)
         stop = asyncio.Event()
@@ -76,7 +78,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         asyncio.run(run(Settings.from_env()))
-    except ModelError as err:
+    except (ModelError, ModelConflict) as err:
         print(f"leadflow worker: {err}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:

@@ -9,16 +9,20 @@ receiver can drop the duplicate of a POST whose answer was lost).
 
 from __future__ import annotations
 
+import threading
+import time
+
 import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.store import AuditStore
+from activities.store import AuditStore, ModelConflict
 from config import Settings
 from funnel.models import AuditEntry, Outbound
-from funnel.scoring_model import ModelError, ScoringModel, load_model
+from funnel.scoring_model import ModelError, ScoringModel, load_model, parse_model
 
 WEBHOOK_TIMEOUT_SECONDS = 10.0
+ACTIVE_MODEL_TTL_SECONDS = 2.0  # new leads read the active model at most this stale
 
 
 class LeadActivities:
@@ -29,33 +33,87 @@ class LeadActivities:
         self.store = store if store is not None else AuditStore(settings.database_url)
         # One client for all threads: keeps connections to the webhook alive.
         self._http = httpx.Client(timeout=WEBHOOK_TIMEOUT_SECONDS)
+        self._models: dict[str, ScoringModel] = {}  # by ref: a version's text never changes
+        self._active: tuple[float, str] | None = None  # (read at, ref)
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         self._http.close()
 
+    # ------------------------------------------------------------------ the scoring model
+
+    def sync_model_file(self) -> ScoringModel:
+        """At worker start: the model file (LEADFLOW_MODEL) becomes the active model when the
+        store has none, or when the file is a version the store has never seen. A version the
+        store knows with other content is refused (ModelConflict): give it a new version.
+        Otherwise the store's active model stays (`leadflow model apply` changes it)."""
+        model = load_model(self.settings.model_path)
+        text = self.settings.model_path.read_text(encoding="utf-8")
+        active = self.store.active_model()
+        known = self.store.model_version(model.ref)
+        if active is None or known is None:
+            self.store.record_model(model.ref, text, applied_by=f"leadflow-worker ({self.settings.model_path.name})")
+        elif known.text != text:
+            raise ModelConflict(
+                f"{self.settings.model_path}: scoring model {model.ref} is already recorded with other content: "
+                "give the changed model a new version"
+            )
+        return self.model(None)
+
+    def model(self, ref: str | None) -> ScoringModel:
+        """Version `ref`, or the active one (read from the store at most every couple of seconds)."""
+        if ref is None:
+            now = time.monotonic()
+            cached = self._active
+            if cached is None or now - cached[0] > ACTIVE_MODEL_TTL_SECONDS:
+                active = self.store.active_model()
+                if active is None:
+                    return load_model(self.settings.model_path)
+                self._remember(active.ref, active.text)
+                cached = self._active = (now, active.ref)
+            ref = cached[1]
+        if ref not in self._models:
+            version = self.store.model_version(ref)
+            if version is None:
+                raise ModelError(f"no scoring model {ref} in the store")
+            self._remember(ref, version.text)
+        return self._models[ref]
+
+    def _remember(self, ref: str, text: str) -> None:
+        with self._lock:
+            if ref not in self._models:
+                self._models[ref] = parse_model(text, ref)
+
     @activity.defn(name="load_scoring_model")
-    def load_scoring_model(self) -> ScoringModel:
-        """The scoring model file, validated; a broken file is not worth retrying."""
+    def load_scoring_model(self, ref: str | None = None) -> ScoringModel:
+        """The active scoring model (or version `ref`), validated; a broken one is not worth retrying."""
         try:
-            return load_model(self.settings.model_path)
+            return self.model(ref)
         except ModelError as err:
             raise ApplicationError(str(err), type="ModelError", non_retryable=True) from err
+
+    # ------------------------------------------------------------------ the audit
 
     @activity.defn(name="record_audit")
     def record_audit(self, entries: list[AuditEntry]) -> int:
         """Write audit entries; returns how many were new (0 on a retry of a written batch)."""
         return self.store.write_audit(entries)
 
+    # ------------------------------------------------------------------ owners and deliveries
+
+    @activity.defn(name="assign_owner")
+    def assign_owner(self, assignment_id: str, team: str) -> str:
+        """The next member of `team` (presales or sales) in turn; a retry gets the same owner."""
+        members = self.settings.presales_team if team == "presales" else self.settings.sales_team
+        try:
+            return self.store.assign_owner(assignment_id, members, team_name=team)
+        except ValueError as err:  # an empty team: retrying cannot help until configuration changes
+            raise ApplicationError(str(err), type="NoTeam", non_retryable=True) from err
+
     @activity.defn(name="hand_over")
     def hand_over(self, message: Outbound) -> str:
-        """Give the lead to the next presales owner in turn and tell the world; returns the owner.
-
-        The assignment is keyed by the message id, so a retry gets the same owner.
-        """
-        try:
-            owner = self.store.assign_owner(message.message_id, self.settings.presales_team, team_name="presales")
-        except ValueError as err:  # an empty team: retrying cannot help until configuration changes
-            raise ApplicationError(str(err), type="NoPresalesTeam", non_retryable=True) from err
+        """Assign the presales owner and deliver the handover in one (runs started by older code)."""
+        owner = self.assign_owner(message.message_id, "presales")
         self.deliver(message.model_copy(update={"payload": {**message.payload, "owner": owner}}))
         return owner
 
@@ -90,4 +148,4 @@ class LeadActivities:
 
 def all_activities(acts: LeadActivities) -> list:
     """The bound activity methods, for `Worker(activities=...)`."""
-    return [acts.load_scoring_model, acts.record_audit, acts.hand_over, acts.deliver]
+    return [acts.load_scoring_model, acts.record_audit, acts.assign_owner, acts.hand_over, acts.deliver]

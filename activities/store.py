@@ -13,16 +13,18 @@ in `AuditStore.__init__`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import JSON, Column, DateTime, Index, Text, event, func, update
+from sqlalchemy import JSON, Column, DateTime, Index, Text, event, func, inspect, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.types import TypeDecorator
+from pydantic import BaseModel
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from funnel.models import AuditEntry, AuditKind, Outbound, OutboundKind
@@ -102,6 +104,14 @@ class AuditRow(SQLModel, table=True):
     to_stage: str | None = None
     trigger: str | None = None
     reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    occurred_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
+
+
+# Columns added after a table was first created: (table, column, SQL type). `create_all`
+# never alters an existing table, so a store made by older code gets them on start.
+_ADDED_COLUMNS = [
+    ("audit_entry", "occurred_at", {"sqlite": "DATETIME", "postgresql": "TIMESTAMP WITH TIME ZONE"}),
+]
 
 
 class OutboxRow(SQLModel, table=True):
@@ -116,6 +126,32 @@ class OutboxRow(SQLModel, table=True):
     created_at: datetime = Field(sa_column=_utc_column(nullable=False))
     delivered_webhook: bool = False
     acked_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
+
+
+class ScoringModelRow(SQLModel, table=True):
+    """Every scoring model version ever applied: who applied it, when, and its text."""
+
+    __tablename__ = "scoring_model"
+
+    ref: str = Field(primary_key=True)  # name@version
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    sha256: str
+    applied_by: str
+    applied_at: datetime = Field(sa_column=_utc_column(nullable=False))
+    active: bool = Field(default=False, index=True)
+
+
+class ModelVersion(BaseModel):
+    ref: str
+    sha256: str
+    applied_by: str
+    applied_at: datetime
+    active: bool
+    text: str
+
+
+class ModelConflict(ValueError):
+    """A model version that is already recorded with other content: give it a new version."""
 
 
 class OwnerAssignmentRow(SQLModel, table=True):
@@ -139,6 +175,7 @@ _AUDIT = AuditRow.__table__
 _OUTBOX = OutboxRow.__table__
 _OWNERS = OwnerAssignmentRow.__table__
 _ROUND_ROBIN = RoundRobinRow.__table__
+_MODELS = ScoringModelRow.__table__
 
 
 # --------------------------------------------------------------------------- conversions
@@ -171,6 +208,11 @@ def _outbox_values(message: Outbound) -> dict[str, Any]:
     }
 
 
+def _model_version(row: ScoringModelRow) -> ModelVersion:
+    return ModelVersion(ref=row.ref, sha256=row.sha256, applied_by=row.applied_by, applied_at=row.applied_at,
+                        active=row.active, text=row.text)
+
+
 def _outbound(row: OutboxRow) -> Outbound:
     return Outbound(message_id=row.message_id, lead_id=row.lead_id, kind=row.kind, at=row.at, payload=row.payload)
 
@@ -201,7 +243,15 @@ class AuditStore:
             self.engine = create_engine(url, pool_pre_ping=True)
             # PostgreSQL locks rows itself; ON CONFLICT and row locks suffice.
             self._write_lock = contextlib.nullcontext()
-        SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN])
+        SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN, _MODELS])
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        inspector = inspect(self.engine)
+        for table, column, types in _ADDED_COLUMNS:
+            if column not in {c["name"] for c in inspector.get_columns(table)}:
+                with self._writing() as session:
+                    session.exec(text(f"ALTER TABLE {table} ADD COLUMN {column} {types[self.dialect]}"))
 
     def dispose(self) -> None:
         """Close pooled connections (tests, shutdown)."""
@@ -311,6 +361,43 @@ class AuditStore:
         )
         with self._writing() as session:
             return session.exec(stmt, execution_options=_ROWCOUNT).rowcount
+
+    # ----------------------------------------------------------------- scoring models
+
+    def record_model(self, ref: str, text: str, applied_by: str, activate: bool = True) -> ModelVersion:
+        """Record a model version (and make it the active one). The same ref with the same
+        text again only re-activates it; with other text it is a ModelConflict."""
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        with self._writing() as session:
+            row = session.get(ScoringModelRow, ref)
+            if row is not None and row.sha256 != digest:
+                raise ModelConflict(
+                    f"scoring model {ref} is already recorded with other content (sha256 {row.sha256[:12]}…): "
+                    "give the changed model a new version"
+                )
+            if row is None:
+                row = ScoringModelRow(ref=ref, text=text, sha256=digest, applied_by=applied_by, applied_at=utcnow())
+                session.add(row)
+            if activate:
+                session.exec(update(_MODELS).where(_MODELS.c.ref != ref).values(active=False))
+                row.active = True
+            session.flush()
+            return _model_version(row)
+
+    def active_model(self) -> ModelVersion | None:
+        with Session(self.engine) as session:
+            row = session.exec(select(ScoringModelRow).where(ScoringModelRow.active == True)).first()  # noqa: E712
+            return _model_version(row) if row else None
+
+    def model_version(self, ref: str) -> ModelVersion | None:
+        with Session(self.engine) as session:
+            row = session.get(ScoringModelRow, ref)
+            return _model_version(row) if row else None
+
+    def model_versions(self) -> list[ModelVersion]:
+        with Session(self.engine) as session:
+            rows = session.exec(select(ScoringModelRow).order_by(ScoringModelRow.applied_at))
+            return [_model_version(row) for row in rows]
 
     # ----------------------------------------------------------------- owners
 

@@ -5,24 +5,43 @@ The workflow owns a `Lead`, calls these methods with workflow time, and then
 takes the effects (`take_effects`) to write and deliver them. Nothing here
 reads a clock or does I/O, so every rule is tested directly with plain `now`
 values, and replaying a workflow replays exactly the same decisions.
+
+How time works here (the README says the same for users):
+- Engagement is recomputed from the lead's events in `occurred_at` order
+  (`funnel.engagement`), so delivery order and batching never change a score. A late
+  event re-scores the window and the correction is a new audit entry that says so.
+- The lead's own decisions (threshold, fast track, falling below the threshold) are
+  taken `decision_delay` after the input that calls for them, on the score at that
+  moment: input arriving together is decided together, whatever its order.
+- Stage changes sit on one timeline: each is stamped when it happened (a decision's
+  due time, a command's receipt), never before the one before it.
+- Backfill is not news: old events score, but do not fast-track or hand over, and an
+  SLA that was already due when its cause arrived is recorded as late data.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, Field
 
+from funnel import engagement as eng
 from funnel import stages
 from funnel.models import (
+    CONSENT_AT_FACT,
+    CONSENT_FACT,
+    CONSENT_SOURCE_FACT,
     SYSTEM,
     Accept,
     ActivityEvent,
     Actor,
+    Anchor,
     AuditEntry,
     AuditKind,
     Close,
     Command,
+    ConsentRecord,
     FactValue,
     LeadState,
     LogContact,
@@ -32,7 +51,6 @@ from funnel.models import (
     OutboundKind,
     ProfileUpdate,
     Qualify,
-    RecentEvent,
     Refused,
     Reject,
     Reopen,
@@ -40,22 +58,31 @@ from funnel.models import (
     Stage,
     StageVisit,
     Trigger,
+    WindowEvent,
+    parse_fact_time,
 )
-from funnel.scoring_model import ScoringModel, format_duration
+from funnel.scoring_model import ScoringModel, format_duration, humanize
 
 # Events stamped further than this in the future are clock errors, not facts.
 FUTURE_TOLERANCE = timedelta(minutes=5)
 # How many event/update ids a lead remembers for de-duplication. Bounded so the
-# state carried through continue-as-new stays small; a redelivery older than
-# the last SEEN_IDS_MAX ids would be applied again (webhook retries come within
-# minutes, so in practice this does not happen).
+# state carried through continue-as-new stays small.
 SEEN_IDS_MAX = 2000
-# Below this much engagement, decay rounds to zero (and stops waking the lead).
-DECAY_FLOOR = 1.0
-RECENT_MAX = 200
+DECAY_FLOOR = eng.DECAY_FLOOR
 CONTACT_STAGES = (Stage.IQL, Stage.MQL, Stage.SAL, Stage.SQL, Stage.RECYCLED)
 CONTACT_ROLES = (Role.PRESALES, Role.SALES, Role.MANAGER)
 CLOSED_STAGES = (Stage.WON, Stage.LOST, Stage.DISQUALIFIED)
+HANDOVER_ACTIVITIES = 10  # the lead's latest activities a handover shows sales
+# Order of timers due at the same moment: a deadline missed before a recycle is still missed.
+_TIMER_ORDER = {"sla": 0, "decay": 1, "decision": 2, "cool_off": 3, "nurture": 4}
+
+
+class Move(NamedTuple):
+    """A move the lead wants to make by itself."""
+
+    trigger: Trigger
+    reason: str
+    hand_raised: bool = False  # by a fast-track event, not by score
 
 
 class Effects(BaseModel):
@@ -79,14 +106,17 @@ class LeadView(BaseModel):
     channel: str | None
     score: dict[str, float | dict[str, float]]
     profile: dict[str, FactValue]
+    consent: dict[str, Any] = Field(default_factory=dict)
     deadlines: list[Deadline]
     next_nurture_step: dict[str, str] | None
     next_decay_at: datetime | None
+    decision_due_at: datetime | None = None
     cool_off_until: datetime | None
     qualified_by: str | None
     model_ref: str
     events_applied: int
     duplicates_ignored: int
+    rescoring_from: datetime | None = None  # events older than this are beyond exact re-scoring
     history: list[StageVisit]
 
 
@@ -95,14 +125,21 @@ def _fmt(points: float) -> str:
     return text.replace("-", "\u2212")
 
 
+def _day(t: datetime) -> str:
+    return t.date().isoformat() if (t.hour, t.minute, t.second) == (0, 0, 0) else t.isoformat()
+
+
 class Lead:
-    def __init__(self, state: LeadState, model: ScoringModel, seen_ids_max: int = SEEN_IDS_MAX):
+    def __init__(self, state: LeadState, model: ScoringModel, seen_ids_max: int = SEEN_IDS_MAX,
+                 decision_delay: timedelta = timedelta(0)):
         self.state = state
         self.model = model
         self.seen_ids_max = seen_ids_max
+        self.decision_delay = decision_delay
         self._seen = set(state.seen_ids)
         self._effects = Effects()
         self._now = state.stage_since  # the time of the call being handled
+        self._hand: WindowEvent | None = None  # the hand-raise a decision is acting on
 
     # ------------------------------------------------------------------ creation
 
@@ -110,7 +147,8 @@ class Lead:
     def create(cls, lead_id: str, model: ScoringModel, now: datetime, channel: str | None = None,
                **kwargs) -> "Lead":
         """A new IQL lead; `channel` is its first touch, when the first input tells it."""
-        state = LeadState(lead_id=lead_id, created_at=now, stage_since=now, model_ref=model.ref, channel=channel)
+        state = LeadState(lead_id=lead_id, created_at=now, stage_since=now, model_ref=model.ref, channel=channel,
+                          evaluated_at=now)
         state.history.append(StageVisit(stage=Stage.IQL, entered_at=now))
         lead = cls(state, model, **kwargs)
         lead._now = now
@@ -118,20 +156,29 @@ class Lead:
         lead._start_nurture(now)
         return lead
 
-    def use_model(self, model: ScoringModel, now: datetime) -> None:
-        """Switch to another model version; points already earned stay, new rules apply from now."""
+    def use_model(self, model: ScoringModel, now: datetime, by: Actor = SYSTEM) -> None:
+        """Re-score under another model version from now on; stage consequences follow
+        upwards only (a lead newly over the threshold becomes MQL, nobody is demoted)."""
         self._now = now
+        if self.state.evaluated_at is None:  # carried over from code that kept no fold
+            self._rescore(now)
         if model.ref == self.state.model_ref:
             self.model = model
             return
-        old = self.state.model_ref
+        s = self.state
+        self.tick(now)
+        old_ref, old_total = s.model_ref, s.score.total
         self.model = model
-        self.state.model_ref = model.ref
-        progress = self.state.nurture
+        s.model_ref = model.ref
+        progress = s.nurture
         if progress and progress.next_step >= len(model.nurture.get(progress.track, [])):  # type: ignore[call-overload]
-            self.state.nurture = None  # the new model has no such step: the track is over
-        self._audit(AuditKind.MODEL_CHANGED, SYSTEM, f"scoring model {old} -> {model.ref}")
-        self._refit(SYSTEM, now, cause=f"model {model.ref}")
+            s.nurture = None  # the new model has no such step: the track is over
+        cause = f"model {model.ref}"
+        self._refit(by, now, cause=cause)
+        self._rescore(now, cause=cause)
+        self._audit(AuditKind.MODEL_CHANGED, by,
+                    f"scoring model {old_ref} \u2192 {model.ref}: {old_total:g} \u2192 {s.score.total:g}")
+        self._consider(now)
 
     def take_effects(self) -> Effects:
         effects, self._effects = self._effects, Effects()
@@ -140,67 +187,77 @@ class Lead:
     # ------------------------------------------------------------------ inputs
 
     def ingest(self, event: ActivityEvent, now: datetime) -> None:
-        """Apply one activity event (once per event_id) at its occurred_at time."""
-        s = self.state
-        self._now = now
-        # Checked before de-duplication, so a corrected resend under the same id still counts.
-        rule = self.model.events.get(event.type)
-        if event.lead_id != s.lead_id:
-            return self._ignore(event, f"event {event.event_id} is for lead {event.lead_id}, not {s.lead_id}")
-        if rule is None:
-            return self._ignore(event, f"unknown event type {event.type!r} in model {self.model.ref}")
-        if event.occurred_at > now + FUTURE_TOLERANCE:
-            return self._ignore(event, f"event {event.event_id} occurred in the future ({event.occurred_at.isoformat()})")
-        if self._is_duplicate(event.event_id, kind="event", channel=event.channel):
-            return
-        t = event.occurred_at
-        # Timers due before the event happened fire first (a worker that was down
-        # gets both at once); then the event is applied as of now.
-        self.tick(min(t, now))
-        self._now = now
-        if s.channel is None and event.channel:
-            s.channel = event.channel
-        s.count_by_type[event.type] = s.count_by_type.get(event.type, 0) + 1
-        s.events_applied += 1
+        """Apply one activity event (once per event_id)."""
+        self.ingest_many([event], now)
 
-        points, why = self._event_points(event.type, t)
-        s.points_by_type[event.type] = round(s.points_by_type.get(event.type, 0.0) + points, 2)
-        s.recent.append(RecentEvent(type=event.type, occurred_at=t))
-        newest = max(r.occurred_at for r in s.recent)
-        s.recent = [r for r in s.recent if r.occurred_at > newest - self.model.frequency.window][-RECENT_MAX:]
-        if rule.activity and (s.last_activity_at is None or t > s.last_activity_at):
-            s.last_activity_at = t
-            s.decay_steps = 0
-        self._add_points(
-            "engagement",
-            event.type,
-            points,
-            f"{_fmt(points)} {event.type} (event {event.event_id}{why})",
-            actor=SYSTEM,
-            event_id=event.event_id,
-            channel=event.channel,
-        )
-        for sla in self.model.sla:
-            if sla.on_event == event.type and s.stage not in CLOSED_STAGES:
-                self._open_sla(sla.name, t, sla.due, "contact", None, sla.escalate_to, f"event {event.event_id}")
-        if event.type in self.model.thresholds.fast_track and s.stage in (Stage.IQL, Stage.RECYCLED):
-            if s.stage == Stage.IQL:
-                self._move(Trigger.FAST_TRACK, SYSTEM, now, reason=event.type)
-            elif not self._cooling_off(now):
-                self._move(Trigger.REQUALIFY, SYSTEM, now, reason=event.type)
-        self._check_threshold(now)
+    def ingest_many(self, events: list[ActivityEvent], now: datetime) -> None:
+        """Apply events that arrived together: whatever their order, the engagement is
+        recomputed once from all of the lead's events in time order."""
+        s = self.state
+        self.tick(now)  # timers due before this input fire first, on what was known then
+        self._now = now
+        prior_newest = s.engagement.newest_key
+        added: list[ActivityEvent] = []
+        beyond: list[tuple[ActivityEvent, float, str]] = []
+        for event in sorted(events, key=lambda e: (e.occurred_at, e.event_id)):
+            rule = self.model.events.get(event.type)
+            if event.lead_id != s.lead_id:
+                self._ignore(event, f"event {event.event_id} is for lead {event.lead_id}, not {s.lead_id}")
+                continue
+            if rule is None:
+                self._ignore(event, f"unknown event type {event.type!r} in model {self.model.ref}")
+                continue
+            if event.occurred_at > now + FUTURE_TOLERANCE:
+                self._ignore(event, f"event {event.event_id} occurred in the future ({event.occurred_at.isoformat()})")
+                continue
+            if self._is_duplicate(event.event_id, kind="event", channel=event.channel):
+                continue
+            s.events_applied += 1
+            item = WindowEvent(event_id=event.event_id, type=event.type, occurred_at=event.occurred_at,
+                               channel=event.channel, attributes=dict(event.attributes))
+            if s.engagement.beyond_horizon(event.occurred_at, event.event_id):
+                points, why = eng.apply_beyond_horizon(self.model, s.engagement, item)
+                beyond.append((event, points, why))
+            else:
+                s.engagement.add(item)
+                added.append(event)
+        if not added and not beyond:
+            return
+        negative = any(self.model.events[e.type].points < 0 for e in added) or any(p < 0 for _, p, _ in beyond)
+        self._rescore(now, added=added, beyond=beyond, prior_newest=prior_newest)
+        eng.trim(self.model, s.engagement)
+        for event in added:
+            self._on_event(event, now)
+        if negative:
+            self._arm_below("negative")
+        self._consider(now)
 
     def update_profile(self, update: ProfileUpdate, now: datetime) -> None:
-        """Merge profile facts (later values win) and re-evaluate the fit rules."""
+        """Merge profile facts (the latest observed value of each wins) and re-evaluate the fit rules."""
+        self.tick(now)
         self._now = now
         if self._is_duplicate(update.update_id, kind="profile update", namespace="profile:"):
             return
-        self.tick(now)
-        self.state.profile.update(update.facts)
+        s = self.state
+        key = (update.observed_at or now, update.update_id)
+        taken = {}
+        for name, value in update.facts.items():
+            if name not in s.profile_seen or key > tuple(s.profile_seen[name]):
+                s.profile[name] = value
+                s.profile_seen[name] = key
+                taken[name] = value
         facts = ", ".join(f"{k}={v}" for k, v in sorted(update.facts.items()))
-        self._audit(AuditKind.PROFILE_UPDATED, update.actor, f"profile: {facts}", event_id=update.update_id)
+        stale = sorted(set(update.facts) - set(taken))
+        detail = f"profile: {facts}" + (f" (older than what is known of: {', '.join(stale)})" if stale else "")
+        self._audit(AuditKind.PROFILE_UPDATED, update.actor, detail, event_id=update.update_id,
+                    occurred_at=update.observed_at)
+        if CONSENT_FACT in taken:
+            self._consent_fact(update, key[0])
+        before = s.score.fit
         self._refit(update.actor, now, cause=f"profile update {update.update_id}")
-        self._check_threshold(now)
+        if s.score.fit < before:
+            self._arm_below("negative")
+        self._consider(now)
 
     def check(self, command: Command) -> None:
         """Raise Refused if `command` cannot be executed now; changes nothing."""
@@ -213,6 +270,7 @@ class Lead:
         not a met one); a refused command changes nothing beyond that.
         """
         self.tick(now)
+        self._now = now
         trigger, detail = self._plan(command)
         actor = command.by
         if isinstance(command, LogContact):
@@ -230,56 +288,79 @@ class Lead:
         if isinstance(command, Qualify):
             reason = detail
         self._move(trigger, actor, now, reason=reason, note=command.note)
+        self._consider(now)
 
-    def assign_owner(self, owner: str, now: datetime) -> None:
+    def assign_owner(self, owner: str, now: datetime, team: str = "presales") -> None:
         self._now = now
         if self.state.owner == owner:
             return
         self.state.owner = owner
-        self._audit(AuditKind.OWNER_ASSIGNED, SYSTEM, f"owner {owner} (handover to presales)")
+        self._audit(AuditKind.OWNER_ASSIGNED, SYSTEM, f"owner {owner} (handover to {team})")
 
     # ------------------------------------------------------------------ timers
 
+    def _timers(self) -> list[tuple[datetime, str, Any]]:
+        s = self.state
+        due: list[tuple[datetime, str, Any]] = [(sla.due_at, "sla", sla) for sla in s.slas]
+        if s.nurture:
+            due.append((s.nurture.next_at, "nurture", None))
+        if s.next_decay_at is not None and s.stage not in CLOSED_STAGES:
+            due.append((s.next_decay_at, "decay", None))
+        if s.decision_due_at is not None:
+            due.append((s.decision_due_at, "decision", None))
+        if s.cool_off_until is not None and s.stage in (Stage.LOST, Stage.RECYCLED):
+            due.append((s.cool_off_until, "cool_off", None))
+        return due
+
     def next_wakeup(self) -> datetime | None:
         """The earliest moment a timer is due; the workflow sleeps until then."""
-        s = self.state
-        times = [sla.due_at for sla in s.slas]
-        if s.nurture:
-            times.append(s.nurture.next_at)
-        if (due := self._next_decay_at()) is not None:
-            times.append(due)
-        if s.cool_off_until is not None and s.stage in (Stage.LOST, Stage.RECYCLED):
-            times.append(s.cool_off_until)
-        return min(times) if times else None
+        return min((t for t, _, _ in self._timers()), default=None)
 
     def tick(self, now: datetime) -> None:
-        """Fire every timer due at or before `now`: decay, SLA breaches, nurture, cool-off."""
+        """Fire every timer due at or before `now`, one at a time in time order, each at
+        its own due time: decay, SLA breaches, decisions, nurture steps, cool-off."""
         self._now = now
         s = self.state
-        # SLAs first: a recycle below would cancel a deadline that was already missed.
-        for sla in sorted([x for x in s.slas if x.due_at <= now], key=lambda x: x.due_at):
-            self._close_sla(sla, AuditKind.SLA_BREACHED, SYSTEM, now)
-        decayed = self._decay_until(now)
-        if decayed and s.stage == Stage.MQL and self.model.thresholds.on_mql_decay == "recycle":
-            if s.score.total < self.model.thresholds.mql:
-                self._move(Trigger.DECAY_BELOW_THRESHOLD, SYSTEM, now, reason="inactivity_decay")
-        while s.nurture and s.nurture.next_at <= now:
-            self._send_nurture_step(now)
-        if s.cool_off_until is not None and s.cool_off_until <= now:
-            if s.stage == Stage.LOST:
-                self._move(Trigger.COOL_OFF_ENDED, SYSTEM, now, reason="cool_off")
-            elif s.stage == Stage.RECYCLED:
+        while True:
+            due = [x for x in self._timers() if x[0] <= now]
+            if not due:
+                return
+            at, kind, item = min(due, key=lambda x: (x[0], _TIMER_ORDER[x[1]]))
+            if kind == "sla":
+                self._close_sla(item, AuditKind.SLA_BREACHED, SYSTEM, at)
+            elif kind == "decay":
+                before = s.score.total
+                self._rescore(at)
+                if s.score.total < before:
+                    self._arm_below("decay")
+                self._consider(at)
+            elif kind == "decision":
+                self._decide(at)
+            elif kind == "nurture":
+                self._send_nurture_step(at)
+            elif s.stage == Stage.LOST:
+                self._move(Trigger.COOL_OFF_ENDED, SYSTEM, at, reason="cool_off")
+            else:
                 s.cool_off_until = None
-                self._check_threshold(now)
+                self._consider(at)
 
     # ------------------------------------------------------------------ reading
+
+    def consent(self) -> ConsentRecord:
+        """Email consent as known now: the latest of consent events and consent facts."""
+        s = self.state
+        known = [c for c in (s.event_consent, s.consent_fact) if c is not None]
+        if not known:
+            return ConsentRecord(email=True, since=s.created_at, source="opt-in when the lead was created")
+        return max(known, key=lambda c: c.since)
 
     def view(self) -> LeadView:
         s = self.state
         nurture = None
         if s.nurture:
-            step = self.model.nurture[s.nurture.track][s.nurture.next_step]
+            step = self.model.nurture[s.nurture.track][s.nurture.next_step]  # type: ignore[index]
             nurture = {"track": s.nurture.track, "step": step.name, "at": s.nurture.next_at.isoformat()}
+        consent = self.consent()
         return LeadView(
             lead_id=s.lead_id,
             stage=s.stage,
@@ -293,41 +374,93 @@ class Lead:
                 "breakdown": dict(sorted(s.score.breakdown.items())),
             },
             profile=dict(s.profile),
+            consent={"email": consent.email, "since": consent.since.isoformat(), "source": consent.source},
             deadlines=[Deadline(name=x.name, due_at=x.due_at, cause=x.cause) for x in sorted(s.slas, key=lambda x: x.due_at)],
             next_nurture_step=nurture,
-            next_decay_at=self._next_decay_at(),
+            next_decay_at=s.next_decay_at if s.stage not in CLOSED_STAGES else None,
+            decision_due_at=s.decision_due_at,
             cool_off_until=s.cool_off_until,
             qualified_by=s.qualified_by,
             model_ref=s.model_ref,
             events_applied=s.events_applied,
             duplicates_ignored=s.duplicates_ignored,
+            rescoring_from=s.engagement.horizon_start,
             history=list(s.history),
         )
 
     # ------------------------------------------------------------------ scoring
 
-    def _event_points(self, event_type: str, t: datetime) -> tuple[float, str]:
-        """Points for one more event of `event_type` at `t`, and why (weighting, cap)."""
+    def _rescore(self, now: datetime, added: list[ActivityEvent] = (), beyond=(),
+                 prior_newest: tuple[datetime, str] | None = None,
+                 cause: str | None = None, new_anchor: Anchor | None = None) -> None:
+        """Fold the engagement up to `now` and audit the difference, explained: each new
+        event in order on its own line, each decay step and reset on its own line, and what
+        late events (or a model change) re-scored, per rule."""
         s = self.state
-        rule = self.model.events[event_type]
-        if rule.count_once and s.count_by_type[event_type] > 1:
-            return 0.0, ": counts once"
-        points, why = rule.points, ""
-        if points > 0:
-            freq = self.model.frequency
-            earlier = sum(
-                1 for r in s.recent if r.type == event_type and t - freq.window < r.occurred_at <= t
-            )
-            multiplier = min(1 + freq.bonus * earlier, freq.max_multiplier)
-            if multiplier > 1:
-                points *= multiplier
-                why = f", x{multiplier:g}: {earlier + 1} in {format_duration(freq.window)}"
-            if rule.cap is not None:
-                room = max(0.0, rule.cap - s.points_by_type.get(event_type, 0.0))
-                if points > room:
-                    points = room
-                    why += f", capped at {rule.cap:g}"
-        return round(points, 2), why
+        previous_eval = s.evaluated_at or s.created_at
+        result = eng.fold(self.model, s.engagement, now)
+        new = result.state
+        old = {k: v for k, v in s.score.breakdown.items() if not k.startswith("fit:")}
+        diff = {rule: round(new.breakdown.get(rule, 0.0) - old.get(rule, 0.0), 2)
+                for rule in set(old) | set(new.breakdown)}
+        s.score.engagement = new.engagement
+        s.score.breakdown = {**{k: v for k, v in s.score.breakdown.items() if k.startswith("fit:")},
+                             **new.breakdown}
+        s.evaluated_at = max(now, previous_eval)
+        s.next_decay_at = eng.next_decay_at(self.model, new)
+        s.event_consent = new.consent
+        if new.first_touch is not None:
+            s.channel = new.first_touch[1]
+        entries: list[tuple[str, float, str, str | None, datetime | None, str | None]] = []
+        contributions = result.by_key()
+        for event, points, why in beyond:
+            diff[event.type] = round(diff.get(event.type, 0.0) - points, 2)
+            entries.append((event.type, points,
+                            f"{_fmt(points)} {event.type}: late event {event.event_id} of {_day(event.occurred_at)}{why}",
+                            event.event_id, event.occurred_at, event.channel))
+        late = [e for e in added if prior_newest is not None and (e.occurred_at, e.event_id) < prior_newest]
+        for event in added:  # one entry per applied event, with what it scored itself
+            c = contributions.get(f"e:{event.event_id}")
+            if c is None:
+                continue
+            diff[c.rule] = round(diff.get(c.rule, 0.0) - c.points, 2)
+            name = f"late event {event.event_id} of {_day(event.occurred_at)}" if event in late else f"event {event.event_id}"
+            entries.append((c.rule, c.points, f"{_fmt(c.points)} {event.type} ({name}{c.why})", event.event_id,
+                            event.occurred_at, event.channel))
+            for key in (k for k in contributions if k.startswith(f"c:{event.event_id}:")):
+                taken = contributions[key]
+                diff[taken.rule] = round(diff.get(taken.rule, 0.0) - taken.points, 2)
+                entries.append((taken.rule, taken.points, f"{_fmt(taken.points)} {taken.rule}{taken.why}", None,
+                                event.occurred_at, event.channel))
+        reset_key = f"r:{new_anchor.at.isoformat()}" if new_anchor is not None else None
+        for c in result.contributions:
+            if (c.key[0] == "d" and c.at > previous_eval) or c.key == reset_key:
+                diff[c.rule] = round(diff.get(c.rule, 0.0) - c.points, 2)
+                text = f"{_fmt(c.points)} inactivity decay ({c.why})" if c.rule == "decay" else f"{_fmt(c.points)} {c.why}"
+                entries.append((c.rule, c.points, text, None, c.at, None))
+        if late:
+            first = late[0]
+            who = (f"late event {first.event_id} of {_day(first.occurred_at)}" if len(late) == 1 else
+                   f"{len(late)} late events ({', '.join(e.event_id for e in late[:3])}{', ...' if len(late) > 3 else ''}"
+                   f" of {_day(late[0].occurred_at)} to {_day(late[-1].occurred_at)})")
+            why_rescored = f"{who} re-scored the window"
+        elif cause:
+            why_rescored = f"{cause} re-scored the window"
+        elif added:
+            # an event newer than all others, but received after a decay it would have prevented
+            why_rescored = f"event {added[0].event_id} of {_day(added[0].occurred_at)} re-scored the window"
+        else:
+            why_rescored = "re-scored"
+        for rule in sorted(r for r, d in diff.items() if d):
+            entries.append((rule, diff[rule], f"{_fmt(diff[rule])} {rule}: {why_rescored}", None,
+                            late[0].occurred_at if late else None, None))
+        # Entries show the score they leave behind, in order: replay the totals.
+        running = {k: v for k, v in old.items()}
+        for rule, points, text, event_id, occurred, channel in entries:
+            running[rule] = round(running.get(rule, 0.0) + points, 2)
+            self._audit(AuditKind.SCORE_CHANGED, SYSTEM, text, rule=rule, points=points, event_id=event_id,
+                        occurred_at=occurred, channel=channel or s.channel,
+                        score_engagement=round(sum(running.values()), 2))
 
     def _refit(self, actor: Actor, now: datetime, cause: str) -> None:
         """Recompute fit from the profile; record each rule that starts or stops matching."""
@@ -336,68 +469,102 @@ class Lead:
         wanted = {rule.name: rule.points for rule in self.model.fit if rule.matches(s.profile)}
         for name in sorted(set(current) | set(wanted)):
             delta = round(wanted.get(name, 0.0) - current.get(name, 0.0), 2)
-            if delta:
-                verb = "matches" if name in wanted else "no longer matches"
-                self._add_points("fit", f"fit:{name}", delta, f"{_fmt(delta)} fit rule {name} {verb} ({cause})", actor)
-
-    def _add_points(
-        self, part: str, rule: str, points: float, detail: str, actor: Actor, event_id: str | None = None,
-        channel: str | None = None,
-    ) -> None:
-        score = self.state.score
-        if part == "fit":
-            score.fit = round(score.fit + points, 2)
-        else:
-            score.engagement = round(score.engagement + points, 2)
-        total = round(score.breakdown.get(rule, 0.0) + points, 2)
-        if total:
-            score.breakdown[rule] = total
-        else:
-            score.breakdown.pop(rule, None)
-        self._audit(
-            AuditKind.SCORE_CHANGED, actor, detail, rule=rule, points=points, event_id=event_id,
-            channel=channel or self.state.channel,
-        )
-
-    def _next_decay_at(self) -> datetime | None:
-        s = self.state
-        if s.last_activity_at is None or s.score.engagement <= 0 or s.stage in CLOSED_STAGES:
-            return None  # closed leads are not scored down: nothing reads their score
-        decay = self.model.decay
-        return s.last_activity_at + decay.after + decay.every * s.decay_steps
-
-    def _decay_until(self, t: datetime) -> bool:
-        """Apply every decay step due by `t`; True if any was."""
-        decay = self.model.decay
-        decayed = False
-        while (due := self._next_decay_at()) is not None and due <= t:
-            engagement = self.state.score.engagement
-            if decay.percent is not None:
-                loss = engagement * decay.percent / 100
-                label = f"{decay.percent:g}%"
+            if not delta:
+                continue
+            verb = "matches" if name in wanted else "no longer matches"
+            s.score.fit = round(s.score.fit + delta, 2)
+            total = round(current.get(name, 0.0) + delta, 2)
+            if total:
+                s.score.breakdown[f"fit:{name}"] = total
             else:
-                loss = min(decay.points or 0.0, engagement)
-                label = f"{decay.points:g} points"
-            if engagement - loss < DECAY_FLOOR:
-                loss = engagement
-            idle = due - self.state.last_activity_at
-            self.state.decay_steps += 1
-            decayed = True
-            self._add_points(
-                "engagement", "decay", -round(loss, 2),
-                f"{_fmt(-round(loss, 2))} inactivity decay ({label} after {format_duration(idle)} without activity)",
-                SYSTEM,
-            )
-        return decayed
+                s.score.breakdown.pop(f"fit:{name}", None)
+            self._audit(AuditKind.SCORE_CHANGED, actor, f"{_fmt(delta)} fit rule {name} {verb} ({cause})",
+                        rule=f"fit:{name}", points=delta)
 
-    def _check_threshold(self, now: datetime) -> None:
+    # ------------------------------------------------------------------ decisions
+
+    def _arm_below(self, why: str) -> None:
         s = self.state
-        if s.score.total < self.model.thresholds.mql:
+        if s.stage == Stage.MQL and why not in s.below_threshold_by:
+            s.below_threshold_by.append(why)  # type: ignore[arg-type]
+
+    def _consider(self, now: datetime) -> None:
+        """If the lead wants to move by itself, decide after the decision delay (at once
+        when there is none): input arriving within the delay is decided together."""
+        s = self.state
+        if s.decision_due_at is not None or self._wanted(now) is None:
             return
-        if s.stage == Stage.IQL:
-            self._move(Trigger.SCORE_THRESHOLD, SYSTEM, now, reason=f"score {s.score.total:g}")
-        elif s.stage == Stage.RECYCLED and not self._cooling_off(now):
-            self._move(Trigger.REQUALIFY, SYSTEM, now, reason=f"score {s.score.total:g}")
+        if self.decision_delay:
+            s.decision_due_at = now + self.decision_delay
+        else:
+            self._decide(now)
+
+    def _decide(self, at: datetime) -> None:
+        s = self.state
+        s.decision_due_at = None
+        wanted = self._wanted(at, acting=True)
+        if wanted is not None:
+            if wanted.trigger in (Trigger.FAST_TRACK, Trigger.SCORE_THRESHOLD, Trigger.REQUALIFY):
+                s.mql_hand_raised = wanted.hand_raised
+                self._hand = self._fast_track(at) if wanted.hand_raised else None
+            self._move(wanted.trigger, SYSTEM, at, reason=wanted.reason)
+        s.below_threshold_by = []
+
+    def _fast_track(self, at: datetime) -> WindowEvent | None:
+        """The latest hand-raise not yet decided on and still fresh at `at`."""
+        s, th = self.state, self.model.thresholds
+        used = s.fast_track_used_until
+        for e in reversed(s.engagement.window):
+            if e.type in th.fast_track and (used is None or e.occurred_at > used):
+                return e if e.occurred_at >= at - th.max_age.fast_track else None
+        return None
+
+    def _fresh(self, at: datetime) -> bool:
+        newest = self._newest_activity()
+        return newest is not None and newest >= at - self.model.thresholds.max_age.score_threshold
+
+    def _newest_activity(self) -> datetime | None:
+        for e in reversed(self.state.engagement.window):
+            rule = self.model.events.get(e.type)
+            if rule is not None and rule.activity:
+                return e.occurred_at
+        return self.state.engagement.checkpoint.newest_activity
+
+    def _wanted(self, at: datetime, acting: bool = False) -> Move | None:
+        """The move the lead would make by itself at `at`, if any. With `acting`, a blocked
+        hand-raise is recorded (review message) and used up on the way."""
+        s, th = self.state, self.model.thresholds
+        total = s.score.total
+        if s.stage in (Stage.IQL, Stage.RECYCLED):
+            cooling = s.stage == Stage.RECYCLED and self._cooling_off(at)
+            hand = self._fast_track(at)
+            if hand is not None and (not cooling or th.fast_track_ends_cool_off):
+                blockers = [r.name for r in self.model.fit if r.blocks_fast_track and r.matches(s.profile)]
+                if not blockers:
+                    trigger = Trigger.FAST_TRACK if s.stage == Stage.IQL else Trigger.REQUALIFY
+                    return Move(trigger, hand.type, hand_raised=True)
+                if not acting:
+                    return Move(Trigger.FAST_TRACK, "blocked")  # decide, to record the block
+                s.fast_track_used_until = hand.occurred_at
+                rules = ", ".join(blockers)
+                self._audit(AuditKind.FAST_TRACK_BLOCKED, SYSTEM,
+                            f"fast-track {hand.type} (event {hand.event_id}) not handed to presales: fit rule"
+                            f" {rules} blocks it; sent for review", event_id=hand.event_id,
+                            occurred_at=hand.occurred_at, reason=rules)
+                self._outbound(OutboundKind.REVIEW, at, reason=f"fit rule {rules} blocks fast-track",
+                               event={"event_id": hand.event_id, "type": hand.type,
+                                      "occurred_at": hand.occurred_at.isoformat()},
+                               **self._handover_content())
+            if not cooling and total >= th.mql and self._fresh(at):
+                trigger = Trigger.SCORE_THRESHOLD if s.stage == Stage.IQL else Trigger.REQUALIFY
+                return Move(trigger, f"score {total:g}")
+            return None
+        if s.stage == Stage.MQL and th.on_mql_decay == "recycle" and total < th.mql and s.below_threshold_by:
+            if "decay" in s.below_threshold_by:
+                return Move(Trigger.DECAY_BELOW_THRESHOLD, "inactivity_decay")
+            if not s.mql_hand_raised:  # a hand-raiser stays with presales whatever else it did
+                return Move(Trigger.NEGATIVE_CRITERIA, "negative_criteria")
+        return None
 
     def _cooling_off(self, now: datetime) -> bool:
         return self.state.cool_off_until is not None and now < self.state.cool_off_until
@@ -429,14 +596,22 @@ class Lead:
             trigger = self._checked(Trigger.QUALIFY, role)
             q = self.model.qualification
             criteria = command.bant if command.framework == "bant" else command.meddic
+            framework = command.framework.upper()
             if criteria is None:
-                raise Refused(f"cannot qualify lead {s.lead_id}: no {command.framework.upper()} criteria given")
+                raise Refused(f"cannot qualify lead {s.lead_id}: no {framework} criteria given")
             met = [name for name, value in criteria.model_dump().items() if value]
             need = q.bant_min if command.framework == "bant" else q.meddic_min
+            required = q.bant_required if command.framework == "bant" else q.meddic_required
             of = len(type(criteria).model_fields)
+            missing = [name for name in required if name not in met]
+            if missing:
+                raise Refused(
+                    f"cannot qualify lead {s.lead_id}: {framework} {' and '.join(missing)}"
+                    f" {'is' if len(missing) == 1 else 'are'} required (met: {', '.join(met) or 'none'})"
+                )
             if len(met) < need:
                 raise Refused(
-                    f"cannot qualify lead {s.lead_id}: {command.framework.upper()} {len(met)} of {of} met"
+                    f"cannot qualify lead {s.lead_id}: {framework} {len(met)} of {of} met"
                     f" ({', '.join(met) or 'none'}); at least {need} needed"
                 )
             return trigger, f"{command.framework} {len(met)}/{of}: {', '.join(met)}"
@@ -446,13 +621,14 @@ class Lead:
         stages.check(self.state.lead_id, self.state.stage, trigger, role, self.model.shortcuts)
         return trigger
 
-    def _move(self, trigger: Trigger, actor: Actor, now: datetime, reason: str | None = None,
+    def _move(self, trigger: Trigger, actor: Actor, at: datetime, reason: str | None = None,
               note: str | None = None) -> None:
         s = self.state
+        at = max(at, s.stage_since)  # one timeline: never before the stage change before it
         move = stages.check(s.lead_id, s.stage, trigger, actor.role, self.model.shortcuts)
         old = s.stage
-        s.stage, s.stage_since = move.target, now
-        s.history.append(StageVisit(stage=move.target, entered_at=now, trigger=trigger))
+        s.stage, s.stage_since = move.target, at
+        s.history.append(StageVisit(stage=move.target, entered_at=at, trigger=trigger))
         detail = f"{old.value} -> {move.target.value}: {move.why}"
         if reason:
             detail += f" ({reason})"
@@ -460,14 +636,15 @@ class Lead:
             detail += f"; note: {note}"
         self._audit(
             AuditKind.STAGE_CHANGED, actor, detail, from_stage=old, to_stage=move.target, trigger=trigger,
-            reason=reason,
+            reason=reason, occurred_at=at,
         )
-        self._on_exit(old, actor, now)
-        self._on_enter(move.target, trigger, now)
+        self._on_exit(old, actor, at)
+        self._on_enter(move.target, trigger, at, reason)
 
     def _on_exit(self, old: Stage, actor: Actor, now: datetime) -> None:
         s = self.state
         s.nurture = None
+        s.below_threshold_by = []
         for sla in list(s.slas):
             if sla.met_by == "stage_exit" and sla.stage == old:
                 kind = AuditKind.SLA_MET if actor.role != Role.SYSTEM else AuditKind.SLA_CANCELLED
@@ -475,19 +652,30 @@ class Lead:
             elif s.stage in CLOSED_STAGES or s.stage == Stage.RECYCLED:
                 self._close_sla(sla, AuditKind.SLA_CANCELLED, actor, now)
 
-    def _on_enter(self, stage: Stage, trigger: Trigger, now: datetime) -> None:
+    def _on_enter(self, stage: Stage, trigger: Trigger, now: datetime, reason: str | None) -> None:
         s = self.state
         for sla in self.model.sla:
             if sla.on_stage == stage:
                 self._open_sla(sla.name, now, sla.due, sla.met_by, stage, sla.escalate_to, f"stage {stage.value}")
         if stage == Stage.MQL:
             s.handovers += 1
-            self._outbound(OutboundKind.HANDOVER, now, score=s.score.total, trigger=trigger.value)
+            hand, self._hand = self._hand, None
+            # Every hand-raise so far is decided on by this MQL.
+            raised = [e.occurred_at for e in s.engagement.window if e.type in self.model.thresholds.fast_track]
+            if raised:
+                s.fast_track_used_until = max(raised + [s.fast_track_used_until or raised[0]])
+            # The decay that recycles an unaccepted MQL counts from here, not from activity before.
+            s.engagement.add_anchor(Anchor(at=now, kind="clock"))
+            self._rescore(now)
+            why = (f"fast-track: {hand.type} (event {hand.event_id} at {hand.occurred_at.isoformat()})" if hand else
+                   f"score {s.score.total:g} reached the MQL threshold {self.model.thresholds.mql:g}")
+            self._outbound(OutboundKind.HANDOVER, now, assign_to="presales", trigger=trigger.value, reason=why,
+                           **self._handover_content())
             if self.model.shortcuts.auto_accept:
                 self._move(Trigger.AUTO_ACCEPT, SYSTEM, now)
         elif stage == Stage.SQL:
-            self._outbound(OutboundKind.OPPORTUNITY, now, owner=s.owner, qualified_by=s.qualified_by,
-                           score=s.score.total)
+            self._outbound(OutboundKind.OPPORTUNITY, now, assign_to="sales", qualified_by=s.qualified_by,
+                           presales_owner=s.owner, **self._handover_content())
         elif stage == Stage.LOST:
             s.cool_off_until = now + self.model.cool_off.lost
         elif stage == Stage.RECYCLED:
@@ -495,19 +683,34 @@ class Lead:
             # A lead back from a lost deal has served its cool-off already.
             s.cool_off_until = None if trigger == Trigger.COOL_OFF_ENDED else now + self.model.cool_off.recycled
             if self.model.cool_off.reset_engagement_on_recycle:
-                # Back to nurturing with a clean slate of interest, but negative
-                # criteria (an unsubscribe, a bounce) are not forgiven.
-                kept = {t: p for t, p in s.points_by_type.items() if p < 0}
-                delta = round(sum(kept.values()) - s.score.engagement, 2)
-                if delta:
-                    self._add_points("engagement", "recycle_reset", delta,
-                                     f"{_fmt(delta)} engagement reset on recycle" + (" (negative points kept)" if kept else ""),
-                                     SYSTEM)
-                s.points_by_type = kept
-                s.count_by_type = {t: n for t, n in s.count_by_type.items() if t in kept}
-                s.recent.clear()
+                # Back to nurturing with a clean slate of interest; negative criteria are not forgiven.
+                anchor = Anchor(at=now, kind="reset")
+                s.engagement.add_anchor(anchor)
+                self._rescore(now, new_anchor=anchor)
         if stage in (Stage.IQL, Stage.RECYCLED):
             self._start_nurture(now)
+
+    def _handover_content(self) -> dict[str, Any]:
+        """What sales needs to act: the score and why, the facts, what the lead did and when."""
+        s = self.state
+        consent = self.consent()
+        activities = [
+            {"event_id": e.event_id, "type": e.type, "occurred_at": e.occurred_at.isoformat(), "channel": e.channel,
+             **({"attributes": dict(e.attributes)} if e.attributes else {})}
+            for e in s.engagement.window[-HANDOVER_ACTIVITIES:]
+            if e.type in self.model.events and self.model.events[e.type].points > 0
+        ][::-1]
+        return {
+            "score": s.score.total,
+            "score_fit": s.score.fit,
+            "score_engagement": s.score.engagement,
+            "breakdown": dict(sorted(s.score.breakdown.items())),
+            "profile": dict(sorted(s.profile.items())),
+            "activities": activities,
+            "email_consent": consent.email,
+            "channel": s.channel,
+            "model": s.model_ref,
+        }
 
     def _start_nurture(self, now: datetime) -> None:
         steps = self.model.nurture.get(self.state.stage.value)  # type: ignore[call-overload]
@@ -515,20 +718,51 @@ class Lead:
             NurtureProgress(track=self.state.stage.value, next_step=0, next_at=now + steps[0].after) if steps else None
         )
 
-    def _send_nurture_step(self, now: datetime) -> None:
+    def _send_nurture_step(self, at: datetime) -> None:
         s = self.state
         progress = s.nurture
         assert progress is not None
         steps = self.model.nurture[progress.track]  # type: ignore[index]
         step = steps[progress.next_step]
-        self._audit(AuditKind.NURTURE_STEP_SENT, SYSTEM, f"nurture {progress.track} step {step.name}")
-        self._outbound(OutboundKind.NURTURE_STEP, now, track=progress.track, step=step.name,
-                       due_at=progress.next_at.isoformat())
+        consent = self.consent()
+        if consent.email:
+            self._audit(AuditKind.NURTURE_STEP_SENT, SYSTEM, f"nurture {progress.track} step {step.name}",
+                        occurred_at=at)
+            self._outbound(OutboundKind.NURTURE_STEP, at, track=progress.track, step=step.name,
+                           due_at=progress.next_at.isoformat())
+        else:
+            self._audit(AuditKind.NURTURE_STEP_SKIPPED, SYSTEM,
+                        f"nurture {progress.track} step {step.name} skipped: no consent since"
+                        f" {_day(consent.since)} ({consent.source})", occurred_at=at, reason="no_consent")
         nxt = progress.next_step + 1
         s.nurture = (
             NurtureProgress(track=progress.track, next_step=nxt, next_at=progress.next_at + steps[nxt].after)
             if nxt < len(steps) else None
         )
+
+    # ------------------------------------------------------------------ consent and events
+
+    def _consent_fact(self, update: ProfileUpdate, observed: datetime) -> None:
+        facts = update.facts
+        since = parse_fact_time(facts[CONSENT_AT_FACT]) if CONSENT_AT_FACT in facts else observed
+        source = f"profile update {update.update_id}"
+        if CONSENT_SOURCE_FACT in facts:
+            source += f" ({facts[CONSENT_SOURCE_FACT]})"
+        self.state.consent_fact = ConsentRecord(email=bool(facts[CONSENT_FACT]), since=since, source=source)
+
+    def _on_event(self, event: ActivityEvent, now: datetime) -> None:
+        """What one applied event starts besides its points: SLAs, and notes on old hand-raises."""
+        s = self.state
+        th = self.model.thresholds
+        for sla in self.model.sla:
+            if sla.on_event == event.type and s.stage not in CLOSED_STAGES:
+                self._open_sla(sla.name, event.occurred_at, sla.due, "contact", None, sla.escalate_to,
+                               f"event {event.event_id}")
+        if event.type in th.fast_track and event.occurred_at < now - th.max_age.fast_track:
+            self._audit(AuditKind.NOT_HANDED_OVER, SYSTEM,
+                        f"{event.type} {event.event_id} of {_day(event.occurred_at)} is older than"
+                        f" {format_duration(th.max_age.fast_track)} when it arrived: scored, not fast-tracked",
+                        event_id=event.event_id, occurred_at=event.occurred_at, reason="backfill")
 
     # ------------------------------------------------------------------ SLAs
 
@@ -537,23 +771,31 @@ class Lead:
         s = self.state
         if any(x.name == name for x in s.slas):
             return
-        sla = OpenSla(name=name, started_at=start, due_at=start + due, met_by=met_by, stage=stage,
+        due_at = start + due
+        if due_at <= self._now:
+            # The deadline passed before its cause was even received: nobody could have met it.
+            self._audit(AuditKind.SLA_LATE_DATA, SYSTEM,
+                        f"SLA {name} not set: it was due {due_at.isoformat()} ({format_duration(due)} after {cause}),"
+                        f" before {cause} arrived (late data); not escalated", rule=name, occurred_at=start)
+            return
+        sla = OpenSla(name=name, started_at=start, due_at=due_at, met_by=met_by, stage=stage,
                       escalate_to=escalate_to, cause=cause)
         s.slas.append(sla)
         self._audit(AuditKind.SLA_SET, SYSTEM,
-                    f"SLA {name} due {sla.due_at.isoformat()} ({format_duration(due)} after {cause})", rule=name)
+                    f"SLA {name} due {sla.due_at.isoformat()} ({format_duration(due)} after {cause})", rule=name,
+                    occurred_at=start)
 
-    def _close_sla(self, sla: OpenSla, kind: AuditKind, actor: Actor, now: datetime) -> None:
+    def _close_sla(self, sla: OpenSla, kind: AuditKind, actor: Actor, at: datetime) -> None:
         s = self.state
         s.slas = [x for x in s.slas if x.name != sla.name]
-        taken = format_duration(now - sla.started_at) if now > sla.started_at else "0s"
+        taken = humanize(at - sla.started_at)
         outcome = {AuditKind.SLA_MET: "met", AuditKind.SLA_BREACHED: "breached",
                    AuditKind.SLA_CANCELLED: "cancelled"}[kind]
         self._audit(kind, actor, f"SLA {sla.name} {outcome} after {taken} (due {sla.due_at.isoformat()})",
-                    rule=sla.name)
+                    rule=sla.name, occurred_at=at)
         if kind == AuditKind.SLA_BREACHED:
             s.escalations += 1
-            self._outbound(OutboundKind.ESCALATION, now, sla=sla.name, escalate_to=sla.escalate_to,
+            self._outbound(OutboundKind.ESCALATION, at, sla=sla.name, escalate_to=sla.escalate_to,
                            due_at=sla.due_at.isoformat(), owner=s.owner, stage=s.stage.value)
 
     # ------------------------------------------------------------------ plumbing
@@ -577,23 +819,29 @@ class Lead:
         return False
 
     def _ignore(self, event: ActivityEvent, why: str) -> None:
-        self._audit(AuditKind.EVENT_IGNORED, SYSTEM, why, event_id=event.event_id, channel=event.channel)
+        self._audit(AuditKind.EVENT_IGNORED, SYSTEM, why, event_id=event.event_id, channel=event.channel,
+                    occurred_at=event.occurred_at)
 
     def _audit(self, kind: AuditKind, actor: Actor, detail: str, **fields) -> None:
         s = self.state
         s.audit_seq += 1
         fields.setdefault("channel", s.channel)
+        engagement = fields.pop("score_engagement", s.score.engagement)
+        if fields.get("occurred_at") == self._now:
+            fields["occurred_at"] = None
         self._effects.audit.append(
             AuditEntry(
                 lead_id=s.lead_id, seq=s.audit_seq, at=self._now, kind=kind, actor=actor.name, role=actor.role,
-                detail=detail, score_total=s.score.total, score_fit=s.score.fit,
-                score_engagement=s.score.engagement, model_ref=s.model_ref, **fields,
+                detail=detail, score_total=round(s.score.fit + engagement, 2), score_fit=s.score.fit,
+                score_engagement=engagement, model_ref=s.model_ref, **fields,
             )
         )
 
-    def _outbound(self, kind: OutboundKind, now: datetime, **payload) -> None:
+    def _outbound(self, kind: OutboundKind, at: datetime, assign_to: str | None = None, **payload) -> None:
         s = self.state
+        n = s.outbound_seq.get(kind.value, 0) + 1
+        s.outbound_seq[kind.value] = n
         self._effects.outbound.append(
-            Outbound(message_id=f"{s.lead_id}/{kind.value}/{s.audit_seq}", lead_id=s.lead_id, kind=kind, at=now,
-                     payload={"stage": s.stage.value, **payload})
+            Outbound(message_id=f"{s.lead_id}/{kind.value}/{n}", lead_id=s.lead_id, kind=kind, at=at,
+                     payload={"stage": s.stage.value, **payload}, assign_to=assign_to)
         )

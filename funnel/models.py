@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 from enum import StrEnum
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    model_validator,
 )
 
 # Lead ids become workflow ids and search attributes are derived from leads, so
@@ -82,6 +83,7 @@ class Trigger(StrEnum):
     WON = "won"
     LOST = "lost"
     DECAY_BELOW_THRESHOLD = "decay_below_threshold"
+    NEGATIVE_CRITERIA = "negative_criteria"
     COOL_OFF_ENDED = "cool_off_ended"
     REQUALIFY = "requalify"
     REOPEN = "reopen"
@@ -116,8 +118,29 @@ class ActivityEvent(Strict):
     )
 
 
+CONSENT_FACT = "email_consent"  # true: opted in; false: objected
+CONSENT_AT_FACT = "email_consent_at"  # ISO 8601 with a timezone: when the person said so
+CONSENT_SOURCE_FACT = "email_consent_source"  # e.g. the form or double opt-in mail
+
+
+def parse_fact_time(value: object) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 timestamp with a timezone, as a string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an ISO 8601 timestamp") from None
+    return _aware_utc(parsed)
+
+
 class ProfileUpdate(Strict):
-    """Profile (fit) facts about a lead; a later value for a field replaces the earlier."""
+    """Profile (fit) facts about a lead.
+
+    A later value for a field replaces the earlier, "later" by `observed_at` (when the
+    facts were true; ties by update id), so the order updates arrive in does not matter.
+    Without `observed_at` the lead's receive time stands in. Consent travels as facts too:
+    `email_consent` (bool) with optional `email_consent_at` and `email_consent_source`.
+    """
 
     update_id: EventId
     lead_id: LeadId
@@ -125,6 +148,18 @@ class ProfileUpdate(Strict):
         min_length=1, max_length=50
     )
     actor: Actor = SYSTEM
+    observed_at: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _consent_facts(self) -> "ProfileUpdate":
+        if CONSENT_FACT in self.facts and not isinstance(self.facts[CONSENT_FACT], bool):
+            raise ValueError(f"facts.{CONSENT_FACT} must be true or false")
+        if CONSENT_AT_FACT in self.facts:
+            try:
+                parse_fact_time(self.facts[CONSENT_AT_FACT])
+            except ValueError as err:
+                raise ValueError(f"facts.{CONSENT_AT_FACT}: {err}") from None
+        return self
 
 
 class Accept(Strict):
@@ -230,46 +265,173 @@ class StageVisit(BaseModel):
     trigger: Trigger | None = None
 
 
-class RecentEvent(BaseModel):
-    """Kept for frequency weighting only; bounded by the model's window."""
+# --------------------------------------------------------------------------- engagement state
+# What a lead keeps to recompute its engagement from its events in time order; the fold
+# itself is in funnel/engagement.py.
 
+
+class WindowEvent(BaseModel):
+    """An applied event, as the fold needs it (and as the handover shows it)."""
+
+    event_id: str
     type: str
     occurred_at: datetime
+    channel: str | None = None
+    attributes: dict[str, FactValue] = Field(default_factory=dict)
+
+
+class Anchor(BaseModel):
+    """A stage change that touches engagement: `clock` (MQL entry) or `reset` (recycled)."""
+
+    at: datetime
+    kind: Literal["clock", "reset"]
+
+
+class TypeTally(BaseModel):
+    """What the fold remembers of one event type."""
+
+    counted: int = 0  # events of this type so far (since a reset, for positive types)
+    last_at: datetime | None = None
+    cancelled_at: datetime | None = None  # last time a `cancels` event took this type back
+    cap_from: datetime | None = None  # the current cap window opened here
+    cap_points: float = 0.0  # points added within it
+    recent: list[datetime] = Field(default_factory=list)  # latest times, for frequency weighting
+
+
+class ConsentRecord(BaseModel):
+    """Whether the lead may be mailed, since when and because of what."""
+
+    email: bool
+    since: datetime
+    source: str  # "unsubscribe e-9", "profile update p-3 (form-7)"
+
+
+class FoldState(BaseModel):
+    """The folded engagement of a lead up to `at`."""
+
+    at: datetime | None = None
+    after_id: str = ""  # of the events at exactly `at`, those with a smaller id are folded in
+    positive: float = 0.0  # decays
+    negative: float = 0.0  # does not
+    clock_from: datetime | None = None  # inactivity clock: last activity, or MQL entry
+    last_activity: datetime | None = None
+    decay_steps: int = 0  # decay steps since clock_from
+    tallies: dict[str, TypeTally] = Field(default_factory=dict)
+    breakdown: dict[str, float] = Field(default_factory=dict)
+    consent: ConsentRecord | None = None  # the latest consent event
+    first_touch: tuple[datetime, str] | None = None  # earliest event with a channel
+    newest_activity: datetime | None = None
+
+    @property
+    def engagement(self) -> float:
+        return round(self.positive + self.negative + 0.0, 2)
+
+
+class EngagementLog(BaseModel):
+    """What a lead keeps to recompute its engagement: checkpoint, window, anchors."""
+
+    checkpoint: FoldState = Field(default_factory=FoldState)
+    window: list[WindowEvent] = Field(default_factory=list)  # sorted by (occurred_at, event_id)
+    anchors: list[Anchor] = Field(default_factory=list)  # sorted by time, all after the checkpoint
+
+    @property
+    def newest(self) -> datetime | None:
+        return self.window[-1].occurred_at if self.window else self.checkpoint.at
+
+    @property
+    def newest_key(self) -> tuple[datetime, str] | None:
+        """(occurred_at, event_id) of the last event in time order: anything before it is late."""
+        if self.window:
+            return self.window[-1].occurred_at, self.window[-1].event_id
+        return (self.checkpoint.at, self.checkpoint.after_id) if self.checkpoint.at else None
+
+    @property
+    def horizon_start(self) -> datetime | None:
+        """Events older than this are beyond exact re-scoring."""
+        return self.checkpoint.at
+
+    def beyond_horizon(self, occurred_at: datetime, event_id: str) -> bool:
+        cp = self.checkpoint
+        return cp.at is not None and (occurred_at, event_id) < (cp.at, cp.after_id)
+
+    def add(self, event: WindowEvent) -> None:
+        key = (event.occurred_at, event.event_id)
+        index = len(self.window)
+        while index and (self.window[index - 1].occurred_at, self.window[index - 1].event_id) > key:
+            index -= 1
+        self.window.insert(index, event)
+
+    def add_anchor(self, anchor: Anchor) -> None:
+        self.anchors.append(anchor)
+        self.anchors.sort(key=lambda a: a.at)
 
 
 class LeadState(BaseModel):
     """Everything a lead needs to go on; carried across continue-as-new.
 
-    Every collection here is bounded: seen ids by `seen_ids_max`, recent events
-    by the frequency window, stage history by the number of transitions a lead
-    can make in practice (each needs a person or a cool-off).
+    Every collection here is bounded: seen ids by `seen_ids_max`, the engagement window
+    by the model's `late_events`, stage history by the number of transitions a lead can
+    make in practice (each needs a person or a cool-off).
     """
 
     lead_id: str
     created_at: datetime
     stage: Stage = Stage.IQL
     stage_since: datetime
-    channel: str | None = None  # first-touch channel, for funnel reports
+    channel: str | None = None  # first touch: the channel of the lead's earliest event
     owner: str | None = None
     profile: dict[str, FactValue] = Field(default_factory=dict)
+    # field -> (observed at, update id) of the value kept: the latest wins, whatever the order
+    profile_seen: dict[str, tuple[datetime, str]] = Field(default_factory=dict)
+    consent_fact: ConsentRecord | None = None  # consent given or withdrawn as a profile fact
+    event_consent: ConsentRecord | None = None  # the latest consent event (from the engagement fold)
     score: Score = Field(default_factory=Score)
-    points_by_type: dict[str, float] = Field(default_factory=dict)
-    count_by_type: dict[str, int] = Field(default_factory=dict)
-    recent: list[RecentEvent] = Field(default_factory=list)
-    last_activity_at: datetime | None = None
-    decay_steps: int = 0  # decay steps applied since last_activity_at
+    engagement: EngagementLog = Field(default_factory=EngagementLog)
+    evaluated_at: datetime | None = None  # engagement was last folded up to here
+    next_decay_at: datetime | None = None
+    events_applied: int = 0
     seen_ids: list[str] = Field(default_factory=list)
     slas: list[OpenSla] = Field(default_factory=list)
     nurture: NurtureProgress | None = None
     cool_off_until: datetime | None = None
     qualified_by: str | None = None  # "bant 3/4" once qualified
     history: list[StageVisit] = Field(default_factory=list)
+    # Decisions of the lead itself (threshold, fast track, below threshold) wait for the
+    # lead's decision delay, so input arriving together is decided together.
+    decision_due_at: datetime | None = None
+    below_threshold_by: list[Literal["decay", "negative"]] = Field(default_factory=list)
+    mql_hand_raised: bool = False  # the current MQL came from a hand-raise (fast track)
+    fast_track_used_until: datetime | None = None  # fast-track events up to here have been decided on
     audit_seq: int = 0
+    outbound_seq: dict[str, int] = Field(default_factory=dict)  # per kind, for message ids
     model_ref: str = ""
-    events_applied: int = 0
     duplicates_ignored: int = 0
     handovers: int = 0
     escalations: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_older_code(cls, data: Any) -> Any:
+        """State carried over (continue-as-new) from code that added engagement up in
+        arrival order: its totals become the checkpoint of the engagement log."""
+        if not isinstance(data, dict) or "engagement" in data or "points_by_type" not in data:
+            return data
+        data = dict(data)
+        points = data.pop("points_by_type", {}) or {}
+        counts = data.pop("count_by_type", {}) or {}
+        data.pop("recent", None)
+        last = data.pop("last_activity_at", None)
+        steps = data.pop("decay_steps", 0) or 0
+        score = data.get("score") or {}
+        breakdown = {k: v for k, v in (score.get("breakdown") or {}).items() if not k.startswith("fit:")}
+        negative = round(sum(v for v in points.values() if v < 0), 2)
+        engagement = float(score.get("engagement", 0.0))
+        data["engagement"] = {"checkpoint": {
+            "at": last, "positive": round(engagement - negative, 2), "negative": negative,
+            "clock_from": last, "last_activity": last, "newest_activity": last, "decay_steps": steps,
+            "tallies": {t: {"counted": n} for t, n in counts.items()}, "breakdown": breakdown,
+        }}
+        return data
 
 
 # --------------------------------------------------------------------------- outputs
@@ -289,6 +451,10 @@ class AuditKind(StrEnum):
     SLA_BREACHED = "sla_breached"
     SLA_CANCELLED = "sla_cancelled"
     NURTURE_STEP_SENT = "nurture_step_sent"
+    NURTURE_STEP_SKIPPED = "nurture_step_skipped"
+    SLA_LATE_DATA = "sla_late_data"
+    FAST_TRACK_BLOCKED = "fast_track_blocked"
+    NOT_HANDED_OVER = "not_handed_over"  # backfill: old events scored but are not news
     MODEL_CHANGED = "model_changed"
 
 
@@ -297,7 +463,7 @@ class AuditEntry(BaseModel):
 
     lead_id: str
     seq: int
-    at: datetime
+    at: datetime  # when the lead recorded it
     kind: AuditKind
     actor: str
     role: Role
@@ -314,6 +480,11 @@ class AuditEntry(BaseModel):
     to_stage: Stage | None = None
     trigger: Trigger | None = None
     reason: str | None = None
+    occurred_at: datetime | None = None  # when its cause happened (event time, due time); None: at `at`
+
+    @property
+    def happened_at(self) -> datetime:
+        return self.occurred_at or self.at
 
     @property
     def entry_id(self) -> str:
@@ -324,17 +495,20 @@ class OutboundKind(StrEnum):
     HANDOVER = "handover"  # MQL to presales
     NURTURE_STEP = "nurture_step"
     ESCALATION = "escalation"
-    OPPORTUNITY = "opportunity"  # SQL: create the CRM opportunity
+    OPPORTUNITY = "opportunity"  # SQL: create the CRM opportunity, hand to sales
+    REVIEW = "review"  # a hand-raiser that a fit rule keeps from presales: someone should look
 
 
 class Outbound(BaseModel):
     """A message for the world outside (CRM, marketing automation, people)."""
 
-    message_id: str  # "<lead>/<kind>/<seq>": idempotent delivery
+    message_id: str  # "<lead>/<kind>/<n>": idempotent delivery
     lead_id: str
     kind: OutboundKind
     at: datetime
-    payload: dict[str, FactValue | None] = Field(default_factory=dict)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    # The team whose next member in turn owns the lead before this message goes out.
+    assign_to: Literal["presales", "sales"] | None = None
 
 
 class Refused(Exception):

@@ -38,11 +38,27 @@ def parse_duration(value: object) -> timedelta:
 
 
 def format_duration(value: timedelta) -> str:
+    """A model duration as the model file writes it: '30d', '12h', '90s'."""
     seconds = int(value.total_seconds())
     for unit in ("w", "d", "h", "m"):
-        if seconds % _UNITS[unit] == 0:
+        if seconds and seconds % _UNITS[unit] == 0:
             return f"{seconds // _UNITS[unit]}{unit}"
     return f"{seconds}s"
+
+
+def humanize(value: timedelta) -> str:
+    """A measured duration as people read it: '13h 0m', '2d 3h', '4m 10s', '0s'."""
+    seconds = max(int(value.total_seconds()), 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h" if hours else f"{days}d"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
 
 
 Duration = Annotated[
@@ -58,9 +74,15 @@ class EventRule(_Section):
     """Points for one activity type (implicit/behavioural, or negative)."""
 
     points: float
-    cap: float | None = Field(default=None, gt=0)  # most points this type can add in total
-    count_once: bool = False  # only the first occurrence scores
+    cap: float | None = Field(default=None, gt=0)  # most points this type adds within one cap window
+    # A cap window opens with the type's first scoring event and lasts this long; the next
+    # event after it opens a new one (default: the decay period), so a lead back after a
+    # cold spell scores again.
+    cap_window: Duration | None = None
+    count_once: bool = False  # only the first occurrence scores (until a `cancels` event)
     activity: bool = True  # resets the inactivity clock (an unsubscribe does not)
+    consent: Literal["revoke", "grant"] | None = None  # email consent this event revokes or grants
+    cancels: list[str] = Field(default_factory=list)  # negative types it takes back (resubscribe)
 
 
 class FitRule(_Section):
@@ -73,6 +95,9 @@ class FitRule(_Section):
     one_of: list[FactValue] | None = None
     min: float | None = None
     max: float | None = None
+    # A lead this rule matches is not handed to presales on a fast-track event: presales
+    # gets a `review` message instead (competitor, student, wrong audience).
+    blocks_fast_track: bool = False
 
     @model_validator(mode="after")
     def _one_condition(self) -> "FitRule":
@@ -138,10 +163,22 @@ class Decay(_Section):
         return self
 
 
+class MaxAge(_Section):
+    """Backfill is not news: an event older than this when it arrives scores, but does
+    not hand the lead over by this trigger."""
+
+    score_threshold: Duration = timedelta(days=30)  # the lead's newest activity must be this recent
+    fast_track: Duration = timedelta(days=7)
+
+
 class Thresholds(_Section):
     mql: float = 100
     fast_track: list[str] = Field(default_factory=list)  # event types that make an MQL at once
+    # An MQL nobody accepted whose score falls below `mql` (by decay, counted from its MQL
+    # entry, or by negative criteria) goes back to recycled; "stay" keeps it MQL.
     on_mql_decay: Literal["recycle", "stay"] = "recycle"
+    fast_track_ends_cool_off: bool = True  # a hand-raise requalifies a recycled lead at once
+    max_age: MaxAge = MaxAge()
 
 
 class Shortcuts(_Section):
@@ -151,9 +188,32 @@ class Shortcuts(_Section):
     qualify_from_mql: bool = False  # presales may qualify an MQL directly to SQL
 
 
+BantCriterion = Literal["budget", "authority", "need", "timing"]
+MeddicCriterion = Literal[
+    "metrics", "economic_buyer", "decision_criteria", "decision_process", "identify_pain", "champion"
+]
+
+
 class Qualification(_Section):
     bant_min: int = Field(default=3, ge=1, le=4)
+    # Criteria that must be among those met, on top of the count (an SQL always has a
+    # budget and a need, say the sources).
+    bant_required: list[BantCriterion] = Field(default_factory=lambda: ["budget", "need"])
     meddic_min: int = Field(default=5, ge=1, le=6)
+    meddic_required: list[MeddicCriterion] = Field(default_factory=list)
+
+
+class LateEvents(_Section):
+    """How far back a late event re-scores the lead exactly.
+
+    The lead keeps its events of the last `horizon` before its newest one (at most
+    `max_events` of them) and recomputes engagement from them whenever one arrives out of
+    order. An event older than that is applied as it is: its negative points, consent and
+    count count, its positive points do not (decay has taken them: see the README).
+    """
+
+    horizon: Duration = timedelta(days=365)
+    max_events: int = Field(default=500, ge=10, le=5000)
 
 
 class NurtureStep(_Section):
@@ -210,12 +270,21 @@ class ScoringModel(_Section):
     nurture: dict[Literal["iql", "recycled"], list[NurtureStep]] = Field(default_factory=dict)
     sla: list[Sla] = Field(default_factory=list)
     cool_off: CoolOff = CoolOff()
+    late_events: LateEvents = LateEvents()
 
     @model_validator(mode="after")
     def _consistent(self) -> "ScoringModel":
-        for name in self.events:
+        for name, rule in self.events.items():
             if not re.match(r"^[a-z][a-z0-9_]{0,63}$", name):
                 raise _FieldError(("events", name), f"event type {name!r}: use lower_snake_case")
+            for cancelled in rule.cancels:
+                target = self.events.get(cancelled)
+                if target is None or target.points >= 0:
+                    raise _FieldError(
+                        ("events", name, "cancels"),
+                        f"event type {name!r} cancels {cancelled!r}: only event types with negative points can be"
+                        " taken back",
+                    )
         unknown = [t for t in self.thresholds.fast_track if t not in self.events]
         if unknown:
             raise _FieldError(
@@ -233,6 +302,9 @@ class ScoringModel(_Section):
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    def cap_window(self, rule: EventRule) -> timedelta:
+        return rule.cap_window or self.decay.every
 
 
 class ModelError(ValueError):

@@ -39,6 +39,8 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(S.MQL, T.REJECT_DISQUALIFY, S.DISQUALIFIED, HUMANS_PRESALES, why="presales disqualified"),
     Transition(S.MQL, T.REJECT_RECYCLE, S.RECYCLED, HUMANS_PRESALES, why="presales: not now"),
     Transition(S.MQL, T.DECAY_BELOW_THRESHOLD, S.RECYCLED, SYSTEM, why="decayed below threshold before acceptance"),
+    Transition(S.MQL, T.NEGATIVE_CRITERIA, S.RECYCLED, SYSTEM,
+               why="negative criteria took it below the threshold before acceptance"),
     Transition(
         S.MQL, T.QUALIFY, S.SQL, HUMANS_PRESALES, shortcut="qualify_from_mql", why="qualified straight from MQL"
     ),

@@ -88,6 +88,7 @@ def settings(tmp_path) -> Settings:
     return Settings(
         task_queue=f"leads-{uuid.uuid4().hex[:8]}",
         database_url=f"sqlite:///{tmp_path / 'audit.db'}",
+        decision_delay_seconds=1.0,
     )
 
 

@@ -202,6 +202,8 @@ __all__ = [
     "Reject",
     "Reopen",
     "assert_score_consistent",
+    "counts",
+    "folded",
     "auto_accept_model",
     "days",
     "default_model",
@@ -235,3 +237,14 @@ def assert_score_consistent(lead: Lead) -> None:
     assert round(engagement, 2) == round(score.engagement, 2), score
     assert round(fit + engagement, 2) == score.total, score
     assert all(v != 0 for v in score.breakdown.values()), score
+
+
+def folded(lead: Lead):
+    """The lead's engagement fold as of its last evaluation (counts, clock, decay steps)."""
+    from funnel.engagement import fold
+
+    return fold(lead.model, lead.state.engagement, lead.state.evaluated_at).state
+
+
+def counts(lead: Lead) -> dict[str, int]:
+    return {t: tally.counted for t, tally in folded(lead).tallies.items() if tally.counted}

@@ -34,6 +34,7 @@ from tests.funnel_helpers import (
     Reject,
     Reopen,
     assert_score_consistent,
+    counts,
     days,
     default_model,
     disqualified_lead,
@@ -84,7 +85,8 @@ def test_presales_accepts_an_mql():
     assert (change.actor, change.role, change.trigger) == ("pia", Role.PRESALES, Trigger.ACCEPT)
     [met] = of_kind(fx, AuditKind.SLA_MET)
     assert met.rule == "presales_decision" and met.actor == "pia"
-    assert s.slas == []
+    # an accepted lead gets its own deadline: presales qualifies or rejects it within 5 days
+    assert [(x.name, x.due_at) for x in s.slas] == [("presales_qualification", LATER + days(5))]
     assert fx.outbound == []
 
 
@@ -137,7 +139,7 @@ def test_reject_recycles_not_now():
     fx = lead.take_effects()
     [reset] = [a for a in of_kind(fx, AuditKind.SCORE_CHANGED) if a.rule == "recycle_reset"]
     assert reset.detail == "\u2212100 engagement reset on recycle"
-    assert s.count_by_type == {} and s.points_by_type == {} and s.recent == []
+    assert counts(lead) == {}  # counts start over: a new demo request would score again
     assert_score_consistent(lead)
 
 
@@ -175,7 +177,10 @@ def test_bant_three_of_four_qualifies_and_creates_an_opportunity():
     assert change.reason == "bant 3/4: budget, authority, need"
     assert change.detail == "sal -> sql: qualified (BANT/MEDDIC) (bant 3/4: budget, authority, need)"
     [opportunity] = outbound_of(fx, OutboundKind.OPPORTUNITY)
-    assert opportunity.payload == {"stage": "sql", "owner": None, "qualified_by": s.qualified_by, "score": 100}
+    p = opportunity.payload
+    assert (p["stage"], p["qualified_by"], p["score"], p["presales_owner"]) == ("sql", s.qualified_by, 100, None)
+    assert p["breakdown"] == {"demo_request": 100} and p["activities"][0]["type"] == "demo_request"
+    assert opportunity.assign_to == "sales"  # entering SQL hands the lead to an account executive
     assert [x.name for x in s.slas] == ["first_sales_contact"]
     assert s.slas[0].due_at == LATER + days(1)
 
@@ -190,11 +195,15 @@ def test_bant_four_of_four_qualifies():
     "bant,message",
     [
         (Bant(budget=True, need=True), "BANT 2 of 4 met (budget, need); at least 3 needed"),
-        (Bant(timing=True), "BANT 1 of 4 met (timing); at least 3 needed"),
-        (Bant(), "BANT 0 of 4 met (none); at least 3 needed"),
+        (Bant(budget=True, need=True, timing=False), "BANT 2 of 4 met (budget, need); at least 3 needed"),
+        (Bant(timing=True), "BANT budget and need are required (met: timing)"),
+        (Bant(), "BANT budget and need are required (met: none)"),
+        (Bant(authority=True, need=True, timing=True), "BANT budget is required (met: authority, need, timing)"),
+        (Bant(budget=True, authority=True, timing=True), "BANT need is required (met: budget, authority, timing)"),
     ],
 )
-def test_bant_below_three_is_refused_naming_what_was_met(bant, message):
+def test_bant_refusals_name_what_is_missing(bant, message):
+    """Three of four, and an SQL always has a budget and a need (the sources): both are required."""
     lead = sal_lead()
     with pytest.raises(Refused) as err:
         lead.execute(Qualify(by=SALES, bant=bant), LATER)
@@ -255,7 +264,7 @@ def test_a_contact_meets_the_first_sales_contact_sla():
     assert contact.detail == "phone contact by sam: called, demo booked"
     [met] = of_kind(fx, AuditKind.SLA_MET)
     assert met.rule == "first_sales_contact"
-    assert met.detail == "SLA first_sales_contact met after 5h (due 2026-01-02T00:00:00+00:00)"
+    assert met.detail == "SLA first_sales_contact met after 5h 0m (due 2026-01-02T00:00:00+00:00)"
     assert lead.state.slas == []
     assert lead.state.stage == Stage.SQL
     assert stage_changes(fx) == []
@@ -419,7 +428,7 @@ def test_a_whole_life_is_audited_in_order():
         (Stage.SAL, Stage.SQL, "qualify"), (Stage.SQL, Stage.WON, "won")]
     assert [a.at for a in fx.audit] == sorted(a.at for a in fx.audit)
     assert [o.kind for o in fx.outbound] == [OutboundKind.HANDOVER, OutboundKind.OPPORTUNITY]
-    assert fx.outbound[1].payload["owner"] == "pia"
+    assert fx.outbound[1].payload["presales_owner"] == "pia" and fx.outbound[1].assign_to == "sales"
     assert len({o.message_id for o in fx.outbound}) == 2
     [owner] = of_kind(fx, AuditKind.OWNER_ASSIGNED)
     assert owner.detail == "owner pia (handover to presales)"
@@ -499,7 +508,7 @@ def test_a_restored_lead_refuses_a_duplicate_it_saw_before():
     clone.ingest(event("seen-1", "website_visit", T0 + days(3)), T0 + days(3))
     fx = clone.take_effects()
     assert [a.kind for a in fx.audit] == [AuditKind.DUPLICATE_IGNORED]
-    assert clone.state.count_by_type["website_visit"] == 2
+    assert counts(clone)["website_visit"] == 2
 
 
 def test_restored_audit_sequence_continues():

@@ -12,7 +12,9 @@ from tests.funnel_helpers import (
     MARKETING,
     T0,
     assert_score_consistent,
+    counts,
     days,
+    folded,
     default_model,
     event,
     facts,
@@ -46,9 +48,8 @@ def test_each_event_type_scores_its_points_once(type_):
     assert s.score.engagement == points
     assert s.score.fit == 0
     assert s.score.breakdown == ({type_: points} if points else {})
-    assert s.count_by_type == {type_: 1}
+    assert counts(lead) == {type_: 1}
     assert s.events_applied == 1
-    assert s.points_by_type[type_] == points
     fx = lead.take_effects()
     [entry] = of_kind(fx, AuditKind.SCORE_CHANGED)
     sign = "+" if points >= 0 else MINUS
@@ -56,9 +57,9 @@ def test_each_event_type_scores_its_points_once(type_):
     assert (entry.rule, entry.points, entry.event_id, entry.score_total) == (type_, points, "x-1", points)
     assert entry.at == T0 + hours(1)
     if DEFAULT.events[type_].activity:
-        assert s.last_activity_at == T0 + hours(1)
+        assert folded(lead).last_activity == T0 + hours(1)
     else:
-        assert s.last_activity_at is None
+        assert folded(lead).last_activity is None
     assert_score_consistent(lead)
 
 
@@ -86,10 +87,9 @@ def test_cap_per_type():
     entries = score_entries(lead)
     assert [e.points for e in entries] == [1, 1.5] + [2] * 13 + [1.5] + [0] * 4
     assert lead.state.score.breakdown == {"website_visit": 30}
-    assert lead.state.points_by_type["website_visit"] == 30
-    assert entries[15].detail == "+1.5 website_visit (event w-16, x2: 16 in 1w, capped at 30)"
-    assert entries[19].detail == "+0 website_visit (event w-20, x2: 20 in 1w, capped at 30)"
-    assert lead.state.count_by_type["website_visit"] == 20
+    assert entries[15].detail == "+1.5 website_visit (event w-16, x2: 16 in 1w, capped at 30 per 30d)"
+    assert entries[19].detail == "+0 website_visit (event w-20, x2: 20 in 1w, capped at 30 per 30d)"
+    assert counts(lead)["website_visit"] == 20
     assert lead.state.events_applied == 20
 
 
@@ -109,7 +109,7 @@ def test_count_once():
     assert (first.points, second.points) == (20, 0)
     assert second.detail == "+0 newsletter_signup (event n-2: counts once)"
     assert lead.state.score.engagement == 20
-    assert lead.state.count_by_type["newsletter_signup"] == 2
+    assert counts(lead)["newsletter_signup"] == 2
 
 
 # --------------------------------------------------------------------------- negative criteria
@@ -126,7 +126,7 @@ def test_unsubscribe_subtracts_once_and_is_not_activity():
     assert entries[2].points == 0
     assert lead.state.score.total == 30
     assert lead.state.score.breakdown == {"webinar_attended": 50, "unsubscribe": -20}
-    assert lead.state.last_activity_at == T0  # the unsubscribe did not count as activity
+    assert folded(lead).last_activity == T0  # the unsubscribe did not count as activity
 
 
 def test_bounced_email_subtracts():
@@ -138,8 +138,8 @@ def test_bounced_email_subtracts():
 
 
 def test_negative_points_are_never_multiplied_by_frequency():
-    model = variant(("activity = false\ncount_once = true\n[events.email_bounced]",
-                     "activity = false\n[events.email_bounced]"))
+    model = variant(("points = -20                      # (articles) negative criterion\nactivity = false\n"
+                     "count_once = true", "points = -20\nactivity = false"))
     lead = new_lead(model)
     for i in range(3):
         feed(lead, "unsubscribe", T0 + hours(i))
@@ -267,11 +267,9 @@ def test_four_visits_in_one_week_score_more_than_four_spread_over_four_months():
     assert week.state.score.breakdown == {"website_visit": 6.5}
     assert week.state.score.total == 6.5
     # spread out: 1 each, and each visit has decayed away (to the floor) before the next one
-    assert months.state.points_by_type["website_visit"] == 4
     assert months.state.score.breakdown == {"website_visit": 4, "decay": -3}
     assert months.state.score.total == 1
     assert week.state.score.total > months.state.score.total
-    assert week.state.points_by_type["website_visit"] > months.state.points_by_type["website_visit"]
     details = [e.detail for e in score_entries(week)]
     assert details == [
         "+1 website_visit (event v-1)",
@@ -335,11 +333,14 @@ def test_percent_decay_25_after_30_idle_days_then_every_30_days_catching_up_in_o
         f"{MINUS}11.25 inactivity decay (25% after 90d without activity)",
     ]
     assert all(e.rule == "decay" for e in entries)
+    # recorded at the tick, each happened at its own due time
+    assert [e.at for e in entries] == [T0 + days(95)] * 3
+    assert [e.occurred_at for e in entries] == [T0 + days(30), T0 + days(60), T0 + days(90)]
     assert [e.score_engagement for e in entries] == [60, 45, 33.75]
     s = lead.state
     assert s.score.engagement == 33.75
     assert s.score.breakdown == {"sample_request": 60, "newsletter_signup": 20, "decay": -46.25}
-    assert s.decay_steps == 3
+    assert folded(lead).decay_steps == 3
     assert lead.view().next_decay_at == T0 + days(120)
     lead.tick(T0 + days(95))  # the same tick again changes nothing
     assert score_entries(lead) == []
@@ -353,7 +354,7 @@ def test_step_by_step_decay_equals_catch_up_decay():
     for d in range(1, 151):
         many.tick(T0 + days(d))
     assert one.state.score == many.state.score
-    assert one.state.decay_steps == many.state.decay_steps == 5
+    assert folded(one).decay_steps == folded(many).decay_steps == 5
 
 
 def test_points_decay_variant():
@@ -373,7 +374,7 @@ def test_points_decay_floors_at_zero_and_stops():
     lead.tick(T0 + days(365))
     assert [e.points for e in score_entries(lead)] == [-10, -10, -5]
     assert lead.state.score.engagement == 0
-    assert lead.state.decay_steps == 3
+    assert folded(lead).decay_steps == 3
     assert lead.view().next_decay_at is None
 
 
@@ -395,7 +396,9 @@ def test_percent_decay_floors_to_zero_below_one_point():
     lead.tick(T0 + days(30))
     [entry] = score_entries(lead)
     assert entry.points == -1
-    assert entry.detail == f"{MINUS}1 inactivity decay (25% after 30d without activity)"
+    # the floor took the rest, and the entry says so rather than claiming 25%
+    assert entry.detail == (f"{MINUS}1 inactivity decay (25% after 30d without activity, and the 0.75 left below"
+                            " the 1-point floor)")
     assert lead.state.score.engagement == 0
     assert lead.view().next_decay_at is None
     lead.tick(T0 + days(400))
@@ -411,22 +414,39 @@ def test_percent_decay_over_many_steps_reaches_zero():
     assert lead.state.score.engagement == 0
 
 
-def test_decay_stops_when_engagement_is_zero_or_negative():
+def test_decay_takes_positive_engagement_only_and_stops_at_zero():
     lead = new_lead()
     feed(lead, "website_visit", T0)
-    feed(lead, "unsubscribe", T0)  # engagement -19
+    feed(lead, "unsubscribe", T0)  # engagement -19: +1 that decays, -20 that does not
     lead.take_effects()
-    assert lead.view().next_decay_at is None
+    assert lead.view().next_decay_at == T0 + days(30)
     lead.tick(T0 + days(200))
-    assert score_entries(lead) == []
-    assert lead.state.score.engagement == -19
+    assert [e.points for e in score_entries(lead)] == [-1]
+    assert lead.state.score.engagement == -20
+    assert lead.view().next_decay_at is None
+
+
+def test_negative_criteria_do_not_decay_away():
+    """An engaged lead that unsubscribed must not end a cold year above one that only unsubscribed."""
+    engaged = new_lead()
+    feed(engaged, "webinar_attended", T0)
+    feed(engaged, "unsubscribe", T0 + hours(1))
+    only = new_lead(lead_id="L-8")
+    feed(only, "unsubscribe", T0 + hours(1))
+    engaged.tick(T0 + days(365))
+    only.tick(T0 + days(365))
+    assert engaged.state.score.breakdown["unsubscribe"] == -20  # the objection stands
+    assert -20 < engaged.state.score.total < -18  # 50 x 0.75^12 of interest is left after a cold year
+    engaged.tick(T0 + days(800))
+    only.tick(T0 + days(800))
+    assert engaged.state.score.total == only.state.score.total == -20
 
 
 def test_activity_resets_the_decay_clock():
     lead = _engaged()
     feed(lead, "website_visit", T0 + days(20))
     lead.take_effects()
-    assert lead.state.last_activity_at == T0 + days(20)
+    assert folded(lead).last_activity == T0 + days(20)
     assert lead.view().next_decay_at == T0 + days(50)
     lead.tick(T0 + days(49))
     assert score_entries(lead) == []
@@ -439,22 +459,23 @@ def test_activity_resets_the_decay_clock():
 def test_activity_after_decay_resets_the_step_count():
     lead = _engaged()
     lead.tick(T0 + days(65))  # two steps: 80 -> 45
-    assert lead.state.decay_steps == 2
+    assert folded(lead).decay_steps == 2
     feed(lead, "website_visit", T0 + days(70))
-    assert lead.state.decay_steps == 0
+    assert folded(lead).decay_steps == 0
     assert lead.view().next_decay_at == T0 + days(100)
 
 
 def test_an_inactive_event_does_not_reset_the_decay_clock():
     lead = _engaged()
     lead.ingest(event("u-1", "unsubscribe", T0 + days(20)), T0 + days(20))  # 80 -> 60
-    assert lead.state.last_activity_at == T0
+    assert folded(lead).last_activity == T0
     assert lead.view().next_decay_at == T0 + days(30)
     lead.take_effects()
     lead.tick(T0 + days(30))
     [entry] = score_entries(lead)
-    assert entry.points == -15
-    assert lead.state.score.engagement == 45
+    # decay takes 25% of the positive part only (80 -> 60): the unsubscribe does not decay away
+    assert entry.points == -20
+    assert lead.state.score.engagement == 40
 
 
 def test_an_event_first_applies_the_decay_that_was_due_before_it():
@@ -501,8 +522,14 @@ def test_b2b_target_account_starts_at_20_and_is_nurtured_to_mql():
     assert change.detail == "iql -> mql: score reached the MQL threshold (score 118.5)"
     assert (change.actor, change.role.value) == ("leadflow", "system")
     [handover] = outbound_of(fx, OutboundKind.HANDOVER)
-    assert handover.payload == {"stage": "mql", "score": 118.5, "trigger": "score_threshold"}
-    assert handover.message_id.startswith("L-7/handover/")
+    p = handover.payload
+    assert (p["stage"], p["score"], p["trigger"]) == ("mql", 118.5, "score_threshold")
+    assert p["reason"] == "score 118.5 reached the MQL threshold 100"
+    assert p["breakdown"] == s.score.breakdown and p["profile"] == {"target_account": True}
+    # what the lead did, newest first, so sales can refer to it
+    assert [(a["type"], a["occurred_at"]) for a in p["activities"][:2]] == [
+        ("webinar_attended", (T0 + days(28)).isoformat()), ("website_visit", (T0 + days(27) + hours(12)).isoformat())]
+    assert handover.message_id == "L-7/handover/1" and handover.assign_to == "presales"
     assert s.handovers == 1
     assert_score_consistent(lead)
 
@@ -525,7 +552,7 @@ def test_b2c_video_view_is_worth_nothing_but_is_recorded():
     assert entry.points == 0 and entry.event_id == "yt-1"
     assert lead.state.score.total == 0
     assert lead.state.score.breakdown == {}
-    assert lead.state.count_by_type == {"video_view": 1}
+    assert counts(lead) == {"video_view": 1}
     assert lead.state.events_applied == 1
     assert lead.state.channel == "youtube"
 
@@ -620,7 +647,7 @@ def test_seen_ids_are_bounded_and_the_oldest_is_forgotten():
     assert lead.state.duplicates_ignored == 1
     lead.ingest(event("e-1", "email_open", T0 + days(41)), T0 + days(41))  # forgotten: applied again
     assert lead.state.duplicates_ignored == 1
-    assert lead.state.count_by_type["email_open"] == 5
+    assert counts(lead)["email_open"] == 5
     assert lead.state.seen_ids == ["e-3", "e-4", "e-1"]
 
 
@@ -657,8 +684,7 @@ def test_events_that_cannot_apply_are_recorded_and_ignored(make, why):
     after = lead.state.model_dump()
     assert after["score"] == before["score"]
     assert after["events_applied"] == before["events_applied"] == 1
-    assert after["stage"] == Stage.IQL and after["last_activity_at"] == before["last_activity_at"]
-    assert after["count_by_type"] == before["count_by_type"]
+    assert after["stage"] == Stage.IQL and after["engagement"] == before["engagement"]
     assert fx.outbound == []
 
 
@@ -678,11 +704,11 @@ def test_switching_model_keeps_points_and_refits():
     lead.take_effects()
     v2 = variant(('version = "1"', 'version = "2"'), ("points = 20                       # (articles) a target",
                                                      "points = 30                       # (articles) a target"))
-    lead.use_model(v2, T0 + days(1))
+    lead.use_model(v2, T0 + hours(1))
     fx = lead.take_effects()
-    assert [a.kind for a in fx.audit] == [AuditKind.MODEL_CHANGED, AuditKind.SCORE_CHANGED]
-    assert fx.audit[0].detail == "scoring model default@1 -> default@2"
-    assert fx.audit[1].detail == "+10 fit rule target_account matches (model default@2)"
+    assert [a.kind for a in fx.audit] == [AuditKind.SCORE_CHANGED, AuditKind.MODEL_CHANGED]
+    assert fx.audit[0].detail == "+10 fit rule target_account matches (model default@2)"
+    assert fx.audit[1].detail == "scoring model default@1 \u2192 default@2: 70 \u2192 80"
     assert lead.state.model_ref == "default@2"
     assert lead.state.score.total == 80
     lead.use_model(v2, T0 + days(2))  # same ref: nothing to record

@@ -160,7 +160,7 @@ def test_webinar_follow_up_is_set_on_attendance_and_due_12h_later():
     assert lead.next_wakeup() == T0 + hours(17)  # earlier than the first nurture step
     lead.execute(LogContact(by=PRESALES, note="sent the recording"), T0 + hours(16))
     [met] = of_kind(lead.take_effects(), AuditKind.SLA_MET)
-    assert met.detail == f"SLA webinar_follow_up met after 11h (due {iso(T0 + hours(17))})"
+    assert met.detail == f"SLA webinar_follow_up met after 11h 0m (due {iso(T0 + hours(17))})"
 
 
 def test_webinar_follow_up_breach_escalates():
@@ -176,9 +176,24 @@ def test_webinar_follow_up_breach_escalates():
 
 def test_the_follow_up_clock_starts_when_the_webinar_happened():
     lead = new_lead()
-    lead.ingest(event("w-1", "webinar_attended", T0), T0 + hours(13))  # delivered late
+    lead.ingest(event("w-1", "webinar_attended", T0), T0 + hours(6))  # delivered late
     assert lead.state.slas[0].due_at == T0 + hours(12)
     assert lead.next_wakeup() == T0 + hours(12)
+
+
+def test_a_follow_up_already_due_when_its_webinar_arrives_is_late_data_not_a_breach():
+    """An attendee list imported the next morning: nobody could have called within 12 h."""
+    lead = new_lead()
+    lead.ingest(event("w-1", "webinar_attended", T0), T0 + hours(13))
+    assert lead.state.slas == []
+    fx = lead.take_effects()
+    [late] = of_kind(fx, AuditKind.SLA_LATE_DATA)
+    assert late.detail == ("SLA webinar_follow_up not set: it was due 2026-01-01T12:00:00+00:00 (12h after event w-1),"
+                           " before event w-1 arrived (late data); not escalated")
+    assert late.occurred_at == T0 and late.at == T0 + hours(13)
+    lead.tick(T0 + days(1))
+    fx = lead.take_effects()
+    assert of_kind(fx, AuditKind.SLA_BREACHED) == [] and outbound_of(fx, OutboundKind.ESCALATION) == []
 
 
 def test_a_second_webinar_does_not_open_a_second_follow_up():
@@ -292,7 +307,9 @@ def test_a_recycled_lead_cannot_requalify_during_cool_off_but_does_after():
     [change] = of_kind(fx, AuditKind.STAGE_CHANGED)
     assert change.detail == "recycled -> mql: requalified after cool-off (score 100)"
     [handover] = outbound_of(fx, OutboundKind.HANDOVER)
-    assert handover.payload == {"stage": "mql", "score": 100, "trigger": "requalify"}
+    p = handover.payload
+    assert (p["stage"], p["score"], p["trigger"]) == ("mql", 100, "requalify")
+    assert p["reason"] == "score 100 reached the MQL threshold 100"
     assert s.handovers == 2
     assert s.cool_off_until is None
     assert [x.name for x in s.slas] == ["presales_decision"]
@@ -309,8 +326,18 @@ def test_after_cool_off_a_lead_without_enough_score_stays_recycled_until_it_earn
     assert lead.state.history[-1].trigger == Trigger.REQUALIFY
 
 
-def test_a_demo_request_requalifies_only_after_cool_off():
+def test_a_demo_request_during_cool_off_requalifies_at_once():
+    """A hand-raiser is not made to wait out a cool-off (thresholds.fast_track_ends_cool_off)."""
     lead = recycled_lead()
+    lead.ingest(event("d-2", "demo_request", T0 + days(5)), T0 + days(5))
+    assert lead.state.stage == Stage.MQL
+    assert lead.state.stage_since == T0 + days(5)
+    [change] = of_kind(lead.take_effects(), AuditKind.STAGE_CHANGED)
+    assert change.detail == "recycled -> mql: requalified after cool-off (demo_request)"
+
+
+def test_a_demo_request_requalifies_only_after_cool_off_when_configured_so():
+    lead = recycled_lead(variant(("fast_track_ends_cool_off = true", "fast_track_ends_cool_off = false")))
     lead.ingest(event("d-2", "demo_request", T0 + days(5)), T0 + days(5))
     assert lead.state.stage == Stage.RECYCLED
     lead.take_effects()
@@ -453,6 +480,7 @@ def test_recycling_resets_interest_but_not_negative_criteria():
     lead.execute(Reject(by=PRESALES, reason="not_now", recycle=True), T0)
     assert lead.state.stage == Stage.RECYCLED
     assert lead.state.score.engagement == -20
-    assert lead.state.points_by_type == {"unsubscribe": -20}
+    assert {k: v for k, v in lead.state.score.breakdown.items() if k != "recycle_reset"} == {
+        "unsubscribe": -20, "webinar_attended": 50, "demo_request": 100}
     feed(lead, "unsubscribe", T0 + hours(1))
     assert lead.state.score.engagement == -20, "count_once is still remembered"

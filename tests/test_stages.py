@@ -42,6 +42,7 @@ EXPECTED = {
     (S.MQL, T.REJECT_DISQUALIFY): (S.DISQUALIFIED, {R.PRESALES, R.MANAGER}, None),
     (S.MQL, T.REJECT_RECYCLE): (S.RECYCLED, {R.PRESALES, R.MANAGER}, None),
     (S.MQL, T.DECAY_BELOW_THRESHOLD): (S.RECYCLED, {R.SYSTEM}, None),
+    (S.MQL, T.NEGATIVE_CRITERIA): (S.RECYCLED, {R.SYSTEM}, None),
     (S.MQL, T.QUALIFY): (S.SQL, {R.PRESALES, R.MANAGER}, "qualify_from_mql"),
     (S.SAL, T.QUALIFY): (S.SQL, {R.PRESALES, R.SALES, R.MANAGER}, None),
     (S.SAL, T.REJECT_DISQUALIFY): (S.DISQUALIFIED, {R.PRESALES, R.SALES, R.MANAGER}, None),
@@ -68,6 +69,7 @@ VERB = {
     T.WON: "close as won",
     T.LOST: "close as lost",
     T.DECAY_BELOW_THRESHOLD: "decay below threshold",
+    T.NEGATIVE_CRITERIA: "negative criteria",
     T.COOL_OFF_ENDED: "cool off ended",
     T.REQUALIFY: "requalify",
     T.REOPEN: "reopen",
@@ -85,6 +87,7 @@ SOURCES_ON = {
     T.WON: "sql",
     T.LOST: "sql",
     T.DECAY_BELOW_THRESHOLD: "mql",
+    T.NEGATIVE_CRITERIA: "mql",
     T.COOL_OFF_ENDED: "lost",
     T.REQUALIFY: "recycled",
     T.REOPEN: "disqualified or lost",
@@ -212,8 +215,9 @@ def test_auto_accept_shortcut_makes_an_mql_sal_without_presales():
     assert lead.state.stage == S.SAL
     assert [v.stage for v in lead.state.history] == [S.IQL, S.MQL, S.SAL]
     assert [v.trigger for v in lead.state.history] == [None, T.FAST_TRACK, T.AUTO_ACCEPT]
-    # the presales decision SLA opened on MQL is cancelled (not met: nobody decided), not left open
-    assert lead.state.slas == []
+    # the presales decision SLA opened on MQL is cancelled (not met: nobody decided), not left open;
+    # the accepted lead has its qualification deadline
+    assert [x.name for x in lead.state.slas] == ["presales_qualification"]
 
 
 def test_auto_accept_effects():

@@ -79,8 +79,12 @@ async def test_first_visit_to_won(ts_env, settings, store, sandboxed):
     ]
     assert [actor for _, _, actor, _ in moves] == ["leadflow", "anna", "anna", "ben"]
     kinds = [e.kind for e in history]
-    assert kinds.count(AuditKind.SLA_MET) == 3
-    assert AuditKind.OWNER_ASSIGNED in kinds
+    # presales_decision, presales_qualification, webinar_follow_up and first_sales_contact
+    assert kinds.count(AuditKind.SLA_MET) == 4
+    # an owner at every stage: presales on MQL, an account executive on SQL
+    owners = [e.detail for e in history if e.kind == AuditKind.OWNER_ASSIGNED]
+    assert [o.split()[-1].rstrip(")") for o in owners] == ["presales", "sales"]
+    assert owners[1].split()[1] in settings.sales_team
     assert [e.seq for e in history] == list(range(1, len(history) + 1)), "audit is complete and gap-free"
     assert any(e.detail.startswith("+50 webinar_attended (event L-won-2") for e in history)
     kinds_out = {m.kind.value for m in store.pending_outbox(limit=100)}

@@ -95,7 +95,7 @@ async def test_slas_met_in_time_are_recorded_as_met(ts_env, settings, store):
         await ts_env.sleep(3 * DAY)
         await settle(ts_env, client, lead, lambda v: True)
     met = sorted(e.rule for e in audit(store, lead, AuditKind.SLA_MET))
-    assert met == ["first_sales_contact", "presales_decision", "webinar_follow_up"]
+    assert met == ["first_sales_contact", "presales_decision", "presales_qualification", "webinar_follow_up"]
     assert audit(store, lead, AuditKind.SLA_BREACHED) == []
     assert outbox(store, OutboundKind.ESCALATION, lead) == []
     assert len(outbox(store, OutboundKind.OPPORTUNITY, lead)) == 1
@@ -175,7 +175,7 @@ async def test_lost_deal_returns_to_recycled_after_its_cool_off(ts_env, settings
         await leads.send_events(client, settings, [event(lead, "1", "demo_request", now)])
         await settle(ts_env, client, lead, lambda v: v.owner is not None)
         await leads.run_command(client, lead, Accept(by=ANNA))
-        await leads.run_command(client, lead, Qualify(by=ANNA, bant=Bant(budget=True, authority=True, timing=True)))
+        await leads.run_command(client, lead, Qualify(by=ANNA, bant=Bant(budget=True, need=True, timing=True)))
         view = await leads.run_command(client, lead, Close(by=BEN, outcome="lost", reason="price"))
         assert view.stage == Stage.LOST
         await ts_env.sleep(89 * DAY)

@@ -7,19 +7,45 @@ run, and a pydantic model defined there would be rebuilt each time.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, Field
 
 from funnel.lead import SEEN_IDS_MAX
-from funnel.models import ActivityEvent, LeadState, Outbound, ProfileUpdate
+from funnel.models import ActivityEvent, Actor, LeadState, Outbound, ProfileUpdate
 from funnel.scoring_model import ScoringModel
 
-# How a run behaves, for replay: runs started by older code have no `version` in
-# their input and replay as 1 (every audit batch written at once, the model loaded
-# by a regular activity). Version 2 writes the audit on a cadence (see
-# workflows/lead.py) and loads the model by local activity. (Chosen by input rather than
-# `workflow.patched()`: a patch upserts the TemporalChangeVersion search attribute,
-# a visibility write for every new lead.)
-CURRENT_VERSION = 2
+# How a run behaves, for replay. Runs keep the behaviour of the code that started them
+# (chosen by input rather than `workflow.patched()`: a patch upserts the
+# TemporalChangeVersion search attribute, a visibility write for every new lead).
+CURRENT_VERSION = 3
+
+
+@dataclass(frozen=True)
+class RunBehaviour:
+    """What differs between runs started by different versions of this code."""
+
+    # v2: the audit is written on a cadence (workflows/audit_cadence.py), the model is read
+    # by local activity and the lead sleeps on one running wake-up timer.
+    # v1: every batch is written at once, the model by a regular activity, and the lead
+    # waits with a timeout.
+    audit_cadence: bool
+    # v3: the lead's own decisions wait for its decision delay; an owner is assigned
+    # before the message that names them goes out (presales on MQL, sales on SQL);
+    # model changes arrive as a signal. v1 and v2 assign the presales owner and post
+    # the handover in one activity and decide at once.
+    decisions_and_owners: bool
+
+
+def behaviour(version: int) -> RunBehaviour:
+    return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3)
+
+
+class ModelChange(BaseModel):
+    """Signal: use this model version from now on (a rollout, see workflows/rollout.py)."""
+
+    ref: str
+    by: Actor
 
 
 class LeadInput(BaseModel):
@@ -33,6 +59,9 @@ class LeadInput(BaseModel):
     max_history_events: int = 2000
     seen_ids_max: int = SEEN_IDS_MAX
     version: int = 1  # callers and continue-as-new set CURRENT_VERSION
-    # Score changes and other deferrable audit entries (workflows/lead.py DEFERRABLE)
+    # Score changes and other deferrable audit entries (workflows/audit_cadence.py)
     # reach the store at the latest this long after they happen (0: at once).
     audit_max_lag_seconds: float = Field(default=30.0, ge=0)
+    # The lead decides by itself (threshold, fast track, below threshold) this long after
+    # the input that calls for it, so input arriving together is decided together.
+    decision_delay_seconds: float = Field(default=0.0, ge=0)

@@ -11,8 +11,9 @@ LEAD_STAGE = SearchAttributeKey.for_keyword("LeadStage")
 LEAD_OWNER = SearchAttributeKey.for_keyword("LeadOwner")
 LEAD_CHANNEL = SearchAttributeKey.for_keyword("LeadChannel")
 LEAD_SCORE = SearchAttributeKey.for_float("LeadScore")
+LEAD_MODEL = SearchAttributeKey.for_keyword("LeadModel")  # scoring model ref: a rollout finds who is behind
 
-ALL = [LEAD_STAGE, LEAD_OWNER, LEAD_CHANNEL, LEAD_SCORE]
+ALL = [LEAD_STAGE, LEAD_OWNER, LEAD_CHANNEL, LEAD_SCORE, LEAD_MODEL]
 
 
 def dev_server_flags() -> list[str]:

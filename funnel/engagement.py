@@ -1,0 +1,283 @@
+"""Engagement as a function of what happened and when: a fold over time-sorted events.
+
+A lead's engagement (behaviour points, negative criteria, frequency weighting, caps,
+decay) used to be added up in arrival order, so the same events scored differently
+depending on how webhooks happened to arrive. Here it is *recomputed* from the lead's
+events sorted by `occurred_at` (ties by event id) whenever the set changes:
+
+    engagement(now) = fold(checkpoint, window events + anchors in time order, until=now)
+
+- The **window** holds the lead's recent events (at most `late_events.max_events`, none
+  older than `late_events.horizon` before the newest). Any event that falls into it
+  re-scores it exactly, whatever the order and batching it arrived in.
+- The **checkpoint** is the folded state of everything older. It is small (a few numbers
+  per event type), so the lead's state stays bounded across continue-as-new.
+- **Anchors** are the stage changes that touch engagement: entering MQL restarts the
+  inactivity clock (the decay that recycles an unaccepted MQL counts from its MQL entry),
+  and recycling resets positive engagement when the model says so.
+- An event older than the checkpoint is applied as it is (`apply_beyond_horizon`): its
+  negative points, its consent and its count take effect, its positive points do not.
+
+Decay applies to positive engagement only: negative criteria do not decay away.
+Pure: no clock, no I/O; every time is an argument.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from funnel.models import Anchor, ConsentRecord, EngagementLog, FoldState, TypeTally, WindowEvent
+from funnel.scoring_model import ScoringModel, format_duration, humanize
+
+# Below this much positive engagement, decay rounds to zero (and stops waking the lead).
+DECAY_FLOOR = 1.0
+# Frequency weighting needs the times of at most this many earlier events of a type.
+FREQUENCY_MEMORY_MAX = 50
+
+
+def _r(x: float) -> float:
+    return round(x + 0.0, 2)
+
+
+class Contribution(BaseModel):
+    """One scored item of a fold: an event, a decay step or a reset."""
+
+    key: str  # "e:<event id>", "d:<due time>", "r:<time>"
+    rule: str
+    points: float
+    at: datetime
+    why: str = ""
+    event_id: str | None = None
+
+
+class FoldResult(BaseModel):
+    state: FoldState
+    contributions: list[Contribution]
+
+    def by_key(self) -> dict[str, Contribution]:
+        return {c.key: c for c in self.contributions}
+
+
+# --------------------------------------------------------------------------- the fold
+
+
+def fold(model: ScoringModel, log: EngagementLog, until: datetime) -> FoldResult:
+    """Engagement at `until` from the checkpoint, the window's events and the anchors."""
+    state = log.checkpoint.model_copy(deep=True)
+    out: list[Contribution] = []
+    items: list[tuple[datetime, int, str, WindowEvent | Anchor]] = [
+        (e.occurred_at, 0, e.event_id, e) for e in log.window
+    ]
+    items += [(a.at, 1, a.kind, a) for a in log.anchors]
+    items.sort(key=lambda item: item[:3])
+    for at, _, _, item in items:  # an event may be a little ahead of `until` (clock skew): it counts
+        _decay_until(model, state, min(at, until), out)
+        if isinstance(item, WindowEvent):
+            _apply_event(model, state, item, out)
+        else:
+            _apply_anchor(model, state, item, out)
+        state.at = at
+    _decay_until(model, state, until, out)
+    if state.at is None or until > state.at:
+        state.at = until
+    return FoldResult(state=state, contributions=out)
+
+
+def next_decay_at(model: ScoringModel, state: FoldState) -> datetime | None:
+    if state.clock_from is None or state.positive <= 0:
+        return None
+    decay = model.decay
+    return state.clock_from + decay.after + decay.every * state.decay_steps
+
+
+def _decay_until(model: ScoringModel, state: FoldState, t: datetime, out: list[Contribution]) -> None:
+    decay = model.decay
+    while (due := next_decay_at(model, state)) is not None and due <= t:
+        positive = state.positive
+        if decay.percent is not None:
+            loss = positive * decay.percent / 100
+            label = f"{decay.percent:g}%"
+        else:
+            loss = min(decay.points or 0.0, positive)
+            label = f"{decay.points:g} points"
+        floor = ""
+        if positive - loss < DECAY_FLOOR:
+            if loss < positive:
+                floor = f", and the {_r(positive - loss):g} left below the {DECAY_FLOOR:g}-point floor"
+            loss = positive
+        loss = _r(loss)
+        idle = due - state.clock_from  # type: ignore[operator]
+        state.positive = _r(positive - loss)
+        state.decay_steps += 1
+        _add(state, "decay", -loss)
+        out.append(Contribution(
+            key=f"d:{due.isoformat()}", rule="decay", points=-loss, at=due,
+            why=f"{label} after {humanize(idle)} without activity{floor}",
+        ))
+
+
+def _apply_event(model: ScoringModel, state: FoldState, event: WindowEvent, out: list[Contribution]) -> None:
+    t = event.occurred_at
+    if event.channel and (state.first_touch is None or (t, event.channel) < state.first_touch):
+        state.first_touch = (t, event.channel)
+    rule = model.events.get(event.type)
+    if rule is None:
+        out.append(Contribution(key=f"e:{event.event_id}", rule=event.type, points=0.0, at=t,
+                                why=f": not an event type of {model.ref}", event_id=event.event_id))
+        return
+    for cancelled in rule.cancels:
+        _cancel(state, cancelled, t, event, out)
+    if rule.consent is not None:
+        state.consent = ConsentRecord(email=rule.consent == "grant", since=t,
+                                      source=f"{event.type} {event.event_id}")
+    if rule.activity:
+        state.clock_from = t if state.clock_from is None else max(state.clock_from, t)
+        state.last_activity = state.clock_from
+        state.newest_activity = t if state.newest_activity is None else max(state.newest_activity, t)
+        state.decay_steps = 0
+    tally = state.tallies.setdefault(event.type, TypeTally())
+    tally.counted += 1
+    tally.last_at = t
+    points, why = _event_points(model, rule, tally, t)
+    if rule.points > 0 and (memory := _frequency_memory(model)):
+        tally.recent = ([x for x in tally.recent if x > t - model.frequency.window] + [t])[-memory:]
+    if points > 0:
+        state.positive = _r(state.positive + points)
+    elif points < 0:
+        state.negative = _r(state.negative + points)
+    _add(state, event.type, points)
+    out.append(Contribution(key=f"e:{event.event_id}", rule=event.type, points=points, at=t, why=why,
+                            event_id=event.event_id))
+
+
+def _frequency_memory(model: ScoringModel) -> int:
+    """How many earlier times of a type to keep: enough to count "n in window" up to
+    FREQUENCY_MEMORY_MAX (the multiplier saturates long before)."""
+    freq = model.frequency
+    return FREQUENCY_MEMORY_MAX if freq.bonus > 0 and freq.max_multiplier > 1 else 0
+
+
+def _event_points(model: ScoringModel, rule, tally: TypeTally, t: datetime) -> tuple[float, str]:
+    """Points for this event of its type at `t`, and why (weighting, cap, count-once)."""
+    if rule.count_once and tally.counted > 1:
+        return 0.0, ": counts once"
+    points, why = rule.points, ""
+    if points <= 0:
+        return _r(points), why
+    freq = model.frequency
+    earlier = sum(1 for x in tally.recent if x > t - freq.window)
+    multiplier = min(1 + freq.bonus * earlier, freq.max_multiplier)
+    if multiplier > 1:
+        points *= multiplier
+        why = f", x{multiplier:g}: {earlier + 1} in {format_duration(freq.window)}"
+    if rule.cap is not None:
+        window = model.cap_window(rule)
+        if tally.cap_from is None or t >= tally.cap_from + window:
+            tally.cap_from, tally.cap_points = t, 0.0
+        room = max(0.0, rule.cap - tally.cap_points)
+        if points > room:
+            points = room
+            why += f", capped at {rule.cap:g} per {format_duration(window)}"
+        tally.cap_points = _r(tally.cap_points + points)
+    return _r(points), why
+
+
+def _cancel(state: FoldState, cancelled: str, t: datetime, event: WindowEvent, out: list[Contribution]) -> None:
+    """Take back what a negative type scored (a resubscribe forgives the unsubscribe)."""
+    taken = state.breakdown.get(cancelled, 0.0)
+    tally = state.tallies.get(cancelled)
+    if tally is not None:
+        tally.counted = 0
+        tally.cancelled_at = t
+    if taken:
+        state.negative = _r(state.negative - taken)
+        _add(state, cancelled, -taken)
+        out.append(Contribution(key=f"c:{event.event_id}:{cancelled}", rule=cancelled, points=_r(-taken), at=t,
+                                why=f": taken back by {event.type} {event.event_id}", event_id=event.event_id))
+
+
+def _apply_anchor(model: ScoringModel, state: FoldState, anchor: Anchor, out: list[Contribution]) -> None:
+    if anchor.kind == "clock":
+        state.clock_from = anchor.at if state.clock_from is None else max(state.clock_from, anchor.at)
+        state.decay_steps = 0
+        return
+    # reset: back to nurturing with a clean slate of interest; negative criteria stay
+    delta = -state.positive
+    state.positive = 0.0
+    state.decay_steps = 0
+    state.tallies = {name: tally for name, tally in state.tallies.items()
+                     if name in model.events and model.events[name].points < 0}
+    if delta:
+        _add(state, "recycle_reset", _r(delta))
+        out.append(Contribution(key=f"r:{anchor.at.isoformat()}", rule="recycle_reset", points=_r(delta),
+                                at=anchor.at, why="engagement reset on recycle"
+                                + (" (negative points kept)" if state.negative else "")))
+
+
+def _add(state: FoldState, rule: str, points: float) -> None:
+    total = _r(state.breakdown.get(rule, 0.0) + points)
+    if total:
+        state.breakdown[rule] = total
+    else:
+        state.breakdown.pop(rule, None)
+
+
+# --------------------------------------------------------------------------- bounding the window
+
+
+def trim(model: ScoringModel, log: EngagementLog) -> list[WindowEvent]:
+    """Fold the oldest events into the checkpoint when the window is over its horizon or
+    size; returns the events folded away."""
+    if not log.window:
+        return []
+    limit = model.late_events
+    newest = log.window[-1].occurred_at
+    keep_from = 0
+    while keep_from < len(log.window) and log.window[keep_from].occurred_at < newest - limit.horizon:
+        keep_from += 1
+    keep_from = max(keep_from, len(log.window) - limit.max_events)
+    if keep_from <= 0:
+        return []
+    # The checkpoint sits just before the first event kept (by time, then id): every item
+    # before it is folded. Anchors at that very time come after its events, so they stay.
+    first = log.window[min(keep_from, len(log.window) - 1)]
+    cut, cut_id = first.occurred_at, first.event_id
+    dropped = log.window[:keep_from]
+    older = EngagementLog(checkpoint=log.checkpoint, window=dropped,
+                          anchors=[a for a in log.anchors if a.at < cut])
+    log.checkpoint = fold(model, older, until=cut).state
+    log.checkpoint.after_id = cut_id
+    log.window = log.window[keep_from:]
+    log.anchors = [a for a in log.anchors if a.at >= cut]
+    return dropped
+
+
+def apply_beyond_horizon(model: ScoringModel, log: EngagementLog, event: WindowEvent) -> tuple[float, str]:
+    """An event older than the checkpoint, applied as it is: negative points (once, unless
+    taken back after it), consent (if it is the latest) and the count. Positive points and
+    the inactivity clock are left alone: decay has taken them. Returns (points, why)."""
+    cp = log.checkpoint
+    rule = model.events.get(event.type)
+    if rule is None:
+        return 0.0, f": not an event type of {model.ref}"
+    if rule.consent is not None and (cp.consent is None or event.occurred_at > cp.consent.since):
+        cp.consent = ConsentRecord(email=rule.consent == "grant", since=event.occurred_at,
+                                   source=f"{event.type} {event.event_id}")
+    if event.channel and (cp.first_touch is None or (event.occurred_at, event.channel) < cp.first_touch):
+        cp.first_touch = (event.occurred_at, event.channel)
+    if rule.points >= 0:
+        return 0.0, f": beyond the rescoring horizon ({format_duration(model.late_events.horizon)})"
+    tally = cp.tallies.setdefault(event.type, TypeTally())
+    if tally.cancelled_at is not None and event.occurred_at < tally.cancelled_at:
+        return 0.0, f": taken back later (by {tally.cancelled_at.date().isoformat()})"
+    tally.counted += 1
+    if rule.count_once and tally.counted > 1:
+        return 0.0, ": counts once"
+    points = _r(rule.points)
+    cp.negative = _r(cp.negative + points)
+    _add(cp, event.type, points)
+    return points, ""
+

@@ -1,0 +1,100 @@
+"""The lead's audit goes to the store on a cadence.
+
+Each write is an activity and costs the server about as much as taking an event, so
+the entries in DEFERRABLE (score changes, duplicates, profile facts, ...) wait, up to
+`max_lag` or BATCH_MAX entries; anything else (a stage change, a command, an SLA, an
+outbound message) writes everything pending at once, before deliveries start and
+before a command returns. Until written, entries are part of the lead's workflow
+state (rebuilt from Temporal's history like the rest of it) and readable by the
+`audit_tail` query, so `client.read_history` always shows all of them.
+
+Workflow code: only workflow time, timers and activities.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from funnel.models import AuditEntry, AuditKind
+
+AUDIT_TIMEOUT = timedelta(seconds=30)
+BATCH_MAX = 200  # write when this many entries wait, whatever their age
+# Entries that may wait for the next write; any other kind writes at once. The owner
+# comes back from the handover, which has told presales already (webhook and outbox
+# carry it), so it need not cost a write of its own.
+DEFERRABLE = frozenset({
+    AuditKind.LEAD_CREATED, AuditKind.SCORE_CHANGED, AuditKind.PROFILE_UPDATED,
+    AuditKind.DUPLICATE_IGNORED, AuditKind.EVENT_IGNORED, AuditKind.OWNER_ASSIGNED,
+})
+
+
+class AuditCadence:
+    def __init__(self, max_lag: timedelta, written_seq: int, enabled: bool = True):
+        self.max_lag = max_lag
+        self.enabled = enabled  # False (version-1 runs): every batch is written at once
+        self.written_seq = written_seq
+        self.unwritten: list[AuditEntry] = []  # produced, not yet sent to the store
+        self.writing: list[AuditEntry] = []  # sent, not yet confirmed
+        self.flush_requested = False  # a command, the lag timer or flush_audit wants it now
+        self.wrote = False  # set by each write; the workflow refreshes search attributes
+        self._lag_timer: asyncio.Task | None = None
+
+    @property
+    def tail(self) -> list[AuditEntry]:
+        """Entries the store may not have yet, oldest first."""
+        return self.writing + self.unwritten
+
+    def add(self, entries: list[AuditEntry]) -> None:
+        self.unwritten += entries
+
+    def due(self, outbound: bool) -> bool:
+        """Whether what waits must be written now."""
+        if not self.unwritten:
+            return False
+        if not self.enabled or self.flush_requested or outbound or not self.max_lag:
+            return True
+        if len(self.unwritten) >= BATCH_MAX:
+            return True
+        return any(entry.kind not in DEFERRABLE for entry in self.unwritten)
+
+    async def write(self) -> None:
+        # A regular activity, not a local one: it is scheduled only by a workflow task
+        # that completed, so the rows are always decisions Temporal kept. (A local
+        # activity runs inside the task; if that task then fails, e.g. a continue-as-new
+        # refused because signals came in, its retry decides anew under the same
+        # `lead/seq` ids and the store would keep stale rows.)
+        self.writing, self.unwritten = self.unwritten, []
+        self.flush_requested = False
+        await workflow.execute_activity(
+            "record_audit",
+            self.writing,
+            result_type=int,
+            start_to_close_timeout=AUDIT_TIMEOUT,
+            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
+        )
+        self.written_seq = self.writing[-1].seq
+        self.writing = []
+        self.wrote = True
+
+    def settle(self) -> None:
+        """After a round of effects: keep one lag timer while entries wait, none otherwise.
+        One timer per write cycle, never restarted per event (a timer per event would cost
+        as much as the writes it saves)."""
+        if not self.unwritten:
+            self.flush_requested = False
+            if self._lag_timer is not None:  # nothing waits: a firing timer would wake us for nothing
+                self._lag_timer.cancel()
+                self._lag_timer = None
+        elif self.enabled and self._lag_timer is None:
+            self._lag_timer = asyncio.create_task(self._flush_after_lag())
+
+    async def _flush_after_lag(self) -> None:
+        await workflow.sleep(self.max_lag)
+        self._lag_timer = None
+        if self.unwritten:
+            self.flush_requested = True

@@ -1,0 +1,35 @@
+"""One running timer for the lead's next wake-up (an SLA, a nurture step, decay, a
+decision), kept apart like Temporal's samples keep their UpdatableTimer.
+
+A wait with a timeout would start a timer and cancel it again for every signal (two
+history events and two timer writes per event). Here a timer is started only for a
+wake-up earlier than every one already running; a later one is left to the loop,
+which looks again each time it wakes.
+
+Workflow code: only workflow time and timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from temporalio import workflow
+
+
+class WakeTimer:
+    def __init__(self) -> None:
+        self._running: set[datetime] = set()
+        self.due = False  # a timer fired since the loop last looked
+
+    def arm(self, wake: datetime | None) -> None:
+        self.due = False
+        if wake is None or any(pending <= wake for pending in self._running):
+            return  # an earlier or equal timer wakes the loop, which then looks again
+        self._running.add(wake)
+        asyncio.create_task(self._sleep_until(wake))
+
+    async def _sleep_until(self, wake: datetime) -> None:
+        await workflow.sleep(max(wake - workflow.now(), timedelta(0)))
+        self._running.discard(wake)
+        self.due = True
