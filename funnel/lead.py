@@ -448,12 +448,13 @@ class Lead:
             why_rescored = f"{cause} re-scored the window"
         elif added:
             # an event newer than all others, but received after a decay it would have prevented
-            why_rescored = f"event {added[0].event_id} of {_day(added[0].occurred_at)} re-scored the window"
+            why_rescored = (f"event {added[0].event_id} of {_day(added[0].occurred_at)}, received after the decay it"
+                            " prevents, re-scored the window")
         else:
             why_rescored = "re-scored"
+        cause_at = late[0].occurred_at if late else (added[0].occurred_at if added else None)
         for rule in sorted(r for r, d in diff.items() if d):
-            entries.append((rule, diff[rule], f"{_fmt(diff[rule])} {rule}: {why_rescored}", None,
-                            late[0].occurred_at if late else None, None))
+            entries.append((rule, diff[rule], f"{_fmt(diff[rule])} {rule}: {why_rescored}", None, cause_at, None))
         # Entries show the score they leave behind, in order: replay the totals.
         running = {k: v for k, v in old.items()}
         for rule, points, text, event_id, occurred, channel in entries:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from activities.store import AuditStore
+from activities.store import AuditStore, ModelConflict
 from funnel.models import AuditEntry, AuditKind, Outbound, OutboundKind, Role, Stage, Trigger
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
@@ -243,6 +243,7 @@ def test_every_field_round_trips(store):
         to_stage=Stage.SAL,
         trigger=Trigger.ACCEPT,
         reason="budget_confirmed",
+        occurred_at=datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc),
     )
     bare = entry("lead-a", 8)
     store.write_audit([full, bare])
@@ -496,3 +497,44 @@ def test_unreachable_postgres_raises():
 def test_unsupported_database_is_refused():
     with pytest.raises(ValueError, match="unsupported database"):
         AuditStore("mysql://localhost/leadflow")
+
+
+# --------------------------------------------------------------------------- schema changes and models
+
+
+def test_a_store_made_by_older_code_gets_the_new_columns(tmp_path):
+    """A database created before audit entries had `occurred_at` keeps working: the column
+    is added on start, old rows read back without it, new rows keep it."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE audit_entry (entry_id VARCHAR NOT NULL PRIMARY KEY, lead_id VARCHAR NOT NULL, seq INTEGER NOT NULL,"
+            " at DATETIME NOT NULL, kind VARCHAR NOT NULL, actor VARCHAR NOT NULL, role VARCHAR NOT NULL, detail TEXT NOT NULL,"
+            " channel VARCHAR, event_id VARCHAR, rule VARCHAR, points FLOAT, score_total FLOAT, score_fit FLOAT,"
+            " score_engagement FLOAT, model_ref VARCHAR, from_stage VARCHAR, to_stage VARCHAR, trigger VARCHAR, reason TEXT)"
+        )
+        db.execute("INSERT INTO audit_entry (entry_id, lead_id, seq, at, kind, actor, role, detail) VALUES"
+                   " ('old/1', 'old', 1, '2026-03-01 09:00:00.000000', 'lead_created', 'leadflow', 'system', 'created')")
+    store = AuditStore(f"sqlite:///{path}")
+    store.write_audit([entry("old", 2, occurred_at=T0 - timedelta(hours=1))])
+    first, second = store.history("old")
+    assert first.occurred_at is None and first.happened_at == first.at
+    assert second.occurred_at == T0 - timedelta(hours=1)
+    AuditStore(f"sqlite:///{path}").dispose()  # starting again finds the column there
+
+
+def test_model_versions_are_recorded_once_and_one_is_active(store):
+    first = store.record_model("default@1", "name = 'default'\n", applied_by="mona")
+    assert (first.ref, first.active, first.applied_by) == ("default@1", True, "mona")
+    assert len(first.sha256) == 64
+    store.record_model("default@2", "name = 'default' # v2\n", applied_by="mona")
+    assert store.active_model().ref == "default@2"
+    again = store.record_model("default@1", "name = 'default'\n", applied_by="someone else")
+    assert again.applied_by == "mona" and store.active_model().ref == "default@1"  # rollback, same record
+    with pytest.raises(ModelConflict, match="give the changed model a new version"):
+        store.record_model("default@1", "name = 'default' # edited\n", applied_by="mona")
+    assert [m.ref for m in store.model_versions()] == ["default@1", "default@2"]
+    assert [m.active for m in store.model_versions()] == [True, False]
+    assert store.model_version("nope@1") is None

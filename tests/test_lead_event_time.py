@@ -1,0 +1,363 @@
+"""The lead as a function of what happened and when: late and old input, one stage
+timeline, consent, hand-raisers, caps per window and model changes, driven through
+`Lead` with fixed times (the properties over random sets are in
+test_event_time_properties.py)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from funnel.lead import Lead
+from funnel.models import AuditKind, LeadState, OutboundKind, Stage, Trigger
+from tests.funnel_helpers import (
+    LEAD,
+    PRESALES,
+    T0,
+    Accept,
+    Reject,
+    days,
+    default_model,
+    event,
+    facts,
+    feed,
+    hours,
+    mql_lead,
+    new_lead,
+    of_kind,
+    outbound_of,
+    stage_changes,
+    variant,
+)
+
+MINUS = "\u2212"
+MODEL = default_model()
+
+
+def details(effects, kind=AuditKind.SCORE_CHANGED) -> list[str]:
+    return [a.detail for a in of_kind(effects, kind)]
+
+
+# --------------------------------------------------------------------------- late events
+
+
+def test_four_visits_score_the_same_newest_first_and_the_late_ones_say_so():
+    """The issue's example: 6.5 in time order, 4.0 newest first. Now 6.5 both ways."""
+    in_order, newest_first = new_lead(), new_lead()
+    times = [T0 + days(d) for d in (0, 1, 2, 3)]
+    for i, t in enumerate(times):
+        in_order.ingest(event(f"v-{i}", "website_visit", t), T0 + days(3))
+    for i, t in reversed(list(enumerate(times))):
+        newest_first.ingest(event(f"v-{i}", "website_visit", t), T0 + days(3))
+    assert in_order.state.score == newest_first.state.score
+    assert newest_first.state.score.breakdown == {"website_visit": 6.5}
+    assert details(newest_first.take_effects()) == [
+        "+1 website_visit (event v-3)",
+        "+1 website_visit (late event v-2 of 2026-01-03)",
+        "+0.5 website_visit: late event v-2 of 2026-01-03 re-scored the window",
+        "+1 website_visit (late event v-1 of 2026-01-02)",
+        "+1 website_visit: late event v-1 of 2026-01-02 re-scored the window",
+        "+1 website_visit (late event v-0 of 2026-01-01)",
+        "+1 website_visit: late event v-0 of 2026-01-01 re-scored the window",
+    ]
+
+
+def test_a_late_event_undoes_the_decay_it_would_have_prevented():
+    lead = new_lead()
+    feed(lead, "webinar_attended", T0)
+    lead.tick(T0 + days(35))  # decay at day 30: 50 -> 37.5
+    assert lead.state.score.engagement == 37.5
+    lead.take_effects()
+    lead.ingest(event("late", "website_visit", T0 + days(20)), T0 + days(36))  # it happened before the decay
+    assert lead.state.score.breakdown == {"webinar_attended": 50, "website_visit": 1}
+    fx = lead.take_effects()
+    assert details(fx) == [
+        "+1 website_visit (event late)",
+        "+12.5 decay: event late of 2026-01-21, received after the decay it prevents, re-scored the window",
+    ]
+    [entry] = [a for a in of_kind(fx, AuditKind.SCORE_CHANGED) if a.rule == "decay"]
+    assert entry.occurred_at == T0 + days(20) and entry.at == T0 + days(36)  # when it happened, when recorded
+    assert lead.view().next_decay_at == T0 + days(50)
+
+
+def test_every_entry_carries_when_its_cause_happened_and_when_it_was_recorded():
+    lead = new_lead()
+    lead.ingest(event("e-1", "webinar_attended", T0 - hours(5)), T0)
+    [entry] = of_kind(lead.take_effects(), AuditKind.SCORE_CHANGED)
+    assert (entry.occurred_at, entry.at) == (T0 - hours(5), T0)
+    assert entry.happened_at == T0 - hours(5)
+
+
+# --------------------------------------------------------------------------- one timeline
+
+
+def test_a_backlog_decides_on_one_timeline_and_the_mql_decays_from_its_entry():
+    """Events of 61 days arrive in one batch: the old code made iql->mql at day 61 and
+    mql->recycled at day 40 (-21 days in MQL). Now every stage change is at or after the
+    one before, and the decay that recycles the MQL counts from its MQL entry."""
+    lead = new_lead(now=T0)
+    batch = [event("w", "webinar_attended", T0), event("s", "sample_request", T0 + days(5)),
+             event("c", "event_attended", T0 + days(61))]
+    lead.ingest_many(batch, T0 + days(61))  # 110, decayed to 82.5 at day 35, +50 at day 61
+    assert lead.state.stage == Stage.MQL
+    entered = lead.state.stage_since
+    assert entered == T0 + days(61)
+    lead.tick(T0 + days(120))
+    stamps = [v.entered_at for v in lead.state.history]
+    assert stamps == sorted(stamps)
+    assert lead.state.stage == Stage.RECYCLED
+    assert lead.state.history[-1].trigger == Trigger.DECAY_BELOW_THRESHOLD
+    assert lead.state.stage_since >= entered + days(30)
+
+
+def test_a_command_never_stamps_a_stage_change_before_the_one_before_it():
+    lead = mql_lead(now=T0 + days(2))
+    lead.execute(Accept(by=PRESALES), T0 + days(1))  # a clock behind the lead's timeline
+    assert lead.state.stage_since == T0 + days(2)
+
+
+# --------------------------------------------------------------------------- backfill is not news
+
+
+def test_last_years_history_scores_but_pages_nobody():
+    now = T0 + days(400)
+    lead = new_lead(now=now)
+    old = [event("w", "webinar_attended", T0), event("d", "demo_request", T0 + hours(1)),
+           event("s", "sample_request", T0 + hours(2))]
+    lead.ingest_many(old, now)
+    lead.tick(now + days(1))
+    fx = lead.take_effects()
+    assert lead.state.stage == Stage.IQL
+    assert outbound_of(fx, OutboundKind.HANDOVER) == [] and outbound_of(fx, OutboundKind.ESCALATION) == []
+    [note] = of_kind(fx, AuditKind.NOT_HANDED_OVER)
+    assert note.detail == "demo_request d of 2026-01-01T01:00:00+00:00 is older than 1w when it arrived: scored, not fast-tracked"
+    [late] = of_kind(fx, AuditKind.SLA_LATE_DATA)
+    assert late.rule == "webinar_follow_up"
+    assert "demo_request" in lead.state.score.breakdown  # it scored (and decayed)
+
+
+def test_a_strong_old_history_is_handed_over_when_the_lead_is_active_again():
+    now = T0 + days(10)
+    lead = new_lead(now=now)
+    lead.ingest_many([event("w", "webinar_attended", T0), event("s", "sample_request", T0)], now - days(0))
+    assert lead.state.stage == Stage.MQL  # ten days old: within the 30-day max age
+
+    week = variant(('score_threshold = "30d"', 'score_threshold = "7d"'))
+    stale = new_lead(week, now=T0 + days(10), lead_id="L-8")
+    stale.ingest_many([event("w", "webinar_attended", T0, lead_id="L-8"),
+                       event("s", "sample_request", T0, lead_id="L-8")], T0 + days(10))
+    assert stale.state.score.total >= 100 and stale.state.stage == Stage.IQL  # old activity: not news
+    stale.ingest(event("v", "website_visit", T0 + days(11), lead_id="L-8"), T0 + days(11))
+    assert stale.state.stage == Stage.MQL  # active now: presales should hear of it
+
+
+# --------------------------------------------------------------------------- the horizon
+
+
+def test_an_event_beyond_the_horizon_counts_its_negative_points_and_consent_only():
+    short = variant(('horizon = "365d"', 'horizon = "10d"'))
+    lead = new_lead(short)
+    feed(lead, "newsletter_signup", T0)
+    feed(lead, "webinar_attended", T0 + days(20))  # the window now starts at day 10: newsletter folded
+    assert lead.view().rescoring_from == T0 + days(20) or lead.view().rescoring_from is not None
+    lead.take_effects()
+    lead.ingest(event("old-visit", "pricing_page_visit", T0 + days(1)), T0 + days(21))
+    lead.ingest(event("old-unsub", "unsubscribe", T0 + days(2)), T0 + days(21))
+    fx = lead.take_effects()
+    assert details(fx) == [
+        "+0 pricing_page_visit: late event old-visit of 2026-01-02: beyond the rescoring horizon (10d)",
+        f"{MINUS}20 unsubscribe: late event old-unsub of 2026-01-03",
+    ]
+    assert lead.state.score.breakdown["unsubscribe"] == -20
+    assert "pricing_page_visit" not in lead.state.score.breakdown
+    assert lead.consent().email is False and lead.consent().source == "unsubscribe old-unsub"
+
+
+def test_the_window_stays_bounded_by_count():
+    small = variant(("max_events = 500", "max_events = 10"))
+    lead = new_lead(small)
+    for i in range(100):
+        feed(lead, "email_open", T0 + timedelta(minutes=i))
+    assert len(lead.state.engagement.window) == 10
+    assert lead.state.score.breakdown == {"email_open": 20}
+
+
+# --------------------------------------------------------------------------- consent
+
+
+def test_nobody_is_mailed_after_an_unsubscribe_and_the_history_says_why():
+    lead = new_lead()
+    feed(lead, "newsletter_signup", T0)
+    lead.ingest(event("u-1", "unsubscribe", T0 + hours(2)), T0 + hours(2))
+    lead.tick(T0 + days(20))
+    fx = lead.take_effects()
+    assert outbound_of(fx, OutboundKind.NURTURE_STEP) == []
+    assert details(fx, AuditKind.NURTURE_STEP_SKIPPED) == [
+        "nurture iql step welcome skipped: no consent since 2026-01-01T02:00:00+00:00 (unsubscribe u-1)",
+        "nurture iql step case-study skipped: no consent since 2026-01-01T02:00:00+00:00 (unsubscribe u-1)",
+        "nurture iql step webinar-invite skipped: no consent since 2026-01-01T02:00:00+00:00 (unsubscribe u-1)",
+    ]
+    view = lead.view()
+    assert view.consent == {"email": False, "since": "2026-01-01T02:00:00+00:00", "source": "unsubscribe u-1"}
+
+
+def test_a_bounce_or_spam_complaint_also_stops_mail_and_a_confirmed_resubscribe_restores_it():
+    for kind in ("email_bounced", "spam_complaint"):
+        lead = new_lead()
+        lead.ingest(event("x", kind, T0), T0)
+        assert lead.consent().email is False
+        lead.ingest(event("r", "resubscribe", T0 + hours(12)), T0 + hours(12))
+        assert lead.consent().email is True
+        lead.tick(T0 + days(1))
+        assert len(outbound_of(lead.take_effects(), OutboundKind.NURTURE_STEP)) == 1
+
+
+def test_resubscribe_takes_the_objection_back_and_a_new_unsubscribe_counts_again():
+    """Count-once does not swallow a second unsubscribe after a resubscribe."""
+    lead = new_lead()
+    for i, (kind, h) in enumerate([("unsubscribe", 0), ("resubscribe", 1), ("unsubscribe", 2)]):
+        lead.ingest(event(f"e-{i}", kind, T0 + hours(h)), T0 + hours(h))
+    assert lead.state.score.breakdown == {"unsubscribe": -20}
+    assert lead.consent().email is False and lead.consent().source == "unsubscribe e-2"
+    assert details(lead.take_effects()) == [
+        f"{MINUS}20 unsubscribe (event e-0)",
+        "+0 resubscribe (event e-1)",
+        "+20 unsubscribe: taken back by resubscribe e-1",
+        f"{MINUS}20 unsubscribe (event e-2)",
+    ]
+
+
+def test_consent_as_a_profile_fact_with_its_source_and_time():
+    lead = new_lead()
+    lead.update_profile(facts("p-1", email_consent=False, email_consent_at="2026-01-01T08:00:00Z",
+                              email_consent_source="preference-center"), T0 + hours(9))
+    assert lead.view().consent == {"email": False, "since": "2026-01-01T08:00:00+00:00",
+                                   "source": "profile update p-1 (preference-center)"}
+    lead.ingest(event("r", "resubscribe", T0 + hours(10)), T0 + hours(10))  # a later opt-in wins
+    assert lead.consent().email is True
+
+
+def test_a_hand_raiser_who_unsubscribed_is_still_handed_over_and_sales_sees_the_consent():
+    lead = new_lead()
+    lead.ingest_many([event("u", "unsubscribe", T0), event("d", "demo_request", T0 + hours(1))], T0 + hours(1))
+    assert lead.state.stage == Stage.MQL
+    [handover] = outbound_of(lead.take_effects(), OutboundKind.HANDOVER)
+    assert handover.payload["email_consent"] is False
+    assert handover.payload["reason"] == "fast-track: demo_request (event d at 2026-01-01T01:00:00+00:00)"
+
+
+# --------------------------------------------------------------------------- hand-raisers and negative criteria
+
+
+def test_a_competitor_asking_for_a_demo_goes_to_review_not_to_presales():
+    lead = new_lead()
+    lead.update_profile(facts("p-1", competitor=True), T0)
+    lead.ingest(event("d", "demo_request", T0 + hours(1)), T0 + hours(1))
+    assert lead.state.stage == Stage.IQL
+    fx = lead.take_effects()
+    assert outbound_of(fx, OutboundKind.HANDOVER) == []
+    [review] = outbound_of(fx, OutboundKind.REVIEW)
+    assert review.payload["reason"] == "fit rule competitor blocks fast-track"
+    assert review.payload["event"]["event_id"] == "d"
+    [blocked] = of_kind(fx, AuditKind.FAST_TRACK_BLOCKED)
+    assert blocked.detail == ("fast-track demo_request (event d) not handed to presales: fit rule competitor"
+                              " blocks it; sent for review")
+
+
+def test_the_decision_delay_decides_a_demo_request_and_a_fact_that_arrive_together():
+    """A demo request and, a second later, the CRM's `competitor` fact: decided together."""
+    lead = new_lead(decision_delay=timedelta(seconds=5))
+    lead.ingest(event("d", "demo_request", T0), T0)
+    assert lead.state.stage == Stage.IQL and lead.view().decision_due_at == T0 + timedelta(seconds=5)
+    lead.update_profile(facts("p-1", competitor=True), T0 + timedelta(seconds=1))
+    lead.tick(T0 + timedelta(seconds=5))
+    fx = lead.take_effects()
+    assert lead.state.stage == Stage.IQL
+    assert len(outbound_of(fx, OutboundKind.REVIEW)) == 1 and outbound_of(fx, OutboundKind.HANDOVER) == []
+
+
+def test_negative_criteria_recycle_an_unaccepted_mql_that_came_by_score():
+    lead = new_lead()
+    lead.ingest_many([event("w", "webinar_attended", T0), event("s", "sample_request", T0)], T0)
+    assert lead.state.stage == Stage.MQL and lead.state.score.total == 110
+    lead.take_effects()
+    lead.ingest(event("u", "unsubscribe", T0 + hours(1)), T0 + hours(1))
+    assert lead.state.stage == Stage.RECYCLED
+    assert stage_changes(lead.take_effects()) == [(Stage.MQL, Stage.RECYCLED, "negative_criteria")]
+
+
+def test_a_hand_raised_mql_stays_with_presales_whatever_else_it_did():
+    lead = mql_lead()  # by a demo request
+    lead.ingest(event("u", "unsubscribe", T0 + hours(1)), T0 + hours(1))
+    assert lead.state.stage == Stage.MQL and lead.state.score.total == 80
+
+
+# --------------------------------------------------------------------------- caps per window
+
+
+def test_caps_count_per_window_so_a_lead_back_after_a_cold_year_scores_again():
+    lead = new_lead()
+    for i in range(40):
+        feed(lead, "website_visit", T0 + timedelta(minutes=i))
+    assert lead.state.score.breakdown["website_visit"] == 30
+    for i in range(5):
+        feed(lead, "website_visit", T0 + days(365) + timedelta(minutes=i))
+    assert lead.state.score.breakdown["website_visit"] == 30 + 1 + 1.5 + 2 + 2 + 2
+
+
+# --------------------------------------------------------------------------- model changes
+
+
+def test_a_model_change_rescores_and_says_from_what_to_what():
+    lead = new_lead()
+    lead.update_profile(facts("p-1", target_account=True), T0)
+    feed(lead, "website_visit", T0)
+    feed(lead, "webinar_attended", T0 + hours(1))
+    feed(lead, "live_chat", T0 + hours(2))
+    assert lead.state.score.total == 86
+    lead.take_effects()
+    v2 = variant(('version = "1"', 'version = "2"'), ("[events.live_chat]\npoints = 15", "[events.live_chat]\npoints = 30"))
+    lead.use_model(v2, T0 + hours(3))
+    fx = lead.take_effects()
+    assert details(fx) == ["+15 live_chat: model default@2 re-scored the window"]
+    assert details(fx, AuditKind.MODEL_CHANGED) == ["scoring model default@1 \u2192 default@2: 86 \u2192 101"]
+    assert lead.state.stage == Stage.MQL  # newly over the threshold
+
+
+def test_a_model_change_demotes_nobody():
+    lead = new_lead()
+    lead.ingest_many([event("w", "webinar_attended", T0), event("s", "sample_request", T0)], T0)
+    lead.execute(Accept(by=PRESALES), T0 + hours(1))
+    lower = variant(('version = "1"', 'version = "2"'), ("mql = 100", "mql = 500"))
+    lead.use_model(lower, T0 + hours(2))
+    assert lead.state.stage == Stage.SAL
+    recycled = new_lead(lead_id="L-8")
+    recycled.ingest_many([event("w", "webinar_attended", T0, lead_id="L-8"),
+                          event("s", "sample_request", T0, lead_id="L-8")], T0)
+    recycled.use_model(lower, T0 + hours(2))
+    assert recycled.state.stage == Stage.MQL  # by score, handed over: a person decides
+
+
+# --------------------------------------------------------------------------- state from older code
+
+
+def test_state_from_code_that_added_up_in_arrival_order_keeps_its_score():
+    old = {
+        "lead_id": LEAD, "created_at": T0.isoformat(), "stage": "iql", "stage_since": T0.isoformat(),
+        "model_ref": "default@1", "profile": {"target_account": True},
+        "score": {"fit": 20.0, "engagement": 62.5, "breakdown": {"fit:target_account": 20.0,
+                                                                 "webinar_attended": 50.0, "website_visit": 32.5,
+                                                                 "unsubscribe": -20.0}},
+        "points_by_type": {"webinar_attended": 50.0, "website_visit": 32.5, "unsubscribe": -20.0},
+        "count_by_type": {"webinar_attended": 1, "website_visit": 20, "unsubscribe": 1},
+        "recent": [], "last_activity_at": (T0 + days(1)).isoformat(), "decay_steps": 0,
+    }
+    lead = Lead(LeadState.model_validate(old), MODEL)
+    lead.use_model(MODEL, T0 + days(2))
+    assert lead.state.score.total == 82.5
+    assert lead.view().next_decay_at == T0 + days(31)
+    lead.tick(T0 + days(31))
+    # the positive 82.5 decays by 25%; the unsubscribe's -20 does not
+    assert lead.state.score.engagement == round(82.5 * 0.75 - 20, 2)
+    assert lead.state.score.breakdown["unsubscribe"] == -20
+    lead.ingest(event("u2", "unsubscribe", T0 + days(32)), T0 + days(32))
+    assert lead.state.score.breakdown["unsubscribe"] == -20  # still counted once
