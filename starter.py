@@ -24,12 +24,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import errno
+import functools
 import json
 import math
 import os
 import re
 import sys
 import time
+import traceback
 import uuid
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -231,23 +234,13 @@ def temporal_address(settings: Settings) -> str:
         return "localhost:7233"
 
 
-# Set once this process holds a real Temporal client (see `main` on why that matters).
-_temporal_client_made = False
-
-
 async def _connect(settings: Settings):
-    global _temporal_client_made
     try:
-        temporal = await connect(settings)
+        return await connect(settings)
     except RuntimeError as err:
         if "connect" in str(err).lower():
             raise Unreachable(temporal_address(settings)) from None
         raise
-    from temporalio.client import Client
-
-    if isinstance(temporal, Client):
-        _temporal_client_made = True
-    return temporal
 
 
 async def _answer(call, lead_id: str, what: str):
@@ -285,9 +278,22 @@ def _store(settings: Settings):
 
 
 def _console(stderr: bool = False):
+    return _console_class()(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+@functools.cache
+def _console_class():
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    class LeadflowConsole(Console):
+        def on_broken_pipe(self) -> None:
+            # rich's own handling points stdout at /dev/null and raises SystemExit(1)
+            # itself; re-raise the BrokenPipeError instead, so `main` ends a closed pipe
+            # the same way for tables and for print().
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    return LeadflowConsole
 
 
 def _when(value: datetime | str | None) -> str:
@@ -771,21 +777,70 @@ def _non_negative(value: str) -> int:
 # --------------------------------------------------------------------------- main
 
 
+# Exit status when whoever reads our output has gone (`leadflow show L-1 --json | head -c1`):
+# 141 = 128 + SIGPIPE, what a shell reports for a tool killed by SIGPIPE (cat, grep, ...).
+# Not 0: not all of the output was delivered, and a `set -o pipefail` script should see
+# that as it does for any other tool; not 1, which here means "cannot reach Temporal".
+OUTPUT_CLOSED = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; `argv=None` means: this process is the command (console script, __main__)."""
-    code = _run(argv)
-    if argv is None and _temporal_client_made:
-        # A short-lived process holding a Temporal client can abort in interpreter
-        # teardown ("Fatal Python error: PyGILState_Release ...", exit -6) when the
-        # SDK's Rust threads outlive Python (temporalio/sdk-python#300). Output is
-        # complete and there is nothing else to clean up: leave without teardown.
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+    try:
+        code = _run(argv)
+    except BrokenPipeError:  # stdout (or stderr) is a pipe whose reader has gone: say nothing more
+        code = OUTPUT_CLOSED
+    except Exception:
+        if argv is not None:
+            raise
+        _print_traceback()  # a bug: shown as Python shows it, but the process still ends below
+        code = 1
+    if not _flush_output():
+        code = OUTPUT_CLOSED
+    if argv is None:
+        # Leave without interpreter teardown, whatever the command did. Once temporalio's
+        # runtime exists -- made by any connect, also one that failed -- its Rust threads
+        # can outlive Python, and teardown then aborts now and then with "Fatal Python
+        # error: PyGILState_Release ..." (exit -6) instead of our exit code
+        # (temporalio/sdk-python#300). The output is flushed, every store is disposed by
+        # the command itself, and nothing else needs cleaning up.
         os._exit(code)
     return code
+
+
+def _flush_output() -> bool:
+    """Flush stdout and stderr; False if one of them is a pipe whose reader has gone.
+
+    Such a stream is pointed at /dev/null and flushed again, as the Python docs advise
+    (https://docs.python.org/3/library/signal.html#note-on-sigpipe): what it still
+    buffers is dropped, so no later flush (e.g. at interpreter exit) fails again."""
+    delivered = True
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with the descriptor closed (`leadflow ... >&-`): print() drops output
+            continue
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            delivered = False
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                try:
+                    os.dup2(devnull, stream.fileno())
+                finally:
+                    os.close(devnull)
+                stream.flush()
+            except (OSError, ValueError):  # no file descriptor (e.g. replaced by a test): leave it
+                pass
+        except (OSError, ValueError):  # closed or unusable: nothing more can be written anyway
+            pass
+    return delivered
+
+
+def _print_traceback() -> None:
+    try:
+        traceback.print_exc()
+    except (OSError, ValueError):  # stderr is gone too
+        pass
 
 
 def _run(argv: list[str] | None) -> int:
