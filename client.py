@@ -18,13 +18,20 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from datetime import datetime, timedelta, timezone
+
+from pydantic import BaseModel
+from temporalio.common import WorkflowIDConflictPolicy
+
+from activities.store import AuditStore, ModelVersion
 from config import Settings
-from funnel.lead import LeadView
-from activities.store import AuditStore
-from funnel.models import ActivityEvent, AuditEntry, Command, ProfileUpdate
+from funnel.lead import Lead, LeadView
+from funnel.models import ActivityEvent, Actor, AuditEntry, Command, LeadState, ProfileUpdate
+from funnel.scoring_model import ScoringModel, parse_model
 from workflows import search_attributes as sa
 from workflows.lead import UPDATE_FOR_COMMAND, LeadInput, LeadWorkflow, workflow_id
 from workflows.lead_input import CURRENT_VERSION
+from workflows.rollout import ModelRolloutWorkflow, RolloutInput, RolloutProgress, rollout_id
 
 # One signal carries at most this many events (payloads stay far below 2 MB).
 SIGNAL_BATCH = 100
@@ -232,3 +239,89 @@ def _quote(value: str) -> str:
 def _raise_not_found(err: RPCError, lead_id: str) -> None:
     if err.status == RPCStatusCode.NOT_FOUND:
         raise LeadNotFound(f"no lead {lead_id}") from None
+
+
+# --------------------------------------------------------------------------- scoring model versions
+
+
+class ModelPreview(BaseModel):
+    """What applying a model would change among the running leads (`--dry-run`)."""
+
+    model: str
+    leads: int
+    score_changes: int
+    stage_changes: int
+    unreadable: int  # leads that did not answer (starting, or no worker)
+    examples: list[dict]
+
+
+async def apply_model(client: Client, settings: Settings, store: AuditStore, text: str, source: str, by: Actor,
+                      rate_per_second: float = 20.0) -> tuple[ModelVersion, RolloutProgress | None]:
+    """Validate a model file's text, record it in the store as the active version (who, when,
+    digest) and start rolling it out to the running leads (continuing a rollout already
+    under way). Raises ModelError for an invalid file, ModelConflict for a reused version."""
+    model = parse_model(text, source)
+    version = await asyncio.to_thread(store.record_model, model.ref, text, by.name)
+    await client.start_workflow(
+        ModelRolloutWorkflow.run, RolloutInput(ref=model.ref, by=by, rate_per_second=rate_per_second),
+        id=rollout_id(model.ref), task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+    )
+    return version, await rollout_progress(client, model.ref)
+
+
+async def rollout_progress(client: Client, ref: str) -> RolloutProgress | None:
+    handle = client.get_workflow_handle(rollout_id(ref))
+    try:
+        return await handle.query(ModelRolloutWorkflow.progress, result_type=RolloutProgress | None)
+    except (RPCError, WorkflowQueryFailedError):
+        return None
+
+
+async def preview_model(client: Client, store: AuditStore, settings: Settings, model: ScoringModel,
+                        concurrency: int = 16, examples: int = 10) -> ModelPreview:
+    """Try `model` on every running lead's state with the pure core, changing nothing."""
+    query = f"WorkflowType = '{LeadWorkflow.__name__}' AND ExecutionStatus = 'Running'"
+    ids = [execution.id async for execution in client.list_workflows(query)]
+    models: dict[str, ScoringModel] = {model.ref: model}
+    gate = asyncio.Semaphore(concurrency)
+    now = datetime.now(timezone.utc)
+    results: list[dict | None] = []
+
+    def model_of(ref: str) -> ScoringModel | None:
+        if ref not in models:
+            version = store.model_version(ref)
+            if version is not None:
+                models[ref] = parse_model(version.text, ref)
+            else:  # a store that never recorded the worker's file model
+                from funnel.scoring_model import load_model
+
+                from_file = load_model(settings.model_path)
+                models[ref] = from_file if from_file.ref == ref else None  # type: ignore[assignment]
+        return models[ref]
+
+    async def one(wf_id: str) -> dict | None:
+        async with gate:
+            try:
+                state = await client.get_workflow_handle(wf_id).query(LeadWorkflow.state, result_type=LeadState)
+            except (RPCError, WorkflowQueryFailedError):
+                return None
+        current = await asyncio.to_thread(model_of, state.model_ref)
+        if current is None:
+            return None
+        before = (state.score.total, state.stage)
+        lead = Lead(state, current)
+        lead.use_model(model, now)
+        lead.tick(now + timedelta(seconds=settings.decision_delay_seconds))
+        return {"lead_id": state.lead_id, "score": [before[0], lead.state.score.total],
+                "stage": [before[1].value, lead.state.stage.value]}
+
+    results = await asyncio.gather(*(one(i) for i in ids))
+    changed = [r for r in results if r is not None and (r["score"][0] != r["score"][1] or r["stage"][0] != r["stage"][1])]
+    return ModelPreview(
+        model=model.ref, leads=len(ids),
+        score_changes=sum(1 for r in changed if r["score"][0] != r["score"][1]),
+        stage_changes=sum(1 for r in changed if r["stage"][0] != r["stage"][1]),
+        unreadable=sum(1 for r in results if r is None),
+        examples=sorted(changed, key=lambda r: -abs(r["score"][1] - r["score"][0]))[:examples],
+    )

@@ -19,10 +19,12 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.lead_activities import LeadActivities, all_activities
+from activities.rollout_activities import RolloutActivities
 from activities.store import ModelConflict
 from config import Settings, connect
 from funnel.scoring_model import ModelError, load_model
 from workflows.lead import LeadWorkflow
+from workflows.rollout import ModelRolloutWorkflow
 
 log = logging.getLogger("leadflow.worker")
 ACTIVITY_THREADS = 16
@@ -45,8 +47,8 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[LeadWorkflow],
-        activities=all_activities(activities),
+        workflows=[LeadWorkflow, ModelRolloutWorkflow],
+        activities=all_activities(activities) + RolloutActivities(client).all(),
         activity_executor=executor or ThreadPoolExecutor(ACTIVITY_THREADS),
         max_concurrent_activities=ACTIVITY_THREADS,
         workflow_runner=SandboxedWorkflowRunner() if sandboxed else UnsandboxedWorkflowRunner(),

@@ -1,0 +1,103 @@
+"""Changing the scoring model under running leads: validate, record, try it (dry run),
+roll it out at a bounded rate, on the real dev server (the rollout finds the leads
+behind in Temporal visibility)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+import client as leads
+from activities.store import ModelConflict
+from config import DEFAULT_MODEL
+from funnel.models import Accept, AuditKind, ProfileUpdate, Stage
+from funnel.scoring_model import ModelError
+from tests.conftest import ANNA, MIA, event, running_worker, settle
+
+V2 = DEFAULT_MODEL.read_text().replace('version = "1"', 'version = "2"', 1).replace(
+    "[events.live_chat]\npoints = 15", "[events.live_chat]\npoints = 30", 1)
+
+
+async def until(check, timeout: float = 60.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not reached within {timeout} s: {value!r}")
+        await asyncio.sleep(0.2)
+
+
+async def test_a_new_version_is_tried_recorded_and_rolled_out(dev_env, settings, store):
+    client = dev_env.client
+    run = settings.task_queue[-6:]
+    near, accepted, cold = f"R{run}-near", f"R{run}-sal", f"R{run}-cold"
+    async with running_worker(client, settings, store):
+        now = await dev_env.get_current_time()
+        await leads.send_profile(client, settings, ProfileUpdate(update_id="p", lead_id=near,
+                                                                  facts={"target_account": True}))
+        await leads.send_events(client, settings, [event(near, "1", "website_visit", now),
+                                                   event(near, "2", "webinar_attended", now),
+                                                   event(near, "3", "live_chat", now)])
+        await leads.send_events(client, settings, [event(accepted, "1", "demo_request", now)])
+        await leads.send_events(client, settings, [event(cold, "1", "website_visit", now)])
+        await settle(dev_env, client, near, lambda v: v.score["total"] == 86)
+        await settle(dev_env, client, accepted, lambda v: v.stage == Stage.MQL)
+        await leads.run_command(client, accepted, Accept(by=ANNA))
+        for lead in (near, accepted, cold):
+            await leads.flush_audit(client, lead)  # visibility follows the store
+
+        # a dry run says what would change, and changes nothing
+        from funnel.scoring_model import parse_model
+
+        preview = await leads.preview_model(client, store, settings, parse_model(V2, "v2.toml"))
+        mine = {e["lead_id"]: e for e in preview.examples if e["lead_id"].startswith(f"R{run}")}
+        assert mine[near] == {"lead_id": near, "score": [86, 101], "stage": ["iql", "mql"]}
+        assert accepted not in mine and cold not in mine
+        assert (await leads.get_view(client, near)).model_ref == "default@1"
+
+        version, _ = await leads.apply_model(client, settings, store, V2, "v2.toml", by=MIA.model_copy(),
+                                             rate_per_second=50)
+        assert (version.ref, version.applied_by, version.active) == ("default@2", "mia", True)
+        assert store.active_model().ref == "default@2"
+
+        progress = await until(lambda: leads.rollout_progress(client, "default@2"))
+        progress = await until(lambda: _done(client))
+        assert progress.signalled >= 3 and progress.behind == 0
+        view = await settle(dev_env, client, near, lambda v: v.stage == Stage.MQL)
+        assert view.model_ref == "default@2" and view.score["total"] == 101
+        assert (await leads.get_view(client, accepted)).stage == Stage.SAL  # nobody is demoted
+        # a new lead uses the new version at once
+        newcomer = f"R{run}-new"
+        await leads.send_events(client, settings, [event(newcomer, "1", "live_chat", now)])
+        view = await settle(dev_env, client, newcomer, lambda v: v.events_applied == 1)
+        assert (view.model_ref, view.score["total"]) == ("default@2", 30)
+        await leads.flush_audit(client, near)
+
+    [change] = [e for e in store.history(near, limit=1000) if e.kind == AuditKind.MODEL_CHANGED]
+    assert change.detail == "scoring model default@1 \u2192 default@2: 86 \u2192 101"
+    assert (change.actor, change.role.value) == ("mia", "manager")
+    moves = [e for e in store.history(near, limit=1000) if e.kind == AuditKind.STAGE_CHANGED]
+    assert moves[-1].to_stage == Stage.MQL and moves[-1].happened_at >= change.at
+
+
+async def _done(client):
+    progress = await leads.rollout_progress(client, "default@2")
+    return progress if progress is not None and progress.done else None
+
+
+async def test_a_bad_or_reused_version_is_refused_before_anything_changes(dev_env, settings, store):
+    from funnel.models import Actor, Role
+
+    manager = Actor(name="mona", role=Role.MANAGER)
+    with pytest.raises(ModelError, match="invalid scoring model"):
+        await leads.apply_model(dev_env.client, settings, store, V2.replace("points = 30", 'points = "lots"'),
+                                "bad.toml", by=manager)
+    assert store.active_model() is None
+    store.record_model("default@2", V2, applied_by="mona")
+    with pytest.raises(ModelConflict, match="new version"):
+        await leads.apply_model(dev_env.client, settings, store, V2 + "\n# edited\n", "v2.toml", by=manager)
+    assert store.active_model().ref == "default@2"
