@@ -71,7 +71,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 import client as leads
-from activities.store import AuditStore
+from activities.store import AuditStore, ModelConflict
 from config import Settings, connect
 from funnel.lead import FUTURE_TOLERANCE, LeadView
 from funnel.models import (
@@ -101,7 +101,8 @@ from funnel.models import (
     Stage,
 )
 from funnel.report import FunnelReport, funnel_report
-from funnel.scoring_model import ModelError, ScoringModel, load_model
+from workflows.rollout import RolloutProgress
+from funnel.scoring_model import ModelError, ScoringModel, load_model, parse_model
 
 log = logging.getLogger("leadflow.api")
 
@@ -539,37 +540,31 @@ class NoAnswer(Exception):
     """The lead's workflow did not answer in time (504)."""
 
 
-class _ScoringModelFile:
-    """The scoring model the worker uses, re-read when the file changes: events of a type
-    it does not know are refused here with a clear message instead of ignored by the lead."""
+class _ActiveModel:
+    """The scoring model the leads use, for checks at the edge (an event of a type it does
+    not know is refused here with a clear message instead of ignored by the lead): the
+    store's active version, re-read every few seconds, or the model file while the store
+    has none (or cannot be reached)."""
+
+    TTL_SECONDS = 2.0
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._model: ScoringModel | None = None
-        self._stamp: tuple[int, int] | None = None
-        self._lock = threading.Lock()
+        self._file = load_model(self.path)
+        self._active: ScoringModel | None = None
+        self._read_at = -1e9
 
-    def _file_stamp(self) -> tuple[int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size
-
-    def get(self) -> ScoringModel:
-        stamp = self._file_stamp()
-        if self._model is not None and (stamp is None or stamp == self._stamp):
-            return self._model
-        with self._lock:
-            if self._model is None or (stamp is not None and stamp != self._stamp):
-                try:
-                    self._model = load_model(self.path)
-                except ModelError as err:
-                    if self._model is None:
-                        raise
-                    log.warning("keeping scoring model %s: %s", self._model.ref, err)
-                self._stamp = stamp
-        return self._model
+    async def get(self, backends: "Backends") -> ScoringModel:
+        now = asyncio.get_running_loop().time()
+        if now - self._read_at > self.TTL_SECONDS:
+            self._read_at = now
+            try:
+                version = await backends.in_store(AuditStore.active_model)
+            except Unavailable:
+                version = None
+            if version is not None and (self._active is None or self._active.ref != version.ref):
+                self._active = parse_model(version.text, version.ref)
+        return self._active or self._file
 
 
 class Backends:
@@ -663,8 +658,8 @@ def _backends(request: Request) -> Backends:
     return request.app.state.backends
 
 
-def _model(request: Request) -> ScoringModel:
-    return request.app.state.scoring_model.get()
+async def _model(request: Request) -> ScoringModel:
+    return await request.app.state.scoring_model.get(_backends(request))
 
 
 # =========================================================================== authentication
@@ -786,6 +781,7 @@ ingest = APIRouter(tags=["events and profile facts"], responses=ERRORS)
 commands = APIRouter(prefix="/leads/{lead_id}", tags=["commands"], responses=LEAD_ERRORS)
 reads = APIRouter(tags=["reads"], responses=ERRORS)
 outbox = APIRouter(prefix="/outbox", tags=["outbox"], responses=ERRORS)
+models = APIRouter(prefix="/models", tags=["scoring model versions"], responses=ERRORS)
 
 
 # --------------------------------------------------------------------------- health
@@ -843,7 +839,7 @@ _INGEST_ROLES = "Roles: marketing, manager."
 async def post_event(
     event: EventIn, request: Request, caller: Annotated[Principal, Depends(allow(Role.MARKETING))]
 ) -> EventAccepted:
-    problem = _event_problem(event, _model(request), datetime.now(timezone.utc))
+    problem = _event_problem(event, await _model(request), datetime.now(timezone.utc))
     if problem is not None:
         field, msg = problem
         raise RequestValidationError([{"loc": ("body", field), "msg": msg, "type": "value_error"}])
@@ -876,7 +872,7 @@ async def post_event(
 async def post_events(
     batch: EventBatchIn, request: Request, caller: Annotated[Principal, Depends(allow(Role.MARKETING))]
 ) -> BatchResult:
-    model, now = _model(request), datetime.now(timezone.utc)
+    model, now = await _model(request), datetime.now(timezone.utc)
     results: list[EventResult] = []
     valid: dict[int, EventIn] = {}
     first_seen: set[tuple[str, str]] = set()
@@ -1121,6 +1117,93 @@ async def ack_outbox(
     return AckResult(acknowledged=done, unchanged=len(ids) - done)
 
 
+# --------------------------------------------------------------------------- scoring model versions
+
+MAX_MODEL_BYTES = 256 * 1024
+
+
+class ModelIn(_Request):
+    toml: Annotated[str, StringConstraints(min_length=1, max_length=MAX_MODEL_BYTES)] = Field(
+        description="the scoring model file's text (TOML), with a new `version`")
+    dry_run: bool = Field(default=False, description="only say how many running leads would change score and stage")
+    rate_per_second: float = Field(default=20.0, gt=0, le=1000, description="leads told per second by the rollout")
+
+
+class ModelVersionOut(BaseModel):
+    ref: str
+    sha256: str
+    applied_by: str
+    applied_at: datetime
+    active: bool
+
+
+class ModelApplied(ModelVersionOut):
+    rollout: RolloutProgress | None = Field(description="the rollout to running leads (GET /models/{ref} follows it)")
+
+
+class ModelDetail(ModelVersionOut):
+    text: str
+    rollout: RolloutProgress | None = None
+
+
+@models.post(
+    "", status_code=202, response_model=ModelApplied | leads.ModelPreview,
+    summary="Apply a scoring model version to every lead (or try it: dry_run)",
+    description=(
+        "Validates the model (422 naming field and line), records it as the active version with the key's owner "
+        "and the file's digest, and starts rolling it out to every running lead at `rate_per_second`: each lead "
+        "re-scores and audits the change; a lead newly over the threshold becomes MQL, nobody is demoted. New leads "
+        "use it at once. The same version again continues its rollout; a version already recorded with other "
+        "content is 409. With `dry_run` nothing is recorded: the answer (200) says how many running leads would "
+        "change score and stage. Roles: manager."
+    ),
+    responses={409: {"model": Problem, "description": "this version is recorded with other content"},
+               200: {"model": leads.ModelPreview, "description": "dry run: what would change"}},
+)
+async def apply_model(body: ModelIn, request: Request, caller: Annotated[Principal, Depends(allow())]):
+    try:
+        model = parse_model(body.toml, "toml")
+    except ModelError as err:
+        raise RequestValidationError([{"loc": ("body", "toml"), "msg": str(err), "type": "value_error"}]) from None
+    backends = _backends(request)
+    temporal = await backends.temporal()
+    store = await run_in_threadpool(backends.store)
+    if body.dry_run:
+        preview = await _temporal_call(leads.preview_model(temporal, store, backends.settings, model),
+                                       ANSWER_TIMEOUT * 4, "query")
+        return JSONResponse(preview.model_dump(mode="json"), status_code=200)
+    try:
+        version, rollout = await _temporal_call(
+            leads.apply_model(temporal, backends.settings, store, body.toml, "toml", by=caller.actor,
+                              rate_per_second=body.rate_per_second), ANSWER_TIMEOUT, "model rollout")
+    except ModelConflict as err:
+        return _problem(409, str(err))
+    return ModelApplied(**version.model_dump(exclude={"text"}), rollout=rollout)
+
+
+@models.get("", response_model=list[ModelVersionOut], summary="Every scoring model version ever applied",
+            description="Oldest first; one is active. Roles: manager.")
+async def list_models(request: Request, caller: Annotated[Principal, Depends(allow())]) -> list[ModelVersionOut]:
+    versions = await _backends(request).in_store(AuditStore.model_versions)
+    return [ModelVersionOut(**v.model_dump(exclude={"text"})) for v in versions]
+
+
+@models.get("/{ref}", response_model=ModelDetail, summary="One version, its text and its rollout",
+            description="Roles: manager.", responses={404: {"model": Problem, "description": "no such version"}})
+async def get_model(ref: Annotated[str, PathParam(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}@[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")],
+                    request: Request, caller: Annotated[Principal, Depends(allow())]) -> ModelDetail:
+    backends = _backends(request)
+    version = await backends.in_store(AuditStore.model_version, ref)
+    if version is None:
+        return _problem(404, f"no scoring model {ref}")
+    rollout = None
+    try:
+        rollout = await leads.rollout_progress(await backends.temporal(), ref)
+    except Unavailable:
+        pass
+    return ModelDetail(**version.model_dump(), rollout=rollout)
+
+
 # =========================================================================== errors and middleware
 
 
@@ -1260,8 +1343,8 @@ def create_app(settings: Settings | None = None, keys: KeyRing | None = None, te
         try:
             cfg = settings or Settings.from_env()
             app.state.keys = keys or KeyRing.from_env()
-            app.state.scoring_model = _ScoringModelFile(cfg.model_path)
-            model = app.state.scoring_model.get()
+            app.state.scoring_model = _ActiveModel(cfg.model_path)
+            model = app.state.scoring_model._file
         except ValidationError as err:
             app.state.startup_error = f"invalid settings in the environment: {_describe(err)}"
             raise
@@ -1279,7 +1362,7 @@ def create_app(settings: Settings | None = None, keys: KeyRing | None = None, te
 
     app = FastAPI(title="Leadflow API", version="1.0", description=DESCRIPTION, lifespan=lifespan,
                   responses={500: {"model": Problem, "description": "a bug: please report it"}})
-    for router in (health, ingest, commands, reads, outbox):
+    for router in (health, ingest, commands, reads, outbox, models):
         app.include_router(router)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit)

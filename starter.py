@@ -61,7 +61,7 @@ from funnel.models import (
     Stage,
     check_lead_id,
 )
-from funnel.scoring_model import ModelError, ScoringModel, load_model
+from funnel.scoring_model import ModelError, ScoringModel, load_model, parse_model
 
 PROG = "leadflow"
 IMPORT_CONCURRENCY = 16  # leads sent at the same time by `import`
@@ -198,6 +198,21 @@ def _validated(factory: Callable[..., Any], **values: Any) -> Any:
 
 
 def _load_model(settings: Settings) -> ScoringModel:
+    """The model inputs are checked against: the store's active version (what leads use),
+    or the model file when there is no store yet."""
+    try:
+        store = _store(settings)
+    except CliError:
+        store = None
+    if store is not None:
+        try:
+            active = store.active_model()
+        except Exception:  # noqa: BLE001 - an unreachable store: check against the file instead
+            active = None
+        finally:
+            store.dispose()
+        if active is not None:
+            return parse_model(active.text, active.ref)
     try:
         return load_model(settings.model_path)
     except ModelError as err:
@@ -326,6 +341,10 @@ def print_view(view: LeadView, as_json: bool = False) -> None:
     grid.add_row("since", _when(view.stage_since))
     grid.add_row("owner", view.owner or "-")
     grid.add_row("channel", view.channel or "-")
+    consent = view.consent or {}
+    if consent:
+        grid.add_row("email", ("may be mailed" if consent.get("email") else "NOT to be mailed")
+                     + f" since {_when(consent.get('since'))} ({consent.get('source')})")
     grid.add_row("score", f"{score.get('total', 0):g} (fit {score.get('fit', 0):g}, engagement {score.get('engagement', 0):g})")
     if view.qualified_by:
         grid.add_row("qualified", view.qualified_by)
@@ -342,6 +361,8 @@ def print_view(view: LeadView, as_json: bool = False) -> None:
         "next nurture", f"{nurture.get('track')} step {nurture.get('step')} at {_when(nurture.get('at'))}" if nurture else "-"
     )
     grid.add_row("next decay", _when(view.next_decay_at))
+    if view.decision_due_at:
+        grid.add_row("decides", f"at {_when(view.decision_due_at)} (input that arrives until then is decided with it)")
     if view.cool_off_until:
         grid.add_row("cool-off until", _when(view.cool_off_until))
     grid.add_row("model", view.model_ref)
@@ -365,13 +386,13 @@ def print_history(entries, total: int, offset: int, as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(title_justify="left")
-    for name, justify in (("seq", "right"), ("time", "left"), ("kind", "left"), ("actor/role", "left"),
-                          ("detail", "left"), ("score", "right")):
+    for name, justify in (("seq", "right"), ("recorded", "left"), ("happened", "left"), ("kind", "left"),
+                          ("actor/role", "left"), ("detail", "left"), ("score", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for e in entries:
         table.add_row(
-            str(e.seq), _when(e.at), e.kind.value, f"{e.actor}/{e.role.value}", e.detail,
-            "-" if e.score_total is None else f"{e.score_total:g}",
+            str(e.seq), _when(e.at), "" if e.occurred_at is None else _when(e.occurred_at), e.kind.value,
+            f"{e.actor}/{e.role.value}", e.detail, "-" if e.score_total is None else f"{e.score_total:g}",
         )
     console = _console()
     console.print(table)
@@ -676,6 +697,107 @@ async def cmd_import(args, settings: Settings) -> int:
     return 5 if closed else 0
 
 
+# --------------------------------------------------------------------------- scoring model versions
+
+
+async def cmd_model_apply(args, settings: Settings) -> int:
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise BadInput(f"cannot read {path}: {err.strerror}") from None
+    try:
+        model = parse_model(text, str(path))
+    except ModelError as err:
+        raise BadInput(str(err)) from None
+    by = _validated(Actor, name=args.by, role=Role.MANAGER.value)
+    tc = await _connect(settings)
+    store = _store(settings)
+    try:
+        if args.dry_run:
+            preview = await api.preview_model(tc, store, settings, model)
+            if args.json:
+                _print_json(preview.model_dump(mode="json"))
+                return 0
+            print(f"{model.ref} would change the score of {preview.score_changes} and the stage of "
+                  f"{preview.stage_changes} of {preview.leads} running lead(s)"
+                  + (f" ({preview.unreadable} did not answer)" if preview.unreadable else ""))
+            for example in preview.examples:
+                a, b = example["score"]
+                stage = " -> ".join(dict.fromkeys(example["stage"]))
+                print(f"  {example['lead_id']}: {a:g} -> {b:g}, {stage}")
+            return 0
+        from activities.store import ModelConflict
+
+        try:
+            version, _ = await api.apply_model(tc, settings, store, text, str(path), by=by, rate_per_second=args.rate)
+        except ModelConflict as err:
+            raise BadInput(str(err)) from None
+    finally:
+        store.dispose()
+    print(f"{version.ref} recorded (sha256 {version.sha256[:12]}, by {version.applied_by}): new leads use it now")
+    if args.no_wait:
+        print(f"rolling out to running leads in the background: `{PROG} model status {version.ref}`")
+        return 0
+    return await _follow_rollout(tc, version.ref)
+
+
+async def _follow_rollout(tc, ref: str) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from activities.rollout_activities import behind_query
+
+    total = (await tc.count_workflows(behind_query(ref))).count
+    progress = Progress(TextColumn(f"rolling out {ref}"), BarColumn(), MofNCompleteColumn(), TextColumn("leads"),
+                        TimeElapsedColumn(), console=_console(stderr=True), disable=not sys.stderr.isatty())
+    with progress:
+        task = progress.add_task("rollout", total=max(total, 1))
+        while True:
+            state = await api.rollout_progress(tc, ref)
+            if state is not None:
+                progress.update(task, completed=min(state.signalled, max(total, 1)))
+                if state.done:
+                    break
+            await asyncio.sleep(0.5)
+    print(f"{ref} rolled out: {state.signalled} lead(s) told"
+          + (f"; {state.behind} still behind (apply again to go on)" if state.behind else ""))
+    return 0
+
+
+async def cmd_model_status(args, settings: Settings) -> int:
+    store = _store(settings)
+    try:
+        versions = store.model_versions()
+    finally:
+        store.dispose()
+    ref = args.ref or next((v.ref for v in versions if v.active), None)
+    rollout = None
+    if ref is not None:
+        try:
+            tc = await _connect(settings)
+            rollout = await api.rollout_progress(tc, ref)
+        except CliError:
+            pass
+    if args.json:
+        _print_json({"versions": [v.model_dump(mode="json", exclude={"text"}) for v in versions],
+                     "rollout": rollout.model_dump(mode="json") if rollout else None})
+        return 0
+    from rich.table import Table
+
+    table = Table(title="scoring model versions", title_justify="left")
+    for name in ("version", "active", "applied by", "applied at", "sha256"):
+        table.add_column(name)
+    for v in versions:
+        table.add_row(v.ref, "yes" if v.active else "", v.applied_by, _when(v.applied_at), v.sha256[:12])
+    console = _console()
+    console.print(table)
+    if rollout is not None:
+        console.print(f"rollout of {rollout.ref}: {rollout.signalled} lead(s) told, "
+                      + ("done" if rollout.done else "under way")
+                      + (f", {rollout.behind} behind at the last look" if rollout.behind is not None else ""))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -761,7 +883,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="send events from a .jsonl/.ndjson or .csv file")
     p.add_argument("file", metavar="FILE")
     p.set_defaults(handler=cmd_import)
+
+    p = sub.add_parser("model", help="scoring model versions: apply one to every lead, see them",
+                       description="scoring model versions: apply one to every lead, see them")
+    model_sub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION", parser_class=_Parser)
+    m = model_sub.add_parser("apply", help="validate, record and roll out a model file (managers)",
+                             description="validate a model file, record it as the active version and roll it out "
+                                         "to every running lead (new leads use it at once)")
+    m.add_argument("file", metavar="FILE")
+    m.add_argument("--by", required=True, metavar="NAME", help="the manager applying it (recorded)")
+    m.add_argument("--dry-run", action="store_true", help="only say how many leads would change score and stage")
+    m.add_argument("--rate", type=_positive_rate, default=20.0, help="leads told per second (default 20)")
+    m.add_argument("--no-wait", action="store_true", help="do not follow the rollout")
+    m.add_argument("--json", action="store_true", help="with --dry-run: the preview as JSON")
+    m.set_defaults(handler=cmd_model_apply)
+    m = model_sub.add_parser("status", help="the recorded versions and a rollout's progress")
+    m.add_argument("ref", nargs="?", metavar="NAME@VERSION", help="default: the active version")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(handler=cmd_model_status)
     return parser
+
+
+def _positive_rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 < rate <= 1000:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1000")
+    return rate
 
 
 def _non_negative(value: str) -> int:

@@ -697,3 +697,43 @@ async def test_burst_of_2000_events_from_16_clients_loses_nothing(api, store, de
         f"= {posted / post_seconds:.0f} events/s taken; all {len(valid)} applied after {applied_seconds:.1f} s "
         f"= {len(valid) / applied_seconds:.0f} events/s end to end"
     )
+
+
+async def test_a_manager_applies_a_model_version_over_http(api, store):
+    """POST /models: only managers; invalid is 422 naming the line, a dry run changes nothing,
+    applying records the key's owner and starts the rollout, a reused version is 409."""
+    v2 = (ROOT / "scoring_models" / "default.toml").read_text().replace('version = "1"', 'version = "2"', 1)
+    v2 = v2.replace("[events.live_chat]\npoints = 15", "[events.live_chat]\npoints = 30", 1)
+    mia, anna = api.as_("mia"), api.as_("anna")
+    assert (await anna.post("/models", json={"toml": v2})).status_code == 403
+    bad = await mia.post("/models", json={"toml": v2.replace("points = 30", 'points = "lots"')})
+    assert bad.status_code == 422 and "events.live_chat.points (line" in bad.json()["message"]
+
+    lead = f"M-{uuid.uuid4().hex[:6]}"
+    mautic = api.as_("mautic")
+    r = await mautic.post("/events", json=ev(f"{lead}-1", lead, "live_chat", now()))
+    assert r.status_code == 202
+    await view_when(mia, lead, lambda v: v["events_applied"] == 1)
+    dry = await mia.post("/models", json={"toml": v2, "dry_run": True})
+    assert dry.status_code == 200, dry.text
+    assert dry.json()["model"] == "default@2" and dry.json()["score_changes"] >= 1
+    assert store.active_model() is None  # nothing recorded
+
+    applied = await mia.post("/models", json={"toml": v2, "rate_per_second": 100})
+    assert applied.status_code == 202, applied.text
+    body = applied.json()
+    assert (body["ref"], body["applied_by"], body["active"]) == ("default@2", "mia", True)
+    view = await view_when(mia, lead, lambda v: v["model_ref"] == "default@2")
+    assert view["score"]["total"] == 30
+    detail = await mia.get("/models/default@2")
+    assert detail.status_code == 200 and detail.json()["text"] == v2
+    assert [m["ref"] for m in (await mia.get("/models")).json()] == ["default@2"]
+    assert (await mia.get("/models/default@9")).status_code == 404
+    conflict = await mia.post("/models", json={"toml": v2 + "\n# edited\n"})
+    assert conflict.status_code == 409 and "new version" in conflict.json()["detail"]
+    # events of a type only the new version knows are taken at the edge now
+    v3 = v2.replace('version = "2"', 'version = "3"', 1) + "\n[events.podcast_listen]\npoints = 3\n"
+    assert (await mia.post("/models", json={"toml": v3, "rate_per_second": 100})).status_code == 202
+    await asyncio.sleep(2.5)  # the edge re-reads the active version every couple of seconds
+    r = await mautic.post("/events", json=ev(f"{lead}-2", lead, "podcast_listen", now()))
+    assert r.status_code == 202, r.text
