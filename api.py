@@ -1198,7 +1198,7 @@ async def get_model(ref: Annotated[str, PathParam(pattern=r"^[a-z0-9][a-z0-9_-]{
         return _problem(404, f"no scoring model {ref}")
     rollout = None
     try:
-        rollout = await leads.rollout_progress(await backends.temporal(), ref)
+        rollout = await leads.rollout_progress(await backends.temporal(), backends.settings, ref)
     except Unavailable:
         pass
     return ModelDetail(**version.model_dump(), rollout=rollout)

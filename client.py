@@ -35,6 +35,7 @@ from workflows.rollout import ModelRolloutWorkflow, RolloutInput, RolloutProgres
 
 # One signal carries at most this many events (payloads stay far below 2 MB).
 SIGNAL_BATCH = 100
+PREVIEW_TIMEOUT = 5.0  # s for one lead to answer a dry run's query
 NOT_READY_RETRIES = 5
 
 
@@ -264,14 +265,14 @@ async def apply_model(client: Client, settings: Settings, store: AuditStore, tex
     version = await asyncio.to_thread(store.record_model, model.ref, text, by.name)
     await client.start_workflow(
         ModelRolloutWorkflow.run, RolloutInput(ref=model.ref, by=by, rate_per_second=rate_per_second),
-        id=rollout_id(model.ref), task_queue=settings.task_queue,
+        id=rollout_id(model.ref, settings.task_queue), task_queue=settings.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
     )
-    return version, await rollout_progress(client, model.ref)
+    return version, await rollout_progress(client, settings, model.ref)
 
 
-async def rollout_progress(client: Client, ref: str) -> RolloutProgress | None:
-    handle = client.get_workflow_handle(rollout_id(ref))
+async def rollout_progress(client: Client, settings: Settings, ref: str) -> RolloutProgress | None:
+    handle = client.get_workflow_handle(rollout_id(ref, settings.task_queue))
     try:
         return await handle.query(ModelRolloutWorkflow.progress, result_type=RolloutProgress | None)
     except (RPCError, WorkflowQueryFailedError):
@@ -281,7 +282,8 @@ async def rollout_progress(client: Client, ref: str) -> RolloutProgress | None:
 async def preview_model(client: Client, store: AuditStore, settings: Settings, model: ScoringModel,
                         concurrency: int = 16, examples: int = 10) -> ModelPreview:
     """Try `model` on every running lead's state with the pure core, changing nothing."""
-    query = f"WorkflowType = '{LeadWorkflow.__name__}' AND ExecutionStatus = 'Running'"
+    query = (f"WorkflowType = '{LeadWorkflow.__name__}' AND ExecutionStatus = 'Running' "
+             f"AND TaskQueue = '{_quote(settings.task_queue)}'")
     ids = [execution.id async for execution in client.list_workflows(query)]
     models: dict[str, ScoringModel] = {model.ref: model}
     gate = asyncio.Semaphore(concurrency)
@@ -302,9 +304,10 @@ async def preview_model(client: Client, store: AuditStore, settings: Settings, m
 
     async def one(wf_id: str) -> dict | None:
         async with gate:
-            try:
-                state = await client.get_workflow_handle(wf_id).query(LeadWorkflow.state, result_type=LeadState)
-            except (RPCError, WorkflowQueryFailedError):
+            try:  # a lead whose worker does not answer is counted, not waited for
+                state = await asyncio.wait_for(
+                    client.get_workflow_handle(wf_id).query(LeadWorkflow.state, result_type=LeadState), PREVIEW_TIMEOUT)
+            except (RPCError, WorkflowQueryFailedError, TimeoutError):
                 return None
         current = await asyncio.to_thread(model_of, state.model_ref)
         if current is None:

@@ -739,21 +739,21 @@ async def cmd_model_apply(args, settings: Settings) -> int:
     if args.no_wait:
         print(f"rolling out to running leads in the background: `{PROG} model status {version.ref}`")
         return 0
-    return await _follow_rollout(tc, version.ref)
+    return await _follow_rollout(tc, settings, version.ref)
 
 
-async def _follow_rollout(tc, ref: str) -> int:
+async def _follow_rollout(tc, settings: Settings, ref: str) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from activities.rollout_activities import behind_query
 
-    total = (await tc.count_workflows(behind_query(ref))).count
+    total = (await tc.count_workflows(behind_query(ref, settings.task_queue))).count
     progress = Progress(TextColumn(f"rolling out {ref}"), BarColumn(), MofNCompleteColumn(), TextColumn("leads"),
                         TimeElapsedColumn(), console=_console(stderr=True), disable=not sys.stderr.isatty())
     with progress:
         task = progress.add_task("rollout", total=max(total, 1))
         while True:
-            state = await api.rollout_progress(tc, ref)
+            state = await api.rollout_progress(tc, settings, ref)
             if state is not None:
                 progress.update(task, completed=min(state.signalled, max(total, 1)))
                 if state.done:
@@ -775,7 +775,7 @@ async def cmd_model_status(args, settings: Settings) -> int:
     if ref is not None:
         try:
             tc = await _connect(settings)
-            rollout = await api.rollout_progress(tc, ref)
+            rollout = await api.rollout_progress(tc, settings, ref)
         except CliError:
             pass
     if args.json:

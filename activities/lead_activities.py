@@ -101,19 +101,26 @@ class LeadActivities:
 
     # ------------------------------------------------------------------ owners and deliveries
 
-    @activity.defn(name="assign_owner")
-    def assign_owner(self, assignment_id: str, team: str) -> str:
-        """The next member of `team` (presales or sales) in turn; a retry gets the same owner."""
+    def _owner_for(self, assignment_id: str, team: str) -> str:
         members = self.settings.presales_team if team == "presales" else self.settings.sales_team
         try:
             return self.store.assign_owner(assignment_id, members, team_name=team)
         except ValueError as err:  # an empty team: retrying cannot help until configuration changes
             raise ApplicationError(str(err), type="NoTeam", non_retryable=True) from err
 
+    @activity.defn(name="assign_owner")
+    def assign_owner(self, message: Outbound) -> dict:
+        """The next member of the message's team in turn (a retry gets the same owner), and
+        the message, naming them, in the outbox. Returns {"owner", "post"}: `post` says a
+        webhook is configured, which the lead then delivers to beside its loop."""
+        owner = self._owner_for(message.message_id, message.assign_to or "presales")
+        self.store.add_outbox(message.model_copy(update={"payload": {**message.payload, "owner": owner}}))
+        return {"owner": owner, "post": bool(self.settings.webhook_url)}
+
     @activity.defn(name="hand_over")
     def hand_over(self, message: Outbound) -> str:
         """Assign the presales owner and deliver the handover in one (runs started by older code)."""
-        owner = self.assign_owner(message.message_id, "presales")
+        owner = self._owner_for(message.message_id, "presales")
         self.deliver(message.model_copy(update={"payload": {**message.payload, "owner": owner}}))
         return owner
 

@@ -17,10 +17,12 @@ from workflows.lead_input import ModelChange
 SIGNAL_CONCURRENCY = 10
 
 
-def behind_query(ref: str) -> str:
-    if "'" in ref or "\\" in ref:
-        raise ValueError(f"invalid model ref {ref!r}")
-    return (f"WorkflowType = 'LeadWorkflow' AND ExecutionStatus = 'Running' AND "
+def behind_query(ref: str, task_queue: str) -> str:
+    """Running leads of this task queue (this deployment) not on model version `ref`."""
+    for value in (ref, task_queue):
+        if "'" in value or "\\" in value:
+            raise ValueError(f"invalid value {value!r}")
+    return (f"WorkflowType = 'LeadWorkflow' AND ExecutionStatus = 'Running' AND TaskQueue = '{task_queue}' AND "
             f"({sa.LEAD_MODEL.name} != '{ref}' OR {sa.LEAD_MODEL.name} IS NULL)")
 
 
@@ -32,7 +34,8 @@ class RolloutActivities:
     async def leads_behind(self, ref: str, page_token: str | None, page_size: int) -> dict:
         """One page of running leads not on `ref`, and the token of the next page (None: last page)."""
         token = base64.b64decode(page_token) if page_token else None
-        pages = self.client.list_workflows(behind_query(ref), page_size=page_size, next_page_token=token)
+        query = behind_query(ref, activity.info().task_queue)
+        pages = self.client.list_workflows(query, page_size=page_size, next_page_token=token)
         await pages.fetch_next_page()
         ids = [execution.id for execution in pages.current_page or []]
         following = pages.next_page_token
@@ -40,7 +43,7 @@ class RolloutActivities:
 
     @activity.defn(name="count_leads_behind")
     async def count_leads_behind(self, ref: str) -> int:
-        return (await self.client.count_workflows(behind_query(ref))).count
+        return (await self.client.count_workflows(behind_query(ref, activity.info().task_queue))).count
 
     @activity.defn(name="signal_model_change")
     async def signal_model_change(self, workflow_ids: list[str], ref: str, by: Actor) -> int:

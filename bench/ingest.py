@@ -189,8 +189,10 @@ class Phase:
 def make_events(prefix: str, leads: int, per_lead: int, seed: int) -> list[ActivityEvent]:
     """N x M events, interleaved across leads (event j of every lead before event j+1)."""
     model = load_model(DEFAULT_MODEL)
-    types = [t for t in model.events]
-    weights = [EVENT_WEIGHTS.get(t, 1.0) for t in types]
+    # The listed types only, in the model's order: the same events for every version of
+    # the code (a model that gains a type must not change the workload).
+    types = [t for t in model.events if t in EVENT_WEIGHTS]
+    weights = [EVENT_WEIGHTS[t] for t in types]
     rng = random.Random(seed)
     now = datetime.now(timezone.utc)
     lead_ids = [f"{prefix}-{i:05d}" for i in range(leads)]

@@ -24,10 +24,8 @@ Pure: no clock, no I/O; every time is an argument.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-
-from pydantic import BaseModel, Field
 
 from funnel.models import Anchor, ConsentRecord, EngagementLog, FoldState, TypeTally, WindowEvent
 from funnel.scoring_model import ScoringModel, format_duration, humanize
@@ -42,10 +40,11 @@ def _r(x: float) -> float:
     return round(x + 0.0, 2)
 
 
-class Contribution(BaseModel):
-    """One scored item of a fold: an event, a decay step or a reset."""
+@dataclass(slots=True)
+class Contribution:
+    """One scored item of a fold: an event, a decay step, a reset or a take-back."""
 
-    key: str  # "e:<event id>", "d:<due time>", "r:<time>"
+    key: str  # "e:<event id>", "d:<due time>", "r:<time>", "c:<event id>:<type>"
     rule: str
     points: float
     at: datetime
@@ -53,47 +52,157 @@ class Contribution(BaseModel):
     event_id: str | None = None
 
 
-class FoldResult(BaseModel):
-    state: FoldState
+@dataclass
+class FoldResult:
+    work: "_Work"
     contributions: list[Contribution]
+
+    @property
+    def state(self) -> FoldState:
+        return self.work.state()
 
     def by_key(self) -> dict[str, Contribution]:
         return {c.key: c for c in self.contributions}
 
 
+# The fold works on plain mutable objects (a pydantic model checks every attribute it is
+# given, and the fold sets thousands); FoldState/TypeTally are what the lead's state keeps.
+_FIELDS = tuple(FoldState.model_fields)
+_TALLY_FIELDS = tuple(TypeTally.model_fields)
+
+
+@dataclass(slots=True)
+class _Tally:
+    counted: int = 0
+    last_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    cap_from: datetime | None = None
+    cap_points: float = 0.0
+    recent: list[datetime] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Work:
+    at: datetime | None = None
+    after_id: str = ""
+    positive: float = 0.0
+    negative: float = 0.0
+    clock_from: datetime | None = None
+    last_activity: datetime | None = None
+    decay_steps: int = 0
+    tallies: dict[str, _Tally] = field(default_factory=dict)
+    breakdown: dict[str, float] = field(default_factory=dict)
+    consent: ConsentRecord | None = None
+    first_touch: tuple[datetime, str] | None = None
+    newest_activity: datetime | None = None
+
+    @property
+    def engagement(self) -> float:
+        return _r(self.positive + self.negative)
+
+    @classmethod
+    def of(cls, state: FoldState) -> "_Work":
+        work = cls(**{name: getattr(state, name) for name in _FIELDS if name != "tallies"})
+        work.breakdown = dict(state.breakdown)
+        work.tallies = {name: _Tally(**{f: getattr(t, f) for f in _TALLY_FIELDS}) for name, t in state.tallies.items()}
+        for tally in work.tallies.values():
+            tally.recent = list(tally.recent)
+        return work
+
+    def state(self) -> FoldState:
+        values = {name: getattr(self, name) for name in _FIELDS if name not in ("tallies", "breakdown")}
+        tallies = {name: TypeTally.model_construct(**{f: getattr(t, f) for f in _TALLY_FIELDS})
+                   for name, t in self.tallies.items()}
+        return FoldState.model_construct(**values, tallies=tallies, breakdown=dict(self.breakdown))
+
+    def copy(self) -> "_Work":
+        tallies = {name: _Tally(t.counted, t.last_at, t.cancelled_at, t.cap_from, t.cap_points, list(t.recent))
+                   for name, t in self.tallies.items()}
+        return replace(self, tallies=tallies, breakdown=dict(self.breakdown))
+
+
 # --------------------------------------------------------------------------- the fold
 
 
-def fold(model: ScoringModel, log: EngagementLog, until: datetime) -> FoldResult:
-    """Engagement at `until` from the checkpoint, the window's events and the anchors."""
-    state = log.checkpoint.model_copy(deep=True)
+class FoldCache:
+    """The folded state just after a lead's newest event, so events in time order continue
+    from there (re-applying the stage anchors after it) instead of refolding the window.
+    Valid while nothing before that point changes: an event that sorts before it folds
+    everything again, and the lead drops the cache when the checkpoint changes."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.ref: str | None = None
+        self.events = self.anchors = 0  # how many of each are folded in `work`
+        self.last: tuple | None = None  # the key of the last event folded
+        self.work: _Work | None = None
+
+    def tail(self, model: ScoringModel, log: EngagementLog) -> tuple[_Work, list] | None:
+        """(the cached state, the items after it), if nothing before it changed."""
+        if self.work is None or self.ref != model.ref:
+            return None
+        window, anchors = log.window, log.anchors
+        if len(window) < self.events or len(anchors) < self.anchors:
+            return None
+        if self.events and _item_key(window[self.events - 1]) != self.last:
+            return None  # an event arrived before the cached point: fold it all again
+        if self.anchors and _item_key(anchors[self.anchors - 1]) > self.last:  # type: ignore[operator]
+            return None
+        new = [*window[self.events:], *anchors[self.anchors:]]
+        return self.work.copy(), sorted(new, key=_item_key)
+
+    def keep(self, model: ScoringModel, events: int, anchors: int, work: _Work, last: tuple) -> None:
+        self.ref, self.events, self.anchors, self.last, self.work = model.ref, events, anchors, last, work.copy()
+
+
+def _item_key(item: WindowEvent | Anchor) -> tuple:
+    return (item.occurred_at, 0, item.event_id) if isinstance(item, WindowEvent) else (item.at, 1, item.kind)
+
+
+def fold(model: ScoringModel, log: EngagementLog, until: datetime, cache: FoldCache | None = None) -> FoldResult:
+    """Engagement at `until` from the checkpoint, the window's events and the anchors.
+
+    With a `cache` that still holds (every change since came after its point), only the
+    items after that point are folded: the same result, for events that arrive in order."""
+    hit = cache.tail(model, log) if cache is not None else None
+    if hit is not None:
+        work, items = hit
+        events, anchors = cache.events, cache.anchors  # type: ignore[union-attr]
+    else:
+        work = _Work.of(log.checkpoint)
+        items = sorted([*log.window, *log.anchors], key=_item_key)
+        events = anchors = 0
+    last_event = max((i for i, item in enumerate(items) if isinstance(item, WindowEvent)), default=-1)
     out: list[Contribution] = []
-    items: list[tuple[datetime, int, str, WindowEvent | Anchor]] = [
-        (e.occurred_at, 0, e.event_id, e) for e in log.window
-    ]
-    items += [(a.at, 1, a.kind, a) for a in log.anchors]
-    items.sort(key=lambda item: item[:3])
-    for at, _, _, item in items:  # an event may be a little ahead of `until` (clock skew): it counts
-        _decay_until(model, state, min(at, until), out)
+    for i, item in enumerate(items):  # an event may be a little ahead of `until` (clock skew): it counts
         if isinstance(item, WindowEvent):
-            _apply_event(model, state, item, out)
+            _decay_until(model, work, min(item.occurred_at, until), out)
+            _apply_event(model, work, item, out)
+            work.at = item.occurred_at
+            events += 1
         else:
-            _apply_anchor(model, state, item, out)
-        state.at = at
-    _decay_until(model, state, until, out)
-    if state.at is None or until > state.at:
-        state.at = until
-    return FoldResult(state=state, contributions=out)
+            _decay_until(model, work, min(item.at, until), out)
+            _apply_anchor(model, work, item, out)
+            work.at = item.at
+            anchors += 1
+        if i == last_event and cache is not None:
+            cache.keep(model, events, anchors, work, _item_key(item))
+    _decay_until(model, work, until, out)
+    if work.at is None or until > work.at:
+        work.at = until
+    return FoldResult(work=work, contributions=out)
 
 
-def next_decay_at(model: ScoringModel, state: FoldState) -> datetime | None:
+def next_decay_at(model: ScoringModel, state: FoldState | _Work) -> datetime | None:
     if state.clock_from is None or state.positive <= 0:
         return None
     decay = model.decay
     return state.clock_from + decay.after + decay.every * state.decay_steps
 
 
-def _decay_until(model: ScoringModel, state: FoldState, t: datetime, out: list[Contribution]) -> None:
+def _decay_until(model: ScoringModel, state: _Work, t: datetime, out: list[Contribution]) -> None:
     decay = model.decay
     while (due := next_decay_at(model, state)) is not None and due <= t:
         positive = state.positive
@@ -113,54 +222,48 @@ def _decay_until(model: ScoringModel, state: FoldState, t: datetime, out: list[C
         state.positive = _r(positive - loss)
         state.decay_steps += 1
         _add(state, "decay", -loss)
-        out.append(Contribution(
-            key=f"d:{due.isoformat()}", rule="decay", points=-loss, at=due,
-            why=f"{label} after {humanize(idle)} without activity{floor}",
-        ))
+        out.append(Contribution(f"d:{due.isoformat()}", "decay", -loss, due,
+                                f"{label} after {humanize(idle)} without activity{floor}"))
 
 
-def _apply_event(model: ScoringModel, state: FoldState, event: WindowEvent, out: list[Contribution]) -> None:
+def _apply_event(model: ScoringModel, state: _Work, event: WindowEvent, out: list[Contribution]) -> None:
     t = event.occurred_at
     if event.channel and (state.first_touch is None or (t, event.channel) < state.first_touch):
         state.first_touch = (t, event.channel)
     rule = model.events.get(event.type)
     if rule is None:
-        out.append(Contribution(key=f"e:{event.event_id}", rule=event.type, points=0.0, at=t,
-                                why=f": not an event type of {model.ref}", event_id=event.event_id))
+        out.append(Contribution(f"e:{event.event_id}", event.type, 0.0, t, f": not an event type of {model.ref}",
+                                event.event_id))
         return
     for cancelled in rule.cancels:
         _cancel(state, cancelled, t, event, out)
     if rule.consent is not None:
-        state.consent = ConsentRecord(email=rule.consent == "grant", since=t,
-                                      source=f"{event.type} {event.event_id}")
+        state.consent = ConsentRecord(email=rule.consent == "grant", since=t, source=f"{event.type} {event.event_id}")
     if rule.activity:
         state.clock_from = t if state.clock_from is None else max(state.clock_from, t)
         state.last_activity = state.clock_from
         state.newest_activity = t if state.newest_activity is None else max(state.newest_activity, t)
         state.decay_steps = 0
-    tally = state.tallies.setdefault(event.type, TypeTally())
+    tally = state.tallies.get(event.type)
+    if tally is None:
+        tally = state.tallies[event.type] = _Tally()
     tally.counted += 1
     tally.last_at = t
     points, why = _event_points(model, rule, tally, t)
-    if rule.points > 0 and (memory := _frequency_memory(model)):
-        tally.recent = ([x for x in tally.recent if x > t - model.frequency.window] + [t])[-memory:]
+    if rule.points > 0 and model.frequency.bonus > 0 and model.frequency.max_multiplier > 1:
+        horizon = t - model.frequency.window
+        recent = [x for x in tally.recent if x > horizon]
+        recent.append(t)
+        tally.recent = recent[-FREQUENCY_MEMORY_MAX:]
     if points > 0:
         state.positive = _r(state.positive + points)
     elif points < 0:
         state.negative = _r(state.negative + points)
     _add(state, event.type, points)
-    out.append(Contribution(key=f"e:{event.event_id}", rule=event.type, points=points, at=t, why=why,
-                            event_id=event.event_id))
+    out.append(Contribution(f"e:{event.event_id}", event.type, points, t, why, event.event_id))
 
 
-def _frequency_memory(model: ScoringModel) -> int:
-    """How many earlier times of a type to keep: enough to count "n in window" up to
-    FREQUENCY_MEMORY_MAX (the multiplier saturates long before)."""
-    freq = model.frequency
-    return FREQUENCY_MEMORY_MAX if freq.bonus > 0 and freq.max_multiplier > 1 else 0
-
-
-def _event_points(model: ScoringModel, rule, tally: TypeTally, t: datetime) -> tuple[float, str]:
+def _event_points(model: ScoringModel, rule, tally: _Tally, t: datetime) -> tuple[float, str]:
     """Points for this event of its type at `t`, and why (weighting, cap, count-once)."""
     if rule.count_once and tally.counted > 1:
         return 0.0, ": counts once"
@@ -168,7 +271,8 @@ def _event_points(model: ScoringModel, rule, tally: TypeTally, t: datetime) -> t
     if points <= 0:
         return _r(points), why
     freq = model.frequency
-    earlier = sum(1 for x in tally.recent if x > t - freq.window)
+    horizon = t - freq.window
+    earlier = sum(1 for x in tally.recent if x > horizon)
     multiplier = min(1 + freq.bonus * earlier, freq.max_multiplier)
     if multiplier > 1:
         points *= multiplier
@@ -185,7 +289,7 @@ def _event_points(model: ScoringModel, rule, tally: TypeTally, t: datetime) -> t
     return _r(points), why
 
 
-def _cancel(state: FoldState, cancelled: str, t: datetime, event: WindowEvent, out: list[Contribution]) -> None:
+def _cancel(state: _Work, cancelled: str, t: datetime, event: WindowEvent, out: list[Contribution]) -> None:
     """Take back what a negative type scored (a resubscribe forgives the unsubscribe)."""
     taken = state.breakdown.get(cancelled, 0.0)
     tally = state.tallies.get(cancelled)
@@ -195,11 +299,11 @@ def _cancel(state: FoldState, cancelled: str, t: datetime, event: WindowEvent, o
     if taken:
         state.negative = _r(state.negative - taken)
         _add(state, cancelled, -taken)
-        out.append(Contribution(key=f"c:{event.event_id}:{cancelled}", rule=cancelled, points=_r(-taken), at=t,
-                                why=f": taken back by {event.type} {event.event_id}", event_id=event.event_id))
+        out.append(Contribution(f"c:{event.event_id}:{cancelled}", cancelled, _r(-taken), t,
+                                f": taken back by {event.type} {event.event_id}", event.event_id))
 
 
-def _apply_anchor(model: ScoringModel, state: FoldState, anchor: Anchor, out: list[Contribution]) -> None:
+def _apply_anchor(model: ScoringModel, state: _Work, anchor: Anchor, out: list[Contribution]) -> None:
     if anchor.kind == "clock":
         state.clock_from = anchor.at if state.clock_from is None else max(state.clock_from, anchor.at)
         state.decay_steps = 0
@@ -212,12 +316,11 @@ def _apply_anchor(model: ScoringModel, state: FoldState, anchor: Anchor, out: li
                      if name in model.events and model.events[name].points < 0}
     if delta:
         _add(state, "recycle_reset", _r(delta))
-        out.append(Contribution(key=f"r:{anchor.at.isoformat()}", rule="recycle_reset", points=_r(delta),
-                                at=anchor.at, why="engagement reset on recycle"
-                                + (" (negative points kept)" if state.negative else "")))
+        out.append(Contribution(f"r:{anchor.at.isoformat()}", "recycle_reset", _r(delta), anchor.at,
+                                "engagement reset on recycle" + (" (negative points kept)" if state.negative else "")))
 
 
-def _add(state: FoldState, rule: str, points: float) -> None:
+def _add(state: _Work | FoldState, rule: str, points: float) -> None:
     total = _r(state.breakdown.get(rule, 0.0) + points)
     if total:
         state.breakdown[rule] = total

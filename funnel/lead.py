@@ -140,6 +140,7 @@ class Lead:
         self._effects = Effects()
         self._now = state.stage_since  # the time of the call being handled
         self._hand: WindowEvent | None = None  # the hand-raise a decision is acting on
+        self._fold_cache = eng.FoldCache()  # engagement folded up to the newest event, for input in order
 
     # ------------------------------------------------------------------ creation
 
@@ -213,10 +214,12 @@ class Lead:
             if self._is_duplicate(event.event_id, kind="event", channel=event.channel):
                 continue
             s.events_applied += 1
-            item = WindowEvent(event_id=event.event_id, type=event.type, occurred_at=event.occurred_at,
-                               channel=event.channel, attributes=dict(event.attributes))
+            item = WindowEvent.model_construct(  # validated as an ActivityEvent already
+                event_id=event.event_id, type=event.type, occurred_at=event.occurred_at, channel=event.channel,
+                attributes=dict(event.attributes))
             if s.engagement.beyond_horizon(event.occurred_at, event.event_id):
                 points, why = eng.apply_beyond_horizon(self.model, s.engagement, item)
+                self._fold_cache.clear()  # the checkpoint changed under it
                 beyond.append((event, points, why))
             else:
                 s.engagement.add(item)
@@ -225,7 +228,8 @@ class Lead:
             return
         negative = any(self.model.events[e.type].points < 0 for e in added) or any(p < 0 for _, p, _ in beyond)
         self._rescore(now, added=added, beyond=beyond, prior_newest=prior_newest)
-        eng.trim(self.model, s.engagement)
+        if eng.trim(self.model, s.engagement):
+            self._fold_cache.clear()
         for event in added:
             self._on_event(event, now)
         if negative:
@@ -398,8 +402,8 @@ class Lead:
         late events (or a model change) re-scored, per rule."""
         s = self.state
         previous_eval = s.evaluated_at or s.created_at
-        result = eng.fold(self.model, s.engagement, now)
-        new = result.state
+        result = eng.fold(self.model, s.engagement, now, self._fold_cache)
+        new = result.work
         old = {k: v for k, v in s.score.breakdown.items() if not k.startswith("fit:")}
         diff = {rule: round(new.breakdown.get(rule, 0.0) - old.get(rule, 0.0), 2)
                 for rule in set(old) | set(new.breakdown)}
@@ -433,8 +437,10 @@ class Lead:
                 entries.append((taken.rule, taken.points, f"{_fmt(taken.points)} {taken.rule}{taken.why}", None,
                                 event.occurred_at, event.channel))
         reset_key = f"r:{new_anchor.at.isoformat()}" if new_anchor is not None else None
+        # Decay steps after the last evaluation are new; so is all decay of a lead's first events.
+        first_events = bool(added) and prior_newest is None
         for c in result.contributions:
-            if (c.key[0] == "d" and c.at > previous_eval) or c.key == reset_key:
+            if (c.key[0] == "d" and (first_events or c.at > previous_eval)) or c.key == reset_key:
                 diff[c.rule] = round(diff.get(c.rule, 0.0) - c.points, 2)
                 text = f"{_fmt(c.points)} inactivity decay ({c.why})" if c.rule == "decay" else f"{_fmt(c.points)} {c.why}"
                 entries.append((c.rule, c.points, text, None, c.at, None))

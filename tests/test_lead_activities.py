@@ -117,7 +117,7 @@ def audit(lead_id: str, seq: int) -> AuditEntry:
 def test_all_activities_have_the_agreed_names_and_are_synchronous(acts):
     fns = all_activities(acts)
     names = [activity._Definition.must_from_callable(fn).name for fn in fns]
-    assert names == ["load_scoring_model", "record_audit", "hand_over", "deliver"]
+    assert names == ["load_scoring_model", "record_audit", "assign_owner", "hand_over", "deliver"]
     assert not any(inspect.iscoroutinefunction(fn) for fn in fns)
     assert all(getattr(fn, "__self__", None) is acts for fn in fns)  # bound to this configuration
 
@@ -238,7 +238,30 @@ def test_deliver_raises_when_the_webhook_is_unreachable(store, env, webhook):
         lead_activities.close()
 
 
-# --------------------------------------------------------------------------- hand-over
+# --------------------------------------------------------------------------- owners
+
+
+def test_assign_owner_takes_turns_per_team_and_puts_the_message_in_the_outbox(acts, env, store):
+    """Presales for an MQL, an account executive for an SQL, each team in its own turn; the
+    message goes to the outbox naming its owner; no webhook configured: nothing to post."""
+    mql = [message(f"lead-{n}", score=100.0).model_copy(update={"assign_to": "presales"}) for n in range(3)]
+    sql = [message(f"lead-{n}", kind=OutboundKind.OPPORTUNITY).model_copy(update={"assign_to": "sales"})
+           for n in range(3)]
+    handed = [env.run(acts.assign_owner, m) for m in mql + sql]
+    assert [h["owner"] for h in handed] == ["ana", "ben", "cy", "ae-1", "ae-2", "ae-1"]
+    assert not any(h["post"] for h in handed)
+    assert env.run(acts.assign_owner, mql[0]) == {"owner": "ana", "post": False}  # a retry: same owner, no turn
+    assert {m.message_id: m.payload["owner"] for m in store.pending_outbox()} == {
+        m.message_id: h["owner"] for m, h in zip(mql + sql, handed)}
+
+
+def test_assign_owner_says_to_post_when_a_webhook_is_configured_and_posts_nothing_itself(hooked, env, webhook):
+    handed = env.run(hooked.assign_owner, message().model_copy(update={"assign_to": "presales"}))
+    assert handed == {"owner": "ana", "post": True}
+    assert webhook.requests == []
+
+
+# --------------------------------------------------------------------------- hand-over (runs started by older code)
 
 
 def test_hand_over_assigns_round_robin_and_delivers_the_owner(hooked, env, store, webhook):

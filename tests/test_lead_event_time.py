@@ -133,6 +133,9 @@ def test_last_years_history_scores_but_pages_nobody():
     [late] = of_kind(fx, AuditKind.SLA_LATE_DATA)
     assert late.rule == "webinar_follow_up"
     assert "demo_request" in lead.state.score.breakdown  # it scored (and decayed)
+    decay = [a.detail for a in of_kind(fx, AuditKind.SCORE_CHANGED) if a.rule == "decay"]
+    assert decay[0] == f"{MINUS}52.5 inactivity decay (25% after 30d without activity)"  # step by step, as it happened
+    assert all("inactivity decay" in d for d in decay)
 
 
 def test_a_strong_old_history_is_handed_over_when_the_lead_is_active_again():

@@ -64,8 +64,8 @@ async def test_a_new_version_is_tried_recorded_and_rolled_out(dev_env, settings,
         assert (version.ref, version.applied_by, version.active) == ("default@2", "mia", True)
         assert store.active_model().ref == "default@2"
 
-        progress = await until(lambda: leads.rollout_progress(client, "default@2"))
-        progress = await until(lambda: _done(client))
+        progress = await until(lambda: leads.rollout_progress(client, settings, "default@2"))
+        progress = await until(lambda: _done(client, settings))
         assert progress.signalled >= 3 and progress.behind == 0
         view = await settle(dev_env, client, near, lambda v: v.stage == Stage.MQL)
         assert view.model_ref == "default@2" and view.score["total"] == 101
@@ -84,8 +84,8 @@ async def test_a_new_version_is_tried_recorded_and_rolled_out(dev_env, settings,
     assert moves[-1].to_stage == Stage.MQL and moves[-1].happened_at >= change.at
 
 
-async def _done(client):
-    progress = await leads.rollout_progress(client, "default@2")
+async def _done(client, settings):
+    progress = await leads.rollout_progress(client, settings, "default@2")
     return progress if progress is not None and progress.done else None
 
 

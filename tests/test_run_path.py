@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -209,6 +210,9 @@ def test_readme_run_path(running):
 
     poll("`leadflow list` reaches Temporal", reachable, READY_TIMEOUT, log, interval=1.0)
 
+    # 1b. Every example in the README does what its comment says, on a fresh store as a newcomer runs them.
+    check_readme_examples(cli, log)
+
     lead = f"T-{uuid.uuid4().hex[:10]}"
 
     # 2. Marketing: profile facts and activities make the lead an MQL with an owner.
@@ -311,3 +315,164 @@ def test_readme_run_path(running):
 
     wrong = {what: (r.returncode, r.stderr.strip()) for what, r in after_won.items() if r.returncode != 5}
     assert not wrong, f"input for a won lead must exit 5 (lead closed); got {wrong}"
+
+
+
+# --------------------------------------------------------------------------- the README's examples
+
+README = ROOT / "README.md"
+
+
+def readme_blocks() -> list[tuple[str, str, list[str]]]:
+    """(section, language, lines) of every fenced code block of the README."""
+    blocks, section, fence, lines = [], "", None, []
+    for line in README.read_text(encoding="utf-8").splitlines():
+        if fence is None and line.startswith("## "):
+            section = line[3:].strip()
+        elif fence is None and line.startswith("```"):
+            fence, lines = line[3:].strip(), []
+        elif fence is not None and line.startswith("```"):
+            blocks.append((section, fence, lines))
+            fence = None
+        elif fence is not None:
+            lines.append(line)
+    return blocks
+
+
+def commands(lines: list[str]) -> list[tuple[str, str]]:
+    """(command, comment) per shell command: continuation lines joined, comment-only lines left out."""
+    out, pending = [], ""
+    for line in lines:
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        quoted = False
+        for i, char in enumerate(line):  # a comment starts at " #" outside quotes
+            if char == "'":
+                quoted = not quoted
+            if not quoted and line[i : i + 2] == " #" and "  " in line[max(0, i - 2) : i + 1]:
+                out.append((" ".join(line[:i].split()), line[i + 2 :].strip()))
+                break
+        else:
+            out.append((" ".join(line.split()), ""))
+    return out
+
+
+def bash(cli: Cli, command: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
+    env = cli.env | {"PATH": f"{cli.workdir / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", "-c", command], cwd=cli.workdir, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def shows(*needles: str, timeout: float = 30.0):
+    """A check: the command succeeds and its output has every needle (polled: leads settle)."""
+
+    def check(cli: Cli, command: str, log: Path) -> None:
+        def once():
+            result = bash(cli, command)
+            text = result.stdout + result.stderr
+            return result.returncode == 0 and all(n in text for n in needles), text
+
+        poll(f"`{command}` shows {needles}", once, timeout, log)
+
+    return check
+
+
+def ok(cli: Cli, command: str, log: Path) -> None:
+    result = bash(cli, command)
+    assert result.returncode == 0, f"{command} -> {result.returncode}\n{result.stdout}\n{result.stderr}\n{tail(log)}"
+
+
+# The README's shell examples in order, each with what its comment promises. A README
+# example that is not here (or one here that the README lost) fails the test.
+WALKTHROUGH = [
+    ("export PATH=$PWD/.venv/bin:$PATH", ok),
+    ("leadflow profile L-1001 target_account=true industry=software", ok),
+    ("leadflow event L-1001 website_visit --channel website", ok),
+    ("leadflow event L-1001 website_visit --channel website", ok),
+    ("leadflow event L-1001 webinar_attended --channel webinar", ok),
+    ("leadflow show L-1001", shows("iql", "82.5", "fit:target_account", "webinar_follow_up")),
+    ("leadflow event L-1001 demo_request", ok),
+    ("sleep 6", ok),
+    ("leadflow show L-1001", shows("mql", "presales-1", "presales_decision")),
+    ("leadflow accept L-1001 --by anna", shows("sal")),
+    ("leadflow qualify L-1001 --by anna --budget --authority --need", shows("sql", "bant 3/4")),
+    ("leadflow contact L-1001 --by ben --channel phone", ok),
+    ("leadflow close L-1001 won --by ben", shows("won")),
+    ("leadflow history L-1001", shows("stage_changed", "owner_assigned", "ae-1", "anna/presales")),
+    ("leadflow report", shows("won")),
+    ("leadflow event L-1003 newsletter_signup --channel email", ok),
+    ("leadflow event L-1003 unsubscribe", ok),
+    ("leadflow show L-1003", shows("NOT to be mailed", "unsubscribe")),
+    ("leadflow event L-1004 webinar_attended --at $(date -u -d '400 days ago' +%Y-%m-%dT%H:%M:%SZ)", ok),
+    ("leadflow event L-1004 demo_request --at $(date -u -d '399 days ago' +%Y-%m-%dT%H:%M:%SZ)", ok),
+    ("leadflow history L-1004", shows("not_handed_over", "sla_late_data", "inactivity")),
+    ("sed -e 's/^version = \"1\"/version = \"2\"/' -e '/^\\[events.live_chat\\]/{n;s/= 15/= 30/}' "
+     "scoring_models/default.toml > my-model.toml", ok),
+    ("leadflow model apply my-model.toml --by mona --dry-run", shows("default@2 would change the score of")),
+    ("leadflow model apply my-model.toml --by mona", shows("default@2 recorded", "rolled out")),
+    ("leadflow model status", shows("default@2", "yes", "mona")),
+]
+# Shell blocks run somewhere else: the two commands (CI runs scripts/test; this test runs
+# scripts/run), and the benchmark (run by hand; its figures are in the README).
+ELSEWHERE = {"scripts/run", "scripts/test", ".venv/bin/python bench/ingest.py",
+             ".venv/bin/python bench/ingest.py --in-memory --rounds 3"}
+# A section that repeats walkthrough commands as a reference ([optional] arguments shown).
+REFERENCE = "Changing the model under running leads"
+
+
+def check_readme_examples(cli: Cli, log: Path) -> None:
+    shell, api_blocks, consoles = [], [], []
+    for section, language, lines in readme_blocks():
+        if language == "console":
+            consoles.append(lines)
+        elif language == "bash" and section == "The HTTP API":
+            api_blocks.append(lines)
+        elif language == "bash" and section == REFERENCE:
+            for cmd, _ in commands(lines):
+                assert cmd.split(" [")[0] in {c for c, _ in WALKTHROUGH}, f"README reference {cmd!r} is not checked"
+        elif language == "bash":
+            shell += [cmd for cmd, _ in commands(lines) if cmd not in ELSEWHERE]
+    assert shell == [cmd for cmd, _ in WALKTHROUGH], "README examples changed: update WALKTHROUGH with checks"
+    for command, check in WALKTHROUGH:
+        if not command.startswith("export "):
+            check(cli, command, log)
+
+    # `$ command` lines, then the output shown (`...` stands for ids and times)
+    assert len(consoles) == 1
+    expected: list[tuple[str, list[str]]] = []
+    for line in consoles[0]:
+        if line.startswith("$ "):
+            expected.append((line[2:], []))
+        else:
+            expected[-1][1].append(line)
+    for command, output in expected:
+        result = bash(cli, command)
+        got = (result.stdout + result.stderr).strip().splitlines()
+        patterns = [re.escape(line).replace(re.escape("..."), ".*") for line in output]
+        assert len(got) == len(patterns) and all(re.fullmatch(p, g) for p, g in zip(patterns, got)), (command, got)
+
+    # the API's curl examples, as one script against the API scripts/run serves
+    [api_lines] = api_blocks
+    port = cli.env["LEADFLOW_API_PORT"]
+    script = "\n".join(["set -e", *[line.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for line in api_lines]])
+    result = bash(cli, script, timeout=120)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    answers = [line.rsplit(" ", 1) for line in result.stdout.strip().splitlines()]
+    codes = [int(code) for _, code in answers]
+    assert codes == [202, 202, 202, 200, 200, 409, 200, 200, 200, 200, 200, 200], result.stdout
+    bodies = [json.loads(body) for body, _ in answers]
+    assert bodies[0]["outcome"] == "accepted"
+    assert [r["outcome"] for r in bodies[1]["results"]] == ["accepted", "rejected"]
+    assert "unknown event type 'no_such_type'" in bodies[1]["results"][1]["reason"]
+    assert bodies[3]["stage"] == "mql" and bodies[3]["owner"] == "presales-2", bodies[3]  # after L-1001's presales-1
+    assert bodies[4]["stage"] == "sal"
+    assert bodies[5] == {"detail": "refused: cannot accept lead L-2001: it is sal, not mql"}
+    assert [bodies[i]["stage"] for i in (6, 8)] == ["sql", "won"]
+    assert bodies[9]["total"] == len(bodies[9]["entries"]) > 5
+    assert any(m["lead_id"] == "L-2001" for m in bodies[10]["messages"])
+    assert bodies[11]["ready"] is True

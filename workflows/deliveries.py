@@ -40,14 +40,16 @@ class Deliveries:
 
     async def _deliver(self, message: Outbound) -> None:
         if self._assign_first and message.assign_to and "owner" not in message.payload:
-            owner = await workflow.execute_activity(
-                "assign_owner", args=[message.message_id, message.assign_to], result_type=str,
+            # The owner and the outbox row in one short store write; the webhook after it.
+            handed = await workflow.execute_activity(
+                "assign_owner", message, result_type=dict,
                 start_to_close_timeout=ASSIGN_TIMEOUT, retry_policy=ASSIGN_RETRY,
             )
-            self._on_owner(owner, message.assign_to)
-            message = message.model_copy(update={"payload": {**message.payload, "owner": owner}})
+            self._on_owner(handed["owner"], message.assign_to)
+            message = message.model_copy(update={"payload": {**message.payload, "owner": handed["owner"]}})
             self.undelivered[message.message_id] = message  # carried over with its owner
-            await self._post(message)
+            if handed["post"]:
+                await self._post(message)
         elif not self._assign_first and message.kind == OutboundKind.HANDOVER:
             owner = await workflow.execute_activity(
                 "hand_over", message, result_type=str, start_to_close_timeout=DELIVERY_TIMEOUT,

@@ -42,8 +42,9 @@ class RolloutInput(BaseModel):
     page_token: str | None = None  # where the current pass goes on (base64 of visibility's token)
 
 
-def rollout_id(ref: str) -> str:
-    return f"model-rollout-{ref}"
+def rollout_id(ref: str, task_queue: str) -> str:
+    """One rollout per version and deployment (leads of one task queue)."""
+    return f"model-rollout-{task_queue}-{ref}"
 
 
 @workflow.defn
