@@ -116,6 +116,8 @@ SEND_TIMEOUT = 20.0  # s for Temporal to take one lead's events (signal-with-sta
 ANSWER_TIMEOUT = 30.0  # s for a lead to answer a command or query
 CONNECT_TIMEOUT = 5.0  # s to (re)connect to Temporal
 PROBE_TIMEOUT = 3.0  # s per readiness check
+HEALTH_TTL = 2.0  # s the API trusts what Temporal said of the backlog
+BEHIND_RETRY_AFTER = 30  # s a sender is told to wait when the workers are behind
 EARLIEST_EVENT = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MIN_KEY_LENGTH = 16
 DEV_KEYS = {f"dev-{role.value}": role for role in (Role.MARKETING, Role.PRESALES, Role.SALES, Role.MANAGER)}
@@ -497,6 +499,13 @@ class Readiness(BaseModel):
     ready: bool
     temporal: Check
     store: Check
+    workers: Check = Field(description="a worker polls the lead task queue")
+    behind: leads.QueueHealth | None = Field(
+        default=None, description="how far behind the workers are (approximate, from Temporal)")
+
+
+class Behind(Exception):
+    """The workers are too far behind to take more input now (503 with Retry-After)."""
 
 
 class Problem(BaseModel):
@@ -578,6 +587,7 @@ class Backends:
         self._own_store = store is None
         self._connecting = asyncio.Lock()
         self._store_lock = threading.Lock()
+        self._health: tuple[float, leads.QueueHealth] | None = None
 
     @property
     def address(self) -> str:
@@ -614,6 +624,32 @@ class Backends:
                 raise Unavailable(f"audit store error: {_first_line(err)}") from None
 
         return await run_in_threadpool(call)
+
+    async def queue_health(self, max_age: float = HEALTH_TTL) -> leads.QueueHealth:
+        """How far behind the workers are, asked of Temporal at most every `max_age` seconds."""
+        now = asyncio.get_running_loop().time()
+        if self._health is None or now - self._health[0] > max_age:
+            temporal = await self.temporal()
+            try:
+                health = await asyncio.wait_for(leads.queue_health(temporal, self.settings), PROBE_TIMEOUT)
+            except (leads.TemporalUnavailable, TimeoutError) as err:
+                raise Unavailable(str(err) or "Temporal did not say how far behind the workers are") from None
+            self._health = (now, health)
+        return self._health[1]
+
+    async def check_not_behind(self) -> None:
+        """Ingestion's back-pressure: refuse input while the oldest waiting workflow task is
+        older than LEADFLOW_MAX_BACKLOG seconds. Not knowing (Temporal did not say) takes it."""
+        try:
+            health = await self.queue_health()
+        except Unavailable:
+            return
+        if health.oldest_seconds > self.settings.max_backlog_seconds:
+            raise Behind(
+                f"Leadflow is behind: its workers have {health.backlog} lead task(s) waiting, the oldest for "
+                f"{health.oldest_seconds:.0f} s (limit {self.settings.max_backlog_seconds:g} s; workers polling: "
+                f"{health.workers}); retry later, nothing of this request was taken"
+            )
 
     async def warm_up(self) -> None:
         try:
@@ -814,9 +850,18 @@ async def readyz(request: Request):
         except Exception as err:  # noqa: BLE001 - a probe reports whatever went wrong
             return Check(ok=False, detail=_first_line(err))
 
-    t, s = await asyncio.gather(temporal(), store())
-    body = Readiness(ready=t.ok and s.ok, temporal=t, store=s)
-    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+    async def workers() -> tuple[Check, leads.QueueHealth | None]:
+        try:
+            health = await backends.queue_health(max_age=0)
+        except Exception as err:  # noqa: BLE001 - a probe reports whatever went wrong
+            return Check(ok=False, detail=_first_line(err)), None
+        if not health.workers:
+            return Check(ok=False, detail=f"no worker polls task queue {health.task_queue!r}"), health
+        return Check(ok=True, detail=f"{health.workers} polling task queue {health.task_queue!r}"), health
+
+    t, s, (w, health) = await asyncio.gather(temporal(), store(), workers())
+    body = Readiness(ready=t.ok and s.ok and w.ok, temporal=t, store=s, workers=w, behind=health)
+    return JSONResponse(body.model_dump(mode="json"), status_code=200 if body.ready else 503)
 
 
 # --------------------------------------------------------------------------- events and profile facts
@@ -844,6 +889,7 @@ async def post_event(
         field, msg = problem
         raise RequestValidationError([{"loc": ("body", field), "msg": msg, "type": "value_error"}])
     backends = _backends(request)
+    await backends.check_not_behind()
     seen = await _applied_hint(backends, AuditKind.SCORE_CHANGED, {event.lead_id: [event.event_id]})
     duplicate = (event.lead_id, event.event_id) in seen
     closed = await _deliver(backends, [event.to_event()])
@@ -892,6 +938,7 @@ async def post_events(
             valid[index] = item
     if valid:
         backends = _backends(request)
+        await backends.check_not_behind()
         wanted: dict[str, list[str]] = defaultdict(list)
         for item in valid.values():
             wanted[item.lead_id].append(item.event_id)
@@ -925,6 +972,7 @@ async def post_profile(
     update = ProfileUpdate(update_id=body.update_id or f"pu-{uuid.uuid4()}", lead_id=lead_id, facts=body.facts,
                            actor=caller.actor)
     backends = _backends(request)
+    await backends.check_not_behind()
     seen = await _applied_hint(backends, AuditKind.PROFILE_UPDATED, {lead_id: [update.update_id]})
     duplicate = (lead_id, update.update_id) in seen
     temporal = await backends.temporal()
@@ -1237,6 +1285,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Unavailable)
     async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
         return _problem(503, str(exc), headers={"Retry-After": "5"})
+
+    @app.exception_handler(Behind)
+    async def behind(request: Request, exc: Behind) -> JSONResponse:
+        return _problem(503, str(exc), headers={"Retry-After": str(BEHIND_RETRY_AFTER)})
 
     @app.exception_handler(NoAnswer)
     async def no_answer(request: Request, exc: NoAnswer) -> JSONResponse:

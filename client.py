@@ -44,7 +44,13 @@ class LeadNotFound(LookupError):
 
 
 class LeadClosed(RuntimeError):
-    """The lead's workflow has completed (won): it takes no more input."""
+    """The lead's workflow has ended: won (completed), or, rarely, ended abnormally
+    (terminated by an operator or the server); either way it takes no more input, and
+    the message says which."""
+
+
+class TemporalUnavailable(ConnectionError):
+    """Temporal could not be reached or did not take the call; retrying may help."""
 
 
 class CommandRefused(ValueError):
@@ -78,7 +84,9 @@ def _input(settings: Settings, lead_id: str) -> LeadInput:
 async def send_events(client: Client, settings: Settings, events: list[ActivityEvent]) -> None:
     """Deliver events to their leads (creating them), one signal per lead and batch.
 
-    Raises LeadClosed if a lead has completed; events for other leads are still sent.
+    Raises LeadClosed if a lead has ended (saying how); events for other leads are still
+    sent. Raises TemporalUnavailable if Temporal did not take them (retry: events
+    already taken are applied once).
     """
     by_lead: dict[str, list[ActivityEvent]] = defaultdict(list)
     for event in events:
@@ -99,10 +107,25 @@ async def send_events(client: Client, settings: Settings, events: list[ActivityE
                         start_signal="events", start_signal_args=[chunk],
                     )
             except WorkflowAlreadyStartedError:
-                closed.append(lead_id)
+                closed.append(await _how_it_ended(client, lead_id))
                 break
+            except RPCError as err:
+                raise TemporalUnavailable(f"Temporal did not take the events of lead {lead_id}: {err.message}") from None
     if closed:
-        raise LeadClosed(f"lead(s) {', '.join(closed)} closed (won): events not applied")
+        raise LeadClosed("; ".join(closed) + ": events not applied")
+
+
+async def _how_it_ended(client: Client, lead_id: str) -> str:
+    """'lead L closed (won)' or, for a run that did not complete, what ended it."""
+    try:
+        described = await client.get_workflow_handle(workflow_id(lead_id)).describe()
+    except RPCError:
+        return f"lead {lead_id} closed"
+    status = described.status
+    if status is None or status.name == "COMPLETED":
+        return f"lead {lead_id} closed (won)"
+    return (f"lead {lead_id} ended abnormally ({status.name.lower().replace('_', ' ')}), not won: "
+            "an operator must look at its workflow")
 
 
 async def send_profile(client: Client, settings: Settings, update: ProfileUpdate) -> None:
@@ -112,7 +135,9 @@ async def send_profile(client: Client, settings: Settings, update: ProfileUpdate
             start_signal="profile", start_signal_args=[update],
         )
     except WorkflowAlreadyStartedError:
-        raise LeadClosed(f"lead {update.lead_id} is closed (won): profile not applied") from None
+        raise LeadClosed(f"{await _how_it_ended(client, update.lead_id)}: profile not applied") from None
+    except RPCError as err:
+        raise TemporalUnavailable(f"Temporal did not take the profile of lead {update.lead_id}: {err.message}") from None
 
 
 async def run_command(client: Client, lead_id: str, command: Command) -> LeadView:
@@ -137,9 +162,9 @@ async def run_command(client: Client, lead_id: str, command: Command) -> LeadVie
             raise CommandRefused(cause.message) from None
         raise
     except RPCError as err:
-        # A completed (won) lead answers NOT_FOUND too, with "already completed".
+        # A lead that ended answers NOT_FOUND too, with "already completed".
         if "completed" in err.message.lower():
-            raise LeadClosed(f"lead {lead_id} is closed (won): it takes no more commands") from None
+            raise LeadClosed(f"{await _how_it_ended(client, lead_id)}: it takes no more commands") from None
         _raise_not_found(err, lead_id)
         raise
 
@@ -155,11 +180,22 @@ async def get_view(client: Client, lead_id: str) -> LeadView:
         raise LeadNotFound(f"lead {lead_id} cannot be read yet: {err}") from None
 
 
-async def audit_tail(client: Client, lead_id: str) -> list[AuditEntry]:
-    """Entries the lead has not written to the store yet (none if it has closed)."""
+TAIL_TIMEOUT = 3.0  # s for a lead to say what it has not written yet; no worker, no answer
+
+
+class TailUnknown(TimeoutError):
+    """The lead did not say what it has not written yet (no worker): the store alone answers."""
+
+
+async def audit_tail(client: Client, lead_id: str, timeout: float = TAIL_TIMEOUT) -> list[AuditEntry]:
+    """Entries the lead has not written to the store yet (none if it has closed). Raises
+    TailUnknown when the lead does not answer in time (no worker is running): a history
+    read must not hang on that."""
     handle = client.get_workflow_handle(workflow_id(lead_id))
     try:
-        return await handle.query(LeadWorkflow.audit_tail, result_type=list[AuditEntry])
+        return await asyncio.wait_for(handle.query(LeadWorkflow.audit_tail, result_type=list[AuditEntry]), timeout)
+    except TimeoutError:
+        raise TailUnknown(f"lead {lead_id} did not answer within {timeout:g} s: is a worker running?") from None
     except RPCError as err:
         if err.status == RPCStatusCode.NOT_FOUND or "completed" in err.message.lower():
             return []  # never existed, or won: a won lead writes everything before it completes
@@ -328,3 +364,40 @@ async def preview_model(client: Client, store: AuditStore, settings: Settings, m
         unreadable=sum(1 for r in results if r is None),
         examples=sorted(changed, key=lambda r: -abs(r["score"][1] - r["score"][0]))[:examples],
     )
+
+
+# --------------------------------------------------------------------------- how far behind
+
+
+class QueueHealth(BaseModel):
+    """What Temporal says of the lead task queue: is a worker polling, how far behind is it."""
+
+    task_queue: str
+    workers: int  # pollers of the workflow task queue seen lately
+    backlog: int  # workflow tasks waiting for a worker (approximate)
+    oldest_seconds: float  # how long the oldest has waited (approximate)
+    activity_backlog: int = 0
+    activity_oldest_seconds: float = 0.0
+
+
+async def queue_health(client: Client, settings: Settings) -> QueueHealth:
+    """Workers and backlog of the lead task queue, from Temporal (DescribeTaskQueue)."""
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    async def describe(kind) -> tuple[int, int, float]:
+        response = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+            namespace=client.namespace, task_queue=TaskQueue(name=settings.task_queue), task_queue_type=kind,
+            report_stats=True))
+        stats = response.stats
+        age = stats.approximate_backlog_age.ToTimedelta().total_seconds() if stats.HasField("approximate_backlog_age") else 0.0
+        return len(response.pollers), int(stats.approximate_backlog_count), age
+
+    try:
+        (workers, backlog, age), (_, act_backlog, act_age) = await asyncio.gather(
+            describe(TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW), describe(TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY))
+    except RPCError as err:
+        raise TemporalUnavailable(f"cannot ask Temporal about task queue {settings.task_queue}: {err.message}") from None
+    return QueueHealth(task_queue=settings.task_queue, workers=workers, backlog=backlog, oldest_seconds=round(age, 1),
+                       activity_backlog=act_backlog, activity_oldest_seconds=round(act_age, 1))

@@ -50,6 +50,9 @@ class Settings(BaseModel):
     # A lead decides by itself (threshold, fast track, below threshold) this long after the
     # input that calls for it: webhooks that arrive out of order within it are decided together.
     decision_delay_seconds: float = Field(default=5.0, ge=0, le=3600)
+    # Back-pressure: the API refuses input (503, Retry-After) while the oldest lead task
+    # waiting for a worker is older than this.
+    max_backlog_seconds: float = Field(default=120.0, gt=0)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -65,6 +68,7 @@ class Settings(BaseModel):
             "LEADFLOW_MAX_HISTORY_EVENTS": "max_history_events",
             "LEADFLOW_AUDIT_MAX_LAG": "audit_max_lag_seconds",
             "LEADFLOW_DECISION_DELAY": "decision_delay_seconds",
+            "LEADFLOW_MAX_BACKLOG": "max_backlog_seconds",
         }
         for var, field in mapping.items():
             if env.get(var):

@@ -500,7 +500,7 @@ async def cmd_history(args, settings: Settings) -> int:
             total, entries = await _answer(
                 api.read_history(tc, store, args.lead, offset=args.offset, limit=args.limit), args.lead, "query"
             )
-        except CliError as err:  # Temporal unreachable, or no worker to answer the query
+        except (CliError, api.TailUnknown) as err:  # Temporal unreachable, or no worker to answer the query
             # The store alone still answers: managers can audit while Temporal is down.
             print(f"{PROG}: {err}; showing the audit store only (score changes of the last "
                   f"{settings.audit_max_lag_seconds:g} s may be missing)", file=sys.stderr)
@@ -697,6 +697,28 @@ async def cmd_import(args, settings: Settings) -> int:
     return 5 if closed else 0
 
 
+# --------------------------------------------------------------------------- status
+
+
+async def cmd_status(args, settings: Settings) -> int:
+    """Is Leadflow up, and how far behind are its workers? Exit 0 when workers poll and
+    the oldest waiting task is within LEADFLOW_MAX_BACKLOG, else 1."""
+    tc = await _connect(settings)
+    health = await api.queue_health(tc, settings)
+    behind = health.oldest_seconds > settings.max_backlog_seconds
+    if args.json:
+        _print_json({**health.model_dump(), "behind": behind, "max_backlog_seconds": settings.max_backlog_seconds})
+    else:
+        print(f"task queue {health.task_queue}: {health.workers} worker(s) polling")
+        print(f"lead tasks waiting: {health.backlog}, the oldest for {health.oldest_seconds:g} s"
+              + (f" -- BEHIND (limit {settings.max_backlog_seconds:g} s): the API refuses input until it catches up"
+                 if behind else ""))
+        print(f"activity tasks waiting: {health.activity_backlog}, the oldest for {health.activity_oldest_seconds:g} s")
+        if not health.workers:
+            print("no worker is running: start one (`scripts/run`, or `leadflow-worker`)")
+    return 0 if health.workers and not behind else 1
+
+
 # --------------------------------------------------------------------------- scoring model versions
 
 
@@ -884,6 +906,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.set_defaults(handler=cmd_import)
 
+    p = sub.add_parser("status", help="workers polling and how far behind they are",
+                       description="workers polling the lead task queue and how far behind they are (from Temporal)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+
     p = sub.add_parser("model", help="scoring model versions: apply one to every lead, see them",
                        description="scoring model versions: apply one to every lead, see them")
     model_sub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION", parser_class=_Parser)
@@ -1018,6 +1045,9 @@ def _run(argv: list[str] | None) -> int:
     except api.LeadClosed as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 5
+    except api.TemporalUnavailable as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -14,6 +14,8 @@ import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
@@ -55,17 +57,47 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
     )
 
 
+RETRY_MAX_SECONDS = 30.0
+
+
+async def _when_reachable(what: str, make, stop: asyncio.Event):
+    """`make()` once what it needs is reachable: a worker started before its database or
+    Temporal waits for them (saying so) instead of exiting and taking a local stack down."""
+    delay = 1.0
+    while True:
+        try:
+            return await make()
+        except (SQLAlchemyError, OSError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and "connect" not in str(err).lower():
+                raise
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            log.warning("%s unreachable (%s); trying again in %.0f s", what, first, delay)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+            raise SystemExit(0)  # stopped while waiting
+        except TimeoutError:
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+
 async def run(settings: Settings) -> None:
     load_model(settings.model_path)  # a bad file stops the worker before anything else
-    client = await connect(settings)
-    activities = LeadActivities(settings)
-    model = activities.sync_model_file()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    address = settings.temporal_address or "Temporal (env-config)"
+    client = await _when_reachable(f"Temporal at {address}", lambda: connect(settings), stop)
+
+    async def store_ready() -> LeadActivities:
+        activities = await asyncio.to_thread(LeadActivities, settings)  # creates the tables
+        await asyncio.to_thread(activities.sync_model_file)
+        return activities
+
+    store_name = settings.database_url.split("@")[-1]
+    activities = await _when_reachable(f"the audit store {store_name}", store_ready, stop)
+    model = activities.model(None)
     with ThreadPoolExecutor(ACTIVITY_THREADS) as executor:
         worker = build_worker(client, settings, activities, executor)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         log.info(
             "worker on task queue %r at %s, model %s, store %s",
             settings.task_queue, client.service_client.config.target_host, model.ref,

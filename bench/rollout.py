@@ -38,7 +38,7 @@ from temporalio.testing import WorkflowEnvironment  # noqa: E402
 import client as leads  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditStore  # noqa: E402
-from bench.ingest import binary  # noqa: E402
+from bench.ingest import BIN  # noqa: E402
 from config import DEFAULT_MODEL, Settings, dev_server_dynamic_flags  # noqa: E402
 from funnel.models import ActivityEvent, Actor, Role  # noqa: E402
 from worker import ACTIVITY_THREADS, build_worker  # noqa: E402
@@ -90,7 +90,7 @@ def events_for(prefix: str, leads_n: int, per_lead: int) -> list[ActivityEvent]:
 async def main(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="leadflow-rollout-"))
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=binary("temporal"), data_converter=pydantic_data_converter,
+        dev_server_existing_path=str(BIN / "temporal"), data_converter=pydantic_data_converter,
         dev_server_database_filename=str(tmp / "temporal.db"), search_attributes=sa.ALL,
         dev_server_extra_args=dev_server_dynamic_flags(),
     )

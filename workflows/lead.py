@@ -40,6 +40,13 @@ with workflow.unsafe.imports_passed_through():
     from workflows.wake_timer import WakeTimer
 
 MODEL_RETRY_DELAY = timedelta(minutes=1)
+# Inputs applied per round of the loop: each round ends in an audit write (an activity),
+# so one workflow task never does more than this much work, whatever the backlog (a task
+# that does not yield within 2 s fails on the SDK's deadlock detector, for ever).
+INPUT_PER_ROUND = 200
+# Inputs a continue-as-new carries into the next run (~500 bytes each, far below the 2 MB
+# payload limit); a bigger backlog is worked off a round at a time first.
+CARRY_MAX = 1000
 
 
 def workflow_id(lead_id: str) -> str:
@@ -70,6 +77,8 @@ class LeadWorkflow:
         for message in inp.undelivered:
             self._deliveries.start(message)
         while True:
+            if self._behaviour.decisions_and_owners and self._history_is_long(inp.max_history_events):
+                await self._continue_as_new(inp)  # returns only when the backlog is too big to carry
             await self._take_what_arrived()
             await self._carry_out_effects()
             if self._inbox or self._work_pending or self._model_changes:
@@ -110,12 +119,13 @@ class LeadWorkflow:
     async def _take_what_arrived(self) -> None:
         """Model changes, then the inbox (events of one batch scored together), then timers."""
         assert self._lead is not None
-        while self._model_changes:
-            change = self._model_changes.pop(0)
-            if change.ref != self._lead.state.model_ref:
-                model = await self._load_model(self._lead.model, ref=change.ref)
-                self._lead.use_model(model, workflow.now(), by=change.by)
-        batch, self._inbox = self._inbox, []
+        await self._take_model_changes()
+        if self._behaviour.decisions_and_owners:
+            batch, self._inbox = self._inbox[:INPUT_PER_ROUND], self._inbox[INPUT_PER_ROUND:]
+            if self._inbox:
+                self._audit.flush_requested = True  # the round ends in a write: the task yields
+        else:
+            batch, self._inbox = self._inbox, []
         now = workflow.now()
         events = [item for item in batch if isinstance(item, ActivityEvent)]
         if events:
@@ -125,6 +135,14 @@ class LeadWorkflow:
                 self._lead.update_profile(item, now)
         self._lead.tick(now)
         self._work_pending = False
+
+    async def _take_model_changes(self) -> None:
+        assert self._lead is not None
+        while self._model_changes:
+            change = self._model_changes.pop(0)
+            if change.ref != self._lead.state.model_ref:
+                model = await self._load_model(self._lead.model, ref=change.ref)
+                self._lead.use_model(model, workflow.now(), by=change.by)
 
     async def _carry_out_effects(self) -> None:
         """Write the audit when it is due (awaited: history first), then start deliveries."""
@@ -141,6 +159,25 @@ class LeadWorkflow:
         self._audit.settle()
         if not self._behaviour.audit_cadence:
             self._refresh_search_attributes(always=True)
+
+    async def _continue_as_new(self, inp: LeadInput) -> None:
+        """A long run ends whatever keeps arriving: input not applied yet waits in the inbox
+        and goes to the next run; everything decided so far is written first, and running
+        command handlers finish. Returns without ending the run only while the inbox is too
+        big to carry (the loop then works off a round)."""
+        if len(self._inbox) > CARRY_MAX:
+            return
+        while True:
+            await self._take_model_changes()  # few, and they decide: applied in this run
+            self._audit.flush_requested = True
+            await self._carry_out_effects()
+            self._work_pending = False
+            await workflow.wait_condition(
+                lambda: workflow.all_handlers_finished() or self._work_pending or bool(self._model_changes))
+            if not (self._work_pending or self._model_changes or self._audit.unwritten):
+                break
+        # Deliveries still retrying are carried over and restarted by the next run.
+        workflow.continue_as_new(self._next_run(inp))
 
     async def _wait_for_work(self, wake) -> None:
         def work() -> bool:
@@ -164,6 +201,7 @@ class LeadWorkflow:
         return LeadInput(
             lead_id=inp.lead_id, state=self._lead.state, model=self._lead.model,
             undelivered=list(self._deliveries.undelivered.values()), max_history_events=inp.max_history_events,
+            pending=list(self._inbox),
             seen_ids_max=inp.seen_ids_max, version=CURRENT_VERSION, audit_max_lag_seconds=inp.audit_max_lag_seconds,
             decision_delay_seconds=inp.decision_delay_seconds,
         )

@@ -32,8 +32,10 @@ class RunBehaviour:
     audit_cadence: bool
     # v3: the lead's own decisions wait for its decision delay; an owner is assigned
     # before the message that names them goes out (presales on MQL, sales on SQL);
-    # model changes arrive as a signal. v1 and v2 assign the presales owner and post
-    # the handover in one activity and decide at once.
+    # model changes arrive as a signal; a workflow task applies a bounded share of what
+    # waits, and a long run continues-as-new whatever keeps arriving, carrying it over.
+    # v1 and v2 assign the presales owner and post the handover in one activity, decide
+    # at once, and apply everything that waits in one task.
     decisions_and_owners: bool
 
 
