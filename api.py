@@ -34,14 +34,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import os
 import re
 import threading
+import time
 import tomllib
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -120,6 +122,7 @@ HEALTH_TTL = 2.0  # s the API trusts what Temporal said of the backlog
 BEHIND_RETRY_AFTER = 30  # s a sender is told to wait when the workers are behind
 EARLIEST_EVENT = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MIN_KEY_LENGTH = 16
+MIN_KEY_BITS = 64  # estimated: length x Shannon entropy of the characters
 DEV_KEYS = {f"dev-{role.value}": role for role in (Role.MARKETING, Role.PRESALES, Role.SALES, Role.MANAGER)}
 KEY_ROLES = (Role.MARKETING, Role.PRESALES, Role.SALES, Role.MANAGER)
 
@@ -137,6 +140,7 @@ class Principal:
 
     name: str
     role: Role
+    dev: bool = False  # one of the well-known dev keys: taken on a loopback bind only
 
     @property
     def actor(self) -> Actor:
@@ -203,6 +207,12 @@ class KeyRing:
                     f"API key {name!r}: the key must be at least {min_length} characters without spaces "
                     "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
                 )
+            bits = _entropy_bits(key)
+            if min_length > 1 and bits < MIN_KEY_BITS:
+                raise ConfigError(
+                    f"API key {name!r}: the key is too easy to guess (about {bits:.0f} bits; at least "
+                    f"{MIN_KEY_BITS} needed: make one with python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
             digest = cls.digest(key)
         return _StoredKey(Principal(actor.name, actor.role), digest)
 
@@ -262,7 +272,8 @@ class KeyRing:
 
     @classmethod
     def dev_keys(cls) -> list[_StoredKey]:
-        return [cls.entry(key, role.value, key=key, min_length=1) for key, role in DEV_KEYS.items()]
+        dev = [cls.entry(key, role.value, key=key, min_length=1) for key, role in DEV_KEYS.items()]
+        return [_StoredKey(Principal(k.principal.name, k.principal.role, dev=True), k.digest) for k in dev]
 
     def lookup(self, presented: str) -> Principal | None:
         """The key's owner, or None. Compares against every stored digest, in constant time each."""
@@ -272,6 +283,36 @@ class KeyRing:
             if hmac.compare_digest(digest, stored.digest):
                 found = stored.principal
         return found
+
+
+def _entropy_bits(key: str) -> float:
+    """A key's guessability: its length times the Shannon entropy of its characters. A
+    random token_urlsafe(32) has about 200 bits; 'aaaa...' has none."""
+    counts = Counter(key)
+    per_char = -sum(n / len(key) * math.log2(n / len(key)) for n in counts.values())
+    return per_char * len(key)
+
+
+class FailedAuthLimiter:
+    """Failed authentications per client address: after `limit` within `window` seconds, 429
+    with Retry-After until the oldest of them leaves the window (guessing keys gets slow)."""
+
+    def __init__(self, limit: int = 10, window: float = 60.0, addresses: int = 10_000):
+        self.limit, self.window, self.addresses = limit, window, addresses
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, address: str, now: float) -> int | None:
+        failures = self._failures.get(address)
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        if failures and len(failures) >= self.limit:
+            return max(1, math.ceil(failures[0] + self.window - now))
+        return None
+
+    def failed(self, address: str, now: float) -> None:
+        if address not in self._failures and len(self._failures) >= self.addresses:
+            self._failures.pop(next(iter(self._failures)))  # forget the longest-known address
+        self._failures.setdefault(address, deque()).append(now)
 
 
 # =========================================================================== request and response models
@@ -347,8 +388,9 @@ class EventIn(_Request):
     channel: Channel | None = Field(default=None, description="e.g. webinar, website, email (first touch of a lead)")
     attributes: Facts = Field(default_factory=dict)
 
-    def to_event(self) -> ActivityEvent:
-        return ActivityEvent(**self.model_dump())
+    def to_event(self, source: str | None = None) -> ActivityEvent:
+        """The event, recorded as sent by `source` (the API key's name)."""
+        return ActivityEvent(**self.model_dump(), source=source)
 
 
 class _RejectedItem:
@@ -716,6 +758,19 @@ def allow(*roles: Role):
         bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
         header_key: Annotated[str | None, Security(_api_key)],
     ) -> Principal:
+        limiter: FailedAuthLimiter = request.app.state.auth_failures
+        address = request.client.host if request.client else "?"
+        now = time.monotonic()
+        if (wait := limiter.retry_after(address, now)) is not None:
+            raise HTTPException(429, f"too many failed authentications from {address}; retry in {wait} s",
+                                headers={"Retry-After": str(wait)})
+
+        def refuse(status: int, detail: str) -> HTTPException:
+            limiter.failed(address, now)
+            return HTTPException(status, detail, headers={"WWW-Authenticate": "Bearer"})
+
+        if bearer is not None and header_key is not None and bearer.credentials != header_key:
+            raise refuse(400, "conflicting credentials: Authorization and X-API-Key carry different keys; send one")
         presented = bearer.credentials if bearer is not None else header_key
         if not presented:
             raise HTTPException(
@@ -724,12 +779,22 @@ def allow(*roles: Role):
             )
         principal = request.app.state.keys.lookup(presented)
         if principal is None:
-            raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+            raise refuse(401, "invalid API key")
+        if principal.dev and not _loopback((request.scope.get("server") or ("", 0))[0]):
+            raise refuse(401, "the dev keys are taken on a loopback bind only (127.0.0.1, ::1); configure "
+                              "LEADFLOW_API_KEYS for this address")
         if principal.role not in allowed:
             raise HTTPException(403, f"role {principal.role.value} may not do this; allowed: {names}")
         return principal
 
     return caller
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 # =========================================================================== edge checks
@@ -892,7 +957,7 @@ async def post_event(
     await backends.check_not_behind()
     seen = await _applied_hint(backends, AuditKind.SCORE_CHANGED, {event.lead_id: [event.event_id]})
     duplicate = (event.lead_id, event.event_id) in seen
-    closed = await _deliver(backends, [event.to_event()])
+    closed = await _deliver(backends, [event.to_event(caller.name)])
     if closed and not duplicate:
         raise leads.LeadClosed(closed[event.lead_id])
     return EventAccepted(
@@ -943,7 +1008,7 @@ async def post_events(
         for item in valid.values():
             wanted[item.lead_id].append(item.event_id)
         seen = await _applied_hint(backends, AuditKind.SCORE_CHANGED, wanted)
-        closed = await _deliver(backends, [item.to_event() for item in valid.values()])
+        closed = await _deliver(backends, [item.to_event(caller.name) for item in valid.values()])
         for index, item in valid.items():
             if (item.lead_id, item.event_id) in seen:
                 results[index].outcome, results[index].reason = "duplicate", "already applied: changes nothing"
@@ -1274,6 +1339,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def not_found(request: Request, exc: leads.LeadNotFound) -> JSONResponse:
         return _problem(404, str(exc))
 
+    @app.exception_handler(leads.LeadStarting)
+    async def starting(request: Request, exc: leads.LeadStarting) -> JSONResponse:
+        return _problem(503, str(exc), headers={"Retry-After": "2"})
+
     @app.exception_handler(leads.CommandRefused)
     async def refused(request: Request, exc: leads.CommandRefused) -> JSONResponse:
         return _problem(409, f"refused: {exc}")
@@ -1395,6 +1464,7 @@ def create_app(settings: Settings | None = None, keys: KeyRing | None = None, te
         try:
             cfg = settings or Settings.from_env()
             app.state.keys = keys or KeyRing.from_env()
+            app.state.auth_failures = FailedAuthLimiter()
             app.state.scoring_model = _ActiveModel(cfg.model_path)
             model = app.state.scoring_model._file
         except ValidationError as err:

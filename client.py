@@ -49,6 +49,10 @@ class LeadClosed(RuntimeError):
     the message says which."""
 
 
+class LeadStarting(RuntimeError):
+    """The lead exists but has not started its work yet (its worker is behind): ask again soon."""
+
+
 class TemporalUnavailable(ConnectionError):
     """Temporal could not be reached or did not take the call; retrying may help."""
 
@@ -175,9 +179,11 @@ async def get_view(client: Client, lead_id: str) -> LeadView:
         return await handle.query(LeadWorkflow.view, result_type=LeadView)
     except RPCError as err:
         _raise_not_found(err, lead_id)
+        if b"QueryFailedFailure" in (err.raw_grpc_status or b""):  # some servers answer a failed query so
+            raise LeadStarting(f"lead {lead_id} exists but is still starting; ask again in a moment") from None
         raise
     except WorkflowQueryFailedError as err:
-        raise LeadNotFound(f"lead {lead_id} cannot be read yet: {err}") from None
+        raise LeadStarting(f"lead {lead_id} exists but is still starting; ask again in a moment ({err})") from None
 
 
 TAIL_TIMEOUT = 3.0  # s for a lead to say what it has not written yet; no worker, no answer

@@ -130,7 +130,10 @@ def parse_timestamp(value: str) -> datetime:
         raise BadInput(f"invalid timestamp {value!r}: use ISO 8601, e.g. 2026-11-22T10:00:00Z") from None
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise BadInput(f"timestamp {value!r} has no timezone: add one, e.g. {value}Z or {value}+01:00")
-    return parsed.astimezone(timezone.utc)
+    try:
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:
+        raise BadInput(f"timestamp {value!r} is out of range once in UTC") from None
 
 
 def check_not_future(at: datetime, now: datetime, what: str = "timestamp") -> None:
@@ -420,6 +423,7 @@ async def cmd_event(args, settings: Settings) -> int:
         occurred_at=at,
         channel=args.channel,
         attributes=attributes,
+        source="cli",
     )
     tc = await _connect(settings)
     await api.send_events(tc, settings, [event])
@@ -592,6 +596,8 @@ def read_import_file(path: Path, model: ScoringModel, now: datetime) -> tuple[li
     def check(number: int, data: Any) -> None:
         try:
             event = ActivityEvent.model_validate(data)
+            if event.source is None:  # what the file says sent it, or this import
+                event = event.model_copy(update={"source": f"import {path.name}"})
         except ValidationError as err:
             problems.append(f"line {number}: {describe_validation(err)}")
             return
@@ -1045,7 +1051,7 @@ def _run(argv: list[str] | None) -> int:
     except api.LeadClosed as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 5
-    except api.TemporalUnavailable as err:
+    except (api.TemporalUnavailable, api.LeadStarting) as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -105,12 +105,14 @@ class AuditRow(SQLModel, table=True):
     trigger: str | None = None
     reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     occurred_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
+    source: str | None = None
 
 
 # Columns added after a table was first created: (table, column, SQL type). `create_all`
 # never alters an existing table, so a store made by older code gets them on start.
 _ADDED_COLUMNS = [
     ("audit_entry", "occurred_at", {"sqlite": "DATETIME", "postgresql": "TIMESTAMP WITH TIME ZONE"}),
+    ("audit_entry", "source", {"sqlite": "VARCHAR", "postgresql": "VARCHAR"}),
 ]
 
 

@@ -415,13 +415,13 @@ class Lead:
         s.event_consent = new.consent
         if new.first_touch is not None:
             s.channel = new.first_touch[1]
-        entries: list[tuple[str, float, str, str | None, datetime | None, str | None]] = []
+        entries: list[tuple[str, float, str, str | None, datetime | None, str | None, str | None]] = []
         contributions = result.by_key()
         for event, points, why in beyond:
             diff[event.type] = round(diff.get(event.type, 0.0) - points, 2)
             entries.append((event.type, points,
                             f"{_fmt(points)} {event.type}: late event {event.event_id} of {_day(event.occurred_at)}{why}",
-                            event.event_id, event.occurred_at, event.channel))
+                            event.event_id, event.occurred_at, event.channel, event.source))
         late = [e for e in added if prior_newest is not None and (e.occurred_at, e.event_id) < prior_newest]
         for event in added:  # one entry per applied event, with what it scored itself
             c = contributions.get(f"e:{event.event_id}")
@@ -430,12 +430,12 @@ class Lead:
             diff[c.rule] = round(diff.get(c.rule, 0.0) - c.points, 2)
             name = f"late event {event.event_id} of {_day(event.occurred_at)}" if event in late else f"event {event.event_id}"
             entries.append((c.rule, c.points, f"{_fmt(c.points)} {event.type} ({name}{c.why})", event.event_id,
-                            event.occurred_at, event.channel))
+                            event.occurred_at, event.channel, event.source))
             for key in (k for k in contributions if k.startswith(f"c:{event.event_id}:")):
                 taken = contributions[key]
                 diff[taken.rule] = round(diff.get(taken.rule, 0.0) - taken.points, 2)
                 entries.append((taken.rule, taken.points, f"{_fmt(taken.points)} {taken.rule}{taken.why}", None,
-                                event.occurred_at, event.channel))
+                                event.occurred_at, event.channel, event.source))
         reset_key = f"r:{new_anchor.at.isoformat()}" if new_anchor is not None else None
         # Decay steps after the last evaluation are new; so is all decay of a lead's first events.
         first_events = bool(added) and prior_newest is None
@@ -443,7 +443,7 @@ class Lead:
             if (c.key[0] == "d" and (first_events or c.at > previous_eval)) or c.key == reset_key:
                 diff[c.rule] = round(diff.get(c.rule, 0.0) - c.points, 2)
                 text = f"{_fmt(c.points)} inactivity decay ({c.why})" if c.rule == "decay" else f"{_fmt(c.points)} {c.why}"
-                entries.append((c.rule, c.points, text, None, c.at, None))
+                entries.append((c.rule, c.points, text, None, c.at, None, None))
         if late:
             first = late[0]
             who = (f"late event {first.event_id} of {_day(first.occurred_at)}" if len(late) == 1 else
@@ -460,13 +460,13 @@ class Lead:
             why_rescored = "re-scored"
         cause_at = late[0].occurred_at if late else (added[0].occurred_at if added else None)
         for rule in sorted(r for r, d in diff.items() if d):
-            entries.append((rule, diff[rule], f"{_fmt(diff[rule])} {rule}: {why_rescored}", None, cause_at, None))
+            entries.append((rule, diff[rule], f"{_fmt(diff[rule])} {rule}: {why_rescored}", None, cause_at, None, None))
         # Entries show the score they leave behind, in order: replay the totals.
         running = {k: v for k, v in old.items()}
-        for rule, points, text, event_id, occurred, channel in entries:
+        for rule, points, text, event_id, occurred, channel, source in entries:
             running[rule] = round(running.get(rule, 0.0) + points, 2)
             self._audit(AuditKind.SCORE_CHANGED, SYSTEM, text, rule=rule, points=points, event_id=event_id,
-                        occurred_at=occurred, channel=channel or s.channel,
+                        occurred_at=occurred, channel=channel or s.channel, source=source,
                         score_engagement=round(sum(running.values()), 2))
 
     def _refit(self, actor: Actor, now: datetime, cause: str) -> None:

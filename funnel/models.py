@@ -30,10 +30,14 @@ NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 
 
 def _aware_utc(value: datetime) -> datetime:
-    """Naive timestamps are ambiguous; we refuse them rather than guess."""
+    """Naive timestamps are ambiguous; we refuse them rather than guess. One that cannot be
+    said in UTC (year 1 at +14:00, year 9999 at -14:00) is out of range, not a crash."""
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("timestamp must carry a timezone (e.g. 2026-11-22T10:00:00Z)")
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError(f"timestamp {value.isoformat()} is out of range once in UTC") from None
 
 
 AwareDatetime = Annotated[datetime, AfterValidator(_aware_utc)]
@@ -116,6 +120,9 @@ class ActivityEvent(Strict):
     attributes: dict[Annotated[str, StringConstraints(pattern=NAME_PATTERN)], FactValue] = Field(
         default_factory=dict, max_length=50
     )
+    # Which integration sent it (the API key's name, "cli"): set by the edge, recorded on
+    # the event's score change, never taken from a request body.
+    source: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
 
 
 CONSENT_FACT = "email_consent"  # true: opted in; false: objected
@@ -481,6 +488,7 @@ class AuditEntry(BaseModel):
     trigger: Trigger | None = None
     reason: str | None = None
     occurred_at: datetime | None = None  # when its cause happened (event time, due time); None: at `at`
+    source: str | None = None  # the integration that sent the event behind it (an API key's name, "cli")
 
     @property
     def happened_at(self) -> datetime:

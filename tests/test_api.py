@@ -40,10 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name -> (role, key); the names are what the audit history must show.
 KEYS = {
-    "mautic": ("marketing", "mk-" + "m" * 24),
-    "anna": ("presales", "ps-" + "a" * 24),
-    "ben": ("sales", "sa-" + "b" * 24),
-    "mia": ("manager", "mg-" + "c" * 24),
+    "mautic": ("marketing", "mk-l20tcNDJqjpRTq6OGzs8Dd3J0NknXOG4"),
+    "anna": ("presales", "ps-0kwBdvgU-ktoxYJMGqO9cIQCVstFFQTy"),
+    "ben": ("sales", "sa-6tt69Ns0FaVqZPsPNO8tGlCtRTt3XHsN"),
+    "mia": ("manager", "mg-q_7V-nud9793Yg75pTU0CaiU_K6uQfgD"),
 }
 KEYRING = KeyRing(KeyRing.parse(",".join(f"{name}:{role}:{key}" for name, (role, key) in KEYS.items())))
 WAIT = 60.0  # seconds for the worker to apply something
@@ -737,3 +737,26 @@ async def test_a_manager_applies_a_model_version_over_http(api, store):
     await asyncio.sleep(2.5)  # the edge re-reads the active version every couple of seconds
     r = await mautic.post("/events", json=ev(f"{lead}-2", lead, "podcast_listen", now()))
     assert r.status_code == 202, r.text
+
+
+async def test_contract_breaks_are_clear_refusals_not_500s(api, store):
+    """Timestamps that overflow in UTC, alone, in a batch and in `since`; a body that claims
+    its own source. Each bad item is refused on its own; the good ones are taken."""
+    mautic, mia = api.as_("mautic"), api.as_("mia")
+    lead = f"C-{uuid.uuid4().hex[:6]}"
+    for stamp in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"):
+        bad = {"event_id": f"{lead}-bad", "lead_id": lead, "type": "website_visit", "occurred_at": stamp}
+        r = await mautic.post("/events", json=bad)
+        assert r.status_code == 422 and "out of range" in r.json()["message"], r.text
+        r = await mautic.post("/events/batch", json={"events": [bad, ev(f"{lead}-ok", lead, "website_visit", now())]})
+        assert r.status_code == 202, r.text
+        assert [x["outcome"] for x in r.json()["results"]] == ["rejected", "accepted"]
+        assert "out of range" in r.json()["results"][0]["reason"]
+        r = await mia.get("/report", params={"since": stamp})
+        assert r.status_code == 422 and "out of range" in r.json()["message"], r.text
+    claimed = ev(f"{lead}-2", lead, "email_open", now(), source="someone-else")
+    assert (await mautic.post("/events", json=claimed)).status_code == 422
+    await view_when(mia, lead, lambda v: v["events_applied"] == 1)
+    history = (await mia.get(f"/leads/{lead}/history")).json()["entries"]
+    [scored] = [e for e in history if e["kind"] == "score_changed" and e["event_id"] == f"{lead}-ok"]
+    assert scored["source"] == "mautic"  # the key's owner, whatever a body says

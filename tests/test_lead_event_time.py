@@ -364,3 +364,10 @@ def test_state_from_code_that_added_up_in_arrival_order_keeps_its_score():
     assert lead.state.score.breakdown["unsubscribe"] == -20
     lead.ingest(event("u2", "unsubscribe", T0 + days(32)), T0 + days(32))
     assert lead.state.score.breakdown["unsubscribe"] == -20  # still counted once
+
+
+def test_an_events_score_change_says_which_integration_sent_it():
+    lead = new_lead()
+    lead.ingest(event("e-1", "webinar_attended", T0).model_copy(update={"source": "mautic"}), T0)
+    [entry] = of_kind(lead.take_effects(), AuditKind.SCORE_CHANGED)
+    assert entry.source == "mautic"

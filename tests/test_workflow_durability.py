@@ -178,3 +178,39 @@ async def test_callers_start_leads_at_the_current_version(ts_env, settings, stor
         await settle(ts_env, client, lead, lambda v: v.events_applied == 1)
         history = await client.get_workflow_handle(workflow_id(lead)).fetch_history()
     assert "load_scoring_model" not in scheduled_activities(history)
+
+
+async def test_a_lead_that_is_still_starting_says_so_rather_than_not_found(ts_env, settings, store):
+    """Its worker has not finished its first step (here: the model read is slow): readers
+    must hear 'starting, ask again', not 'no such lead' (the API answers 503 with Retry-After)."""
+    import threading
+
+    from temporalio import activity
+
+    from activities.lead_activities import LeadActivities, all_activities
+    from worker import build_worker
+
+    release = threading.Event()
+
+    class SlowModel(LeadActivities):
+        @activity.defn(name="load_scoring_model")
+        def load_scoring_model(self, ref=None):
+            release.wait(30)
+            return super().load_scoring_model(ref)
+
+    client, lead = ts_env.client, "S-starting"
+    acts = SlowModel(settings, store)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as executor:
+        async with build_worker(client, settings, acts, executor):
+            now = await ts_env.get_current_time()
+            await leads.send_events(client, settings, [event(lead, "1", "website_visit", now)])
+            with pytest.raises(leads.LeadStarting, match="still starting"):
+                for _ in range(100):
+                    await leads.get_view(client, lead)  # raises once the worker has the lead in hand
+                    await asyncio.sleep(0.05)
+            release.set()
+            view = await settle(ts_env, client, lead, lambda v: v.events_applied == 1)
+            assert view.stage == Stage.IQL
+    assert all_activities(acts)
