@@ -414,7 +414,7 @@ class EventBatchIn(_Request):
     )
 
 
-Outcome = Literal["accepted", "duplicate", "rejected"]
+Outcome = Literal["accepted", "duplicate", "rejected", "conflict"]
 
 
 class EventResult(BaseModel):
@@ -422,8 +422,10 @@ class EventResult(BaseModel):
     event_id: str | None = None
     lead_id: str | None = None
     outcome: Outcome = Field(
-        description="accepted: Temporal holds it for the lead, applied once; duplicate: already applied (or "
-                    "repeated in this batch), changes nothing; rejected: not applied, see reason"
+        description="accepted: Temporal holds it for the lead, applied once; duplicate: this id was taken before "
+                    "with the same content (or repeats an id of this batch), changes nothing; conflict: this id was "
+                    "taken with other content, not applied (a new event needs a new id); rejected: not applied, "
+                    "see reason"
     )
     reason: str | None = None
 
@@ -432,6 +434,7 @@ class BatchResult(BaseModel):
     accepted: int
     duplicates: int
     rejected: int
+    conflicts: int = 0
     results: list[EventResult]
 
 
@@ -818,6 +821,25 @@ def _event_problem(event: EventIn, model: ScoringModel, now: datetime) -> tuple[
     return None
 
 
+async def _logged(backends: Backends, events: list[ActivityEvent]) -> dict[tuple[str, str], str]:
+    """What the event log knows of these ids. Best effort: with the store down, events are
+    still taken, and the lead applies each id once regardless."""
+    try:
+        return await backends.in_store(AuditStore.logged_digests, events)
+    except Unavailable as err:
+        log.warning("event log not read: %s", err)
+        return {}
+
+
+async def _log(backends: Backends, events: list[ActivityEvent]) -> None:
+    """Log events Temporal has taken; best effort (a redelivery of one missing here is sent
+    again, and the lead still applies it once)."""
+    try:
+        await backends.in_store(AuditStore.log_events, events, datetime.now(timezone.utc))
+    except Unavailable as err:
+        log.warning("events taken but not logged: %s", err)
+
+
 async def _applied_hint(backends: Backends, kind: AuditKind, wanted: dict[str, list[str]]) -> set[tuple[str, str]]:
     """Best effort: with the store down, events are still taken (and de-duplicated by the lead)."""
     try:
@@ -940,11 +962,12 @@ _INGEST_ROLES = "Roles: marketing, manager."
     description=(
         "Validates the event (fields, type known in the scoring model, occurred_at not more than 5 minutes "
         "in the future) and signals it into its lead's workflow, creating the lead. 202 means Temporal holds "
-        "it durably. Idempotent by event_id: a redelivery changes nothing; it is answered `duplicate` when "
-        "the audit store already shows it applied, else `accepted` (and then applied once by the lead). "
+        "it durably. Idempotent by event_id, for ever: an id taken before with the same content is answered "
+        "`duplicate` and changes nothing; with other content it is 409 (a new event needs a new id). "
         "410 if the lead is closed (won). " + _INGEST_ROLES
     ),
-    responses={410: {"model": Problem, "description": "the lead is closed (won)"}},
+    responses={410: {"model": Problem, "description": "the lead is closed (won)"},
+               409: {"model": Problem, "description": "this event id was taken with other content"}},
 )
 async def post_event(
     event: EventIn, request: Request, caller: Annotated[Principal, Depends(allow(Role.MARKETING))]
@@ -955,15 +978,19 @@ async def post_event(
         raise RequestValidationError([{"loc": ("body", field), "msg": msg, "type": "value_error"}])
     backends = _backends(request)
     await backends.check_not_behind()
-    seen = await _applied_hint(backends, AuditKind.SCORE_CHANGED, {event.lead_id: [event.event_id]})
-    duplicate = (event.lead_id, event.event_id) in seen
-    closed = await _deliver(backends, [event.to_event(caller.name)])
-    if closed and not duplicate:
+    taken = event.to_event(caller.name)
+    fresh, known = leads.sort_out([taken], await _logged(backends, [taken]))
+    if known:
+        outcome, why = known[0]
+        if outcome == "conflict":
+            return _problem(409, why)
+        return EventAccepted(event_id=event.event_id, lead_id=event.lead_id, outcome="duplicate", detail=why)
+    closed = await _deliver(backends, fresh)
+    if closed:
         raise leads.LeadClosed(closed[event.lead_id])
-    return EventAccepted(
-        event_id=event.event_id, lead_id=event.lead_id, outcome="duplicate" if duplicate else "accepted",
-        detail="already applied: changes nothing" if duplicate else "taken; applied once by the lead",
-    )
+    await _log(backends, fresh)
+    return EventAccepted(event_id=event.event_id, lead_id=event.lead_id, outcome="accepted",
+                         detail="taken; applied once by the lead")
 
 
 @ingest.post(
@@ -986,7 +1013,6 @@ async def post_events(
     model, now = await _model(request), datetime.now(timezone.utc)
     results: list[EventResult] = []
     valid: dict[int, EventIn] = {}
-    first_seen: set[tuple[str, str]] = set()
     for index, item in enumerate(batch.events):
         if isinstance(item, _RejectedItem):
             results.append(EventResult(index=index, outcome="rejected",
@@ -996,28 +1022,27 @@ async def post_events(
         results.append(result)
         if (problem := _event_problem(item, model, now)) is not None:
             result.outcome, result.reason = "rejected", f"events.{index}.{problem[0]}: {problem[1]}"
-        elif (item.lead_id, item.event_id) in first_seen:
-            result.outcome, result.reason = "duplicate", "repeats an earlier event_id of this batch"
         else:
-            first_seen.add((item.lead_id, item.event_id))
             valid[index] = item
     if valid:
         backends = _backends(request)
         await backends.check_not_behind()
-        wanted: dict[str, list[str]] = defaultdict(list)
-        for item in valid.values():
-            wanted[item.lead_id].append(item.event_id)
-        seen = await _applied_hint(backends, AuditKind.SCORE_CHANGED, wanted)
-        closed = await _deliver(backends, [item.to_event(caller.name) for item in valid.values()])
-        for index, item in valid.items():
-            if (item.lead_id, item.event_id) in seen:
-                results[index].outcome, results[index].reason = "duplicate", "already applied: changes nothing"
+        indexes = list(valid)
+        events = [valid[index].to_event(caller.name) for index in indexes]
+        fresh, known = leads.sort_out(events, await _logged(backends, events))
+        closed = await _deliver(backends, fresh)
+        await _log(backends, [e for e in fresh if e.lead_id not in closed])
+        for position, index in enumerate(indexes):
+            item = valid[index]
+            if position in known:
+                outcome, why = known[position]
+                results[index].outcome, results[index].reason = outcome, why
             elif item.lead_id in closed:
                 results[index].outcome, results[index].reason = "rejected", closed[item.lead_id]
     counts = {outcome: sum(1 for r in results if r.outcome == outcome) for outcome in ("accepted", "duplicate",
-                                                                                        "rejected")}
+                                                                                        "rejected", "conflict")}
     return BatchResult(accepted=counts["accepted"], duplicates=counts["duplicate"], rejected=counts["rejected"],
-                       results=results)
+                       conflicts=counts["conflict"], results=results)
 
 
 @ingest.post(

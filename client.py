@@ -26,7 +26,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from activities.store import AuditStore, ModelVersion
 from config import Settings
 from funnel.lead import Lead, LeadView
-from funnel.models import ActivityEvent, Actor, AuditEntry, Command, LeadState, ProfileUpdate
+from funnel.models import ActivityEvent, Actor, AuditEntry, Command, LeadState, ProfileUpdate, event_digest
 from funnel.scoring_model import ScoringModel, parse_model
 from workflows import search_attributes as sa
 from workflows.lead import UPDATE_FOR_COMMAND, LeadInput, LeadWorkflow, workflow_id
@@ -117,6 +117,26 @@ async def send_events(client: Client, settings: Settings, events: list[ActivityE
                 raise TemporalUnavailable(f"Temporal did not take the events of lead {lead_id}: {err.message}") from None
     if closed:
         raise LeadClosed("; ".join(closed) + ": events not applied")
+
+
+def sort_out(events: list[ActivityEvent], logged: dict[tuple[str, str], str]) -> tuple[list[ActivityEvent], dict]:
+    """Split events by what the event log knows of their ids: (new ones to send,
+    {position: (outcome, why)} for the others). Same content: a duplicate, which changes
+    nothing; other content under a taken id: a conflict (a new event needs a new id)."""
+    fresh, known = [], {}
+    first: dict[tuple[str, str], str] = {}
+    for position, event in enumerate(events):
+        key, digest = (event.lead_id, event.event_id), event_digest(event)
+        if key in logged or key in first:
+            same = (logged.get(key) or first.get(key)) == digest
+            where = "was taken" if key in logged else "comes earlier in this request"
+            known[position] = ("duplicate", f"{'already taken' if key in logged else 'repeated'}: changes nothing") if same else (
+                "conflict", f"event id {event.event_id} of lead {event.lead_id} {where} with other content; "
+                            "a new event needs a new id")
+        else:
+            first[key] = digest
+            fresh.append(event)
+    return fresh, known
 
 
 async def _how_it_ended(client: Client, lead_id: str) -> str:

@@ -425,10 +425,42 @@ async def cmd_event(args, settings: Settings) -> int:
         attributes=attributes,
         source="cli",
     )
+    log = _event_log(settings)
+    fresh, known = api.sort_out([event], log.logged(event) if log else {})
+    if known:
+        outcome, why = known[0]
+        if outcome == "conflict":
+            raise BadInput(why)
+        print(f"event {event.event_id}: {why} (nothing sent)")
+        return 0
     tc = await _connect(settings)
     await api.send_events(tc, settings, [event])
+    if log:
+        log.taken([event])
     print(f"event {event.event_id} ({event.type} at {event.occurred_at.isoformat()}) sent to lead {event.lead_id}")
     return 0
+
+
+class _EventLog:
+    """The store's event log as the CLI uses it: an event id is taken once, for ever."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def logged(self, *events: ActivityEvent) -> dict[tuple[str, str], str]:
+        return self.store.logged_digests(list(events))
+
+    def taken(self, events: list[ActivityEvent]) -> None:
+        self.store.log_events(events, utcnow())
+
+
+def _event_log(settings: Settings) -> _EventLog | None:
+    """The event log, when the store is here (best effort: without it the lead still applies
+    each id once, and redeliveries are answered by it rather than here)."""
+    try:
+        return _EventLog(_store(settings))
+    except CliError:
+        return None
 
 
 async def cmd_profile(args, settings: Settings) -> int:
@@ -656,6 +688,17 @@ async def cmd_import(args, settings: Settings) -> int:
     if not events:
         print(f"no events in {path}: nothing sent")
         return 0
+    log = _event_log(settings)
+    events, known = api.sort_out(events, log.logged(*events) if log else {})
+    conflicts = [why for outcome, why in known.values() if outcome == "conflict"]
+    if conflicts:
+        for why in conflicts:
+            print(f"{PROG}: {path}: {why}", file=sys.stderr)
+        print(f"{PROG}: {len(conflicts)} event id(s) in {path} were taken with other content: nothing sent",
+              file=sys.stderr)
+        return 2
+    if known:
+        print(f"{len(known)} event(s) already taken: not sent again")
     by_lead: dict[str, list[ActivityEvent]] = defaultdict(list)
     for event in events:
         by_lead[event.lead_id].append(event)
@@ -682,6 +725,8 @@ async def cmd_import(args, settings: Settings) -> int:
             try:
                 await api.send_events(tc, settings, lead_events)
                 sent += len(lead_events)
+                if log:
+                    await asyncio.to_thread(log.taken, lead_events)
             except api.LeadClosed:
                 closed.append(lead_id)
             except Exception as err:  # reported per lead below; the other leads go on

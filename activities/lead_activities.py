@@ -18,7 +18,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.store import AuditStore, ModelConflict
 from config import Settings
-from funnel.models import AuditEntry, Outbound
+from funnel.models import AuditEntry, AuditKind, Outbound
 from funnel.scoring_model import ModelError, ScoringModel, load_model, parse_model
 
 WEBHOOK_TIMEOUT_SECONDS = 10.0
@@ -99,6 +99,12 @@ class LeadActivities:
         """Write audit entries; returns how many were new (0 on a retry of a written batch)."""
         return self.store.write_audit(entries)
 
+    @activity.defn(name="applied_event_ids")
+    def applied_event_ids(self, lead_id: str, event_ids: list[str]) -> list[str]:
+        """The ids among `event_ids` the lead has applied (each has its score entry in the store)."""
+        found = self.store.applied_ids(AuditKind.SCORE_CHANGED, {lead_id: event_ids})
+        return sorted(event_id for _, event_id in found)
+
     # ------------------------------------------------------------------ owners and deliveries
 
     def _owner_for(self, assignment_id: str, team: str) -> str:
@@ -155,4 +161,5 @@ class LeadActivities:
 
 def all_activities(acts: LeadActivities) -> list:
     """The bound activity methods, for `Worker(activities=...)`."""
-    return [acts.load_scoring_model, acts.record_audit, acts.assign_owner, acts.hand_over, acts.deliver]
+    return [acts.load_scoring_model, acts.record_audit, acts.applied_event_ids, acts.assign_owner, acts.hand_over,
+            acts.deliver]

@@ -27,7 +27,7 @@ from sqlalchemy.types import TypeDecorator
 from pydantic import BaseModel
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-from funnel.models import AuditEntry, AuditKind, Outbound, OutboundKind
+from funnel.models import ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, event_digest
 
 # SQLAlchemy only guarantees rowcount for UPDATE/DELETE; without this option an
 # INSERT through psycopg 3 reports -1. We need the number of rows actually
@@ -130,6 +130,25 @@ class OutboxRow(SQLModel, table=True):
     acked_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
 
 
+class EventLogRow(SQLModel, table=True):
+    """Every event taken for a lead, once per id: what the edge answers redeliveries from
+    (same content: duplicate; other content: conflict), and the log a backtest replays."""
+
+    __tablename__ = "event_log"
+    __table_args__ = (Index("ix_event_log_lead_time", "lead_id", "occurred_at"),)
+
+    lead_id: str = Field(primary_key=True)
+    event_id: str = Field(primary_key=True)
+    type: str
+    occurred_at: datetime = Field(sa_column=_utc_column(nullable=False))
+    received_at: datetime = Field(sa_column=_utc_column(nullable=False))
+    channel: str | None = None
+    campaign: str | None = None
+    source: str | None = None
+    attributes: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    digest: str
+
+
 class ScoringModelRow(SQLModel, table=True):
     """Every scoring model version ever applied: who applied it, when, and its text."""
 
@@ -178,6 +197,7 @@ _OUTBOX = OutboxRow.__table__
 _OWNERS = OwnerAssignmentRow.__table__
 _ROUND_ROBIN = RoundRobinRow.__table__
 _MODELS = ScoringModelRow.__table__
+_EVENTS = EventLogRow.__table__
 
 
 # --------------------------------------------------------------------------- conversions
@@ -245,7 +265,7 @@ class AuditStore:
             self.engine = create_engine(url, pool_pre_ping=True)
             # PostgreSQL locks rows itself; ON CONFLICT and row locks suffice.
             self._write_lock = contextlib.nullcontext()
-        SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN, _MODELS])
+        SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN, _MODELS, _EVENTS])
         self._add_missing_columns()
 
     def _add_missing_columns(self) -> None:
@@ -363,6 +383,45 @@ class AuditStore:
         )
         with self._writing() as session:
             return session.exec(stmt, execution_options=_ROWCOUNT).rowcount
+
+    # ----------------------------------------------------------------- the event log
+
+    def logged_digests(self, events: list[ActivityEvent]) -> dict[tuple[str, str], str]:
+        """{(lead, event id): digest} of those among `events` already in the log."""
+        found: dict[tuple[str, str], str] = {}
+        by_lead: dict[str, list[str]] = {}
+        for event in events:
+            by_lead.setdefault(event.lead_id, []).append(event.event_id)
+        with Session(self.engine) as session:
+            for lead_id, ids in by_lead.items():
+                for i in range(0, len(ids), 500):
+                    stmt = select(EventLogRow.event_id, EventLogRow.digest).where(
+                        EventLogRow.lead_id == lead_id, EventLogRow.event_id.in_(ids[i : i + 500]))
+                    found.update(((lead_id, event_id), digest) for event_id, digest in session.exec(stmt))
+        return found
+
+    def log_events(self, events: list[ActivityEvent], received_at: datetime) -> int:
+        """Log events Temporal has taken (an id already logged keeps its first version);
+        returns how many were new."""
+        if not events:
+            return 0
+        rows = sorted(({
+            "lead_id": e.lead_id, "event_id": e.event_id, "type": e.type, "occurred_at": e.occurred_at,
+            "received_at": received_at, "channel": e.channel, "campaign": e.campaign, "source": e.source,
+            "attributes": dict(e.attributes), "digest": event_digest(e),
+        } for e in events), key=lambda row: (row["lead_id"], row["event_id"]))
+        stmt = self._insert(_EVENTS).on_conflict_do_nothing().returning(_EVENTS.c.event_id)
+        with self._writing() as session:
+            return len(session.exec(stmt, params=rows).all())
+
+    def event_log(self, lead_id: str | None = None, limit: int = 1000) -> list[EventLogRow]:
+        """Logged events in (lead, time, id) order, for export and replay."""
+        stmt = select(EventLogRow)
+        if lead_id is not None:
+            stmt = stmt.where(EventLogRow.lead_id == lead_id)
+        stmt = stmt.order_by(EventLogRow.lead_id, EventLogRow.occurred_at, EventLogRow.event_id).limit(limit)
+        with Session(self.engine) as session:
+            return list(session.exec(stmt))
 
     # ----------------------------------------------------------------- scoring models
 

@@ -73,7 +73,7 @@ async def applied(client, lead_ids: list[str], count: int) -> None:
                 try:
                     if (await leads.get_view(client, lead)).events_applied >= count:
                         return
-                except leads.LeadNotFound:
+                except (leads.LeadNotFound, leads.LeadStarting):
                     pass
                 await asyncio.sleep(0.2)
 

@@ -191,9 +191,18 @@ class Lead:
         """Apply one activity event (once per event_id)."""
         self.ingest_many([event], now)
 
-    def ingest_many(self, events: list[ActivityEvent], now: datetime) -> None:
+    def forgets(self, event_ids: list[str]) -> list[str]:
+        """The ids among `event_ids` this lead cannot tell from memory whether it applied:
+        none until its memory of ids is full, then those it does not remember. The workflow
+        asks the audit store about them (`ingest_many(applied=...)`)."""
+        if len(self.state.seen_ids) < self.seen_ids_max:
+            return []
+        return [i for i in dict.fromkeys(event_ids) if i not in self._seen]
+
+    def ingest_many(self, events: list[ActivityEvent], now: datetime, applied: frozenset[str] = frozenset()) -> None:
         """Apply events that arrived together: whatever their order, the engagement is
-        recomputed once from all of the lead's events in time order."""
+        recomputed once from all of the lead's events in time order. `applied`: ids the
+        lead no longer remembers but the audit store shows applied (duplicates)."""
         s = self.state
         self.tick(now)  # timers due before this input fire first, on what was known then
         self._now = now
@@ -211,7 +220,7 @@ class Lead:
             if event.occurred_at > now + FUTURE_TOLERANCE:
                 self._ignore(event, f"event {event.event_id} occurred in the future ({event.occurred_at.isoformat()})")
                 continue
-            if self._is_duplicate(event.event_id, kind="event", channel=event.channel):
+            if self._is_duplicate(event.event_id, kind="event", channel=event.channel, known=event.event_id in applied):
                 continue
             s.events_applied += 1
             item = WindowEvent.model_construct(  # validated as an ActivityEvent already
@@ -807,12 +816,14 @@ class Lead:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _is_duplicate(self, item_id: str, kind: str, channel: str | None = None, namespace: str = "") -> bool:
-        """Remember `item_id` (bounded); True, recorded, if it was seen. Profile updates
-        have their own namespace so they never collide with event ids."""
+    def _is_duplicate(self, item_id: str, kind: str, channel: str | None = None, namespace: str = "",
+                      known: bool = False) -> bool:
+        """Remember `item_id` (bounded); True, recorded, if it was seen (or is `known` applied
+        from the store). Profile updates have their own namespace so they never collide with
+        event ids."""
         key = namespace + item_id
         s = self.state
-        if key in self._seen:
+        if key in self._seen or known:
             s.duplicates_ignored += 1
             self._audit(AuditKind.DUPLICATE_IGNORED, SYSTEM, f"duplicate {kind} {item_id} ignored", event_id=item_id,
                         channel=channel)

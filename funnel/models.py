@@ -8,6 +8,8 @@ pure core in this package reads and writes. No clock, no I/O.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from datetime import datetime, timezone
 from enum import StrEnum
@@ -117,6 +119,7 @@ class ActivityEvent(Strict):
     type: Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
     occurred_at: AwareDatetime
     channel: Channel | None = None
+    campaign: Channel | None = None  # the marketing campaign it belongs to, when the sender knows
     attributes: dict[Annotated[str, StringConstraints(pattern=NAME_PATTERN)], FactValue] = Field(
         default_factory=dict, max_length=50
     )
@@ -138,6 +141,13 @@ def parse_fact_time(value: object) -> datetime:
     except ValueError:
         raise ValueError(f"{value!r} is not an ISO 8601 timestamp") from None
     return _aware_utc(parsed)
+
+
+def event_digest(event: "ActivityEvent") -> str:
+    """What makes two deliveries of one event id the same event: its content, not who sent it."""
+    content = event.model_dump(mode="json", include={"lead_id", "type", "occurred_at", "channel", "campaign",
+                                                      "attributes"})
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class ProfileUpdate(Strict):

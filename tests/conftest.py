@@ -127,7 +127,7 @@ async def settle(env, client, lead: str, until, tries: int = 400):
             view = await leads.get_view(client, lead)
             if until(view):
                 return view
-        except leads.LeadNotFound:
+        except (leads.LeadNotFound, leads.LeadStarting):
             pass
         await env.sleep(timedelta(milliseconds=50))
     raise AssertionError(f"lead {lead} never reached the expected state; last: {view}")

@@ -688,3 +688,31 @@ def test_no_command_is_an_error(capsys):
     code, _, err = run(capsys)
     assert code == 2
     assert "required" in err
+
+
+def test_an_event_id_the_log_knows_is_not_sent_again(capsys, store_url, fake):
+    """The event log answers redeliveries at the edge: same content, nothing sent; other
+    content, refused (a new event needs a new id)."""
+    at = "2026-11-22T09:00:00Z"
+    with freeze_time(NOW):
+        assert run(capsys, "event", "L-9", "webinar_attended", "--id", "w-1", "--at", at)[0] == 0
+        code, out, _ = run(capsys, "event", "L-9", "webinar_attended", "--id", "w-1", "--at", at)
+        assert code == 0 and "already taken: changes nothing (nothing sent)" in out
+        code, _, err = run(capsys, "event", "L-9", "demo_request", "--id", "w-1", "--at", at)
+        assert code == 2 and "was taken with other content" in err
+    assert [e[0].event_id for e in fake.sent_events] == ["w-1"]  # sent once
+
+
+def test_import_sends_only_what_the_log_does_not_know(capsys, store_url, fake, tmp_path):
+    path = tmp_path / "events.jsonl"
+    lines = [{"event_id": f"i-{n}", "lead_id": "L-9", "type": "website_visit", "occurred_at": "2026-11-22T09:00:00Z"}
+             for n in range(3)]
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    with freeze_time(NOW):
+        assert run(capsys, "import", str(path))[0] == 0
+        code, out, _ = run(capsys, "import", str(path))  # re-run: idempotent, nothing sent
+        assert code == 0 and "3 event(s) already taken: not sent again" in out
+        path.write_text(json.dumps({**lines[0], "type": "email_open"}))
+        code, _, err = run(capsys, "import", str(path))
+        assert code == 2 and "were taken with other content: nothing sent" in err
+    assert sum(len(batch) for batch in fake.sent_events) == 3

@@ -117,7 +117,7 @@ def audit(lead_id: str, seq: int) -> AuditEntry:
 def test_all_activities_have_the_agreed_names_and_are_synchronous(acts):
     fns = all_activities(acts)
     names = [activity._Definition.must_from_callable(fn).name for fn in fns]
-    assert names == ["load_scoring_model", "record_audit", "assign_owner", "hand_over", "deliver"]
+    assert names == ["load_scoring_model", "record_audit", "applied_event_ids", "assign_owner", "hand_over", "deliver"]
     assert not any(inspect.iscoroutinefunction(fn) for fn in fns)
     assert all(getattr(fn, "__self__", None) is acts for fn in fns)  # bound to this configuration
 

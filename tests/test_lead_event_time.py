@@ -371,3 +371,19 @@ def test_an_events_score_change_says_which_integration_sent_it():
     lead.ingest(event("e-1", "webinar_attended", T0).model_copy(update={"source": "mautic"}), T0)
     [entry] = of_kind(lead.take_effects(), AuditKind.SCORE_CHANGED)
     assert entry.source == "mautic"
+
+
+def test_beyond_its_memory_a_lead_asks_and_applies_each_id_once_ever():
+    lead = new_lead(seen_ids_max=3)
+    for i in range(3):
+        feed(lead, "email_open", T0 + days(i), event_id=f"e-{i}")
+    assert lead.forgets(["e-2", "e-9"]) == ["e-9"]  # full memory: it cannot tell e-9 by itself
+    feed(lead, "email_open", T0 + days(3), event_id="e-3")  # e-0 leaves the memory
+    assert lead.forgets(["e-0"]) == ["e-0"]
+    lead.take_effects()
+    before = lead.state.score.model_copy(deep=True)
+    lead.ingest_many([event("e-0", "email_open", T0)], T0 + days(4), applied=frozenset({"e-0"}))
+    assert lead.state.score == before and lead.state.duplicates_ignored == 1
+    assert [a.kind for a in lead.take_effects().audit if a.kind != AuditKind.NURTURE_STEP_SENT] == [
+        AuditKind.DUPLICATE_IGNORED]
+    assert new_lead(lead_id="L-8").forgets(["x"]) == []  # with room in its memory it knows

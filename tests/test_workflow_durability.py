@@ -214,3 +214,22 @@ async def test_a_lead_that_is_still_starting_says_so_rather_than_not_found(ts_en
             view = await settle(ts_env, client, lead, lambda v: v.events_applied == 1)
             assert view.stage == Stage.IQL
     assert all_activities(acts)
+
+
+async def test_an_event_id_that_left_the_leads_memory_is_still_applied_once(ts_env, settings, store):
+    """It used to be applied again once the id had left the last-2,000 window (reproduced:
+    the 2,501st application of 2,500 ids). Here the memory holds 5 ids."""
+    from workflows.lead_input import CURRENT_VERSION, LeadInput
+
+    client, lead = ts_env.client, "S-memory"
+    async with running_worker(client, settings, store):
+        now = await ts_env.get_current_time()
+        evs = [event(lead, str(i), "email_open", now) for i in range(8)]
+        await client.start_workflow(
+            LeadWorkflow.run, LeadInput(lead_id=lead, version=CURRENT_VERSION, seen_ids_max=5, audit_max_lag_seconds=0),
+            id=workflow_id(lead), task_queue=settings.task_queue, start_signal="events", start_signal_args=[evs])
+        await settle(ts_env, client, lead, lambda v: v.events_applied == 8)
+        await leads.flush_audit(client, lead)
+        await leads.send_events(client, settings, [evs[0], evs[7]])  # one forgotten, one remembered
+        view = await settle(ts_env, client, lead, lambda v: v.duplicates_ignored == 2)
+        assert view.events_applied == 8

@@ -129,12 +129,26 @@ class LeadWorkflow:
         now = workflow.now()
         events = [item for item in batch if isinstance(item, ActivityEvent)]
         if events:
-            self._lead.ingest_many(events, now)
+            applied: frozenset[str] = frozenset()
+            if self._behaviour.decisions_and_owners and (forgotten := self._lead.forgets([e.event_id for e in events])):
+                applied = await self._applied_before(forgotten)
+            self._lead.ingest_many(events, now, applied=applied)
         for item in batch:
             if isinstance(item, ProfileUpdate):
                 self._lead.update_profile(item, now)
         self._lead.tick(now)
         self._work_pending = False
+
+    async def _applied_before(self, event_ids: list[str]) -> frozenset[str]:
+        """Which of these ids, older than the lead's memory, the audit store shows applied:
+        an event id is applied at most once, ever. (Ids not written yet are always within the
+        memory: at most a few hundred entries wait for a write.) A local activity: a pure read."""
+        assert self._lead is not None
+        found = await workflow.execute_local_activity(
+            "applied_event_ids", args=[self._lead.state.lead_id, event_ids], result_type=list[str],
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
+        )
+        return frozenset(found)
 
     async def _take_model_changes(self) -> None:
         assert self._lead is not None
