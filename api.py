@@ -50,7 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -593,6 +593,10 @@ class Unavailable(Exception):
 class NoAnswer(Exception):
     """The lead's workflow did not answer in time (504)."""
 
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.headers = headers
+
 
 class _ActiveModel:
     """The scoring model the leads use, for checks at the edge (an event of a type it does
@@ -1082,15 +1086,35 @@ async def post_profile(
 # --------------------------------------------------------------------------- commands
 
 
-async def _command(request: Request, lead_id: str, command) -> LeadView:
-    temporal = await _backends(request).temporal()
-    return await _temporal_call(leads.run_command(temporal, lead_id, command), ANSWER_TIMEOUT,
-                                f"{command.kind} command")
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$",
+    description="the command's idempotency key: sent again with the same key, it is applied at most once and "
+                "answered with its outcome (default: a fresh key, returned in the Idempotency-Key header)")]
+
+
+async def _command(request: Request, response: Response, lead_id: str, command, key: str | None) -> LeadView:
+    backends = _backends(request)
+    temporal = await backends.temporal()
+    key = key or f"cmd-{uuid.uuid4()}"
+    response.headers["Idempotency-Key"] = key
+    timeout = backends.settings.command_timeout_seconds
+    try:
+        return await asyncio.wait_for(leads.run_command(temporal, lead_id, command, key=key), timeout)
+    except (TimeoutError, leads.CommandTimedOut):
+        raise NoAnswer(
+            f"lead {lead_id} did not answer the {command.kind} command within {timeout:g} s (is its worker "
+            f"running?). It may still be applied: send it again with Idempotency-Key: {key} to get its outcome "
+            f"(it is applied at most once), or read GET /leads/{lead_id}/commands/{key}",
+            headers={"Idempotency-Key": key}) from None
+    except RPCError as err:
+        raise Unavailable(f"Temporal error: {_first_line(err)}") from None
 
 
 _COMMAND_NOTE = (
     " Executed as a workflow update: 200 with the lead's new state; 409 with the lead's reason if its stage "
-    "(or the stage's rules for your role) does not allow it; 404 for an unknown lead; 410 for a won lead. "
+    "(or the stage's rules for your role) does not allow it; 404 for an unknown lead; 410 for a won lead; "
+    "504 if the lead did not answer in time (it may still apply: send it again with the same Idempotency-Key, "
+    "which is applied at most once and answered with its outcome). "
     "The actor recorded is the API key's owner."
 )
 
@@ -1098,43 +1122,49 @@ _COMMAND_NOTE = (
 @commands.post("/accept", response_model=LeadView, summary="Presales accepts an MQL (-> SAL)",
                description="Roles: presales, manager." + _COMMAND_NOTE)
 async def accept(lead_id: PathLeadId, body: AcceptIn, request: Request,
-                 caller: Annotated[Principal, Depends(allow(Role.PRESALES))]) -> LeadView:
-    return await _command(request, lead_id, Accept(by=caller.actor, **body.model_dump()))
+                 caller: Annotated[Principal, Depends(allow(Role.PRESALES))],
+                 response: Response, key: IdempotencyKey = None) -> LeadView:
+    return await _command(request, response, lead_id, Accept(by=caller.actor, **body.model_dump()), key)
 
 
 @commands.post("/reject", response_model=LeadView, summary="Disqualify, or recycle to nurturing, with a reason",
                description="Roles: presales, sales (after acceptance), manager." + _COMMAND_NOTE)
 async def reject(lead_id: PathLeadId, body: RejectIn, request: Request,
-                 caller: Annotated[Principal, Depends(allow(Role.PRESALES, Role.SALES))]) -> LeadView:
-    return await _command(request, lead_id, Reject(by=caller.actor, **body.model_dump()))
+                 caller: Annotated[Principal, Depends(allow(Role.PRESALES, Role.SALES))],
+                 response: Response, key: IdempotencyKey = None) -> LeadView:
+    return await _command(request, response, lead_id, Reject(by=caller.actor, **body.model_dump()), key)
 
 
 @commands.post("/qualify", response_model=LeadView, summary="Qualify by BANT or MEDDIC (SAL -> SQL)",
                description="Roles: presales, sales, manager." + _COMMAND_NOTE)
 async def qualify(lead_id: PathLeadId, body: QualifyIn, request: Request,
-                  caller: Annotated[Principal, Depends(allow(Role.PRESALES, Role.SALES))]) -> LeadView:
-    return await _command(request, lead_id, Qualify(by=caller.actor, **body.model_dump()))
+                  caller: Annotated[Principal, Depends(allow(Role.PRESALES, Role.SALES))],
+                 response: Response, key: IdempotencyKey = None) -> LeadView:
+    return await _command(request, response, lead_id, Qualify(by=caller.actor, **body.model_dump()), key)
 
 
 @commands.post("/contact", response_model=LeadView, summary="Log a contact (meets follow-up SLAs)",
                description="Roles: sales, presales (follow-ups of MQLs), manager." + _COMMAND_NOTE)
 async def contact(lead_id: PathLeadId, body: ContactIn, request: Request,
-                  caller: Annotated[Principal, Depends(allow(Role.SALES, Role.PRESALES))]) -> LeadView:
-    return await _command(request, lead_id, LogContact(by=caller.actor, **body.model_dump()))
+                  caller: Annotated[Principal, Depends(allow(Role.SALES, Role.PRESALES))],
+                 response: Response, key: IdempotencyKey = None) -> LeadView:
+    return await _command(request, response, lead_id, LogContact(by=caller.actor, **body.model_dump()), key)
 
 
 @commands.post("/close", response_model=LeadView, summary="Close an SQL as won or lost (lost needs a reason)",
                description="Roles: sales, manager." + _COMMAND_NOTE)
 async def close(lead_id: PathLeadId, body: CloseIn, request: Request,
-                caller: Annotated[Principal, Depends(allow(Role.SALES))]) -> LeadView:
-    return await _command(request, lead_id, Close(by=caller.actor, **body.model_dump()))
+                caller: Annotated[Principal, Depends(allow(Role.SALES))],
+                 response: Response, key: IdempotencyKey = None) -> LeadView:
+    return await _command(request, response, lead_id, Close(by=caller.actor, **body.model_dump()), key)
 
 
 @commands.post("/reopen", response_model=LeadView, summary="Reopen a lost or disqualified lead (-> recycled)",
                description="Roles: manager." + _COMMAND_NOTE)
 async def reopen(lead_id: PathLeadId, body: ReopenIn, request: Request,
-                 caller: Annotated[Principal, Depends(allow())]) -> LeadView:
-    return await _command(request, lead_id, Reopen(by=caller.actor, **body.model_dump()))
+                 caller: Annotated[Principal, Depends(allow())],
+                 response: Response, key: IdempotencyKey = None) -> LeadView:
+    return await _command(request, response, lead_id, Reopen(by=caller.actor, **body.model_dump()), key)
 
 
 # --------------------------------------------------------------------------- reads
@@ -1188,6 +1218,22 @@ async def get_history(
         raise leads.LeadNotFound(f"no lead {lead_id} (no history yet)")
     return HistoryPage(lead_id=lead_id, total=total, offset=offset, limit=limit, entries=entries,
                        complete=complete)
+
+
+@reads.get(
+    "/leads/{lead_id}/commands/{key}", response_model=leads.CommandOutcome,
+    summary="What became of a command, by its idempotency key",
+    description="applied (with its history entries), refused (with the lead's reason) or unknown (never received, "
+                "or still waiting for the lead). Roles: all.",
+)
+async def get_command_outcome(
+    lead_id: PathLeadId, request: Request, caller: Annotated[Principal, Depends(allow(*_READERS))],
+    key: Annotated[str, PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$")],
+) -> leads.CommandOutcome:
+    backends = _backends(request)
+    temporal = await backends.temporal()
+    store = await run_in_threadpool(backends.store)
+    return await leads.command_outcome(temporal, store, lead_id, key)
 
 
 @reads.get(
@@ -1386,7 +1432,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(NoAnswer)
     async def no_answer(request: Request, exc: NoAnswer) -> JSONResponse:
-        return _problem(504, str(exc))
+        return _problem(504, str(exc), headers=exc.headers)
 
     @app.exception_handler(RPCError)
     async def temporal_error(request: Request, exc: RPCError) -> JSONResponse:

@@ -13,7 +13,12 @@ import asyncio
 from collections import defaultdict
 from dataclasses import dataclass
 
-from temporalio.client import Client, WorkflowQueryFailedError, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
+)
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -164,14 +169,20 @@ async def send_profile(client: Client, settings: Settings, update: ProfileUpdate
         raise TemporalUnavailable(f"Temporal did not take the profile of lead {update.lead_id}: {err.message}") from None
 
 
-async def run_command(client: Client, lead_id: str, command: Command) -> LeadView:
-    """Execute a presales/sales/manager command as a workflow update."""
+class CommandTimedOut(TimeoutError):
+    """The lead did not answer the command in time; it may still be applied. Send it again
+    with the same idempotency key to get its outcome (it is applied at most once)."""
+
+
+async def run_command(client: Client, lead_id: str, command: Command, key: str | None = None) -> LeadView:
+    """Execute a presales/sales/manager command as a workflow update, once per idempotency
+    `key` (the update's id): sent again with the same key, it is answered with its outcome."""
     handle = client.get_workflow_handle(workflow_id(lead_id))
     update = UPDATE_FOR_COMMAND[command.kind]
     try:
         for attempt in range(NOT_READY_RETRIES):
             try:
-                return await handle.execute_update(update, command, result_type=LeadView)
+                return await handle.execute_update(update, command, id=key, result_type=LeadView)
             except RPCError as err:
                 # The update met a workflow task that failed (e.g. a continue-as-new the
                 # server refused because this very update arrived): it was never
@@ -185,12 +196,41 @@ async def run_command(client: Client, lead_id: str, command: Command) -> LeadVie
         if isinstance(cause, ApplicationError):
             raise CommandRefused(cause.message) from None
         raise
+    except WorkflowUpdateRPCTimeoutOrCancelledError:
+        raise CommandTimedOut(f"lead {lead_id} did not answer the {command.kind} command in time; it may still be "
+                              f"applied: send it again with the same idempotency key ({key}) for its outcome") from None
     except RPCError as err:
         # A lead that ended answers NOT_FOUND too, with "already completed".
         if "completed" in err.message.lower():
             raise LeadClosed(f"{await _how_it_ended(client, lead_id)}: it takes no more commands") from None
         _raise_not_found(err, lead_id)
         raise
+
+
+class CommandOutcome(BaseModel):
+    key: str
+    outcome: str  # applied, refused, unknown (never received, or still waiting for the lead)
+    detail: str
+    entries: list[AuditEntry]
+
+
+async def command_outcome(client: Client, store: AuditStore, lead_id: str, key: str) -> CommandOutcome:
+    """What became of a command: the lead's memory of its key, and its entries in the store."""
+    entries = await asyncio.to_thread(store.command_entries, lead_id, key)
+    known = None
+    try:
+        known = await asyncio.wait_for(client.get_workflow_handle(workflow_id(lead_id)).query(
+            LeadWorkflow.command_outcome, key, result_type=str | None), TAIL_TIMEOUT)
+    except (RPCError, WorkflowQueryFailedError, TimeoutError):
+        pass  # ended (won), or no worker: the store answers
+    if known is None and entries:
+        known = "applied"
+    if known is None:
+        return CommandOutcome(key=key, outcome="unknown", detail="no command with this key has been applied (yet): "
+                              "it may still be waiting for the lead, or it was refused when sent (a refusal changes "
+                              "nothing and is judged anew when the command is sent again)", entries=[])
+    outcome = "refused" if known.startswith("refused") else "applied"
+    return CommandOutcome(key=key, outcome=outcome, detail=known.removeprefix("refused: "), entries=entries)
 
 
 async def get_view(client: Client, lead_id: str) -> LeadView:

@@ -53,6 +53,8 @@ class Settings(BaseModel):
     # Back-pressure: the API refuses input (503, Retry-After) while the oldest lead task
     # waiting for a worker is older than this.
     max_backlog_seconds: float = Field(default=120.0, gt=0)
+    # How long the API waits for a lead to answer a command (then 504: it may still apply).
+    command_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -69,6 +71,7 @@ class Settings(BaseModel):
             "LEADFLOW_AUDIT_MAX_LAG": "audit_max_lag_seconds",
             "LEADFLOW_DECISION_DELAY": "decision_delay_seconds",
             "LEADFLOW_MAX_BACKLOG": "max_backlog_seconds",
+            "LEADFLOW_COMMAND_TIMEOUT": "command_timeout_seconds",
         }
         for var, field in mapping.items():
             if env.get(var):

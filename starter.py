@@ -515,8 +515,16 @@ def build_command(args) -> Command:
 
 async def cmd_lead_command(args, settings: Settings) -> int:
     command = build_command(args)
+    key = args.key or new_id("cmd")
     tc = await _connect(settings)
-    view = await _answer(api.run_command(tc, args.lead, command), args.lead, f"{args.command} command")
+    try:
+        view = await _answer(api.run_command(tc, args.lead, command, key=key), args.lead, f"{args.command} command")
+    except (CliError, api.CommandTimedOut) as err:
+        if isinstance(err, CliError) and "did not answer" not in str(err):
+            raise
+        raise CliError(f"lead {args.lead} did not answer the {args.command} command in time; it may still be "
+                       f"applied: run it again with --key {key} to get its outcome (it is applied at most once)",
+                       1) from None
     print_view(view, as_json=args.json)
     return 0
 
@@ -907,6 +915,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"role of --by (default {DEFAULT_ROLES[name].value})")
         p.add_argument("--note", help="free-text note for the history")
         p.add_argument("--json", action="store_true", help="print the lead's new state as JSON")
+        p.add_argument("--key", type=_command_key, metavar="KEY",
+                       help="idempotency key: the same command with the same key is applied at most once")
         p.set_defaults(handler=cmd_lead_command)
         return p
 
@@ -990,6 +1000,12 @@ def _positive_rate(value: str) -> float:
     if not 0 < rate <= 1000:
         raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1000")
     return rate
+
+
+def _command_key(value: str) -> str:
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$", value):
+        raise argparse.ArgumentTypeError(f"{value!r}: use 1-200 of A-Z a-z 0-9 _ . : -")
+    return value
 
 
 def _non_negative(value: str) -> int:

@@ -106,6 +106,7 @@ class AuditRow(SQLModel, table=True):
     reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     occurred_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
     source: str | None = None
+    command_id: str | None = Field(default=None, index=True)
 
 
 # Columns added after a table was first created: (table, column, SQL type). `create_all`
@@ -113,6 +114,7 @@ class AuditRow(SQLModel, table=True):
 _ADDED_COLUMNS = [
     ("audit_entry", "occurred_at", {"sqlite": "DATETIME", "postgresql": "TIMESTAMP WITH TIME ZONE"}),
     ("audit_entry", "source", {"sqlite": "VARCHAR", "postgresql": "VARCHAR"}),
+    ("audit_entry", "command_id", {"sqlite": "VARCHAR", "postgresql": "VARCHAR"}),
 ]
 
 
@@ -274,6 +276,8 @@ class AuditStore:
             if column not in {c["name"] for c in inspector.get_columns(table)}:
                 with self._writing() as session:
                     session.exec(text(f"ALTER TABLE {table} ADD COLUMN {column} {types[self.dialect]}"))
+                    if column == "command_id":  # looked up by key: indexed like a fresh table's
+                        session.exec(text(f"CREATE INDEX IF NOT EXISTS ix_{table}_{column} ON {table} ({column})"))
 
     def dispose(self) -> None:
         """Close pooled connections (tests, shutdown)."""
@@ -314,6 +318,12 @@ class AuditStore:
 
     def history(self, lead_id: str, offset: int = 0, limit: int = 100) -> list[AuditEntry]:
         stmt = select(AuditRow).where(AuditRow.lead_id == lead_id).order_by(AuditRow.seq).offset(offset).limit(limit)
+        with Session(self.engine) as session:
+            return [_audit_entry(row) for row in session.exec(stmt)]
+
+    def command_entries(self, lead_id: str, command_id: str) -> list[AuditEntry]:
+        stmt = (select(AuditRow).where(AuditRow.lead_id == lead_id, AuditRow.command_id == command_id)
+                .order_by(AuditRow.seq))
         with Session(self.engine) as session:
             return [_audit_entry(row) for row in session.exec(stmt)]
 

@@ -68,6 +68,7 @@ FUTURE_TOLERANCE = timedelta(minutes=5)
 # How many event/update ids a lead remembers for de-duplication. Bounded so the
 # state carried through continue-as-new stays small.
 SEEN_IDS_MAX = 2000
+COMMANDS_MAX = 500  # command outcomes a lead remembers by idempotency key
 DECAY_FLOOR = eng.DECAY_FLOOR
 CONTACT_STAGES = (Stage.IQL, Stage.MQL, Stage.SAL, Stage.SQL, Stage.RECYCLED)
 CONTACT_ROLES = (Role.PRESALES, Role.SALES, Role.MANAGER)
@@ -140,6 +141,7 @@ class Lead:
         self._effects = Effects()
         self._now = state.stage_since  # the time of the call being handled
         self._hand: WindowEvent | None = None  # the hand-raise a decision is acting on
+        self._command_id: str | None = None  # the command being carried out, for its entries
         self._fold_cache = eng.FoldCache()  # engagement folded up to the newest event, for input in order
 
     # ------------------------------------------------------------------ creation
@@ -276,15 +278,42 @@ class Lead:
         """Raise Refused if `command` cannot be executed now; changes nothing."""
         self._plan(command)
 
-    def execute(self, command: Command, now: datetime) -> None:
+    def outcome_of(self, command_id: str | None) -> str | None:
+        """What became of the command with this idempotency key: "applied", "refused: ...", or None."""
+        return self.state.commands.get(command_id) if command_id else None
+
+    def execute(self, command: Command, now: datetime, command_id: str | None = None) -> None:
         """Carry out a presales/sales/manager command, or raise Refused.
 
         Timers due before the command fire first (a late accept is a breached SLA,
-        not a met one); a refused command changes nothing beyond that.
+        not a met one); a refused command changes nothing beyond that. With a
+        `command_id` (idempotency key) the outcome is remembered and every entry of the
+        command carries the key.
         """
         self.tick(now)
         self._now = now
-        trigger, detail = self._plan(command)
+        try:
+            trigger, detail = self._plan(command)
+        except Refused as refused:
+            self._remember(command_id, f"refused: {refused}")
+            raise
+        self._command_id = command_id
+        try:
+            self._carry_out(command, trigger, detail, now)
+        finally:
+            self._command_id = None
+        self._remember(command_id, "applied")
+
+    def _remember(self, command_id: str | None, outcome: str) -> None:
+        if not command_id:
+            return
+        commands = self.state.commands
+        commands.pop(command_id, None)
+        commands[command_id] = outcome
+        while len(commands) > COMMANDS_MAX:
+            commands.pop(next(iter(commands)))
+
+    def _carry_out(self, command: Command, trigger: Trigger | None, detail: str, now: datetime) -> None:
         actor = command.by
         if isinstance(command, LogContact):
             self._audit(
@@ -845,6 +874,8 @@ class Lead:
         s.audit_seq += 1
         fields.setdefault("channel", s.channel)
         engagement = fields.pop("score_engagement", s.score.engagement)
+        if self._command_id:
+            fields.setdefault("command_id", self._command_id)
         if fields.get("occurred_at") == self._now:
             fields["occurred_at"] = None
         self._effects.audit.append(

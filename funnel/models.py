@@ -421,6 +421,9 @@ class LeadState(BaseModel):
     fast_track_used_until: datetime | None = None  # fast-track events up to here have been decided on
     audit_seq: int = 0
     outbound_seq: dict[str, int] = Field(default_factory=dict)  # per kind, for message ids
+    # Outcome of each command by its idempotency key ("applied", or "refused: <why>"), the
+    # latest COMMANDS_MAX: a retry is answered with it instead of being applied again.
+    commands: dict[str, str] = Field(default_factory=dict)
     model_ref: str = ""
     duplicates_ignored: int = 0
     handovers: int = 0
@@ -499,6 +502,7 @@ class AuditEntry(BaseModel):
     reason: str | None = None
     occurred_at: datetime | None = None  # when its cause happened (event time, due time); None: at `at`
     source: str | None = None  # the integration that sent the event behind it (an API key's name, "cli")
+    command_id: str | None = None  # the idempotency key of the command that made this entry
 
     @property
     def happened_at(self) -> datetime:

@@ -58,3 +58,44 @@ async def test_behind_workers_are_said_and_shed(dev_env, settings, store):
             assert (await mia.get(f"/leads/P-{run}-y")).status_code == 404
         finally:
             await api.close()
+
+
+async def test_a_command_the_lead_cannot_answer_is_504_and_its_key_applies_it_once(dev_env, settings, store):
+    """Worker paused: the command is 504 (it may still apply), never 500. Sent again with the
+    same Idempotency-Key once the worker is back, it is applied once and answered with its
+    outcome, however often it is sent; its outcome can be read back by key."""
+    settings = settings.model_copy(update={"command_timeout_seconds": 3.0})
+    app = create_app(settings=settings, keys=KEYRING, temporal=dev_env.client, store=store)
+    lead = f"K-{uuid.uuid4().hex[:6]}"
+    async with serving(app) as base_url:
+        api = Api(base_url)
+        mautic, anna = api.as_("mautic"), api.as_("anna")
+        try:
+            async with running_worker(dev_env.client, settings, store):
+                assert (await mautic.post("/events", json=ev(f"{lead}-1", lead, "demo_request", now()))).status_code == 202
+                for _ in range(100):
+                    if (await anna.get(f"/leads/{lead}")).json().get("stage") == "mql":
+                        break
+                    await asyncio.sleep(0.2)
+            key = {"Idempotency-Key": f"accept-{lead}"}
+            timed_out = await anna.post(f"/leads/{lead}/accept", json={}, headers=key)
+            assert timed_out.status_code == 504, timed_out.text
+            assert "may still be applied" in timed_out.json()["detail"] and key["Idempotency-Key"] in timed_out.json()["detail"]
+            assert timed_out.headers["Idempotency-Key"] == key["Idempotency-Key"]
+            async with running_worker(dev_env.client, settings, store):
+                first = await anna.post(f"/leads/{lead}/accept", json={}, headers=key)
+                assert first.status_code == 200 and first.json()["stage"] == "sal", first.text
+                again = await anna.post(f"/leads/{lead}/accept", json={}, headers=key)
+                assert again.status_code == 200 and again.json()["stage"] == "sal"  # its outcome, not a 409
+                other = await anna.post(f"/leads/{lead}/accept", json={}, headers={"Idempotency-Key": "another"})
+                assert other.status_code == 409
+                outcome = (await anna.get(f"/leads/{lead}/commands/{key['Idempotency-Key']}")).json()
+                assert outcome["outcome"] == "applied"
+                assert [e["to_stage"] for e in outcome["entries"] if e["kind"] == "stage_changed"] == ["sal"]
+                # refused up front (the update's validator) it changed nothing and wrote nothing: not remembered
+                assert (await anna.get(f"/leads/{lead}/commands/another")).json()["outcome"] == "unknown"
+                assert (await anna.get(f"/leads/{lead}/commands/never-sent")).json()["outcome"] == "unknown"
+        finally:
+            await api.close()
+    moves = [e for e in store.history(lead, limit=1000) if e.kind.value == "stage_changed" and e.to_stage.value == "sal"]
+    assert len(moves) == 1 and moves[0].command_id == key["Idempotency-Key"]

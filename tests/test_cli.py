@@ -50,7 +50,8 @@ class Recorder:
     async def send_profile(self, _client, _settings, update):
         self.profiles.append(update)
 
-    async def run_command(self, _client, lead_id, command):
+    async def run_command(self, _client, lead_id, command, key=None):
+        self.keys = getattr(self, "keys", []) + [key]
         self.commands.append((lead_id, command))
         return self.view
 
@@ -361,14 +362,21 @@ def test_lead_errors_map_to_exit_codes(capsys, fake, monkeypatch, error, code, t
 def test_command_without_answer_times_out(capsys, fake, monkeypatch):
     import asyncio
 
-    async def hangs(*_args):
+    async def hangs(*_args, **_kwargs):
         await asyncio.sleep(3600)
 
     monkeypatch.setattr(client, "run_command", hangs)
     monkeypatch.setattr(starter, "ANSWER_TIMEOUT", 0.05)
-    code, _, err = run(capsys, "accept", "L-1", "--by", "anna")
+    code, _, err = run(capsys, "accept", "L-1", "--by", "anna", "--key", "acc-1")
     assert code == 1
-    assert "did not answer" in err and "worker" in err and "leadflow show L-1" in err
+    assert "did not answer" in err and "may still be applied" in err and "--key acc-1" in err
+
+
+def test_commands_carry_an_idempotency_key(capsys, fake):
+    assert run(capsys, "accept", "L-1", "--by", "anna", "--key", "acc-7")[0] == 0
+    assert run(capsys, "accept", "L-1", "--by", "anna")[0] == 0
+    assert fake.keys[0] == "acc-7" and fake.keys[1].startswith("cmd-")
+    assert run(capsys, "accept", "L-1", "--by", "anna", "--key", "no spaces")[0] == 2
 
 
 def test_show_of_unknown_lead_exits_3(capsys, fake, monkeypatch):

@@ -537,3 +537,26 @@ def test_the_core_never_reads_the_clock():
     with freeze_time("2031-11-11 03:00:00"):
         late = _scenario()
     assert early == late
+
+
+def test_a_command_key_is_remembered_with_its_outcome_and_marks_its_entries():
+    lead = mql_lead()
+    lead.execute(Accept(by=PRESALES), LATER, command_id="k-1")
+    assert lead.outcome_of("k-1") == "applied"
+    assert {a.command_id for a in lead.take_effects().audit} == {"k-1"}
+    with pytest.raises(Refused):
+        lead.execute(Accept(by=PRESALES), LATER, command_id="k-2")
+    assert lead.outcome_of("k-2") == "refused: cannot accept lead L-7: it is sal, not mql"
+    assert lead.outcome_of("k-9") is None and lead.outcome_of(None) is None
+    clone = _clone(lead)  # carried across continue-as-new
+    assert clone.outcome_of("k-1") == "applied"
+
+
+def test_the_memory_of_command_keys_is_bounded():
+    from funnel.lead import COMMANDS_MAX
+
+    lead = sql_lead()
+    for i in range(COMMANDS_MAX + 5):
+        lead.execute(LogContact(by=SALES), LATER, command_id=f"c-{i}")
+    assert len(lead.state.commands) == COMMANDS_MAX
+    assert lead.outcome_of("c-0") is None and lead.outcome_of(f"c-{COMMANDS_MAX + 4}") == "applied"

@@ -53,6 +53,11 @@ def workflow_id(lead_id: str) -> str:
     return f"lead-{lead_id}"
 
 
+def _update_id() -> str | None:
+    info = workflow.current_update_info()
+    return info.id if info is not None else None
+
+
 @workflow.defn
 class LeadWorkflow:
     @workflow.init
@@ -310,6 +315,11 @@ class LeadWorkflow:
         return self._lead.state
 
     @workflow.query
+    def command_outcome(self, key: str) -> str | None:
+        """What became of the command with this idempotency key, as far as this lead remembers."""
+        return self._lead.outcome_of(key) if self._lead is not None else None
+
+    @workflow.query
     def audit_tail(self) -> list[AuditEntry]:
         """Entries the store may not have yet (waiting or being written), oldest first."""
         return self._audit.tail
@@ -330,18 +340,25 @@ class LeadWorkflow:
         await workflow.wait_condition(lambda: self._audit.written_seq >= seq)
 
     async def _execute(self, command) -> LeadView:
+        """Carry out a command once per idempotency key (the update's id): a retry of a key
+        the lead knows is answered with that outcome, even after continue-as-new."""
         await workflow.wait_condition(lambda: self._lead is not None)
         assert self._lead is not None
-        try:
-            self._lead.execute(command, workflow.now())
-        except Refused as refused:
-            raise ApplicationError(str(refused), type="Refused", non_retryable=True) from None
+        key = _update_id()
+        known = self._lead.outcome_of(key)
+        if known is None:
+            try:
+                self._lead.execute(command, workflow.now(), command_id=key)
+            except Refused as refused:
+                raise ApplicationError(str(refused), type="Refused", non_retryable=True) from None
+        elif known.startswith("refused: "):
+            raise ApplicationError(known.removeprefix("refused: "), type="Refused", non_retryable=True)
         await self._written(self._lead.state.audit_seq)  # the caller reads the history it made
         return self._lead.view()
 
     def _validate(self, command) -> None:
-        if self._lead is None:
-            return  # still starting: the handler waits and checks again
+        if self._lead is None or self._lead.outcome_of(_update_id()) is not None:
+            return  # still starting, or a retry of a known key: the handler answers
         try:
             self._lead.check(command)
         except Refused as refused:
