@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "scoring_models" / "default.toml"
@@ -46,7 +46,15 @@ class Settings(BaseModel):
     max_history_events: int = 2000
     # Score changes and owner assignments reach the audit store (and visibility) at the
     # latest this many seconds after they happen; stage changes, commands, SLAs at once.
-    audit_max_lag_seconds: float = Field(default=30.0, ge=0)
+    # "never" (None): no time limit, they go with the lead's next other write (a stage change,
+    # a command, 200 waiting, continue-as-new): the cheapest for sparse traffic; reads merge
+    # what waits, so histories stay complete while Temporal answers.
+    audit_max_lag_seconds: float | None = Field(default=30.0, ge=0)
+
+    @field_validator("audit_max_lag_seconds", mode="before")
+    @classmethod
+    def _never(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() == "never" else value
     # A lead decides by itself (threshold, fast track, below threshold) this long after the
     # input that calls for it: webhooks that arrive out of order within it are decided together.
     decision_delay_seconds: float = Field(default=5.0, ge=0, le=3600)

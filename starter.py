@@ -546,8 +546,9 @@ async def cmd_history(args, settings: Settings) -> int:
             )
         except (CliError, api.TailUnknown) as err:  # Temporal unreachable, or no worker to answer the query
             # The store alone still answers: managers can audit while Temporal is down.
+            lag = settings.audit_max_lag_seconds
             print(f"{PROG}: {err}; showing the audit store only (score changes of the last "
-                  f"{settings.audit_max_lag_seconds:g} s may be missing)", file=sys.stderr)
+                  + (f"{lag:g} s" if lag is not None else "writes") + " may be missing)", file=sys.stderr)
             total = store.count_history(args.lead)
             entries = store.history(args.lead, offset=args.offset, limit=args.limit)
         if total == 0:

@@ -33,7 +33,8 @@ ACTIVITY_THREADS = 16
 
 
 def build_worker(client: Client, settings: Settings, activities: LeadActivities | None = None,
-                 executor: ThreadPoolExecutor | None = None, sandboxed: bool = False) -> Worker:
+                 executor: ThreadPoolExecutor | None = None, sandboxed: bool = False,
+                 max_cached_workflows: int = 1000) -> Worker:
     """The worker for `settings.task_queue`; activities are blocking (SQL, HTTP), hence threads.
 
     The lead workflow runs outside Temporal's Python sandbox: measured in
@@ -54,6 +55,7 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
         activity_executor=executor or ThreadPoolExecutor(ACTIVITY_THREADS),
         max_concurrent_activities=ACTIVITY_THREADS,
         workflow_runner=SandboxedWorkflowRunner() if sandboxed else UnsandboxedWorkflowRunner(),
+        max_cached_workflows=max_cached_workflows,
     )
 
 

@@ -152,11 +152,12 @@ class Phase:
     history_by_type: Counter = field(default_factory=Counter)
     confirmed: bool = True
     rounds: list[float] = field(default_factory=list)  # events/s of each round, once folded
+    setup_events: int = 0  # sparse: the untimed events that created the leads (in their histories too)
 
     def add(self, other: "Phase") -> None:
         """Fold another round of the same phase into this one (sums; peak RSS is the last)."""
         for name in ("workflows", "events", "send_seconds", "flush_seconds", "total_seconds", "cpu_bench_s", "cpu_server_s",
-                     "send_retries", "history_events", "runs", "continued_as_new"):
+                     "send_retries", "history_events", "runs", "continued_as_new", "setup_events"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.history_by_type.update(other.history_by_type)
         self.rss_after_mb = other.rss_after_mb
@@ -180,10 +181,25 @@ class Phase:
 
     @property
     def history_per_event(self) -> float:
-        return self.history_events / self.events if self.events else 0.0
+        """Over every event the workflows took, the untimed ones that created them included."""
+        taken = self.events + self.setup_events
+        return self.history_events / taken if taken else 0.0
 
 
 # --------------------------------------------------------------------------- input
+
+
+def make_sparse(prefix: str, leads: int, events: int, seed: int) -> tuple[list[ActivityEvent], list[ActivityEvent]]:
+    """Real traffic: `leads` existing leads (one event each creates them, untimed), then
+    `events` events, each to a random one of them. With more leads than the worker caches,
+    most events reach a lead that is not in the cache and has nothing to batch with."""
+    created = make_events(prefix, leads, 1, seed)
+    pool = make_events(prefix + "s", 1, events, seed + 1)  # a realistic mix of types
+    rng = random.Random(seed + 2)
+    lead_ids = [e.lead_id for e in created]
+    timed = [e.model_copy(update={"lead_id": rng.choice(lead_ids), "event_id": f"{prefix}-x{i:06d}"})
+             for i, e in enumerate(pool)]
+    return created, timed
 
 
 def make_events(prefix: str, leads: int, per_lead: int, seed: int) -> list[ActivityEvent]:
@@ -312,9 +328,10 @@ class Meter:
         self.phase.rss_after_mb = rss_mb()
 
 
-async def run_baseline(client: Client, events: list[ActivityEvent], lead_ids: list[str], per_lead: int,
-                       concurrency: int, server_pids: list[int]) -> Phase:
-    phase = Phase("baseline", workflows=len(lead_ids), events=len(events))
+async def run_baseline(client: Client, events: list[ActivityEvent], lead_ids: list[str], expected: dict[str, int],
+                       concurrency: int, server_pids: list[int], setup: list[ActivityEvent] = (),
+                       cache: int = 1000) -> Phase:
+    phase = Phase("baseline", workflows=len(lead_ids), events=len(events), setup_events=len(setup))
     task_queue = f"bench-count-{uuid.uuid4().hex[:8]}"
 
     def wid(lead_id: str) -> str:
@@ -327,12 +344,15 @@ async def run_baseline(client: Client, events: list[ActivityEvent], lead_ids: li
         )
 
     async def done(lead_id: str) -> bool:
-        expected = WARMUP_EVENTS if lead_id.startswith("w") else per_lead
-        return await client.get_workflow_handle(wid(lead_id)).query(CountingWorkflow.count) >= expected
+        wanted = WARMUP_EVENTS if lead_id.startswith("w") else expected[lead_id]
+        return await client.get_workflow_handle(wid(lead_id)).query(CountingWorkflow.count) >= wanted
 
     meter = Meter(phase, server_pids)
-    async with Worker(client, task_queue=task_queue, workflows=[CountingWorkflow]):
+    async with Worker(client, task_queue=task_queue, workflows=[CountingWorkflow], max_cached_workflows=cache):
         await warm_up(send, done)
+        if setup:  # untimed: the leads exist before the timed events reach them
+            await send_all(list(setup), concurrency, send, Phase("setup", 0, 0))
+            await wait_until(sorted({e.lead_id for e in setup}), lambda lead: _at_least(done, lead))
         meter.start()
         start = await send_all(events, concurrency, send, phase)
         phase.confirmed = await wait_until(lead_ids, done)
@@ -354,9 +374,17 @@ def score_changes(store: AuditStore, prefix: str) -> int:
         return session.exec(stmt).one()
 
 
+async def _at_least(done: Callable[[str], Awaitable[bool]], lead_id: str) -> bool:
+    try:
+        return await done(lead_id) or True  # created and answering is enough here
+    except Exception:  # noqa: BLE001 - not there yet
+        return False
+
+
 async def run_lead(client: Client, settings: Settings, events: list[ActivityEvent], lead_ids: list[str],
-                   per_lead: int, concurrency: int, prefix: str, server_pids: list[int]) -> Phase:
-    phase = Phase("lead", workflows=len(lead_ids), events=len(events))
+                   expected: dict[str, int], concurrency: int, prefix: str, server_pids: list[int],
+                   setup: list[ActivityEvent] = (), cache: int = 1000) -> Phase:
+    phase = Phase("lead", workflows=len(lead_ids), events=len(events), setup_events=len(setup))
     store = AuditStore(settings.database_url)
     activities = LeadActivities(settings, store)
 
@@ -364,17 +392,22 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
         await leads_client.send_events(client, settings, [event])
 
     async def applied(lead_id: str) -> bool:
-        expected = WARMUP_EVENTS if lead_id.startswith("w") else per_lead
-        return (await leads_client.get_view(client, lead_id)).events_applied >= expected
+        wanted = WARMUP_EVENTS if lead_id.startswith("w") else expected[lead_id]
+        return (await leads_client.get_view(client, lead_id)).events_applied >= wanted
 
     async def audited(_: str) -> bool:
-        return await asyncio.to_thread(score_changes, store, prefix) >= len(events)
+        return await asyncio.to_thread(score_changes, store, prefix) >= len(events) + len(setup)
 
     try:
         meter = Meter(phase, server_pids)
         with ThreadPoolExecutor(ACTIVITY_THREADS) as executor:
-            async with build_worker(client, settings, activities, executor):
+            async with build_worker(client, settings, activities, executor, max_cached_workflows=cache):
                 await warm_up(send, applied)
+                if setup:  # untimed: the leads exist (and have written their audit) before the timed events
+                    await send_all(list(setup), concurrency, send, Phase("setup", 0, 0))
+                    await wait_until(sorted({e.lead_id for e in setup}), lambda lead: _at_least(applied, lead))
+                    for lead in sorted({e.lead_id for e in setup}):
+                        await leads_client.flush_audit(client, lead)
                 meter.start()
                 start = await send_all(events, concurrency, send, phase)
                 phase.confirmed = await wait_until(lead_ids, applied)
@@ -405,7 +438,9 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
 def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Phase, lead: Phase) -> dict:
     ratio = lead.events_per_s / base.events_per_s if base.events_per_s else 0.0
     print()
-    print(f"Leadflow ingest benchmark: {args.leads} leads x {args.events} events = "
+    shape = (f"sparse: {args.leads} existing leads, {args.leads * args.events} events to random ones, worker cache "
+             f"{args.cache}" if args.shape == "sparse" else f"{args.leads} leads x {args.events} events")
+    print(f"Leadflow ingest benchmark ({shape}) = "
           f"{args.leads * args.events} events per phase and round, {args.rounds} round(s), "
           f"concurrency {args.concurrency}, dev server {server_kind}, audit store {store_kind}, "
           f"{os.cpu_count()} CPUs")
@@ -450,6 +485,7 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
         print(f"    {k.removeprefix('EVENT_TYPE_').lower():<{wk}}  "
               f"{base.history_by_type[k] / base.events:>6.2f}  {lead.history_by_type[k] / lead.events:>6.2f}")
     summary = {
+        "shape": args.shape, "cache": args.cache, "audit_max_lag": args.audit_max_lag,
         "leads": args.leads, "events_per_lead": args.events, "concurrency": args.concurrency,
         "server": server_kind, "store": store_kind, "dynamic_config": {**DEV_SERVER_DYNAMIC_CONFIG, **dict(kv.split("=", 1) for kv in args.dynamic_config)}, "cpus": os.cpu_count(),
         "baseline_eps": round(base.events_per_s, 1), "lead_eps": round(lead.events_per_s, 1),
@@ -498,6 +534,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "system.enableActivityEagerExecution=false")
     p.add_argument("--seed", type=int, default=1, help="random seed of the event mix (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (server db, audit db)")
+    p.add_argument("--shape", choices=["burst", "sparse"], default="burst",
+                   help="burst: each lead's events one after another (default); sparse: --leads leads created "
+                        "first (untimed), then leads x events events, each to a random existing lead")
+    p.add_argument("--audit-max-lag", default="30", type=lambda v: None if v == "never" else float(v),
+                   help="LEADFLOW_AUDIT_MAX_LAG of the leads: seconds, or never (default 30)")
+    p.add_argument("--cache", type=int, default=1000,
+                   help="workflows the workers keep cached (default 1000, the SDK's); sparse traffic over more "
+                        "leads than this replays most leads from their history")
     args = p.parse_args(argv)
     if min(args.leads, args.events, args.concurrency, args.rounds) < 1:
         p.error("--leads, --events, --concurrency and --rounds must be at least 1")
@@ -526,15 +570,21 @@ async def main(argv: list[str] | None = None) -> dict:
         server_pids = child_pids()
         for n in range(1, args.rounds + 1):
             prefix = f"b{uuid.uuid4().hex[:6]}"  # new leads each round
-            events = make_events(prefix, args.leads, args.events, args.seed)
-            lead_ids = sorted({e.lead_id for e in events})
+            if args.shape == "sparse":
+                setup, events = make_sparse(prefix, args.leads, args.leads * args.events, args.seed)
+            else:
+                setup, events = [], make_events(prefix, args.leads, args.events, args.seed)
+            lead_ids = sorted({e.lead_id for e in [*setup, *events]})
+            expected = Counter(e.lead_id for e in [*setup, *events])
             print(f"round {n}, phase 1: baseline (counting workflow) ...", file=sys.stderr)
-            b = await run_baseline(env.client, events, lead_ids, args.events, args.concurrency, server_pids)
+            b = await run_baseline(env.client, events, lead_ids, expected, args.concurrency, server_pids, setup,
+                                   args.cache)
             print(f"  {b.events_per_s:.1f} events/s", file=sys.stderr)
-            settings = Settings(task_queue=f"bench-lead-{uuid.uuid4().hex[:8]}", database_url=database_url)
+            settings = Settings(task_queue=f"bench-lead-{uuid.uuid4().hex[:8]}", database_url=database_url,
+                                audit_max_lag_seconds=args.audit_max_lag)
             print(f"round {n}, phase 2: lead workflow ...", file=sys.stderr)
-            ld = await run_lead(env.client, settings, events, lead_ids, args.events, args.concurrency, prefix,
-                                server_pids)
+            ld = await run_lead(env.client, settings, events, lead_ids, expected, args.concurrency, prefix,
+                                server_pids, setup, args.cache)
             print(f"  {ld.events_per_s:.1f} events/s", file=sys.stderr)
             if n == 1:
                 base.rss_before_mb, lead.rss_before_mb = b.rss_before_mb, ld.rss_before_mb

@@ -120,3 +120,25 @@ async def test_events_do_not_restart_the_wake_up_timer(ts_env, settings, store):
     assert after.count("timer_canceled") == before.count("timer_canceled")
     # at most the audit lag's timer was started by the events
     assert after.count("timer_started") - before.count("timer_started") <= 1
+
+
+async def test_with_no_time_limit_score_changes_go_with_the_next_other_write(ts_env, settings, store):
+    """LEADFLOW_AUDIT_MAX_LAG=never: no timer and no write per quiet event (the cost of
+    sparse traffic); they reach the store with the lead's next stage change, and reads
+    merge them meanwhile."""
+    settings = settings.model_copy(update={"audit_max_lag_seconds": None})
+    client, lead = ts_env.client, "A-never"
+    async with running_worker(client, settings, store):
+        now = await ts_env.get_current_time()
+        for n in range(3):
+            await leads.send_events(client, settings, [event(lead, str(n), "website_visit", now)])
+            await settle(ts_env, client, lead, lambda v, n=n: v.events_applied == n + 1)
+        await ts_env.sleep(timedelta(hours=3))  # no lag timer: still nothing written
+        assert store.count_history(lead) == 0
+        total, history = await leads.read_history(client, store, lead)
+        assert [e.kind for e in history].count(AuditKind.SCORE_CHANGED) == 3 and total == len(history)
+        handle = client.get_workflow_handle(workflow_id(lead))
+        assert scheduled_activities(await handle.fetch_history()).count("record_audit") == 0
+        await leads.send_events(client, settings, [event(lead, "d", "demo_request", now)])
+        await settle(ts_env, client, lead, lambda v: v.stage == Stage.MQL)
+        assert await store_reaches(store, lead, total) >= total  # went with the stage change

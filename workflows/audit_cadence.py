@@ -34,7 +34,7 @@ DEFERRABLE = frozenset({
 
 
 class AuditCadence:
-    def __init__(self, max_lag: timedelta, written_seq: int, enabled: bool = True):
+    def __init__(self, max_lag: timedelta | None, written_seq: int, enabled: bool = True):
         self.max_lag = max_lag
         self.enabled = enabled  # False (version-1 runs): every batch is written at once
         self.written_seq = written_seq
@@ -56,7 +56,7 @@ class AuditCadence:
         """Whether what waits must be written now."""
         if not self.unwritten:
             return False
-        if not self.enabled or self.flush_requested or outbound or not self.max_lag:
+        if not self.enabled or self.flush_requested or outbound or self.max_lag == timedelta(0):
             return True
         if len(self.unwritten) >= BATCH_MAX:
             return True
@@ -90,10 +90,11 @@ class AuditCadence:
             if self._lag_timer is not None:  # nothing waits: a firing timer would wake us for nothing
                 self._lag_timer.cancel()
                 self._lag_timer = None
-        elif self.enabled and self._lag_timer is None:
+        elif self.enabled and self._lag_timer is None and self.max_lag is not None:
             self._lag_timer = asyncio.create_task(self._flush_after_lag())
 
     async def _flush_after_lag(self) -> None:
+        assert self.max_lag is not None
         await workflow.sleep(self.max_lag)
         self._lag_timer = None
         if self.unwritten:

@@ -68,7 +68,8 @@ class LeadWorkflow:
         self._lead: Lead | None = None
         self._work_pending = False  # a command or a delivery left effects for the loop
         self._upserted: dict[str, object] = {}
-        self._audit = AuditCadence(timedelta(seconds=inp.audit_max_lag_seconds),
+        lag = None if inp.audit_max_lag_seconds is None else timedelta(seconds=inp.audit_max_lag_seconds)
+        self._audit = AuditCadence(lag,
                                    written_seq=inp.state.audit_seq if inp.state else 0,
                                    enabled=self._behaviour.audit_cadence)
         self._wake = WakeTimer()

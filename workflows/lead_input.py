@@ -63,7 +63,7 @@ class LeadInput(BaseModel):
     version: int = 1  # callers and continue-as-new set CURRENT_VERSION
     # Score changes and other deferrable audit entries (workflows/audit_cadence.py)
     # reach the store at the latest this long after they happen (0: at once).
-    audit_max_lag_seconds: float = Field(default=30.0, ge=0)
+    audit_max_lag_seconds: float | None = Field(default=30.0, ge=0)  # None: no time limit
     # The lead decides by itself (threshold, fast track, below threshold) this long after
     # the input that calls for it, so input arriving together is decided together.
     decision_delay_seconds: float = Field(default=0.0, ge=0)
