@@ -1,0 +1,171 @@
+"""Live-leads benchmark: how many leads does one machine hold on the embedded default?
+
+One run starts the embedded default (dev server persisted to a SQLite file, the real
+worker, the SQLite audit store) and creates N leads, one event each, with a scoring
+model whose first nurture step is due `--timer` after a lead is created: N leads with
+a pending timer. It prints:
+
+- how long creating them took (sent, and until every lead had started and written its
+  audit), in leads/s;
+- memory: the worker process and the dev server, before and after, per live lead, and
+  the size of the server's and the store's files;
+- the timer: when the step was due for each lead and when it was sent (outbox rows),
+  so how late the timers fired (p50/p99/max) with all N due within the same minutes.
+
+Figures only: nothing here passes or fails.
+
+    .venv/bin/python bench/live.py [--leads 100000] [--timer 15m] [--concurrency 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sqlalchemy import func  # noqa: E402
+from sqlmodel import Session, select  # noqa: E402
+from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
+from temporalio.testing import WorkflowEnvironment  # noqa: E402
+
+import client as leads  # noqa: E402
+from activities.lead_activities import LeadActivities  # noqa: E402
+from activities.store import AuditRow, AuditStore, OutboxRow  # noqa: E402
+from bench.ingest import BIN, child_pids  # noqa: E402
+from config import DEFAULT_MODEL, Settings, dev_server_dynamic_flags  # noqa: E402
+from funnel.models import ActivityEvent, AuditKind  # noqa: E402
+from worker import ACTIVITY_THREADS, build_worker  # noqa: E402
+from workflows import search_attributes as sa  # noqa: E402
+
+
+def rss_mb(pid: int | None = None) -> float:
+    if pid is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def count(store: AuditStore, stmt) -> int:
+    with Session(store.engine) as session:
+        return session.exec(stmt).one()
+
+
+async def until(check, every: float = 2.0, timeout: float = 7200.0, label: str = "") -> float:
+    """Seconds until check() is true (polled)."""
+    start = time.perf_counter()
+    while not await asyncio.to_thread(check):
+        if time.perf_counter() - start > timeout:
+            raise TimeoutError(label)
+        await asyncio.sleep(every)
+    return time.perf_counter() - start
+
+
+async def main(args: argparse.Namespace) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="leadflow-live-"))
+    model = tmp / "live.toml"
+    text = DEFAULT_MODEL.read_text().replace('version = "1"', 'version = "live"', 1)
+    model.write_text(text.replace('[[nurture.iql]]\nname = "welcome"\nafter = "1d"',
+                                  f'[[nurture.iql]]\nname = "welcome"\nafter = "{args.timer}"', 1))
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(BIN / "temporal"), data_converter=pydantic_data_converter,
+        dev_server_database_filename=str(tmp / "temporal.db"), search_attributes=sa.ALL,
+        dev_server_log_level="error", dev_server_extra_args=dev_server_dynamic_flags(),
+    )
+    server = child_pids()
+    settings = Settings(task_queue=f"live-{uuid.uuid4().hex[:6]}", database_url=f"sqlite:///{tmp / 'audit.db'}",
+                        model_path=model, decision_delay_seconds=5)
+    store = AuditStore(settings.database_url)
+    acts = LeadActivities(settings, store)
+    result: dict = {"leads": args.leads, "timer": args.timer}
+    try:
+        with ThreadPoolExecutor(ACTIVITY_THREADS) as executor:
+            async with build_worker(env.client, settings, acts, executor):
+                worker_before = rss_mb()
+                server_before = sum(rss_mb(pid) for pid in server)
+                at = datetime.now(timezone.utc)
+                queue = [ActivityEvent(event_id=f"v-{i}", lead_id=f"V-{i:06d}", type="website_visit", occurred_at=at,
+                                       channel="web") for i in range(args.leads)]
+                queue.reverse()
+                started = time.perf_counter()
+
+                async def sender() -> None:
+                    while queue:
+                        event = queue.pop()
+                        for attempt in range(20):
+                            try:
+                                await leads.send_events(env.client, settings, [event])
+                                break
+                            except leads.TemporalUnavailable:
+                                await asyncio.sleep(0.5 * (attempt + 1))
+
+                await asyncio.gather(*(sender() for _ in range(args.concurrency)))
+                sent_s = time.perf_counter() - started
+                print(f"sent {args.leads} leads in {sent_s:.0f} s ({args.leads / sent_s:.1f}/s)", file=sys.stderr)
+                created = select(func.count()).select_from(AuditRow).where(AuditRow.kind == AuditKind.LEAD_CREATED.value)
+                await until(lambda: count(store, created) >= args.leads, label="leads created")
+                created_s = time.perf_counter() - started
+                print(f"all {args.leads} started and audited after {created_s:.0f} s", file=sys.stderr)
+                worker_after = rss_mb()
+                server_after = sum(rss_mb(pid) for pid in server)
+                steps = select(func.count()).select_from(OutboxRow).where(OutboxRow.kind == "nurture_step")
+                await until(lambda: count(store, steps) >= args.leads, label="timers fired")
+                with Session(store.engine) as session:
+                    rows = session.exec(select(OutboxRow.created_at, OutboxRow.payload)
+                                        .where(OutboxRow.kind == "nurture_step")).all()
+                late = sorted((created_at - datetime.fromisoformat(payload["due_at"])).total_seconds()
+                              for created_at, payload in rows)
+                result.update({
+                    "sent_seconds": round(sent_s, 1), "leads_per_s_sent": round(args.leads / sent_s, 1),
+                    "started_seconds": round(created_s, 1), "leads_per_s_started": round(args.leads / created_s, 1),
+                    "worker_rss_mb": [round(worker_before), round(worker_after)],
+                    "server_rss_mb": [round(server_before), round(server_after)],
+                    "worker_kb_per_lead": round((worker_after - worker_before) * 1024 / args.leads, 2),
+                    "server_kb_per_lead": round((server_after - server_before) * 1024 / args.leads, 2),
+                    "server_db_mb": round(os.path.getsize(tmp / "temporal.db") / 2**20, 1),
+                    "store_db_mb": round(os.path.getsize(tmp / "audit.db") / 2**20, 1),
+                    "timer_late_s": {"p50": round(statistics.median(late), 1),
+                                     "p99": round(late[int(0.99 * (len(late) - 1))], 1), "max": round(late[-1], 1)},
+                })
+    finally:
+        acts.close()
+        await env.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\n{args.leads} live leads, each with a timer due {args.timer} after its creation:")
+    print(f"  created: sent at {result['leads_per_s_sent']}/s, all started and audited after "
+          f"{result['started_seconds']} s ({result['leads_per_s_started']}/s)")
+    print(f"  memory: worker {result['worker_rss_mb'][0]} -> {result['worker_rss_mb'][1]} MB, dev server "
+          f"{result['server_rss_mb'][0]} -> {result['server_rss_mb'][1]} MB ({result['worker_kb_per_lead']} + "
+          f"{result['server_kb_per_lead']} KB per lead); files: server {result['server_db_mb']} MB, store "
+          f"{result['store_db_mb']} MB")
+    late = result["timer_late_s"]
+    print(f"  the timer fired late by p50 {late['p50']} s, p99 {late['p99']} s, max {late['max']} s")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--leads", type=int, default=100_000)
+    p.add_argument("--timer", default="15m", help="when each lead's first nurture step is due (default 15m)")
+    p.add_argument("--concurrency", type=int, default=32)
+    asyncio.run(main(p.parse_args()))
