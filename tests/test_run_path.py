@@ -159,7 +159,9 @@ def running(tmp_path):
     database = tmp_path / "audit.db"
     env = {k: v for k, v in os.environ.items()
            if k not in ("TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE", "LEADFLOW_WORKER_CMD", "LEADFLOW_MODEL",
-                        "LEADFLOW_WEBHOOK_URL", "LEADFLOW_TASK_QUEUE", "COLUMNS")}
+                        "LEADFLOW_WEBHOOK_URL", "LEADFLOW_TASK_QUEUE", "COLUMNS",
+                        # scripts/run makes its own dev payload key, as on a fresh machine
+                        "LEADFLOW_PAYLOAD_KEYS", "LEADFLOW_PAYLOAD_KEYS_FILE")}
     env |= {
         "LEADFLOW_TEMPORAL_PORT": str(temporal_port),
         "LEADFLOW_UI_PORT": str(ui_port),
