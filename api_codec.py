@@ -173,10 +173,13 @@ async def login_page(request: Request) -> HTMLResponse:
 @router.post("/login", response_class=HTMLResponse, include_in_schema=False)
 async def login(request: Request) -> Response:
     form = {name: values[-1] for name, values in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
-    principal = _principal(request, key=form.get("key") or None)
+    key = form.get("key", "").strip()
+    if not key:
+        raise HTTPException(400, "give a manager's API key in the form field `key`")
+    principal = _principal(request, key=key)
     response = HTMLResponse(_LOGIN_PAGE.format(
         message=f"Logged in as {html.escape(principal.name)} for {COOKIE_MAX_AGE // 3600} hours."))
-    response.set_cookie(COOKIE, str(form["key"]), max_age=COOKIE_MAX_AGE, path="/codec", httponly=True,
+    response.set_cookie(COOKIE, key, max_age=COOKIE_MAX_AGE, path="/codec", httponly=True,
                         samesite="strict", secure=request.url.scheme == "https")
     return response
 
