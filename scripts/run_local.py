@@ -144,6 +144,20 @@ async def wait_for_temporal(address: str, server: Child) -> str | None:
         await asyncio.sleep(0.5)
 
 
+def prepare_store() -> None:
+    """Create the audit store's tables now: the CLI encrypts a lead's first event with a key it
+    keeps there, and never makes a store itself (one made in the wrong place would hold keys the
+    worker lacks), so it must exist before we say Leadflow is running."""
+    try:
+        from activities.store import AuditStore
+        from config import Settings
+
+        os.chdir(ROOT)  # the default store is data/leadflow.db here, as for the worker and the API
+        AuditStore(Settings.from_env().database_url).dispose()
+    except Exception as err:  # noqa: BLE001 - the worker waits for its store and says why
+        say(f"the audit store is not ready yet ({str(err).splitlines()[0][:200]}); the worker will wait for it")
+
+
 def run(children: list[Child]) -> int:
     temporal_port = int(os.environ.get("LEADFLOW_TEMPORAL_PORT") or 7233)
     ui_port = int(os.environ.get("LEADFLOW_UI_PORT") or 8233)
@@ -171,12 +185,11 @@ def run(children: list[Child]) -> int:
     (ROOT / "data").mkdir(exist_ok=True)
     # The embedded default encrypts with a local dev key, made once and kept in data/ (the
     # worker, the API and the CLI run from here find it; nobody else has it).
-    made_key = False
     if not any(os.environ.get(var) for var in PAYLOAD_KEY_VARS):
-        made_key = PayloadKeyring.generate_file(ROOT / DEFAULT_KEY_FILE)
-        if made_key:
+        if PayloadKeyring.generate_file(ROOT / DEFAULT_KEY_FILE):
             say(f"made a payload key for this machine in {DEFAULT_KEY_FILE}: keep it (backups!), "
                 "without it no lead's Temporal history can be read")
+    prepare_store()
     # Persisted in SQLite so leads survive a restart; the search attributes are
     # registered on every start (the server accepts already-registered ones).
     server_cmd = [
