@@ -339,8 +339,11 @@ class PersonalDataExport(BaseModel):
     erasures: list[ErasureReport]
 
 
+EXPORT_TIMEOUT = 15.0  # s for the lead to answer an export's queries (a busy worker is slow, not gone)
+
+
 async def export_person(client: Client | None, store: AuditStore, lead_id: str,
-                        timeout: float = PREVIEW_TIMEOUT) -> PersonalDataExport:
+                        timeout: float = EXPORT_TIMEOUT) -> PersonalDataExport:
     """The lead's state from its workflow (facts, events with attributes), its whole audit
     history, every outbound message and its erasures. Without Temporal (or a worker to
     answer), the store's part alone, and `complete` is false."""
@@ -349,10 +352,17 @@ async def export_person(client: Client | None, store: AuditStore, lead_id: str,
     tail: list[AuditEntry] = []
     if client is not None:
         handle = client.get_workflow_handle(workflow_id(lead_id))
+
+        async def ask() -> tuple[LeadState, LeadView]:
+            while True:  # a run that has just continued-as-new answers once it has started
+                try:
+                    return await asyncio.gather(handle.query(LeadWorkflow.state, result_type=LeadState),
+                                                handle.query(LeadWorkflow.view, result_type=LeadView))
+                except WorkflowQueryFailedError:
+                    await asyncio.sleep(0.2)
+
         try:
-            state, view = await asyncio.wait_for(asyncio.gather(
-                handle.query(LeadWorkflow.state, result_type=LeadState),
-                handle.query(LeadWorkflow.view, result_type=LeadView)), timeout)
+            state, view = await asyncio.wait_for(ask(), timeout)
             tail = await audit_tail(client, lead_id, timeout)
         except (RPCError, WorkflowQueryFailedError, TimeoutError, TailUnknown, LookupError) as err:
             text = getattr(err, "message", None) or str(err) or type(err).__name__
