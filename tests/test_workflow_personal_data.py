@@ -154,9 +154,10 @@ async def test_history_read_without_the_key_shows_no_personal_data(dev_env, sett
         assert value in text
 
 
-async def test_failure_messages_are_encrypted_too(dev_env, settings, store):
-    """A refused command's message (and stack trace) travels as an encrypted payload: the
-    caller still reads the reason."""
+async def test_refusals_still_read_through_the_encrypting_failure_converter(dev_env, settings, store):
+    """Failure messages and stack traces are encoded (and so encrypted) by the converter
+    (tests/test_payload_codec.py checks its class); a refused command's reason still reaches
+    the caller."""
     lead = f"PII-{uuid.uuid4().hex[:6]}"
     async with running_worker(dev_env.client, settings, store):
         now = await dev_env.get_current_time()
