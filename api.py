@@ -25,8 +25,12 @@ Configuration (environment, besides config.py's Settings):
                             either key or sha256 = hex digest of the key)
     LEADFLOW_API_DEV_KEYS   1: also accept the dev keys dev-marketing,
                             dev-presales, dev-sales, dev-manager (local runs only)
+    LEADFLOW_PII_READERS    roles that read personal data (default manager,presales,sales);
+                            the others get it masked
+    LEADFLOW_CODEC_ORIGINS  origins of the Temporal web UI allowed to call /codec (CORS)
 
-With no key configured the API refuses to start.
+With no key configured the API refuses to start; so it does without payload keys
+(LEADFLOW_PAYLOAD_KEYS, see payload_codec.py).
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ from temporalio.service import RPCError
 
 import client as leads
 from activities.store import AuditStore, ModelConflict
+from api_codec import router as codec_router
+from payload_codec import KeyConfigError, PayloadKeyring
 from config import Settings, connect
 from funnel.lead import FUTURE_TOLERANCE, LeadView
 from funnel.models import (
@@ -102,6 +108,7 @@ from funnel.models import (
     Role,
     Stage,
 )
+from funnel.personal_data import MASK, ErasureReport, mask_view, scrub_entry, scrub_payload
 from funnel.report import FunnelReport, funnel_report
 from workflows.rollout import RolloutProgress
 from funnel.scoring_model import ModelError, ScoringModel, load_model, parse_model
@@ -1099,7 +1106,7 @@ async def _command(request: Request, response: Response, lead_id: str, command, 
     response.headers["Idempotency-Key"] = key
     timeout = backends.settings.command_timeout_seconds
     try:
-        return await asyncio.wait_for(leads.run_command(temporal, lead_id, command, key=key), timeout)
+        view = await asyncio.wait_for(leads.run_command(temporal, lead_id, command, key=key), timeout)
     except (TimeoutError, leads.CommandTimedOut):
         raise NoAnswer(
             f"lead {lead_id} did not answer the {command.kind} command within {timeout:g} s (is its worker "
@@ -1108,6 +1115,7 @@ async def _command(request: Request, response: Response, lead_id: str, command, 
             headers={"Idempotency-Key": key}) from None
     except RPCError as err:
         raise Unavailable(f"Temporal error: {_first_line(err)}") from None
+    return view if _reads_personal_data(request, command.by.role) else mask_view(view)
 
 
 _COMMAND_NOTE = (
@@ -1115,8 +1123,23 @@ _COMMAND_NOTE = (
     "(or the stage's rules for your role) does not allow it; 404 for an unknown lead; 410 for a won lead; "
     "504 if the lead did not answer in time (it may still apply: send it again with the same Idempotency-Key, "
     "which is applied at most once and answered with its outcome). "
-    "The actor recorded is the API key's owner."
+    "The actor recorded is the API key's owner. Profile fact values are masked (\"***\") for roles not in "
+    "LEADFLOW_PII_READERS."
 )
+
+
+# --------------------------------------------------------------------------- personal data
+
+
+def _reads_personal_data(request: Request, role: Role) -> bool:
+    """Whether keys of `role` may read personal data (LEADFLOW_PII_READERS; default manager,
+    presales, sales): the others get fact values, attributes and notes masked."""
+    return role.value in _backends(request).settings.pii_readers
+
+
+_MASKED = (" Personal data (profile fact values, event attributes, notes, the free-text consent source) is "
+           f"masked as \"{MASK}\" for roles not in LEADFLOW_PII_READERS (default: manager, presales, sales; "
+           "marketing tools write facts but read none back); names of facts stay.")
 
 
 @commands.post("/accept", response_model=LeadView, summary="Presales accepts an MQL (-> SAL)",
@@ -1174,14 +1197,15 @@ _READERS = (Role.MARKETING, Role.PRESALES, Role.SALES)
 
 @reads.get(
     "/leads/{lead_id}", response_model=LeadView, summary="A lead's current state and score breakdown",
-    description="Live state from the lead's workflow (works for won leads too). Roles: all.",
+    description="Live state from the lead's workflow (works for won leads too). Roles: all." + _MASKED,
     responses={404: {"model": Problem, "description": "no such lead"},
                504: {"model": Problem, "description": "the lead did not answer in time"}},
 )
 async def get_lead(lead_id: PathLeadId, request: Request,
                    caller: Annotated[Principal, Depends(allow(*_READERS))]) -> LeadView:
     temporal = await _backends(request).temporal()
-    return await _temporal_call(leads.get_view(temporal, lead_id), ANSWER_TIMEOUT, "query")
+    view = await _temporal_call(leads.get_view(temporal, lead_id), ANSWER_TIMEOUT, "query")
+    return view if _reads_personal_data(request, caller.role) else mask_view(view)
 
 
 @reads.get(
@@ -1191,6 +1215,7 @@ async def get_lead(lead_id: PathLeadId, request: Request,
         "audit store, then the entries the lead has not written there yet (score changes reach the store "
         "within LEADFLOW_AUDIT_MAX_LAG). Complete for closed leads and across continue-as-new. Paginated by "
         "offset/limit; `total` is the whole history's length. 404 if there is nothing for the lead. Roles: all."
+        + _MASKED
     ),
     responses={404: {"model": Problem, "description": "no history for this lead"}},
 )
@@ -1216,6 +1241,8 @@ async def get_history(
     total, entries = await backends.in_store(page)
     if total == 0:
         raise leads.LeadNotFound(f"no lead {lead_id} (no history yet)")
+    if not _reads_personal_data(request, caller.role):
+        entries = [scrub_entry(entry) for entry in entries]
     return HistoryPage(lead_id=lead_id, total=total, offset=offset, limit=limit, entries=entries,
                        complete=complete)
 
@@ -1224,7 +1251,7 @@ async def get_history(
     "/leads/{lead_id}/commands/{key}", response_model=leads.CommandOutcome,
     summary="What became of a command, by its idempotency key",
     description="applied (with its history entries), refused (with the lead's reason) or unknown (never received, "
-                "or still waiting for the lead). Roles: all.",
+                "or still waiting for the lead). Roles: all." + _MASKED,
 )
 async def get_command_outcome(
     lead_id: PathLeadId, request: Request, caller: Annotated[Principal, Depends(allow(*_READERS))],
@@ -1233,7 +1260,10 @@ async def get_command_outcome(
     backends = _backends(request)
     temporal = await backends.temporal()
     store = await run_in_threadpool(backends.store)
-    return await leads.command_outcome(temporal, store, lead_id, key)
+    outcome = await leads.command_outcome(temporal, store, lead_id, key)
+    if not _reads_personal_data(request, caller.role):
+        outcome.entries = [scrub_entry(entry) for entry in outcome.entries]
+    return outcome
 
 
 @reads.get(
@@ -1258,6 +1288,51 @@ async def list_leads(
     return LeadList(count=len(found), leads=[LeadSummaryOut(**vars(lead)) for lead in found])
 
 
+personal = APIRouter(prefix="/leads/{lead_id}/personal-data", tags=["personal data (GDPR)"],
+                     responses={**ERRORS, 404: {"model": Problem, "description": "no such lead"}})
+
+
+@personal.get(
+    "", response_model=leads.PersonalDataExport, summary="Everything kept about the person (GDPR Art. 15)",
+    description=(
+        "The lead's profile facts (with when each was observed and by which update), its events with their "
+        "attributes (those it keeps: its last year), its state, its whole audit history, every outbound message "
+        "(acknowledged or not) and its erasures. Facts and events come from the lead's workflow: without "
+        "Temporal or a worker, `complete` is false and `notes` says what is missing. Roles: manager."
+    ),
+)
+async def export_personal_data(lead_id: PathLeadId, request: Request,
+                               caller: Annotated[Principal, Depends(allow())]) -> leads.PersonalDataExport:
+    backends = _backends(request)
+    try:
+        temporal = await backends.temporal()
+    except Unavailable:
+        temporal = None
+    store = await run_in_threadpool(backends.store)
+    return await leads.export_person(temporal, store, lead_id)
+
+
+@personal.delete(
+    "", response_model=ErasureReport, summary="Erase the person's data (GDPR Art. 17)",
+    description=(
+        "Removes the person's data: profile fact values (but each matched fit rule's own category, so the score "
+        "survives), event attributes, notes and the free-text consent source, from the lead's state, the audit "
+        "history's details and the outbox; the lead's Temporal history so far is crypto-shredded (its key is "
+        "destroyed shortly after: see `history`). Keeps the anonymous funnel facts: stages and times, scores "
+        "and rule names, event types, ids and times, channel, owners, consent yes/no. Recorded with the key's "
+        "owner as who and when. The lead goes on; data sent after this is new data. Roles: manager."
+    ),
+    responses={504: {"model": Problem, "description": "the lead did not answer in time (is the worker running?)"}},
+)
+async def erase_personal_data(lead_id: PathLeadId, request: Request,
+                              caller: Annotated[Principal, Depends(allow())]) -> ErasureReport:
+    backends = _backends(request)
+    temporal = await backends.temporal()
+    store = await run_in_threadpool(backends.store)
+    return await _temporal_call(leads.erase_person(temporal, store, lead_id, caller.actor), ANSWER_TIMEOUT * 2,
+                                "erasure")
+
+
 @reads.get(
     "/report", response_model=FunnelReport, summary="Funnel report: conversion and time per stage, per channel",
     description="From the audit store's stage changes (optionally since a time). Roles: manager.",
@@ -1277,7 +1352,7 @@ async def get_report(
     "", response_model=OutboxPage, summary="Pending handovers, nurture steps, escalations, opportunities",
     description=(
         "Messages nobody has acknowledged yet, oldest first, for tools that poll instead of taking the "
-        "webhook. Acknowledge them with POST /outbox/ack. Roles: marketing, manager."
+        "webhook. Acknowledge them with POST /outbox/ack. Roles: marketing, manager." + _MASKED
     ),
 )
 async def get_outbox(
@@ -1286,6 +1361,8 @@ async def get_outbox(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> OutboxPage:
     messages = await _backends(request).in_store(lambda store: store.pending_outbox(kind, limit))
+    if not _reads_personal_data(request, caller.role):
+        messages = [m.model_copy(update={"payload": scrub_payload(m.payload)}) for m in messages]
     return OutboxPage(count=len(messages), messages=messages)
 
 
@@ -1426,6 +1503,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
         return _problem(503, str(exc), headers={"Retry-After": "5"})
 
+    @app.exception_handler(leads.TemporalUnavailable)
+    async def temporal_unavailable(request: Request, exc: leads.TemporalUnavailable) -> JSONResponse:
+        return _problem(503, str(exc), headers={"Retry-After": "5"})
+
     @app.exception_handler(Behind)
     async def behind(request: Request, exc: Behind) -> JSONResponse:
         return _problem(503, str(exc), headers={"Retry-After": str(BEHIND_RETRY_AFTER)})
@@ -1516,7 +1597,13 @@ not: 403.
 | marketing | post events and profile facts; read leads and histories; poll and acknowledge the outbox |
 | presales | accept, reject, qualify, log contacts; read leads and histories |
 | sales | log contacts, qualify, reject (after acceptance), close won/lost; read leads and histories |
-| manager | everything, including reopen and the funnel report |
+| manager | everything, including reopen, the funnel report, a person's data (export, erasure) and the codec server |
+
+**Personal data** (profile fact values, event attributes, notes) is shown to the roles in
+`LEADFLOW_PII_READERS` (default: manager, presales, sales); every other role gets it masked as `***`
+in lead states, histories and the outbox (names of facts stay). Managers export a person's data
+(`GET /leads/{{id}}/personal-data`, GDPR Art. 15) and erase it (`DELETE`, Art. 17). `/codec/decode` and
+`/codec/encode` are the codec server of the Temporal web UI (managers only).
 
 The lead itself checks each command against its stage and the role (409 with its reason).
 
@@ -1538,10 +1625,12 @@ def create_app(settings: Settings | None = None, keys: KeyRing | None = None, te
             app.state.auth_failures = FailedAuthLimiter()
             app.state.scoring_model = _ActiveModel(cfg.model_path)
             model = app.state.scoring_model._file
+            if temporal is None:
+                PayloadKeyring.from_env()  # no payload keys, no start: nothing may reach Temporal in the clear
         except ValidationError as err:
             app.state.startup_error = f"invalid settings in the environment: {_describe(err)}"
             raise
-        except (ConfigError, ModelError) as err:
+        except (ConfigError, ModelError, KeyConfigError) as err:
             app.state.startup_error = str(err).replace("\n", " ")
             raise
         app.state.backends = backends = Backends(cfg, temporal, store)
@@ -1555,8 +1644,9 @@ def create_app(settings: Settings | None = None, keys: KeyRing | None = None, te
 
     app = FastAPI(title="Leadflow API", version="1.0", description=DESCRIPTION, lifespan=lifespan,
                   responses={500: {"model": Problem, "description": "a bug: please report it"}})
-    for router in (health, ingest, commands, reads, outbox, models):
+    for router in (health, ingest, commands, reads, personal, outbox, models):
         app.include_router(router)
+    app.include_router(codec_router)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(StartupMessage, state=app.state)

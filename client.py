@@ -31,7 +31,19 @@ from temporalio.common import WorkflowIDConflictPolicy
 from activities.store import AuditStore, ModelVersion
 from config import Settings
 from funnel.lead import Lead, LeadView
-from funnel.models import ActivityEvent, Actor, AuditEntry, Command, LeadState, ProfileUpdate, event_digest
+from funnel.models import (
+    ActivityEvent,
+    Actor,
+    AuditEntry,
+    Command,
+    FactValue,
+    LeadState,
+    Outbound,
+    ProfileUpdate,
+    WindowEvent,
+    event_digest,
+)
+from funnel.personal_data import EraseRequest, ErasureReport
 from funnel.scoring_model import ScoringModel, parse_model
 from workflows import search_attributes as sa
 from workflows.lead import UPDATE_FOR_COMMAND, LeadInput, LeadWorkflow, workflow_id
@@ -87,7 +99,8 @@ def _start_options(settings: Settings, lead_id: str) -> dict:
 def _input(settings: Settings, lead_id: str) -> LeadInput:
     return LeadInput(lead_id=lead_id, max_history_events=settings.max_history_events, version=CURRENT_VERSION,
                      audit_max_lag_seconds=settings.audit_max_lag_seconds,
-                     decision_delay_seconds=settings.decision_delay_seconds)
+                     decision_delay_seconds=settings.decision_delay_seconds,
+                     shred_delay_seconds=settings.shred_delay_seconds)
 
 
 async def send_events(client: Client, settings: Settings, events: list[ActivityEvent]) -> None:
@@ -180,17 +193,7 @@ async def run_command(client: Client, lead_id: str, command: Command, key: str |
     handle = client.get_workflow_handle(workflow_id(lead_id))
     update = UPDATE_FOR_COMMAND[command.kind]
     try:
-        for attempt in range(NOT_READY_RETRIES):
-            try:
-                return await handle.execute_update(update, command, id=key, result_type=LeadView)
-            except RPCError as err:
-                # The update met a workflow task that failed (e.g. a continue-as-new the
-                # server refused because this very update arrived): it was never
-                # accepted, so sending it again is safe.
-                if b"WorkflowNotReadyFailure" not in (err.raw_grpc_status or b"") or attempt == NOT_READY_RETRIES - 1:
-                    raise
-                await asyncio.sleep(0.1 * (attempt + 1))
-        raise AssertionError("unreachable")
+        return await _update(handle, update, command, result_type=LeadView, update_id=key)
     except WorkflowUpdateFailedError as err:
         cause = err.cause
         if isinstance(cause, ApplicationError):
@@ -231,6 +234,22 @@ async def command_outcome(client: Client, store: AuditStore, lead_id: str, key: 
                               "nothing and is judged anew when the command is sent again)", entries=[])
     outcome = "refused" if known.startswith("refused") else "applied"
     return CommandOutcome(key=key, outcome=outcome, detail=known.removeprefix("refused: "), entries=entries)
+
+
+async def _update(handle, update, arg, result_type, update_id: str | None = None):
+    """Execute an update, sending it again when it met a workflow task that failed (e.g. a
+    continue-as-new the server refused because this very update arrived): it was never
+    accepted then, so sending it again is safe."""
+    for attempt in range(NOT_READY_RETRIES):
+        try:
+            if arg is None:
+                return await handle.execute_update(update, id=update_id, result_type=result_type)
+            return await handle.execute_update(update, arg, id=update_id, result_type=result_type)
+        except RPCError as err:
+            if b"WorkflowNotReadyFailure" not in (err.raw_grpc_status or b"") or attempt == NOT_READY_RETRIES - 1:
+                raise
+            await asyncio.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 async def get_view(client: Client, lead_id: str) -> LeadView:
@@ -302,7 +321,7 @@ async def flush_audit(client: Client, lead_id: str) -> int:
     """Have the lead write all its audit entries to the store now; returns the last seq."""
     handle = client.get_workflow_handle(workflow_id(lead_id))
     try:
-        return await handle.execute_update(LeadWorkflow.flush_audit, result_type=int)
+        return await _update(handle, LeadWorkflow.flush_audit, None, result_type=int)
     except RPCError as err:
         if "completed" in err.message.lower():
             return -1  # won: everything was written before it completed
@@ -342,6 +361,112 @@ def _quote(value: str) -> str:
 def _raise_not_found(err: RPCError, lead_id: str) -> None:
     if err.status == RPCStatusCode.NOT_FOUND:
         raise LeadNotFound(f"no lead {lead_id}") from None
+
+
+# --------------------------------------------------------------------------- personal data (GDPR Art. 15, 17)
+
+
+async def erase_person(client: Client, store: AuditStore, lead_id: str, by: Actor) -> ErasureReport:
+    """Erase the person's data (GDPR Art. 17): see funnel/personal_data.py for what goes and
+    what stays. A running lead does it itself (update `erase`: its state, the store, a new key
+    generation, its old history crypto-shredded shortly after); for a lead whose workflow has
+    ended, the store is scrubbed and every key generation destroyed here at once."""
+    handle = client.get_workflow_handle(workflow_id(lead_id))
+    try:
+        return await _update(handle, LeadWorkflow.erase, EraseRequest(by=by), result_type=ErasureReport)
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND and "completed" not in err.message.lower():
+            raise TemporalUnavailable(f"Temporal did not take the erasure of lead {lead_id}: {err.message}") from None
+    # Not running: ended (won, or ended abnormally), or unknown to Temporal (e.g. past retention).
+    from activities.personal_data_activities import lead_keys_of
+
+    keys = lead_keys_of(client)
+    try:
+        await handle.describe()
+        known = True
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise TemporalUnavailable(f"Temporal did not say whether lead {lead_id} exists: {err.message}") from None
+        known = await asyncio.to_thread(lambda: bool(store.count_history(lead_id) or store.outbox_of(lead_id)))
+    destroyed = await keys.destroy(lead_id)  # also the key that sending the update made for nobody
+    if not known:
+        raise LeadNotFound(f"no lead {lead_id}")
+    now = datetime.now(timezone.utc)
+    report = ErasureReport(lead_id=lead_id, erasure_id=f"{lead_id}/ended/{now.isoformat()}", erased_by=by.name,
+                           erased_at=now, keys_destroyed_at=now,
+                           history=f"crypto-shredded: the lead's workflow has ended; {destroyed} key generation(s) destroyed")
+    return await asyncio.to_thread(store.erase_personal_data, report, None)
+
+
+class PersonalDataExport(BaseModel):
+    """Everything Leadflow keeps about a person (GDPR Art. 15), as `leadflow export-person` and
+    GET /leads/{id}/personal-data give it."""
+
+    lead_id: str
+    exported_at: datetime
+    complete: bool
+    notes: list[str]
+    profile: dict[str, FactValue]
+    profile_observed: dict[str, dict[str, str]]  # fact -> when it was true and which update said so
+    consent: dict
+    events: list[WindowEvent]  # the events the lead keeps (its last year), with their attributes
+    lead: LeadView | None
+    history: list[AuditEntry]
+    outbox: list[Outbound]
+    erasures: list[ErasureReport]
+
+
+EXPORT_TIMEOUT = 15.0  # s for the lead to answer an export's queries (a busy worker is slow, not gone)
+
+
+async def export_person(client: Client | None, store: AuditStore, lead_id: str,
+                        timeout: float = EXPORT_TIMEOUT) -> PersonalDataExport:
+    """The lead's state from its workflow (facts, events with attributes), its whole audit
+    history, every outbound message and its erasures. Without Temporal (or a worker to
+    answer), the store's part alone, and `complete` is false."""
+    notes: list[str] = []
+    state = view = None
+    tail: list[AuditEntry] = []
+    if client is not None:
+        handle = client.get_workflow_handle(workflow_id(lead_id))
+
+        async def ask() -> tuple[LeadState, LeadView]:
+            while True:  # a run that has just continued-as-new answers once it has started
+                try:
+                    return await asyncio.gather(handle.query(LeadWorkflow.state, result_type=LeadState),
+                                                handle.query(LeadWorkflow.view, result_type=LeadView))
+                except WorkflowQueryFailedError:
+                    await asyncio.sleep(0.2)
+
+        try:
+            state, view = await asyncio.wait_for(ask(), timeout)
+            tail = await audit_tail(client, lead_id, timeout)
+        except (RPCError, WorkflowQueryFailedError, TimeoutError, TailUnknown, LookupError) as err:
+            text = getattr(err, "message", None) or str(err) or type(err).__name__
+            notes.append(f"the lead's workflow did not answer ({text.splitlines()[0][:200]}): facts and events "
+                         "are missing; the rest is the store's")
+    else:
+        notes.append("Temporal not reached: facts and events are missing; the rest is the store's")
+
+    def from_store():
+        stored = store.count_history(lead_id)
+        _, history = merge_history(tail, stored, lambda o, n: store.history(lead_id, offset=o, limit=n), 0, 10**9)
+        return history, store.outbox_of(lead_id), store.erasures(lead_id)
+
+    history, outbox, erasures = await asyncio.to_thread(from_store)
+    if state is None and not history and not outbox:
+        raise LeadNotFound(f"no lead {lead_id}")
+    consent = {}
+    if view is not None:
+        consent = dict(view.consent)
+    return PersonalDataExport(
+        lead_id=lead_id, exported_at=datetime.now(timezone.utc), complete=state is not None, notes=notes,
+        profile=dict(state.profile) if state else {},
+        profile_observed={name: {"observed_at": seen[0].isoformat(), "update_id": seen[1]}
+                          for name, seen in (state.profile_seen.items() if state else [])},
+        consent=consent, events=list(state.engagement.window) if state else [], lead=view,
+        history=history, outbox=outbox, erasures=erasures,
+    )
 
 
 # --------------------------------------------------------------------------- scoring model versions

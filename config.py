@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "scoring_models" / "default.toml"
@@ -63,6 +63,27 @@ class Settings(BaseModel):
     max_backlog_seconds: float = Field(default=120.0, gt=0)
     # How long the API waits for a lead to answer a command (then 504: it may still apply).
     command_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # Roles of API keys that may read personal data (profile facts, event attributes, notes);
+    # the others get them masked. Marketing tools write facts but read none of them back.
+    pii_readers: list[str] = Field(default_factory=lambda: ["manager", "presales", "sales"])
+    # How long a process keeps a lead's data key in memory (payload_codec.LeadKeys): a rotated
+    # key reaches every encoder, and a destroyed one is gone from every process, within this.
+    key_cache_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # After an erasure the lead's earlier key generations are destroyed this long after the
+    # rotation (longer than the key cache plus the slowest call that may still carry the old key).
+    shred_delay_seconds: float = Field(default=120.0, ge=0, le=86400)
+    # Origins of the Temporal web UI allowed to call the codec server (CORS).
+    codec_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8233", "http://localhost:8233"])
+
+    @model_validator(mode="after")
+    def _checked(self) -> "Settings":
+        roles = {"marketing", "presales", "sales", "manager"}
+        unknown = [r for r in self.pii_readers if r not in roles]
+        if unknown:
+            raise ValueError(f"pii_readers: unknown role(s) {', '.join(unknown)}; use {', '.join(sorted(roles))}")
+        if self.shred_delay_seconds and self.shred_delay_seconds <= self.key_cache_seconds:
+            raise ValueError("shred_delay_seconds must be longer than key_cache_seconds (or 0 in tests)")
+        return self
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -80,20 +101,67 @@ class Settings(BaseModel):
             "LEADFLOW_DECISION_DELAY": "decision_delay_seconds",
             "LEADFLOW_MAX_BACKLOG": "max_backlog_seconds",
             "LEADFLOW_COMMAND_TIMEOUT": "command_timeout_seconds",
+            "LEADFLOW_KEY_CACHE_SECONDS": "key_cache_seconds",
+            "LEADFLOW_SHRED_DELAY": "shred_delay_seconds",
         }
         for var, field in mapping.items():
             if env.get(var):
                 values[field] = env[var]
-        for var, field in (("LEADFLOW_PRESALES_TEAM", "presales_team"), ("LEADFLOW_SALES_TEAM", "sales_team")):
+        for var, field in (("LEADFLOW_PRESALES_TEAM", "presales_team"), ("LEADFLOW_SALES_TEAM", "sales_team"),
+                           ("LEADFLOW_PII_READERS", "pii_readers"), ("LEADFLOW_CODEC_ORIGINS", "codec_origins")):
             if env.get(var):
                 values[field] = [n.strip() for n in env[var].split(",") if n.strip()]
         return cls.model_validate(values)
 
 
-async def connect(settings: Settings | None = None):
-    """A Temporal client with the pydantic converter, honouring env-config profiles."""
-    from temporalio.client import Client
+def data_converter(settings: Settings | None = None, keyring=None, key_store=None, encrypted: bool = True):
+    """The one data converter of every Leadflow process (worker, client, API, CLI, tests):
+    pydantic payloads, encrypted by the payload codec (payload_codec.py), failure messages
+    and stack traces encrypted too.
+
+    `keyring`: the payload keys (default: from the environment, see PayloadKeyring.from_env).
+    `key_store`: where the per-lead data keys live, an AuditStore or a callable making one
+    (default: the store at `settings.database_url`, opened on first use; a SQLite file
+    that does not exist is an error, not a fresh store with fresh keys).
+    `encrypted=False` only for histories recorded as test fixtures (tests/histories)."""
+    import dataclasses
+
     from temporalio.contrib.pydantic import pydantic_data_converter
+    from temporalio.converter import DefaultFailureConverterWithEncodedAttributes
+
+    if not encrypted:
+        return pydantic_data_converter
+    from payload_codec import EncryptionCodec, LeadKeys, PayloadKeyring
+
+    settings = settings or Settings.from_env()
+    keyring = keyring or PayloadKeyring.from_env()
+    codec = EncryptionCodec(keyring, LeadKeys(keyring, key_store or _key_store(settings.database_url),
+                                              cache_seconds=settings.key_cache_seconds))
+    return dataclasses.replace(pydantic_data_converter, payload_codec=codec,
+                               failure_converter_class=DefaultFailureConverterWithEncodedAttributes)
+
+
+def _key_store(url: str):
+    def open_store():
+        from sqlalchemy.engine import make_url
+
+        from activities.store import AuditStore
+        from payload_codec import KeyConfigError
+
+        parsed = make_url(url)
+        database = parsed.database or ""
+        if parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") \
+                and not database.startswith("file:") and not Path(database).expanduser().exists():
+            raise KeyConfigError(f"no store at {database} for the leads' data keys (LEADFLOW_DATABASE_URL={url}): "
+                               "start the worker first, or run from the project directory")
+        return AuditStore(url)
+
+    return open_store
+
+
+async def connect(settings: Settings | None = None):
+    """A Temporal client with the data converter (encrypting), honouring env-config profiles."""
+    from temporalio.client import Client
     from temporalio.envconfig import ClientConfig
 
     settings = settings or Settings.from_env()
@@ -103,5 +171,5 @@ async def connect(settings: Settings | None = None):
     connect_config.setdefault("target_host", "localhost:7233")
     if settings.temporal_namespace:
         connect_config["namespace"] = settings.temporal_namespace
-    connect_config["data_converter"] = pydantic_data_converter
+    connect_config["data_converter"] = data_converter(settings)
     return await Client.connect(**connect_config)

@@ -11,6 +11,9 @@
     leadflow list --stage mql
     leadflow report
     leadflow import events.jsonl
+    leadflow export-person L-1                  (GDPR Art. 15: everything kept about the person)
+    leadflow erase L-1 --by mona                (GDPR Art. 17: erase the person's data)
+    leadflow keys new k2 | leadflow keys rewrap (payload keys, see README "Personal data")
 
 Everything typed is validated before anything is sent. Exit codes: 0 ok,
 1 cannot reach Temporal (or another system error), 2 invalid input,
@@ -62,6 +65,7 @@ from funnel.models import (
     check_lead_id,
 )
 from funnel.scoring_model import ModelError, ScoringModel, load_model, parse_model
+from payload_codec import KeyConfigError
 
 PROG = "leadflow"
 IMPORT_CONCURRENCY = 16  # leads sent at the same time by `import`
@@ -779,6 +783,72 @@ async def cmd_status(args, settings: Settings) -> int:
     return 0 if health.workers and not behind else 1
 
 
+# --------------------------------------------------------------------------- personal data
+
+
+async def cmd_export_person(args, settings: Settings) -> int:
+    """Everything kept about the person (GDPR Art. 15) as JSON: facts, events with attributes,
+    the audit history, outbound messages, erasures. Without Temporal, the store's part."""
+    store = _store(settings)
+    try:
+        try:
+            tc = await _connect(settings)
+        except CliError as err:
+            print(f"{PROG}: {err}; exporting the audit store's part only", file=sys.stderr)
+            tc = None
+        export = await api.export_person(tc, store, args.lead)
+    finally:
+        store.dispose()
+    for note in export.notes:
+        print(f"{PROG}: {note}", file=sys.stderr)
+    _print_json(export.model_dump(mode="json"))
+    return 0
+
+
+async def cmd_erase(args, settings: Settings) -> int:
+    """Erase the person's data (GDPR Art. 17); --by is recorded as the manager who did it."""
+    by = _validated(Actor, name=args.by, role=Role.MANAGER.value)
+    tc = await _connect(settings)
+    store = _store(settings)
+    try:
+        report = await _answer(api.erase_person(tc, store, args.lead, by), args.lead, "erasure")
+    finally:
+        store.dispose()
+    if args.json:
+        _print_json(report.model_dump(mode="json"))
+        return 0
+    print(f"personal data of lead {report.lead_id} erased by {report.erased_by} at {_when(report.erased_at)}: "
+          f"{report.profile_facts} profile fact value(s), attributes of {report.events} event(s), "
+          f"{report.audit_entries} history entr(ies) and {report.outbox_messages} outbox message(s) scrubbed")
+    print(f"Temporal history: {report.history}")
+    return 0
+
+
+async def cmd_keys_new(args, settings: Settings) -> int:
+    """A fresh payload key as LEADFLOW_PAYLOAD_KEYS takes it: put it first, keep the old ones."""
+    from payload_codec import KEY_ID_PATTERN, key_spec, new_key
+
+    if not KEY_ID_PATTERN.match(args.id):
+        raise BadInput(f"key id {args.id!r}: use 1-64 of A-Z a-z 0-9 _ . - (no ':')")
+    print(key_spec(args.id, new_key()))
+    return 0
+
+
+async def cmd_keys_rewrap(args, settings: Settings) -> int:
+    """Wrap every lead's data key with the current payload key, so an old payload key can
+    retire as far as lead keys go (payloads encrypted with it directly still need it)."""
+    from config import data_converter
+
+    store = _store(settings)
+    try:
+        codec = data_converter(settings, key_store=store).payload_codec
+        count = await asyncio.to_thread(codec.lead_keys.rewrap_sync)
+    finally:
+        store.dispose()
+    print(f"{count} lead key(s) re-wrapped with payload key {codec.keyring.current!r}")
+    return 0
+
+
 # --------------------------------------------------------------------------- scoring model versions
 
 
@@ -968,6 +1038,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.set_defaults(handler=cmd_import)
 
+    p = lead_parser("export-person", "everything kept about the person, as JSON (GDPR Art. 15)")
+    p.set_defaults(handler=cmd_export_person)
+
+    p = lead_parser("erase", "erase the person's data, keep the funnel's numbers (GDPR Art. 17; managers)")
+    p.add_argument("--by", required=True, metavar="NAME", help="the manager who erases it (recorded)")
+    p.add_argument("--json", action="store_true", help="print the erasure report as JSON")
+    p.set_defaults(handler=cmd_erase)
+
+    p = sub.add_parser("keys", help="payload keys: make a new one, re-wrap lead keys after a rotation",
+                       description="payload keys (LEADFLOW_PAYLOAD_KEYS): make a new one, re-wrap lead keys")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION", parser_class=_Parser)
+    k = keys_sub.add_parser("new", help="print a fresh key as id:base64 (put it first in LEADFLOW_PAYLOAD_KEYS)")
+    k.add_argument("id", metavar="ID", help="the new key's id, e.g. k2")
+    k.set_defaults(handler=cmd_keys_new)
+    k = keys_sub.add_parser("rewrap", help="wrap every lead key with the current payload key")
+    k.set_defaults(handler=cmd_keys_rewrap)
+
     p = sub.add_parser("status", help="workers polling and how far behind they are",
                        description="workers polling the lead task queue and how far behind they are (from Temporal)")
     p.add_argument("--json", action="store_true")
@@ -1116,6 +1203,9 @@ def _run(argv: list[str] | None) -> int:
     except (api.TemporalUnavailable, api.LeadStarting) as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 1
+    except KeyConfigError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -21,10 +21,12 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.lead_activities import LeadActivities, all_activities
+from activities.personal_data_activities import PersonalDataActivities
 from activities.rollout_activities import RolloutActivities
 from activities.store import ModelConflict
 from config import Settings, connect
 from funnel.scoring_model import ModelError, load_model
+from payload_codec import KeyConfigError
 from workflows.lead import LeadWorkflow
 from workflows.rollout import ModelRolloutWorkflow
 
@@ -51,7 +53,8 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
         client,
         task_queue=settings.task_queue,
         workflows=[LeadWorkflow, ModelRolloutWorkflow],
-        activities=all_activities(activities) + RolloutActivities(client).all(),
+        activities=(all_activities(activities) + RolloutActivities(client).all()
+                    + PersonalDataActivities(client, activities.store).all()),
         activity_executor=executor or ThreadPoolExecutor(ACTIVITY_THREADS),
         max_concurrent_activities=ACTIVITY_THREADS,
         workflow_runner=SandboxedWorkflowRunner() if sandboxed else UnsandboxedWorkflowRunner(),
@@ -114,7 +117,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         asyncio.run(run(Settings.from_env()))
-    except (ModelError, ModelConflict) as err:
+    except (ModelError, ModelConflict, KeyConfigError) as err:
         print(f"leadflow worker: {err}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:

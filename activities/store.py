@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import JSON, Column, DateTime, Index, Text, event, func, inspect, text, update
+from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, Text, event, func, inspect, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import StaticPool
@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from funnel.models import ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, event_digest
+from funnel.personal_data import ERASED, ErasureReport, scrub_entry, scrub_payload
 
 # SQLAlchemy only guarantees rowcount for UPDATE/DELETE; without this option an
 # INSERT through psycopg 3 reports -1. We need the number of rows actually
@@ -193,6 +194,39 @@ class RoundRobinRow(SQLModel, table=True):
     counter: int = 0
 
 
+class LeadKeyRow(SQLModel, table=True):
+    """A lead's data key (payload_codec.LeadKeys), wrapped by payload key `kek_id`. Erasure
+    sets `wrapped` to NULL: the lead's payloads encrypted with it can never be read again."""
+
+    __tablename__ = "lead_key"
+
+    lead_id: str = Field(primary_key=True)
+    generation: int = Field(primary_key=True)
+    kek_id: str
+    wrapped: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    erasure_id: str | None = None  # the erasure that made this generation
+    created_at: datetime = Field(sa_column=_utc_column(nullable=False))
+    destroyed_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
+
+
+class ErasureRow(SQLModel, table=True):
+    """Who erased a person's data when (GDPR Art. 17), and what it took; no personal data."""
+
+    __tablename__ = "erasure"
+
+    erasure_id: str = Field(primary_key=True)
+    lead_id: str = Field(index=True)
+    erased_by: str
+    erased_at: datetime = Field(sa_column=_utc_column(nullable=False))
+    through_seq: int | None = None  # audit entries up to here were scrubbed (None: all)
+    profile_facts: int = 0
+    events: int = 0
+    audit_entries: int = 0
+    outbox_messages: int = 0
+    key_generation: int | None = None
+    keys_destroyed_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
+
+
 # Core tables for the writes (dialect INSERT ... ON CONFLICT, bulk UPDATE).
 _AUDIT = AuditRow.__table__
 _OUTBOX = OutboxRow.__table__
@@ -200,6 +234,8 @@ _OWNERS = OwnerAssignmentRow.__table__
 _ROUND_ROBIN = RoundRobinRow.__table__
 _MODELS = ScoringModelRow.__table__
 _EVENTS = EventLogRow.__table__
+_LEAD_KEYS = LeadKeyRow.__table__
+_ERASURES = ErasureRow.__table__
 
 
 # --------------------------------------------------------------------------- conversions
@@ -237,6 +273,22 @@ def _model_version(row: ScoringModelRow) -> ModelVersion:
                         active=row.active, text=row.text)
 
 
+def _erasure_report(row: ErasureRow) -> ErasureReport:
+    return ErasureReport(
+        lead_id=row.lead_id, erasure_id=row.erasure_id, erased_by=row.erased_by, erased_at=row.erased_at,
+        profile_facts=row.profile_facts, events=row.events, audit_entries=row.audit_entries,
+        outbox_messages=row.outbox_messages, key_generation=row.key_generation,
+        keys_destroyed_at=row.keys_destroyed_at,
+        history="crypto-shredded" if row.keys_destroyed_at else "to be crypto-shredded",
+    )
+
+
+def _lead_key(row: LeadKeyRow):
+    from payload_codec import LeadKeyRecord
+
+    return LeadKeyRecord(row.lead_id, row.generation, row.kek_id, row.wrapped, row.erasure_id)
+
+
 def _outbound(row: OutboxRow) -> Outbound:
     return Outbound(message_id=row.message_id, lead_id=row.lead_id, kind=row.kind, at=row.at, payload=row.payload)
 
@@ -267,7 +319,8 @@ class AuditStore:
             self.engine = create_engine(url, pool_pre_ping=True)
             # PostgreSQL locks rows itself; ON CONFLICT and row locks suffice.
             self._write_lock = contextlib.nullcontext()
-        SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN, _MODELS, _EVENTS])
+        SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN, _MODELS, _EVENTS,
+                                                           _LEAD_KEYS, _ERASURES])
         self._add_missing_columns()
 
     def _add_missing_columns(self) -> None:
@@ -357,7 +410,11 @@ class AuditStore:
     # ----------------------------------------------------------------- outbox
 
     def add_outbox(self, message: Outbound) -> bool:
-        """Store a message for delivery; False if this message id is already there."""
+        """Store a message for delivery; False if this message id is already there. A message
+        made before its lead's personal data was erased (still retrying then) is stored scrubbed."""
+        erased_at = self.erased_at(message.lead_id)
+        if erased_at is not None and message.at <= erased_at:
+            message = message.model_copy(update={"payload": scrub_payload(message.payload, ERASED)})
         stmt = self._insert(_OUTBOX).values(_outbox_values(message)).on_conflict_do_nothing()
         with self._writing() as session:
             return session.exec(stmt, execution_options=_ROWCOUNT).rowcount == 1
@@ -432,6 +489,112 @@ class AuditStore:
         stmt = stmt.order_by(EventLogRow.lead_id, EventLogRow.occurred_at, EventLogRow.event_id).limit(limit)
         with Session(self.engine) as session:
             return list(session.exec(stmt))
+    def outbox_of(self, lead_id: str) -> list[Outbound]:
+        """Every message of a lead, acknowledged or not, oldest first (export of personal data)."""
+        stmt = select(OutboxRow).where(OutboxRow.lead_id == lead_id).order_by(OutboxRow.created_at,
+                                                                               OutboxRow.message_id)
+        with Session(self.engine) as session:
+            return [_outbound(row) for row in session.exec(stmt)]
+
+    # ----------------------------------------------------------------- personal data
+
+    def erase_personal_data(self, report: ErasureReport, through_seq: int | None = None) -> ErasureReport:
+        """Scrub the lead's personal data from the store (funnel.personal_data says what that is):
+        audit details up to `through_seq` (all: None) and every outbox payload; record the
+        erasure. Idempotent by `report.erasure_id`: a retry returns what the first one did."""
+        with self._writing() as session:
+            done = session.get(ErasureRow, report.erasure_id)
+            if done is not None:
+                return _erasure_report(done)
+            stmt = select(AuditRow).where(AuditRow.lead_id == report.lead_id)
+            if through_seq is not None:
+                stmt = stmt.where(AuditRow.seq <= through_seq)
+            audit = 0
+            for row in session.exec(stmt).all():
+                entry = _audit_entry(row)
+                scrubbed = scrub_entry(entry, ERASED)
+                if scrubbed.detail != entry.detail:
+                    row.detail = scrubbed.detail
+                    session.add(row)
+                    audit += 1
+            outbox = 0
+            for row in session.exec(select(OutboxRow).where(OutboxRow.lead_id == report.lead_id)).all():
+                payload = scrub_payload(row.payload, ERASED)
+                if payload != row.payload:
+                    row.payload = payload
+                    session.add(row)
+                    outbox += 1
+            # The event log keeps what a backtest replays (types, times, channels) and the
+            # digests that recognise a redelivery; the attributes are the person's.
+            session.exec(update(_EVENTS).where(_EVENTS.c.lead_id == report.lead_id).values(attributes={}))
+            report = report.model_copy(update={"audit_entries": audit, "outbox_messages": outbox})
+            session.add(ErasureRow(
+                erasure_id=report.erasure_id, lead_id=report.lead_id, erased_by=report.erased_by,
+                erased_at=report.erased_at, through_seq=through_seq, profile_facts=report.profile_facts,
+                events=report.events, audit_entries=audit, outbox_messages=outbox,
+                key_generation=report.key_generation, keys_destroyed_at=report.keys_destroyed_at,
+            ))
+        return report
+
+    def keys_destroyed(self, lead_id: str, below: int | None, at: datetime) -> None:
+        """Record that the lead's key generations below `below` (all: None) are destroyed."""
+        stmt = update(_ERASURES).where(_ERASURES.c.lead_id == lead_id, _ERASURES.c.keys_destroyed_at.is_(None))
+        if below is not None:
+            stmt = stmt.where(_ERASURES.c.key_generation <= below)
+        with self._writing() as session:
+            session.exec(stmt.values(keys_destroyed_at=at))
+
+    def erasures(self, lead_id: str) -> list[ErasureReport]:
+        stmt = select(ErasureRow).where(ErasureRow.lead_id == lead_id).order_by(ErasureRow.erased_at)
+        with Session(self.engine) as session:
+            return [_erasure_report(row) for row in session.exec(stmt)]
+
+    def erased_at(self, lead_id: str) -> datetime | None:
+        stmt = select(func.max(ErasureRow.erased_at)).where(ErasureRow.lead_id == lead_id)
+        with Session(self.engine) as session:
+            return session.exec(stmt).one()
+
+    # ----------------------------------------------------------------- lead keys (payload_codec.LeadKeys)
+
+    def lead_keys(self, lead_id: str) -> list:
+        stmt = select(LeadKeyRow).where(LeadKeyRow.lead_id == lead_id).order_by(LeadKeyRow.generation)
+        with Session(self.engine) as session:
+            return [_lead_key(row) for row in session.exec(stmt)]
+
+    def lead_key(self, lead_id: str, generation: int):
+        with Session(self.engine) as session:
+            row = session.get(LeadKeyRow, (lead_id, generation))
+            return _lead_key(row) if row is not None else None
+
+    def add_lead_key(self, record) -> bool:
+        """False if that generation exists already (another process made it first)."""
+        stmt = self._insert(_LEAD_KEYS).values(
+            lead_id=record.lead_id, generation=record.generation, kek_id=record.kek_id, wrapped=record.wrapped,
+            erasure_id=record.erasure_id, created_at=utcnow(), destroyed_at=None,
+        ).on_conflict_do_nothing()
+        with self._writing() as session:
+            return session.exec(stmt, execution_options=_ROWCOUNT).rowcount == 1
+
+    def destroy_lead_keys(self, lead_id: str, below: int | None = None) -> int:
+        """Forget the key material of the lead's generations below `below` (all: None)."""
+        stmt = update(_LEAD_KEYS).where(_LEAD_KEYS.c.lead_id == lead_id, _LEAD_KEYS.c.wrapped.is_not(None))
+        if below is not None:
+            stmt = stmt.where(_LEAD_KEYS.c.generation < below)
+        with self._writing() as session:
+            return session.exec(stmt.values(wrapped=None, destroyed_at=utcnow()), execution_options=_ROWCOUNT).rowcount
+
+    def lead_keys_not_wrapped_by(self, kek_id: str) -> list:
+        stmt = select(LeadKeyRow).where(LeadKeyRow.kek_id != kek_id, LeadKeyRow.wrapped.is_not(None))
+        with Session(self.engine) as session:
+            return [_lead_key(row) for row in session.exec(stmt)]
+
+    def rewrap_lead_key(self, record, kek_id: str, wrapped: bytes) -> int:
+        stmt = (update(_LEAD_KEYS)
+                .where(_LEAD_KEYS.c.lead_id == record.lead_id, _LEAD_KEYS.c.generation == record.generation,
+                       _LEAD_KEYS.c.kek_id == record.kek_id, _LEAD_KEYS.c.wrapped.is_not(None))
+                .values(kek_id=kek_id, wrapped=wrapped))
+        with self._writing() as session:
+            return session.exec(stmt, execution_options=_ROWCOUNT).rowcount
 
     # ----------------------------------------------------------------- scoring models
 

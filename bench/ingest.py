@@ -60,7 +60,6 @@ from sqlalchemy import func  # noqa: E402
 from sqlmodel import Session, select  # noqa: E402
 from temporalio.api.enums.v1 import EventType  # noqa: E402
 from temporalio.client import Client, WorkflowExecutionStatus  # noqa: E402
-from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 from temporalio.service import RPCError  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
 from temporalio.worker import Worker  # noqa: E402
@@ -69,7 +68,8 @@ import client as leads_client  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditRow, AuditStore  # noqa: E402
 from bench.counting_workflow import CountingWorkflow  # noqa: E402
-from config import DEFAULT_MODEL, DEV_SERVER_DYNAMIC_CONFIG, Settings, dev_server_dynamic_flags  # noqa: E402
+from config import DEFAULT_MODEL, DEV_SERVER_DYNAMIC_CONFIG, Settings, data_converter, dev_server_dynamic_flags  # noqa: E402
+from payload_codec import PayloadKeyring, new_key  # noqa: E402
 from funnel.models import ActivityEvent, AuditKind  # noqa: E402
 from funnel.scoring_model import load_model  # noqa: E402
 from worker import ACTIVITY_THREADS, build_worker  # noqa: E402
@@ -558,7 +558,9 @@ async def main(argv: list[str] | None = None) -> dict:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(BIN / "temporal"),
         search_attributes=sa.ALL,
-        data_converter=pydantic_data_converter,
+        # Encrypted as in production (a throwaway key; the lead keys in the run's own store).
+        data_converter=data_converter(Settings(database_url=database_url), keyring=PayloadKeyring(
+            {"bench": new_key()}, "bench"), key_store=AuditStore(database_url)),
         dev_server_database_filename=None if args.in_memory else str(tmp / "temporal.db"),
         dev_server_log_level="error",
         # The embedded default's dynamic config (as scripts/run starts it), plus --dynamic-config.

@@ -32,14 +32,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
 
 import client as leads  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditStore  # noqa: E402
 from bench.ingest import BIN  # noqa: E402
-from config import DEFAULT_MODEL, Settings, dev_server_dynamic_flags  # noqa: E402
+from config import DEFAULT_MODEL, Settings, data_converter, dev_server_dynamic_flags  # noqa: E402
+from payload_codec import PayloadKeyring, new_key  # noqa: E402
 from funnel.models import ActivityEvent, Actor, Role  # noqa: E402
 from worker import ACTIVITY_THREADS, build_worker  # noqa: E402
 from workflows import search_attributes as sa  # noqa: E402
@@ -89,12 +89,16 @@ def events_for(prefix: str, leads_n: int, per_lead: int) -> list[ActivityEvent]:
 
 async def main(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="leadflow-rollout-"))
+    database_url = f"sqlite:///{tmp / 'audit.db'}"
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(BIN / "temporal"), data_converter=pydantic_data_converter,
+        # Encrypted as in production (a throwaway key; the lead keys in the run's own store).
+        dev_server_existing_path=str(BIN / "temporal"), data_converter=data_converter(
+            Settings(database_url=database_url), keyring=PayloadKeyring({"bench": new_key()}, "bench"),
+            key_store=AuditStore(database_url)),
         dev_server_database_filename=str(tmp / "temporal.db"), search_attributes=sa.ALL,
         dev_server_extra_args=dev_server_dynamic_flags(),
     )
-    settings = Settings(task_queue=f"bench-rollout-{uuid.uuid4().hex[:6]}", database_url=f"sqlite:///{tmp / 'audit.db'}",
+    settings = Settings(task_queue=f"bench-rollout-{uuid.uuid4().hex[:6]}", database_url=database_url,
                         audit_max_lag_seconds=5)
     store = AuditStore(settings.database_url)
     client = env.client

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, Field
 
 from funnel import engagement as eng
-from funnel import stages
+from funnel import personal_data, stages
 from funnel.models import (
     CONSENT_AT_FACT,
     CONSENT_FACT,
@@ -338,6 +338,14 @@ class Lead:
             return
         self.state.owner = owner
         self._audit(AuditKind.OWNER_ASSIGNED, SYSTEM, f"owner {owner} (handover to {team})")
+
+    def erase_personal_data(self, now: datetime, by: Actor) -> personal_data.ErasedCounts:
+        """GDPR Art. 17: drop the person's data from the state (what that is: funnel.personal_data)
+        and record who did it; scores, stages, times, event types and rule names stay."""
+        self._now = now
+        erased = personal_data.erase_from_state(self.state, self.model.fit, now)
+        self._audit(AuditKind.PERSONAL_DATA_ERASED, by, erased.describe(by), reason="gdpr_art_17")
+        return erased
 
     # ------------------------------------------------------------------ timers
 

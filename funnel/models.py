@@ -428,6 +428,8 @@ class LeadState(BaseModel):
     duplicates_ignored: int = 0
     handovers: int = 0
     escalations: int = 0
+    # The person's data was dropped from this state then (funnel.personal_data); what came after is new.
+    personal_data_erased_at: datetime | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -476,6 +478,7 @@ class AuditKind(StrEnum):
     FAST_TRACK_BLOCKED = "fast_track_blocked"
     NOT_HANDED_OVER = "not_handed_over"  # backfill: old events scored but are not news
     MODEL_CHANGED = "model_changed"
+    PERSONAL_DATA_ERASED = "personal_data_erased"  # GDPR Art. 17: who, when, what (counts only)
 
 
 class AuditEntry(BaseModel):

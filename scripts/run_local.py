@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config import dev_server_dynamic_flags  # noqa: E402
+from payload_codec import DEFAULT_KEY_FILE, PayloadKeyring  # noqa: E402
 from workflows.search_attributes import dev_server_flags  # noqa: E402
 
 ENV_HELP = """\
@@ -39,17 +40,25 @@ environment:
                           API keys, see api.py. If none is set, the API (on 127.0.0.1
                           only) accepts the dev keys dev-marketing, dev-presales,
                           dev-sales and dev-manager.
+  LEADFLOW_PAYLOAD_KEYS, LEADFLOW_PAYLOAD_KEYS_FILE
+                          payload encryption keys, see payload_codec.py. If none is set,
+                          data/payload-keys.toml is used, made with a fresh key on the
+                          first start (keep it: without it no history can be read).
 
 The worker and the API get TEMPORAL_ADDRESS=127.0.0.1:<temporal port> and
 TEMPORAL_NAMESPACE=default; their other settings (LEADFLOW_DATABASE_URL,
 LEADFLOW_WEBHOOK_URL, ...) are read as usual, see config.py.
 Temporal keeps its state in data/temporal.db, so leads survive a restart;
 the audit store defaults to data/leadflow.db. Delete data/ to start afresh.
+The web UI decodes payloads through the API's codec server (/codec) for managers:
+open http://127.0.0.1:<api port>/codec/login once (dev-manager), then turn on
+"Include cross-origin credentials" in the UI's codec server settings.
 """
 
 STOP_TIMEOUT = 10.0  # seconds a child gets after SIGTERM before SIGKILL
 START_TIMEOUT = 60.0  # seconds the dev server gets to answer
 API_KEY_VARS = ("LEADFLOW_API_KEYS", "LEADFLOW_API_KEYS_FILE", "LEADFLOW_API_DEV_KEYS")
+PAYLOAD_KEY_VARS = ("LEADFLOW_PAYLOAD_KEYS", "LEADFLOW_PAYLOAD_KEYS_FILE")
 
 signals_received = 0  # Ctrl-C / SIGTERM / SIGHUP count; a 2nd one skips the graceful wait
 
@@ -135,6 +144,20 @@ async def wait_for_temporal(address: str, server: Child) -> str | None:
         await asyncio.sleep(0.5)
 
 
+def prepare_store() -> None:
+    """Create the audit store's tables now: the CLI encrypts a lead's first event with a key it
+    keeps there, and never makes a store itself (one made in the wrong place would hold keys the
+    worker lacks), so it must exist before we say Leadflow is running."""
+    try:
+        from activities.store import AuditStore
+        from config import Settings
+
+        os.chdir(ROOT)  # the default store is data/leadflow.db here, as for the worker and the API
+        AuditStore(Settings.from_env().database_url).dispose()
+    except Exception as err:  # noqa: BLE001 - the worker waits for its store and says why
+        say(f"the audit store is not ready yet ({str(err).splitlines()[0][:200]}); the worker will wait for it")
+
+
 def run(children: list[Child]) -> int:
     temporal_port = int(os.environ.get("LEADFLOW_TEMPORAL_PORT") or 7233)
     ui_port = int(os.environ.get("LEADFLOW_UI_PORT") or 8233)
@@ -160,6 +183,13 @@ def run(children: list[Child]) -> int:
             return 1
 
     (ROOT / "data").mkdir(exist_ok=True)
+    # The embedded default encrypts with a local dev key, made once and kept in data/ (the
+    # worker, the API and the CLI run from here find it; nobody else has it).
+    if not any(os.environ.get(var) for var in PAYLOAD_KEY_VARS):
+        if PayloadKeyring.generate_file(ROOT / DEFAULT_KEY_FILE):
+            say(f"made a payload key for this machine in {DEFAULT_KEY_FILE}: keep it (backups!), "
+                "without it no lead's Temporal history can be read")
+    prepare_store()
     # Persisted in SQLite so leads survive a restart; the search attributes are
     # registered on every start (the server accepts already-registered ones).
     server_cmd = [
@@ -169,6 +199,8 @@ def run(children: list[Child]) -> int:
         "--namespace", "default", "--log-level", "warn",
         *dev_server_flags(),
         *dev_server_dynamic_flags(),
+        # The UI shows encrypted payloads through the API's codec server (managers only).
+        *(["--ui-codec-endpoint", f"http://127.0.0.1:{api_port}/codec"] if with_api else []),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     children.append(server := Child("Temporal dev server", server_cmd, env))
@@ -181,6 +213,7 @@ def run(children: list[Child]) -> int:
 
     # The app processes talk to this dev server, whatever the user's Temporal env-config says.
     app_env = {**env, "TEMPORAL_ADDRESS": address, "TEMPORAL_NAMESPACE": "default"}
+    app_env.setdefault("LEADFLOW_CODEC_ORIGINS", f"http://127.0.0.1:{ui_port},http://localhost:{ui_port}")
     worker_cmd = os.environ.get("LEADFLOW_WORKER_CMD")
     children.append(Child("worker", shlex.split(worker_cmd) if worker_cmd else [sys.executable, "worker.py"], app_env))
     dev_keys = False
@@ -197,7 +230,11 @@ def run(children: list[Child]) -> int:
         + (f"  API       http://127.0.0.1:{api_port}  (docs: /docs)\n" if with_api else "")
         + ("  API keys  dev-marketing, dev-presales, dev-sales, dev-manager (LEADFLOW_API_KEYS for your own)\n"
            if dev_keys else "")
-        + "  Data      data/  (Temporal state in data/temporal.db)\n"
+        + (f"  Codec     http://127.0.0.1:{api_port}/codec  (UI payloads for managers: log in at /codec/login)\n"
+           if with_api else "")
+        + "  Data      data/  (Temporal state in data/temporal.db"
+        + (", payload key in data/payload-keys.toml" if not any(os.environ.get(v) for v in PAYLOAD_KEY_VARS) else "")
+        + ")\n"
         "Ctrl-C to stop.\n",
         flush=True,
     )

@@ -8,6 +8,7 @@ task queue and SQLite audit store, so tests never see each other's leads.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import uuid
@@ -20,7 +21,6 @@ import pytest
 from temporalio.api.enums.v1 import EventType, IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,8 +30,9 @@ if str(ROOT) not in sys.path:
 import client as leads  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditStore  # noqa: E402
-from config import Settings, dev_server_dynamic_flags  # noqa: E402
+from config import Settings, data_converter, dev_server_dynamic_flags  # noqa: E402
 from funnel.models import ActivityEvent, Actor, Role  # noqa: E402
+from payload_codec import PayloadKeyring, key_spec, new_key  # noqa: E402
 from worker import build_worker  # noqa: E402
 from workflows import search_attributes as sa  # noqa: E402
 
@@ -58,12 +59,33 @@ async def register_search_attributes(client: Client) -> None:
     )
 
 
+# Every test server speaks through the one data converter of config.py: payloads encrypted,
+# lead keys in a store of their own for the session (tests' audit stores come and go).
+TEST_KEYRING = PayloadKeyring({"test-1": new_key()}, current="test-1", source="tests")
+KEY_CACHE_SECONDS = 1.0
+# What connects from the environment in these tests (the API without a given client, the CLI,
+# processes they start) uses the same payload key.
+os.environ["LEADFLOW_PAYLOAD_KEYS"] = key_spec("test-1", TEST_KEYRING.key("test-1"))
+os.environ.pop("LEADFLOW_PAYLOAD_KEYS_FILE", None)
+
+
+@pytest.fixture(scope="session")
+def key_store(tmp_path_factory) -> AuditStore:
+    return AuditStore(f"sqlite:///{tmp_path_factory.mktemp('keys') / 'keys.db'}")
+
+
+@pytest.fixture(scope="session")
+def converter(key_store):
+    return data_converter(Settings(key_cache_seconds=KEY_CACHE_SECONDS, shred_delay_seconds=0), keyring=TEST_KEYRING,
+                          key_store=key_store)
+
+
 @pytest.fixture
-async def ts_env():
+async def ts_env(converter):
     """A fresh server per test (it starts in ~0.1 s): leads of other tests would keep
     timers that no worker serves, and skipping time past them stalls."""
     env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=binary("temporal-test-server"), data_converter=pydantic_data_converter
+        test_server_existing_path=binary("temporal-test-server"), data_converter=converter
     )
     await register_search_attributes(env.client)
     yield env
@@ -71,11 +93,11 @@ async def ts_env():
 
 
 @pytest.fixture(scope="session")
-async def dev_env():
+async def dev_env(converter):
     """The real dev server, told to suggest continue-as-new after 40 history events."""
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=binary("temporal"),
-        data_converter=pydantic_data_converter,
+        data_converter=converter,
         search_attributes=sa.ALL,
         dev_server_extra_args=dev_server_dynamic_flags(**{"limit.historyCount.suggestContinueAsNew": "40"}),
     )
@@ -89,6 +111,8 @@ def settings(tmp_path) -> Settings:
         task_queue=f"leads-{uuid.uuid4().hex[:8]}",
         database_url=f"sqlite:///{tmp_path / 'audit.db'}",
         decision_delay_seconds=1.0,
+        key_cache_seconds=KEY_CACHE_SECONDS,
+        shred_delay_seconds=2 * KEY_CACHE_SECONDS,
     )
 
 

@@ -67,6 +67,7 @@ def fuzz_api(dev_env, tmp_path_factory):
         LEADFLOW_TASK_QUEUE=f"fuzz-{uuid.uuid4().hex[:8]}",
         LEADFLOW_DATABASE_URL=f"sqlite:///{data / 'audit.db'}",
         LEADFLOW_API_KEYS=f"fuzzer:manager:{KEY}",
+        LEADFLOW_PAYLOAD_KEYS=os.environ["LEADFLOW_PAYLOAD_KEYS"],  # the session's (tests/conftest.py)
         PYTHONUNBUFFERED="1",
     )
     with contextlib.ExitStack() as stack:

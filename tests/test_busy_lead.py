@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowExecutionStatus
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 import client as leads
@@ -33,9 +32,9 @@ SUGGEST = 300
 
 
 @pytest.fixture(scope="module")
-async def tight_env():
+async def tight_env(converter):
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=binary("temporal"), data_converter=pydantic_data_converter,
+        dev_server_existing_path=binary("temporal"), data_converter=converter,
         search_attributes=sa.ALL,
         dev_server_extra_args=dev_server_dynamic_flags(**{
             "limit.historyCount.error": str(HARD_LIMIT), "limit.historyCount.warn": str(HARD_LIMIT // 2),
@@ -157,9 +156,9 @@ async def test_history_reads_do_not_hang_without_a_worker(tight_env, tight_setti
     assert time.monotonic() - started < leads.TAIL_TIMEOUT + 2
 
 
-async def test_temporal_going_away_is_a_plain_error():
+async def test_temporal_going_away_is_a_plain_error(converter):
     env = await WorkflowEnvironment.start_local(dev_server_existing_path=binary("temporal"),
-                                                data_converter=pydantic_data_converter)
+                                                data_converter=converter)
     client = env.client
     await env.shutdown()
     settings = Settings(task_queue="gone")

@@ -48,6 +48,7 @@ def cli_env(**settings: str) -> dict[str, str]:
     the developer's shell leaks in), plus `settings`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "LEADFLOW_"))}
     env["COLUMNS"] = "200"
+    env["LEADFLOW_PAYLOAD_KEYS"] = os.environ["LEADFLOW_PAYLOAD_KEYS"]  # the session's (tests/conftest.py)
     env.update(settings)
     return env
 

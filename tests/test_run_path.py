@@ -159,7 +159,9 @@ def running(tmp_path):
     database = tmp_path / "audit.db"
     env = {k: v for k, v in os.environ.items()
            if k not in ("TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE", "LEADFLOW_WORKER_CMD", "LEADFLOW_MODEL",
-                        "LEADFLOW_WEBHOOK_URL", "LEADFLOW_TASK_QUEUE", "COLUMNS")}
+                        "LEADFLOW_WEBHOOK_URL", "LEADFLOW_TASK_QUEUE", "COLUMNS",
+                        # scripts/run makes its own dev payload key, as on a fresh machine
+                        "LEADFLOW_PAYLOAD_KEYS", "LEADFLOW_PAYLOAD_KEYS_FILE")}
     env |= {
         "LEADFLOW_TEMPORAL_PORT": str(temporal_port),
         "LEADFLOW_UI_PORT": str(ui_port),
@@ -382,6 +384,20 @@ def shows(*needles: str, timeout: float = 30.0):
     return check
 
 
+def lacks(*absent: str, needs: tuple[str, ...] = (), timeout: float = 30.0):
+    """The command succeeds, its output shows all of `needs` and none of `absent`."""
+    def check(cli: Cli, command: str, log: Path) -> None:
+        def once() -> tuple[bool, str]:
+            result = bash(cli, command)
+            text = result.stdout + result.stderr
+            return (result.returncode == 0 and all(n in text for n in needs)
+                    and not any(a in text for a in absent)), text
+
+        poll(f"`{command}` shows {needs} and none of {absent}", once, timeout, log)
+
+    return check
+
+
 def ok(cli: Cli, command: str, log: Path) -> None:
     result = bash(cli, command)
     assert result.returncode == 0, f"{command} -> {result.returncode}\n{result.stdout}\n{result.stderr}\n{tail(log)}"
@@ -416,6 +432,11 @@ WALKTHROUGH = [
     ("leadflow model apply my-model.toml --by mona --dry-run", shows("default@2 would change the score of")),
     ("leadflow model apply my-model.toml --by mona", shows("default@2 recorded", "rolled out")),
     ("leadflow model status", shows("default@2", "yes", "mona")),
+    ("leadflow profile L-1005 email=ann@example.com name=Ann target_account=true", ok),
+    ("leadflow export-person L-1005", shows('"email": "ann@example.com"', '"name": "Ann"', "profile: ")),
+    ("leadflow erase L-1005 --by mona", shows("erased by mona", "crypto-shredded")),
+    ("leadflow export-person L-1005", lacks("ann@example.com", '"Ann"', needs=("personal_data_erased",
+                                                                              '"target_account": true'))),
 ]
 # Shell blocks run somewhere else: the two commands (CI runs scripts/test; this test runs
 # scripts/run), and the benchmark (run by hand; its figures are in the README).

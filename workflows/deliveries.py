@@ -12,7 +12,7 @@ Workflow code: only activities and workflow tasks.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Callable
 
 from temporalio import workflow
@@ -20,6 +20,7 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from funnel.models import Outbound, OutboundKind
+    from funnel.personal_data import ERASED, scrub_payload
 
 DELIVERY_TIMEOUT = timedelta(minutes=2)
 # Deliveries retry until the receiver is back (no attempt limit), at most every 10 minutes.
@@ -34,6 +35,14 @@ class Deliveries:
         self._assign_first = assign_first  # False: version 1-2 runs hand over in one activity
         self.undelivered: dict[str, Outbound] = {}
 
+    def scrub(self, made_until: datetime) -> None:
+        """Erasure: messages made until then and still on their way lose the person's data
+        (what a run carries over; the outbox stores late ones scrubbed as well)."""
+        for message_id, message in list(self.undelivered.items()):
+            if message.at <= made_until:
+                self.undelivered[message_id] = message.model_copy(
+                    update={"payload": scrub_payload(message.payload, ERASED)})
+
     def start(self, message: Outbound) -> None:
         self.undelivered[message.message_id] = message
         asyncio.create_task(self._deliver(message))
@@ -46,6 +55,7 @@ class Deliveries:
                 start_to_close_timeout=ASSIGN_TIMEOUT, retry_policy=ASSIGN_RETRY,
             )
             self._on_owner(handed["owner"], message.assign_to)
+            message = self.undelivered.get(message.message_id, message)  # scrubbed meanwhile, if erased
             message = message.model_copy(update={"payload": {**message.payload, "owner": handed["owner"]}})
             self.undelivered[message.message_id] = message  # carried over with its owner
             if handed["post"]:

@@ -10,6 +10,7 @@ audit_cadence.py) and deliveries beside the loop (deliveries.py).
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
@@ -32,11 +33,12 @@ with workflow.unsafe.imports_passed_through():
         Reopen,
         Stage,
     )
+    from funnel.personal_data import EraseRequest, ErasureReport
     from funnel.scoring_model import ScoringModel
     from workflows import search_attributes as sa
     from workflows.audit_cadence import AuditCadence
     from workflows.deliveries import Deliveries
-    from workflows.lead_input import CURRENT_VERSION, LeadInput, ModelChange, behaviour
+    from workflows.lead_input import CURRENT_VERSION, LeadInput, ModelChange, ShredPending, behaviour
     from workflows.wake_timer import WakeTimer
 
 MODEL_RETRY_DELAY = timedelta(minutes=1)
@@ -47,6 +49,7 @@ INPUT_PER_ROUND = 200
 # Inputs a continue-as-new carries into the next run (~500 bytes each, far below the 2 MB
 # payload limit); a bigger backlog is worked off a round at a time first.
 CARRY_MAX = 1000
+ERASURE_TIMEOUT = timedelta(minutes=2)
 
 
 def workflow_id(lead_id: str) -> str:
@@ -74,6 +77,13 @@ class LeadWorkflow:
                                    enabled=self._behaviour.audit_cadence)
         self._wake = WakeTimer()
         self._deliveries = Deliveries(self._owner_assigned, assign_first=self._behaviour.decisions_and_owners)
+        # Erasure: inputs taken and applied so far (an erasure waits for what came before it),
+        # the old key generations still to destroy, and whether this run must end for a new one.
+        self._taken = len(self._inbox)
+        self._applied = 0
+        self._shred: ShredPending | None = inp.shred
+        self._shred_delay = inp.shred_delay_seconds
+        self._restart = False
 
     # ------------------------------------------------------------------ the lead's life
 
@@ -82,8 +92,11 @@ class LeadWorkflow:
         lead = self._lead = await self._start_or_go_on(inp)
         for message in inp.undelivered:
             self._deliveries.start(message)
+        if self._shred is not None:
+            asyncio.create_task(self._shred_old_keys(inp.lead_id, self._shred))
         while True:
-            if self._behaviour.decisions_and_owners and self._history_is_long(inp.max_history_events):
+            if self._restart or (self._behaviour.decisions_and_owners
+                                 and self._history_is_long(inp.max_history_events)):
                 await self._continue_as_new(inp)  # returns only when the backlog is too big to carry
             await self._take_what_arrived()
             await self._carry_out_effects()
@@ -98,7 +111,8 @@ class LeadWorkflow:
                     # Terminal: nothing can happen to a won lead any more. Let running update
                     # handlers return and deliveries finish first.
                     await workflow.wait_condition(
-                        lambda: workflow.all_handlers_finished() and not self._deliveries.undelivered)
+                        lambda: workflow.all_handlers_finished() and not self._deliveries.undelivered
+                        and (self._shred is None or self._restart))
                     if not self._has_work():
                         return lead.view()
                     continue
@@ -142,6 +156,7 @@ class LeadWorkflow:
         for item in batch:
             if isinstance(item, ProfileUpdate):
                 self._lead.update_profile(item, now)
+        self._applied += len(batch)
         self._lead.tick(now)
         self._work_pending = False
 
@@ -214,7 +229,8 @@ class LeadWorkflow:
             pass  # a timer is due: the loop's tick fires it
 
     def _has_work(self) -> bool:
-        return bool(self._inbox or self._work_pending or self._audit.unwritten or self._model_changes)
+        return bool(self._inbox or self._work_pending or self._audit.unwritten or self._model_changes
+                    or self._restart)
 
     def _next_run(self, inp: LeadInput) -> LeadInput:
         assert self._lead is not None
@@ -224,6 +240,7 @@ class LeadWorkflow:
             pending=list(self._inbox),
             seen_ids_max=inp.seen_ids_max, version=CURRENT_VERSION, audit_max_lag_seconds=inp.audit_max_lag_seconds,
             decision_delay_seconds=inp.decision_delay_seconds,
+            shred_delay_seconds=inp.shred_delay_seconds, shred=self._shred,
         )
 
     def _owner_assigned(self, owner: str, team: str) -> None:
@@ -287,14 +304,17 @@ class LeadWorkflow:
     @workflow.signal
     def event(self, event: ActivityEvent) -> None:
         self._inbox.append(event)
+        self._taken += 1
 
     @workflow.signal
     def events(self, events: list[ActivityEvent]) -> None:
         self._inbox.extend(events)
+        self._taken += len(events)
 
     @workflow.signal
     def profile(self, update: ProfileUpdate) -> None:
         self._inbox.append(update)
+        self._taken += 1
 
     @workflow.signal
     def model_changed(self, change: ModelChange) -> None:
@@ -326,6 +346,57 @@ class LeadWorkflow:
         return self._audit.tail
 
     # ------------------------------------------------------------------ updates
+
+    @workflow.update
+    async def erase(self, request: EraseRequest) -> ErasureReport:
+        """GDPR Art. 17: drop the person's data from the lead's state (the core's
+        `erase_personal_data`), from messages still on their way and from the store (an
+        activity, after everything so far is written); the lead's payloads get a fresh key
+        generation, this run ends for a new one, and the new run destroys the old generations
+        (`_shred_old_keys`): the history so far can never be read again. Scores, stages and
+        times stay, and so does the lead."""
+        await workflow.wait_condition(lambda: self._lead is not None)
+        taken = self._taken
+        await workflow.wait_condition(lambda: self._applied >= taken)  # what came before is erased too
+        assert self._lead is not None
+        lead, now = self._lead, workflow.now()
+        erased = lead.erase_personal_data(now, request.by)
+        self._deliveries.scrub(now)
+        seq = lead.state.audit_seq
+        await self._written(seq)  # every entry so far is in the store before the store is scrubbed
+        report = await workflow.execute_activity(
+            "erase_personal_data",
+            args=[ErasureReport(lead_id=lead.state.lead_id, erasure_id=f"{lead.state.lead_id}/{seq}",
+                                erased_by=request.by.name, erased_at=now, profile_facts=erased.profile_facts,
+                                events=erased.events), seq],
+            result_type=ErasureReport, start_to_close_timeout=ERASURE_TIMEOUT,
+            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
+        )
+        assert report.key_generation is not None
+        self._shred = ShredPending(below=report.key_generation, not_before=now + timedelta(
+            seconds=self._shred_delay))
+        self._restart = True  # the new run's input is encrypted with the new generation
+        self._work_pending = True
+        return report.model_copy(update={"history": (
+            f"crypto-shredded about {self._shred_delay:g} s from now, when the lead's earlier key "
+            f"generations are destroyed (it goes on in a new run under generation {report.key_generation})")})
+
+    async def _shred_old_keys(self, lead_id: str, pending: ShredPending) -> None:
+        """Destroy the lead's key generations below `pending.below`, once every process encrypts
+        with the new one and this run holds no payload under an older one; else this run ends
+        for a new one (whose payloads are encrypted anew) that tries again."""
+        wait = pending.not_before - workflow.now()
+        if wait > timedelta(0):
+            await workflow.sleep(wait)
+        done = await workflow.execute_activity(
+            "shred_lead_keys", args=[lead_id, pending.below], result_type=bool,
+            start_to_close_timeout=ERASURE_TIMEOUT, retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
+        )
+        if not done:
+            self._restart = True
+        elif self._shred == pending:
+            self._shred = None
+        self._work_pending = True
 
     @workflow.update
     async def flush_audit(self) -> int:

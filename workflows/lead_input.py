@@ -8,6 +8,7 @@ run, and a pydantic model defined there would be rebuilt each time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from pydantic import BaseModel, Field
 
@@ -50,6 +51,15 @@ class ModelChange(BaseModel):
     by: Actor
 
 
+class ShredPending(BaseModel):
+    """After an erasure: the lead's key generations below `below` are to be destroyed, not
+    before `not_before` (every process then encrypts with `below` or later), and only once
+    the current run holds no payload encrypted with them."""
+
+    below: int
+    not_before: datetime
+
+
 class LeadInput(BaseModel):
     """How a lead starts, or goes on after continue-as-new (then `state` is set)."""
 
@@ -67,3 +77,6 @@ class LeadInput(BaseModel):
     # The lead decides by itself (threshold, fast track, below threshold) this long after
     # the input that calls for it, so input arriving together is decided together.
     decision_delay_seconds: float = Field(default=0.0, ge=0)
+    # Erasure (GDPR Art. 17): old key generations are destroyed this long after the rotation.
+    shred_delay_seconds: float = Field(default=120.0, ge=0)
+    shred: ShredPending | None = None  # an erasure's key destruction still to do

@@ -17,12 +17,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
 
 import client as leads  # noqa: E402
 from activities.store import AuditStore  # noqa: E402
-from config import Settings, dev_server_dynamic_flags  # noqa: E402
+from config import Settings, data_converter, dev_server_dynamic_flags  # noqa: E402
 from funnel.models import Accept, Bant, Close, LogContact, ProfileUpdate, Qualify, Reject  # noqa: E402
 from tests.conftest import ANNA, BEN, binary, event, running_worker, settle  # noqa: E402
 from workflows import search_attributes as sa  # noqa: E402
@@ -31,7 +30,9 @@ from workflows.lead import workflow_id  # noqa: E402
 
 async def main() -> None:
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=binary("temporal"), data_converter=pydantic_data_converter,
+        # Unencrypted on purpose: these histories are checked in as test fixtures (their data is
+        # made up) and must replay anywhere; the codec passes unencrypted payloads through.
+        dev_server_existing_path=binary("temporal"), data_converter=data_converter(encrypted=False),
         search_attributes=sa.ALL,
         dev_server_extra_args=dev_server_dynamic_flags(**{"limit.historyCount.suggestContinueAsNew": "40"}),
     )
