@@ -398,6 +398,19 @@ async def erase_person(client: Client, store: AuditStore, lead_id: str, by: Acto
     return await asyncio.to_thread(store.erase_personal_data, report, None)
 
 
+class LoggedEvent(BaseModel):
+    """An event as the event log keeps it: the attributes are the person's (blank after an erasure)."""
+
+    event_id: str
+    type: str
+    occurred_at: datetime
+    received_at: datetime
+    channel: str | None
+    campaign: str | None
+    source: str | None
+    attributes: dict
+
+
 class PersonalDataExport(BaseModel):
     """Everything Leadflow keeps about a person (GDPR Art. 15), as `leadflow export-person` and
     GET /leads/{id}/personal-data give it."""
@@ -410,6 +423,7 @@ class PersonalDataExport(BaseModel):
     profile_observed: dict[str, dict[str, str]]  # fact -> when it was true and which update said so
     consent: dict
     events: list[WindowEvent]  # the events the lead keeps (its last year), with their attributes
+    received_events: list[LoggedEvent] = []  # every event taken for the lead (the event log), oldest first
     lead: LeadView | None
     history: list[AuditEntry]
     outbox: list[Outbound]
@@ -451,10 +465,12 @@ async def export_person(client: Client | None, store: AuditStore, lead_id: str,
     def from_store():
         stored = store.count_history(lead_id)
         _, history = merge_history(tail, stored, lambda o, n: store.history(lead_id, offset=o, limit=n), 0, 10**9)
-        return history, store.outbox_of(lead_id), store.erasures(lead_id)
+        received = [LoggedEvent.model_validate(row, from_attributes=True)
+                    for row in store.event_log(lead_id, limit=10**7)]
+        return history, store.outbox_of(lead_id), store.erasures(lead_id), received
 
-    history, outbox, erasures = await asyncio.to_thread(from_store)
-    if state is None and not history and not outbox:
+    history, outbox, erasures, received = await asyncio.to_thread(from_store)
+    if state is None and not history and not outbox and not received:
         raise LeadNotFound(f"no lead {lead_id}")
     consent = {}
     if view is not None:
@@ -464,7 +480,8 @@ async def export_person(client: Client | None, store: AuditStore, lead_id: str,
         profile=dict(state.profile) if state else {},
         profile_observed={name: {"observed_at": seen[0].isoformat(), "update_id": seen[1]}
                           for name, seen in (state.profile_seen.items() if state else [])},
-        consent=consent, events=list(state.engagement.window) if state else [], lead=view,
+        consent=consent, events=list(state.engagement.window) if state else [], received_events=received,
+        lead=view,
         history=history, outbox=outbox, erasures=erasures,
     )
 

@@ -114,19 +114,24 @@ async def plain_client(env) -> Client:
     return await Client.connect(env.client.service_client.config.target_host, namespace=env.client.namespace)
 
 
-async def a_lead_with_personal_data(env, settings, lead: str, accept: bool = True):
+async def a_lead_with_personal_data(env, settings, lead: str, accept: bool = True, store=None):
+    """A lead with facts, events with attributes and a note; with `store`, its events are in
+    the event log too, as the API and CLI put them there."""
     client = env.client
     now = await env.get_current_time()
     await leads.send_profile(client, settings, ProfileUpdate(
         update_id=f"{lead}-p1", lead_id=lead, observed_at=now,
         facts={"email": EMAIL, "phone": PHONE, "name": NAME, "target_account": True, "industry": "Software",
                "company_size": 250}))
-    await leads.send_events(client, settings, [
+    events = [
         ActivityEvent(event_id=f"{lead}-e1", lead_id=lead, type="content_download", occurred_at=now,
                       channel="website", attributes={"form": FORM, "email": EMAIL}),
         ActivityEvent(event_id=f"{lead}-e2", lead_id=lead, type="demo_request", occurred_at=now,
                       channel="website", attributes={"phone": PHONE}),
-    ])
+    ]
+    await leads.send_events(client, settings, events)
+    if store is not None:
+        store.log_events(events, now)
     await settle(env, client, lead, lambda v: v.owner is not None)
     if accept:
         await leads.run_command(client, lead, Accept(by=ANNA, note=NOTE))
@@ -229,7 +234,7 @@ async def test_erasure_leaves_nothing_of_the_person_and_keeps_the_funnel(dev_env
     lead = f"ERA-{uuid.uuid4().hex[:6]}"
     client = dev_env.client
     async with running_worker(client, settings, store):
-        await a_lead_with_personal_data(dev_env, settings, lead)
+        await a_lead_with_personal_data(dev_env, settings, lead, store=store)
         before = await leads.get_view(client, lead)
         last_run = (await client.get_workflow_handle(workflow_id(lead)).describe()).run_id
         report_before = funnel_report(store.stage_changes(), now=before.stage_since)
@@ -276,7 +281,9 @@ async def test_erasure_leaves_nothing_of_the_person_and_keeps_the_funnel(dev_env
     # the store: no value, no note; the erasure is recorded; the funnel's numbers are the same
     everything = json.dumps([e.model_dump(mode="json") for e in store.history(lead, limit=1000)])
     everything += json.dumps([m.model_dump(mode="json") for m in store.outbox_of(lead)])
+    everything += json.dumps([r.model_dump(mode="json") for r in store.event_log(lead)])
     assert [value for value in PII if value in everything] == []
+    assert len(store.event_log(lead)) == 2  # the events stay logged, without attributes
     erased = [e for e in store.history(lead, limit=1000) if e.kind == AuditKind.PERSONAL_DATA_ERASED]
     assert len(erased) == 1 and erased[0].actor == "mia"
     assert "3 profile fact value(s), attributes of 2 event(s)" in erased[0].detail
@@ -300,7 +307,9 @@ async def test_erasure_of_a_lead_whose_workflow_has_ended(dev_env, settings, sto
         await decoded_text(client, history)
     everything = json.dumps([e.model_dump(mode="json") for e in store.history(lead, limit=1000)])
     everything += json.dumps([m.model_dump(mode="json") for m in store.outbox_of(lead)])
+    everything += json.dumps([r.model_dump(mode="json") for r in store.event_log(lead)])
     assert [value for value in PII if value in everything] == []
+    assert len(store.event_log(lead)) == 2  # the events stay logged, without attributes
     assert [e.erased_by for e in store.erasures(lead)] == ["mia"]
     with pytest.raises(leads.LeadNotFound):
         await leads.erase_person(client, store, "never-was", MIA)
@@ -310,9 +319,10 @@ async def test_export_gives_everything_kept_about_the_person(dev_env, settings, 
     lead = f"EXP-{uuid.uuid4().hex[:6]}"
     client = dev_env.client
     async with running_worker(client, settings, store):
-        await a_lead_with_personal_data(dev_env, settings, lead)
+        await a_lead_with_personal_data(dev_env, settings, lead, store=store)
         export = await leads.export_person(client, store, lead)
         assert export.complete and export.notes == []
+        assert {e.event_id: e.attributes for e in export.received_events}[f"{lead}-e2"] == {"phone": PHONE}
         assert export.profile["email"] == EMAIL and export.profile_observed["email"]["update_id"] == f"{lead}-p1"
         assert {e.event_id: e.attributes for e in export.events}[f"{lead}-e1"] == {"form": FORM, "email": EMAIL}
         assert any(NOTE in e.detail for e in export.history)
@@ -325,5 +335,8 @@ async def test_export_gives_everything_kept_about_the_person(dev_env, settings, 
     dumped = export.model_dump_json()
     assert [value for value in PII if value in dumped] == []
     assert [e.erased_by for e in export.erasures] == ["mia"]
+    # the event log keeps what the funnel needs (type, time, channel) and the digest for redeliveries
+    assert [(e.event_id, e.type, e.channel, e.attributes) for e in export.received_events] == [
+        (f"{lead}-e1", "content_download", "website", {}), (f"{lead}-e2", "demo_request", "website", {})]
     with pytest.raises(leads.LeadNotFound):
         await leads.export_person(client, store, "never-was")
