@@ -69,7 +69,7 @@ from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditRow, AuditStore  # noqa: E402
 from bench.counting_workflow import CountingWorkflow  # noqa: E402
 from config import DEFAULT_MODEL, DEV_SERVER_DYNAMIC_CONFIG, Settings, data_converter, dev_server_dynamic_flags  # noqa: E402
-from payload_codec import PayloadKeyring, new_key  # noqa: E402
+from payload_codec import PayloadKeyring, key_spec, new_key  # noqa: E402
 from funnel.models import ActivityEvent, AuditKind  # noqa: E402
 from funnel.scoring_model import load_model  # noqa: E402
 from worker import ACTIVITY_THREADS, build_worker  # noqa: E402
@@ -555,12 +555,15 @@ async def main(argv: list[str] | None = None) -> dict:
     store_kind = "sqlite file" if args.store == "sqlite" else database_url.split("://")[0]
     server_kind = "in memory" if args.in_memory else "sqlite file"
     print(f"starting the dev server ({server_kind}) in {tmp} ...", file=sys.stderr)
+    key = new_key()
+    if args.keep:  # what a kept server db is read with: LEADFLOW_PAYLOAD_KEYS_FILE=<tmp>/payload-keys.toml
+        (tmp / "payload-keys.toml").write_text(f'current = "bench"\n\n[keys]\nbench = "{key_spec("bench", key).split(":", 1)[1]}"\n')
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(BIN / "temporal"),
         search_attributes=sa.ALL,
         # Encrypted as in production (a throwaway key; the lead keys in the run's own store).
         data_converter=data_converter(Settings(database_url=database_url), keyring=PayloadKeyring(
-            {"bench": new_key()}, "bench"), key_store=AuditStore(database_url)),
+            {"bench": key}, "bench"), key_store=AuditStore(database_url)),
         dev_server_database_filename=None if args.in_memory else str(tmp / "temporal.db"),
         dev_server_log_level="error",
         # The embedded default's dynamic config (as scripts/run starts it), plus --dynamic-config.
