@@ -170,8 +170,14 @@ class LeadWorkflow:
         while True:
             await self._take_model_changes()  # few, and they decide: applied in this run
             self._audit.flush_requested = True
-            await self._carry_out_effects()
-            self._work_pending = False
+            if self._behaviour.keeps_work_of_the_last_write:
+                # Cleared before the write, not after: an owner or a command arriving while
+                # it is in flight sets it again, and its entries go out before the run ends.
+                self._work_pending = False
+                await self._carry_out_effects()
+            else:  # version 3, as it ran
+                await self._carry_out_effects()
+                self._work_pending = False
             await workflow.wait_condition(
                 lambda: workflow.all_handlers_finished() or self._work_pending or bool(self._model_changes))
             if not (self._work_pending or self._model_changes or self._audit.unwritten):

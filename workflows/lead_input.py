@@ -18,7 +18,7 @@ from funnel.scoring_model import ScoringModel
 # How a run behaves, for replay. Runs keep the behaviour of the code that started them
 # (chosen by input rather than `workflow.patched()`: a patch upserts the
 # TemporalChangeVersion search attribute, a visibility write for every new lead).
-CURRENT_VERSION = 3
+CURRENT_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,16 @@ class RunBehaviour:
     # v1 and v2 assign the presales owner and post the handover in one activity, decide
     # at once, and apply everything that waits in one task.
     decisions_and_owners: bool
+    # v4: what a delivery (an owner) or a command leaves while the last write before
+    # continue-as-new is in flight is written before the run ends. v3 cleared the flag
+    # saying so after that write: the owner's entry was left behind (its seq used, a gap in
+    # the store), and a command waited for its entries until some other update came.
+    keeps_work_of_the_last_write: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
-    return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3)
+    return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3,
+                        keeps_work_of_the_last_write=version >= 4)
 
 
 class ModelChange(BaseModel):
