@@ -6,13 +6,14 @@ test breaks while events are coming in:
 - a Temporal dev server persisted to a SQLite file, SIGKILLed and started again on the
   same port and file;
 - a throwaway PostgreSQL as the audit store (started like tests/test_store.py's), stopped
-  with `pg_ctl -m immediate` (a crash: no checkpoint, connections cut) and started again;
+  with `pg_ctl -m immediate` (a crash: no checkpoint, connections cut) while most
+  handovers are being made, and started again;
 - the real worker (`python worker.py`), SIGKILLed and started again, once while Temporal
   is down and once while the store is down (it must wait for them, worker.py
   `_when_reachable`);
-- a webhook receiver in this process that answers 503 while "down", and for a while
-  "loses answers" (takes the POST, then drops the connection without answering, so the
-  sender cannot know it arrived and must send it again).
+- a webhook receiver in this process that answers 503 while "down", and then "loses
+  answers" (takes the POST, then drops the connection without answering, so the sender
+  cannot know it arrived and must send it again), each until it has hit a few handovers.
 
 30 leads get a fixed, seeded set of 15 events each (timestamps in the last two hours, some
 sent out of time order, one id per lead sent twice on purpose), one event per call as
@@ -47,8 +48,10 @@ and taken its decisions, has every lead flush its audit, and asserts:
   got each of them at least once, the keys it got are exactly the outbox's, and all POSTs
   of one key carry the same body.
 
-A failure names the lead, its events, what the store holds for it and the tails of the
-worker's and server's logs; the logs stay in the test's tmp_path.
+It also checks that every fault bit (sends failed, the worker waited for Temporal and for
+the store, the receiver refused and lost POSTs): a chaos run whose faults stopped landing
+would prove nothing. A failure names the lead, its events, what the store holds for it and
+the tails of the worker's and server's logs; the logs stay in the test's tmp_path.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -470,40 +474,31 @@ async def test_leads_hold_under_faults(tmp_path):
             await at(start + 7)
             worker.start()
             timeline.note("worker started")
-            await at(start + 8)
-            receiver.mode = "down"
-            timeline.note("webhook receiver down (503)")
-            await at(start + 15)
-            receiver.mode = "lossy"
-            timeline.note("webhook receiver back, but losing its answers")
-            await at(start + 19)
-            receiver.mode = "up"
-            timeline.note("webhook receiver up")
-            await at(start + 20)
+            await at(start + 14)  # when most handovers are being made
+            await asyncio.to_thread(postgres.crash)
+            timeline.note("PostgreSQL stopped (-m immediate)")
+            await at(start + 16)
+            worker.kill("with the store down")
+            timeline.note("SIGKILL worker")
+            await at(start + 17)
+            worker.start()
+            timeline.note("worker started while the store is down")
+            await at(start + 22)
+            await asyncio.to_thread(postgres.start)
+            timeline.note("PostgreSQL started again")
+            await at(start + 25)
             server.kill()
             timeline.note("SIGKILL dev server (sends fail and are sent again)")
-            await at(start + 21)
+            await at(start + 26)
             worker.kill("with the dev server down")
             timeline.note("SIGKILL worker")
-            await at(start + 22)
+            await at(start + 27)
             worker.start()
             timeline.note("worker started while Temporal is down")
-            await at(start + 29)
+            await at(start + 33)
             server.start()
             await server.ready()
             timeline.note("dev server restarted on the same port and file, ready")
-            await at(start + 32)
-            await asyncio.to_thread(postgres.crash)
-            timeline.note("PostgreSQL stopped (-m immediate)")
-            await at(start + 35)
-            worker.kill("with the store down")
-            timeline.note("SIGKILL worker")
-            await at(start + 36)
-            worker.start()
-            timeline.note("worker started while the store is down")
-            await at(start + 40)
-            await asyncio.to_thread(postgres.start)
-            timeline.note("PostgreSQL started again")
             await at(start + 44)
             server.kill()
             timeline.note("SIGKILL dev server (the worker stays)")
@@ -512,7 +507,21 @@ async def test_leads_hold_under_faults(tmp_path):
             await server.ready()
             timeline.note("dev server restarted, ready")
 
-        await asyncio.gather(faults(), *(sender() for _ in range(SENDERS)))
+        async def webhook_faults() -> None:
+            """Down, then losing answers, each until it has hit a few handovers (when they go
+            out depends on how long the leads took to recover from the worker's SIGKILL),
+            overlapping the other faults if it must (handovers wait while the store or
+            Temporal is down); up again by 55 s at the latest."""
+            await timeline.until(start + 8)
+            for mode, hits, latest in (("down", 3, 45), ("lossy", 3, 55)):
+                receiver.mode = mode
+                timeline.note(f"webhook receiver {'down (503)' if mode == 'down' else 'back, but losing its answers'}")
+                while receiver.answers[mode] < hits and timeline.now() < start + latest:
+                    await asyncio.sleep(0.1)
+            receiver.mode = "up"
+            timeline.note("webhook receiver up")
+
+        await asyncio.gather(faults(), webhook_faults(), *(sender() for _ in range(SENDERS)))
         worker.check("after the faults")
         timeline.note(f"all sent: {stats.sent} sends, {stats.retries} retried ({dict(stats.errors)}); "
                       f"receiver answers so far {dict(receiver.answers)}")
@@ -538,6 +547,16 @@ async def test_leads_hold_under_faults(tmp_path):
         views, _ = await settled_views(client, plans, timeline.now() + 30, timeline)  # as they are now
         worker.check("at the end")
         problems += worker.exited
+        log = worker.log.read_text()
+        bit = {"sends failed or timed out while the dev server was down": stats.retries,
+               "the worker, started while Temporal was down, waited for it": f"Temporal at {server.address} unreachable"
+               in log,
+               "the worker, started while the store was down, waited for it": re.search(r"the audit store \S+ unreachable",
+                                                                                       log),
+               "the receiver answered 503": receiver.answers["down"],
+               "the receiver lost answers": receiver.answers["lossy"]}
+        problems += [f"a fault did not bite, so the run proves less than it should: {what}"
+                     for what, seen in bit.items() if not seen]
 
         # ------------------------------------------------------------ the checks
         store = AuditStore(postgres.url())
@@ -551,7 +570,7 @@ async def test_leads_hold_under_faults(tmp_path):
         summary = (f"{stats.sent} sends ({stats.retries} retried), receiver answers {dict(receiver.answers)}, "
                    f"{len(receiver.taken)} POSTs taken for {len(receiver.keys())} keys, "
                    f"duplicates ignored {sum(v.duplicates_ignored for v in views.values())}, "
-                   f"worker waits for Temporal or the store {worker.log.read_text().count('leadflow.worker WARNING')}, "
+                   f"worker waits for Temporal or the store {log.count('leadflow.worker WARNING')}, "
                    f"failed workflow tasks {dict(failed_tasks) or 0}, {len(lengths)} runs of "
                    f"{min(lengths.values())}-{max(lengths.values())} history events")
         timeline.note(summary)
@@ -656,6 +675,8 @@ def check_lead(plan: LeadPlan, want: Expected, view, store: AuditStore, last_seq
                receiver: Receiver) -> list[str]:
     wrong: list[str] = []
     lead = plan.lead_id
+    if view is None:
+        return [f"lead {lead} ({plan.group}) does not answer a query\n" + describe(plan, store)]
     ids = {e.event_id for e in plan.events}
     if view.events_applied != len(ids):
         wrong.append(f"applied {view.events_applied} events, not {len(ids)}")
