@@ -163,9 +163,10 @@ class LeadWorkflow:
     async def _applied_before(self, event_ids: list[str]) -> frozenset[str]:
         """Which of these ids, older than the lead's memory, the audit store shows applied:
         an event id is applied at most once, ever. (Ids not written yet are always within the
-        memory: at most a few hundred entries wait for a write.) A local activity: a pure read."""
+        memory: at most a few hundred entries wait for a write.) A regular activity, see
+        RunBehaviour.local_reads: only leads past SEEN_IDS_MAX ids pay for it."""
         assert self._lead is not None
-        found = await workflow.execute_local_activity(
+        found = await workflow.execute_activity(
             "applied_event_ids", args=[self._lead.state.lead_id, event_ids], result_type=list[str],
             start_to_close_timeout=timedelta(seconds=30), retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
         )
@@ -205,8 +206,10 @@ class LeadWorkflow:
         while True:
             await self._take_model_changes()  # few, and they decide: applied in this run
             self._audit.flush_requested = True
-            await self._carry_out_effects()
+            # Cleared before the write, not after: an owner or a command arriving while it
+            # is in flight sets it again, and its entries go out before the run ends.
             self._work_pending = False
+            await self._carry_out_effects()
             await workflow.wait_condition(
                 lambda: workflow.all_handlers_finished() or self._work_pending or bool(self._model_changes))
             if not (self._work_pending or self._model_changes or self._audit.unwritten):
@@ -250,11 +253,8 @@ class LeadWorkflow:
 
     async def _load_model(self, carried: ScoringModel | None, ref: str | None = None) -> ScoringModel:
         """The active model (or version `ref`); a broken or missing model never fails a lead."""
-        # A local activity: reading the model is a pure read, so running it inside the
-        # workflow task is safe, and it spares every new run a round trip through the
-        # server (a regular activity costs four history events and a task).
-        local = self._behaviour.audit_cadence
-        load = workflow.execute_local_activity if local else workflow.execute_activity
+        # Once per run (and per model change): a regular activity, see RunBehaviour.local_reads.
+        load = workflow.execute_local_activity if self._behaviour.local_reads else workflow.execute_activity
         while True:
             try:
                 return await load(

@@ -26,8 +26,8 @@ CURRENT_VERSION = 3
 class RunBehaviour:
     """What differs between runs started by different versions of this code."""
 
-    # v2: the audit is written on a cadence (workflows/audit_cadence.py), the model is read
-    # by local activity and the lead sleeps on one running wake-up timer.
+    # v2: the audit is written on a cadence (workflows/audit_cadence.py) and the lead
+    # sleeps on one running wake-up timer.
     # v1: every batch is written at once, the model by a regular activity, and the lead
     # waits with a timeout.
     audit_cadence: bool
@@ -38,10 +38,16 @@ class RunBehaviour:
     # v1 and v2 assign the presales owner and post the handover in one activity, decide
     # at once, and apply everything that waits in one task.
     decisions_and_owners: bool
+    # v2 reads the model (and nothing else) by local activity. v3 reads by regular
+    # activity: a local activity's result is delivered at another workflow time, or in
+    # another activation, when the run is evicted from the worker's cache around it
+    # (reproduced: `bench/ingest.py --shape sparse --cache 40` failed a lead on replay
+    # with a nondeterminism error), and a lead that outgrows the cache must replay alike.
+    local_reads: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
-    return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3)
+    return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3, local_reads=version == 2)
 
 
 class ModelChange(BaseModel):
