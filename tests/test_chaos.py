@@ -76,13 +76,15 @@ from pathlib import Path
 
 import pytest
 from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
+from sqlalchemy.exc import SQLAlchemyError
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter
 from temporalio.service import RPCError
 
 import client as leads
 from activities.store import AuditStore
-from config import DEFAULT_MODEL, Settings, dev_server_dynamic_flags
+from config import DEFAULT_MODEL, Settings, data_converter, dev_server_dynamic_flags
 from funnel.lead import Lead
 from funnel.models import ActivityEvent, AuditKind, OutboundKind, Stage
 from funnel.scoring_model import load_model
@@ -257,13 +259,13 @@ class DevServer:
     def kill(self) -> None:
         _kill(self.proc)
 
-    async def ready(self, timeout: float = 60.0) -> Client:
+    async def ready(self, converter: DataConverter = pydantic_data_converter, timeout: float = 60.0) -> Client:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"the dev server exited ({self.proc.returncode}):\n{_tail(self.log, 30)}")
             try:
-                client = await Client.connect(self.address, data_converter=pydantic_data_converter)
+                client = await Client.connect(self.address, data_converter=converter)
                 await client.count_workflows()  # the namespace and visibility answer
                 return client
             except Exception:  # noqa: BLE001 - not up yet, whatever it says
@@ -431,8 +433,13 @@ async def test_leads_hold_under_faults(tmp_path):
     try:
         await asyncio.to_thread(postgres.init)
         server.start()
-        client = await server.ready()
+        # The client encrypts as the API does: lead keys in the store, so while PostgreSQL is
+        # down a new lead cannot be sent (the API answers 503) and the sender tries again.
+        client = await server.ready(data_converter(Settings(database_url=postgres.url())))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LEADFLOW_", "TEMPORAL_"))}
+        # The tests' payload key (conftest.py), never a data/payload-keys.toml that only a
+        # checkout where scripts/run ran has: without a key the worker refuses to start.
+        env["LEADFLOW_PAYLOAD_KEYS"] = os.environ["LEADFLOW_PAYLOAD_KEYS"]
         env.update(TEMPORAL_ADDRESS=server.address, TEMPORAL_NAMESPACE="default", LEADFLOW_TASK_QUEUE=task_queue,
                    LEADFLOW_DATABASE_URL=postgres.url(), LEADFLOW_WEBHOOK_URL=receiver.url,
                    LEADFLOW_DECISION_DELAY=str(DECISION_DELAY), LEADFLOW_AUDIT_MAX_LAG=str(AUDIT_MAX_LAG),
@@ -452,7 +459,7 @@ async def test_leads_hold_under_faults(tmp_path):
                     await asyncio.wait_for(leads.send_events(client, settings, [event]), SEND_TIMEOUT)
                     stats.sent += 1
                     return
-                except (leads.TemporalUnavailable, RPCError, TimeoutError) as err:
+                except (leads.TemporalUnavailable, RPCError, TimeoutError, SQLAlchemyError) as err:
                     # It may have been taken or not: the same id again, the lead applies it once.
                     stats.retries += 1
                     stats.errors[type(err).__name__] += 1

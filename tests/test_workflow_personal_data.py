@@ -295,7 +295,7 @@ async def test_erasure_of_a_lead_whose_workflow_has_ended(dev_env, settings, sto
     lead = f"ERW-{uuid.uuid4().hex[:6]}"
     client = dev_env.client
     async with running_worker(client, settings, store):
-        await a_lead_with_personal_data(dev_env, settings, lead)
+        await a_lead_with_personal_data(dev_env, settings, lead, store=store)
         await leads.run_command(client, lead, Qualify(by=ANNA, bant=Bant(budget=True, need=True, authority=True)))
         await leads.run_command(client, lead, LogContact(by=BEN, note=NOTE))
         await leads.run_command(client, lead, Close(by=BEN, outcome="won", note=NOTE))
