@@ -146,18 +146,20 @@ class Phase:
     cpu_server_s: float = 0.0
     latencies: list[float] = field(default_factory=list)  # seconds per successful send
     send_retries: int = 0
-    history_events: int = 0
+    history_events: int = 0  # what the timed events added (setup and final flush not included)
+    flush_history_events: int = 0  # lead phase: what the final flush_audit added
     runs: int = 0
     continued_as_new: int = 0
     history_by_type: Counter = field(default_factory=Counter)
     confirmed: bool = True
     rounds: list[float] = field(default_factory=list)  # events/s of each round, once folded
-    setup_events: int = 0  # sparse: the untimed events that created the leads (in their histories too)
+    setup_events: int = 0  # sparse: the untimed events that created the leads (their history is not counted)
 
     def add(self, other: "Phase") -> None:
         """Fold another round of the same phase into this one (sums; peak RSS is the last)."""
         for name in ("workflows", "events", "send_seconds", "flush_seconds", "total_seconds", "cpu_bench_s", "cpu_server_s",
-                     "send_retries", "history_events", "runs", "continued_as_new", "setup_events"):
+                     "send_retries", "history_events", "flush_history_events", "runs", "continued_as_new",
+                     "setup_events"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.history_by_type.update(other.history_by_type)
         self.rss_after_mb = other.rss_after_mb
@@ -181,9 +183,14 @@ class Phase:
 
     @property
     def history_per_event(self) -> float:
-        """Over every event the workflows took, the untimed ones that created them included."""
-        taken = self.events + self.setup_events
-        return self.history_events / taken if taken else 0.0
+        """What taking one timed event cost in history: counted after the setup and again
+        once every event is applied (the clock stopped meanwhile), so neither the leads'
+        creation nor the bench's final flush is in it."""
+        return self.history_events / self.events if self.events else 0.0
+
+    @property
+    def flush_history_per_event(self) -> float:
+        return self.flush_history_events / self.events if self.events else 0.0
 
 
 # --------------------------------------------------------------------------- input
@@ -292,22 +299,42 @@ async def warm_up(send: Callable[[ActivityEvent], Awaitable[None]],
     await wait_until([events[0].lead_id], is_done)
 
 
-async def count_history(client: Client, workflow_ids: list[str], phase: Phase) -> None:
+@dataclass
+class HistoryCount:
+    by_type: Counter = field(default_factory=Counter)
+    runs: int = 0
+    continued_as_new: int = 0
+
+    @property
+    def events(self) -> int:
+        return sum(self.by_type.values())
+
+
+async def count_history(client: Client, workflow_ids: list[str]) -> HistoryCount:
     """History events over every run of each workflow id (runs closed by continue-as-new too)."""
     sem = asyncio.Semaphore(16)
+    count = HistoryCount()
 
     async def one(wid: str) -> None:
         async with sem:
             runs = [e async for e in client.list_workflows(f"WorkflowId = '{wid}'")]
             for execution in runs:
                 history = await client.get_workflow_handle(wid, run_id=execution.run_id).fetch_history()
-                phase.history_events += len(history.events)
-                phase.history_by_type.update(EventType.Name(e.event_type) for e in history.events)
-                phase.runs += 1
+                count.by_type.update(EventType.Name(e.event_type) for e in history.events)
+                count.runs += 1
                 if execution.status == WorkflowExecutionStatus.CONTINUED_AS_NEW:
-                    phase.continued_as_new += 1
+                    count.continued_as_new += 1
 
     await asyncio.gather(*(one(w) for w in workflow_ids))
+    return count
+
+
+def take_history(phase: Phase, before: HistoryCount, after: HistoryCount) -> None:
+    """The timed events' share: what `after` has beyond `before`."""
+    phase.history_by_type.update(after.by_type)
+    phase.history_by_type.subtract(before.by_type)
+    phase.history_events = after.events - before.events
+    phase.runs, phase.continued_as_new = after.runs, after.continued_as_new
 
 
 class Meter:
@@ -323,8 +350,9 @@ class Meter:
         self.cpu0, self.server0 = cpu_self(), cpu_of(self.server_pids)
 
     def stop(self) -> None:
-        self.phase.cpu_bench_s = cpu_self() - self.cpu0
-        self.phase.cpu_server_s = cpu_of(self.server_pids) - self.server0
+        """Adds the CPU since `start()` (a phase may start and stop the meter twice)."""
+        self.phase.cpu_bench_s += cpu_self() - self.cpu0
+        self.phase.cpu_server_s += cpu_of(self.server_pids) - self.server0
         self.phase.rss_after_mb = rss_mb()
 
 
@@ -350,15 +378,17 @@ async def run_baseline(client: Client, events: list[ActivityEvent], lead_ids: li
     meter = Meter(phase, server_pids)
     async with Worker(client, task_queue=task_queue, workflows=[CountingWorkflow], max_cached_workflows=cache):
         await warm_up(send, done)
+        before = HistoryCount()
         if setup:  # untimed: the leads exist before the timed events reach them
             await send_all(list(setup), concurrency, send, Phase("setup", 0, 0))
             await wait_until(sorted({e.lead_id for e in setup}), lambda lead: _at_least(done, lead))
+            before = await count_history(client, [wid(lead) for lead in lead_ids])
         meter.start()
         start = await send_all(events, concurrency, send, phase)
         phase.confirmed = await wait_until(lead_ids, done)
         phase.total_seconds = time.perf_counter() - start
         meter.stop()
-    await count_history(client, [wid(lead) for lead in lead_ids], phase)
+    take_history(phase, before, await count_history(client, [wid(lead) for lead in lead_ids]))
     return phase
 
 
@@ -403,14 +433,21 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
         with ThreadPoolExecutor(ACTIVITY_THREADS) as executor:
             async with build_worker(client, settings, activities, executor, max_cached_workflows=cache):
                 await warm_up(send, applied)
+                before = HistoryCount()
                 if setup:  # untimed: the leads exist (and have written their audit) before the timed events
                     await send_all(list(setup), concurrency, send, Phase("setup", 0, 0))
                     await wait_until(sorted({e.lead_id for e in setup}), lambda lead: _at_least(applied, lead))
                     for lead in sorted({e.lead_id for e in setup}):
                         await leads_client.flush_audit(client, lead)
+                    before = await count_history(client, [lead_workflow_id(lead) for lead in lead_ids])
                 meter.start()
                 start = await send_all(events, concurrency, send, phase)
                 phase.confirmed = await wait_until(lead_ids, applied)
+                applied_seconds = time.perf_counter() - start
+                meter.stop()  # the clock stops while the history is counted
+                ingested = await count_history(client, [lead_workflow_id(lead) for lead in lead_ids])
+                take_history(phase, before, ingested)
+                meter.start()
                 # Score changes reach the store within LEADFLOW_AUDIT_MAX_LAG (30 s); rather
                 # than wait that out, have every lead write now (counted: it is in the window).
                 flush_from = time.perf_counter()
@@ -423,9 +460,11 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
                 await asyncio.gather(*(flush(lead) for lead in lead_ids))
                 phase.confirmed &= await wait_until(["store"], audited)
                 phase.flush_seconds = time.perf_counter() - flush_from
-                phase.total_seconds = time.perf_counter() - start
+                phase.total_seconds = applied_seconds + phase.flush_seconds
                 meter.stop()
-        await count_history(client, [lead_workflow_id(lead) for lead in lead_ids], phase)
+        flushed = await count_history(client, [lead_workflow_id(lead) for lead in lead_ids])
+        phase.flush_history_events = flushed.events - ingested.events
+        phase.runs, phase.continued_as_new = flushed.runs, flushed.continued_as_new
     finally:
         activities.close()
         store.dispose()
@@ -452,8 +491,9 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
         ("send latency p50/p99 ms", f"{base.latency_ms(0.5)}/{base.latency_ms(0.99)}",
          f"{lead.latency_ms(0.5)}/{lead.latency_ms(0.99)}"),
         ("send retries", str(base.send_retries), str(lead.send_retries)),
-        ("history events per event", f"{base.history_per_event:.2f}", f"{lead.history_per_event:.2f}"),
-        ("history events total", str(base.history_events), str(lead.history_events)),
+        ("history events per event (ingest)", f"{base.history_per_event:.2f}", f"{lead.history_per_event:.2f}"),
+        ("  + final flush, per event", "-", f"{lead.flush_history_per_event:.2f}"),
+        ("history events total (ingest)", str(base.history_events), str(lead.history_events)),
         ("workflow runs / continue-as-new", f"{base.runs} / {base.continued_as_new}",
          f"{lead.runs} / {lead.continued_as_new}"),
         ("CPU s bench process (worker)", f"{base.cpu_bench_s:.1f}", f"{lead.cpu_bench_s:.1f}"),
@@ -477,8 +517,8 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
         print("  rounds (baseline / lead events/s, ratio): " + ", ".join(
             f"{b:.0f}/{l:.0f} {r:.2f}" for b, l, r in zip(base.rounds, lead.rounds, round_ratios))
             + f"; median ratio {statistics.median(round_ratios):.2f}")
-    print("  history events per ingested event, by type:")
-    kinds = sorted(set(base.history_by_type) | set(lead.history_by_type),
+    print("  history events per ingested event, by type (ingest only, before the final flush):")
+    kinds = sorted({k for k, n in (base.history_by_type + lead.history_by_type).items() if n},
                    key=lambda k: -(lead.history_by_type[k] + base.history_by_type[k]))
     wk = max(len(k.removeprefix("EVENT_TYPE_")) for k in kinds) if kinds else 10
     for k in kinds:
@@ -496,6 +536,7 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
             "median_round_ratio": round(statistics.median(round_ratios), 3)} if len(round_ratios) > 1 else {}),
         "baseline_hist_per_event": round(base.history_per_event, 2),
         "lead_hist_per_event": round(lead.history_per_event, 2),
+        "lead_flush_hist_per_event": round(lead.flush_history_per_event, 2),
         "continue_as_new": lead.continued_as_new,
         "baseline_cpu_bench_s": round(base.cpu_bench_s, 1), "baseline_cpu_server_s": round(base.cpu_server_s, 1),
         "lead_cpu_bench_s": round(lead.cpu_bench_s, 1), "lead_cpu_server_s": round(lead.cpu_server_s, 1),
