@@ -40,15 +40,15 @@ if str(ROOT) not in sys.path:
 
 from sqlalchemy import func  # noqa: E402
 from sqlmodel import Session, select  # noqa: E402
-from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
 
 import client as leads  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditRow, AuditStore, OutboxRow  # noqa: E402
 from bench.ingest import BIN, child_pids  # noqa: E402
-from config import DEFAULT_MODEL, Settings, dev_server_dynamic_flags  # noqa: E402
+from config import DEFAULT_MODEL, Settings, data_converter, dev_server_dynamic_flags  # noqa: E402
 from funnel.models import ActivityEvent, AuditKind  # noqa: E402
+from payload_codec import PayloadKeyring, new_key  # noqa: E402
 from worker import ACTIVITY_THREADS, build_worker  # noqa: E402
 from workflows import search_attributes as sa  # noqa: E402
 
@@ -86,15 +86,19 @@ async def main(args: argparse.Namespace) -> dict:
     text = DEFAULT_MODEL.read_text().replace('version = "1"', 'version = "live"', 1)
     model.write_text(text.replace('[[nurture.iql]]\nname = "welcome"\nafter = "1d"',
                                   f'[[nurture.iql]]\nname = "welcome"\nafter = "{args.timer}"', 1))
+    database_url = f"sqlite:///{tmp / 'audit.db'}"
+    store = AuditStore(database_url)
+    # Encrypted as in production (a throwaway key; the lead keys in the run's own store).
+    converter = data_converter(Settings(database_url=database_url), keyring=PayloadKeyring({"live": new_key()}, "live"),
+                               key_store=store)
     env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(BIN / "temporal"), data_converter=pydantic_data_converter,
+        dev_server_existing_path=str(BIN / "temporal"), data_converter=converter,
         dev_server_database_filename=str(tmp / "temporal.db"), search_attributes=sa.ALL,
         dev_server_log_level="error", dev_server_extra_args=dev_server_dynamic_flags(),
     )
     server = child_pids()
-    settings = Settings(task_queue=f"live-{uuid.uuid4().hex[:6]}", database_url=f"sqlite:///{tmp / 'audit.db'}",
+    settings = Settings(task_queue=f"live-{uuid.uuid4().hex[:6]}", database_url=database_url,
                         model_path=model, decision_delay_seconds=5)
-    store = AuditStore(settings.database_url)
     acts = LeadActivities(settings, store)
     result: dict = {"leads": args.leads, "timer": args.timer}
     try:

@@ -579,6 +579,39 @@ async def _history_event_kinds(client, lead: str) -> dict[str, int]:
         run_id = started.continued_execution_run_id
 
 
+async def test_a_batch_for_new_leads_starts_them_side_by_side(api, store, monkeypatch):
+    """A batch for many new leads is sent to Temporal concurrently, at most
+    api.SEND_CONCURRENCY leads at a time (sent one after another, 500 new leads took
+    3.4x as long to answer: bench/batch.py), and every lead starts."""
+    import api as api_module
+
+    n_leads = 3 * api_module.SEND_CONCURRENCY
+    in_flight, most = 0, 0
+    real_send = api_module.leads.send_events
+
+    async def watched(*args, **kwargs):  # the real send, counted
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await real_send(*args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(api_module.leads, "send_events", watched)
+    run = uuid.uuid4().hex[:6]
+    at = now() - timedelta(minutes=5)
+    events = [ev(f"{run}-{i}", f"new-{run}-{i:03d}", "website_visit", at) for i in range(n_leads)]
+    r = await api.as_("mautic").post("/events/batch", json={"events": events})
+    assert r.status_code == 202, r.text
+    assert (r.json()["accepted"], r.json()["rejected"]) == (n_leads, 0)
+    assert 1 < most <= api_module.SEND_CONCURRENCY, f"{most} leads were sent at the same time"
+    anna = api.as_("anna")
+    for event in events:
+        view = await view_when(anna, event["lead_id"], lambda v: v["events_applied"] == 1)
+        assert view["score"]["breakdown"] == {"website_visit": 1}
+
+
 async def test_burst_of_2000_events_from_16_clients_loses_nothing(api, store, dev_env):
     """16 clients post 2000 events for 100 leads (singles and batches, shuffled across
     leads and in time), with 40 invalid events and ~100 redeliveries mixed in. Every
