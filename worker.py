@@ -20,6 +20,7 @@ from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
+from activities.audit_sweeper import AuditSweeper
 from activities.lead_activities import LeadActivities, all_activities
 from activities.personal_data_activities import PersonalDataActivities
 from activities.rollout_activities import RolloutActivities
@@ -34,9 +35,44 @@ log = logging.getLogger("leadflow.worker")
 ACTIVITY_THREADS = 16
 
 
+class LeadWorker(Worker):
+    """Temporal's worker, with the audit sweeper beside it (activities/audit_sweeper.py):
+    it runs while the worker runs."""
+
+    def __init__(self, *args, sweeper: AuditSweeper | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sweeper = sweeper
+
+    async def run(self) -> None:
+        if self.sweeper is None:
+            return await super().run()
+        sweeping = asyncio.create_task(self.sweeper.run())
+        try:
+            await super().run()
+        finally:
+            sweeping.cancel()
+
+    async def shutdown(self) -> None:
+        """A last sweep while the worker still answers queries, then Temporal's shutdown."""
+        if self.sweeper is not None:
+            await self.sweeper.stop()
+        await super().shutdown()
+
+
+SWEEP_INTERVAL = 0.25  # s: soon enough that the leads swept are still in the worker's cache
+
+
+def sweep_interval(settings: Settings) -> float | None:
+    """Seconds between sweeps (or the audit lag if shorter); None when the lag is "never"
+    (nothing swept: entries wait for the lead's own writes). A query to a lead the worker
+    no longer caches replays its history, so sweeps follow the leads' work closely."""
+    lag = settings.audit_max_lag_seconds
+    return None if lag is None else max(0.05, min(SWEEP_INTERVAL, lag))
+
+
 def build_worker(client: Client, settings: Settings, activities: LeadActivities | None = None,
                  executor: ThreadPoolExecutor | None = None, sandboxed: bool = False,
-                 max_cached_workflows: int = 1000) -> Worker:
+                 max_cached_workflows: int = 1000) -> LeadWorker:
     """The worker for `settings.task_queue`; activities are blocking (SQL, HTTP), hence threads.
 
     The lead workflow runs outside Temporal's Python sandbox: measured in
@@ -49,8 +85,10 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
     runs a lead's whole life in the sandbox (`sandboxed=True`).
     """
     activities = activities or LeadActivities(settings)
-    return Worker(
+    interval = sweep_interval(settings)
+    return LeadWorker(
         client,
+        sweeper=None if interval is None else AuditSweeper(client, activities.store, settings.task_queue, interval),
         task_queue=settings.task_queue,
         workflows=[LeadWorkflow, ModelRolloutWorkflow],
         activities=(all_activities(activities) + RolloutActivities(client).all()

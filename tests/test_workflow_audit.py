@@ -1,9 +1,10 @@
-"""When the lead writes its audit, on the time-skipping server.
+"""When the lead's audit reaches the store, on the time-skipping server.
 
-Score changes and other high-volume entries wait (up to the audit lag) so a
-burst of events costs one write; stage changes, commands and timers write
-everything at once; reads see every entry either way. Timers for the lead's
-wake-ups are not restarted by each event.
+Score changes and other high-volume entries wait in the lead's state and reach the
+store through the worker's sweeper (a query, no history), so a quiet event costs the
+lead no timer and no write; stage changes, commands and timers have the lead write
+everything at once; reads see every entry either way. Timers for the lead's wake-ups
+are not restarted by each event.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+from sqlalchemy.exc import OperationalError
+
 import client as leads
+from activities.audit_sweeper import AuditSweeper
 from funnel.models import Accept, AuditKind, Stage
 from tests.conftest import (
     ANNA,
@@ -33,20 +37,24 @@ async def store_reaches(store, lead: str, count: int) -> int:
     return store.count_history(lead)
 
 
-async def test_score_changes_wait_for_the_lag_and_are_readable_meanwhile(ts_env, settings, store):
+async def test_score_changes_reach_the_store_by_the_sweeper_and_are_readable_meanwhile(ts_env, settings, store):
     client, lead = ts_env.client, "A-lag"
     async with running_worker(client, settings, store):
         now = await ts_env.get_current_time()
-        for n in range(5):  # five separate webhooks, one write for all of them
+        for n in range(5):  # five separate webhooks: neither a write nor a timer in the lead
             await leads.send_events(client, settings, [event(lead, str(n), "website_visit", now)])
             await settle(ts_env, client, lead, lambda v, n=n: v.events_applied == n + 1)
         total, history = await leads.read_history(client, store, lead)
         assert [e.kind for e in history].count(AuditKind.SCORE_CHANGED) == 5
         assert total == len(history)
-        assert store.count_history(lead) == 0
-        await ts_env.sleep(timedelta(seconds=settings.audit_max_lag_seconds + 1))
-        assert await store_reaches(store, lead, total) == total
+        assert await store_reaches(store, lead, total) == total  # the sweeper, within about a second
         assert store.history(lead) == history
+        handle = client.get_workflow_handle(workflow_id(lead))
+        kinds = history_kinds(await handle.fetch_history())
+        assert scheduled_activities(await handle.fetch_history()) == ["load_scoring_model"]
+        # one timer: the lead's own first wake-up (its welcome nurture step), none for the audit;
+        # one upsert: the new lead in visibility (score changes alone do not upsert)
+        assert kinds.count("timer_started") == 1 and kinds.count("upsert_workflow_search_attributes") == 1
         # paging over store and tail gives the same entries
         await leads.send_events(client, settings, [event(lead, "late", "website_visit", now)])
         await settle(ts_env, client, lead, lambda v: v.events_applied == 6)
@@ -54,8 +62,30 @@ async def test_score_changes_wait_for_the_lag_and_are_readable_meanwhile(ts_env,
         assert total == len(history) + 1 and whole[:-1] == history
         pages = [(await leads.read_history(client, store, lead, offset=o, limit=2))[1] for o in range(0, total, 2)]
         assert [e for page in pages for e in page] == whole
-        handle = client.get_workflow_handle(workflow_id(lead))
-        assert scheduled_activities(await handle.fetch_history()).count("record_audit") == 1
+        assert scheduled_activities(await handle.fetch_history()).count("record_audit") == 0
+        assert await store_reaches(store, lead, total) == total
+        assert store.history(lead) == whole
+
+
+async def test_without_a_sweeper_what_waits_goes_with_the_leads_next_write(ts_env, settings, store):
+    """A worker that dies before it swept: the entries are in the lead's state, reads show
+    them, and the lead's next write of its own (here the stage change to MQL) takes them."""
+    client, lead = ts_env.client, "A-nosweep"
+    no_sweeper = settings.model_copy(update={"audit_max_lag_seconds": None})  # the worker's side only
+    async with running_worker(client, no_sweeper, store) as worker:
+        assert worker.sweeper is None
+        now = await ts_env.get_current_time()
+        for n in range(3):
+            await leads.send_events(client, settings, [event(lead, str(n), "website_visit", now)])
+            await settle(ts_env, client, lead, lambda v, n=n: v.events_applied == n + 1)
+        await asyncio.sleep(1.5)
+        assert store.count_history(lead) == 0
+        total, history = await leads.read_history(client, store, lead)
+        assert [e.kind for e in history].count(AuditKind.SCORE_CHANGED) == 3 and total == len(history)
+        await leads.send_events(client, settings, [event(lead, "d", "demo_request", now)])
+        await settle(ts_env, client, lead, lambda v: v.stage == Stage.MQL)
+        assert await store_reaches(store, lead, total) >= total
+        assert store.history(lead)[:total] == history
 
 
 async def test_stage_change_and_command_write_at_once(ts_env, settings, store):
@@ -142,3 +172,40 @@ async def test_with_no_time_limit_score_changes_go_with_the_next_other_write(ts_
         await leads.send_events(client, settings, [event(lead, "d", "demo_request", now)])
         await settle(ts_env, client, lead, lambda v: v.stage == Stage.MQL)
         assert await store_reaches(store, lead, total) >= total  # went with the stage change
+
+
+class StoreDownOnce:
+    """The audit store, whose first write fails as when PostgreSQL is down."""
+
+    def __init__(self, store) -> None:
+        self.store, self.failed = store, False
+
+    def write_audit(self, entries):
+        if not self.failed:
+            self.failed = True
+            raise OperationalError("INSERT INTO audit ...", {}, ConnectionRefusedError("store down"))
+        return self.store.write_audit(entries)
+
+
+async def test_the_sweeper_writes_each_entry_once_and_tries_again_after_a_failed_write(ts_env, settings, store):
+    client, lead = ts_env.client, "A-sweep"
+    no_sweeper = settings.model_copy(update={"audit_max_lag_seconds": None})  # this test sweeps by hand
+    async with running_worker(client, no_sweeper, store):
+        now = await ts_env.get_current_time()
+        for n in range(2):
+            await leads.send_events(client, settings, [event(lead, str(n), "website_visit", now)])
+            await settle(ts_env, client, lead, lambda v, n=n: v.events_applied == n + 1)
+        sweeper = AuditSweeper(client, StoreDownOnce(store), settings.task_queue)
+        assert await sweeper.sweep() == 0 and store.count_history(lead) == 0  # failed: noted again
+        assert await sweeper.sweep() == 3  # lead_created and two score changes
+        assert await sweeper.sweep() == 0  # nothing noted since
+        await leads.send_events(client, settings, [event(lead, "2", "website_visit", now)])
+        await settle(ts_env, client, lead, lambda v: v.events_applied == 3)
+        swept_before = sweeper.swept_entries
+        assert await sweeper.sweep() == 1
+        assert sweeper.swept_entries - swept_before == 1  # asked only for what came after
+        total, history = await leads.read_history(client, store, lead)
+        assert store.history(lead) == history and total == 4
+        # the lead's own write later (here: asked for) adds nothing the sweeper wrote
+        await leads.flush_audit(client, lead)
+        assert store.history(lead) == history

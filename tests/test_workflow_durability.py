@@ -143,18 +143,21 @@ async def test_replay_detects_a_changed_workflow(converter):
 
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store, version):
     """Leads started by older code keep replaying their way. Version 1: the model by a
     regular activity. Version 2: by local activity (a marker, no round trip), handover and
     owner in one activity, decisions at once. Version 3 (what callers start now): the model
     by a regular activity again (a local one replayed differently after a cache eviction),
     the owner is assigned by its own activity before the handover is posted, and decisions
-    wait for the lead's decision delay. All score alike."""
+    wait for the lead's decision delay. Version 4 (what callers start now): a quiet event's
+    score change reaches the store through the worker's sweeper, without a lag timer or a
+    write in the lead (versions 2 and 3 start a lag timer; 1 writes at once). All score
+    alike."""
     from workflows.lead_input import CURRENT_VERSION, LeadInput
 
     client, lead = ts_env.client, f"V{version}"
-    assert CURRENT_VERSION == 3
+    assert CURRENT_VERSION == 4
     async with running_worker(client, settings, store):
         now = await ts_env.get_current_time()
         await client.start_workflow(
@@ -165,7 +168,21 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
         view = await settle(ts_env, client, lead, lambda v: v.owner is not None)
         assert view.score["engagement"] == 150
         entered_mql = view.history[-1].entered_at
-        history = await client.get_workflow_handle(workflow_id(lead)).fetch_history()
+        handle = client.get_workflow_handle(workflow_id(lead))
+        await leads.flush_audit(client, lead)
+        before = await handle.fetch_history()
+        await leads.send_events(client, settings, [event(lead, "3", "email_open", now)])  # lag 30 s (LeadInput)
+        await settle(ts_env, client, lead, lambda v: v.events_applied == 3)
+        await asyncio.sleep(1.5)  # a sweep
+        history = await handle.fetch_history()
+        quiet_timers = history_kinds(history).count("timer_started") - history_kinds(before).count("timer_started")
+        quiet_writes = (scheduled_activities(history).count("record_audit")
+                        - scheduled_activities(before).count("record_audit"))
+        stored = store.count_history(lead)
+        total, _ = await leads.read_history(client, store, lead)
+    # (v1 waits with a timeout: a timer per signal)
+    assert (quiet_timers, quiet_writes) == {1: (1, 1), 2: (1, 0), 3: (1, 0), 4: (0, 0)}[version]
+    assert (stored == total) == (version in (1, 4))  # written at once, or swept; 2 and 3 wait 30 s
     activities = scheduled_activities(history)
     assert ("load_scoring_model" in activities) == (version != 2)
     assert ("marker_recorded" in history_kinds(history)) == (version == 2)
@@ -177,7 +194,7 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
 
 
 async def test_callers_start_leads_at_the_current_version(ts_env, settings, store):
-    """A lead sent its first events by a caller behaves as version 3 (see above): the model
+    """A lead sent its first events by a caller behaves as version 4 (see above): the model
     by a regular activity, no local activity at all, the owner by its own activity."""
     client, lead = ts_env.client, "V-now"
     async with running_worker(client, settings, store):

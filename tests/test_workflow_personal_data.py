@@ -20,7 +20,7 @@ from temporalio.worker import Replayer
 import client as leads
 from activities.store import AuditStore
 from config import Settings, data_converter
-from funnel.models import Accept, ActivityEvent, AuditKind, Close, LogContact, ProfileUpdate, Qualify, Bant, Stage
+from funnel.models import Accept, ActivityEvent, AuditEntry, AuditKind, Close, LogContact, ProfileUpdate, Qualify, Bant, Stage
 from funnel.report import funnel_report
 from payload_codec import ENCODING, KeyUnavailable, PayloadKeyring, key_ids_in, new_key
 from tests.conftest import ANNA, BEN, MIA, running_worker, settle
@@ -340,3 +340,24 @@ async def test_export_gives_everything_kept_about_the_person(dev_env, settings, 
         (f"{lead}-e1", "content_download", "website", {}), (f"{lead}-e2", "demo_request", "website", {})]
     with pytest.raises(leads.LeadNotFound):
         await leads.export_person(client, store, "never-was")
+
+
+async def test_a_sweep_that_read_before_an_erasure_cannot_bring_personal_data_back(dev_env, settings, store):
+    """The worker's audit sweeper reads a lead's waiting entries by query and writes them
+    later; an erasure in between must not be undone. The lead writes everything before the
+    store is scrubbed, so a late sweep only meets rows already there (first copy kept)."""
+    lead = f"SWP-{uuid.uuid4().hex[:6]}"
+    client = dev_env.client
+    async with running_worker(client, settings, store):
+        await a_lead_with_personal_data(dev_env, settings, lead, accept=False)
+        now = await dev_env.get_current_time()
+        await leads.send_profile(client, settings, ProfileUpdate(
+            update_id=f"{lead}-p2", lead_id=lead, observed_at=now, facts={"phone": PHONE + "9"}))
+        await settle(dev_env, client, lead, lambda v: v.profile.get("phone") == PHONE + "9")
+        read_early = await client.get_workflow_handle(workflow_id(lead)).query(
+            "audit_tail", 0, result_type=list[AuditEntry])
+        assert any(PHONE in entry.detail for entry in read_early)  # waiting, with personal data
+        await leads.erase_person(client, store, lead, MIA)
+        assert store.write_audit(read_early) == 0  # the late sweep
+    everything = json.dumps([e.model_dump(mode="json") for e in store.history(lead, limit=1000)])
+    assert [value for value in PII if value in everything] == []

@@ -8,6 +8,15 @@ before a command returns. Until written, entries are part of the lead's workflow
 state (rebuilt from Temporal's history like the rest of it) and readable by the
 `audit_tail` query, so `client.read_history` always shows all of them.
 
+From version 4 (`swept`), waiting entries cost the lead nothing more: no lag timer and no
+write. The lead notes itself in SWEEP_NOTES, and the worker's sweeper
+(activities/audit_sweeper.py) reads its tail by query (no history event) and writes it to
+the store beside the workflow, for many leads in one transaction. The lead does not learn
+of it: it writes its tail again, at the next entry that must not wait or before its run
+ends, and the store keeps the first copy of each (lead, seq). A query sees only state of
+completed workflow tasks, which a replay rebuilds exactly, so what the sweeper writes is
+what the lead would have written.
+
 Workflow code: only workflow time, timers and activities.
 """
 
@@ -33,10 +42,31 @@ DEFERRABLE = frozenset({
 })
 
 
+class SweepNotes:
+    """Leads whose audit waits in their state, per task queue, for the sweeper of the worker
+    that ran them (one per process and task queue). Workflow code only adds to it, and not
+    while replaying: a hint for the sweeper, never read back by a workflow."""
+
+    def __init__(self) -> None:
+        self._leads: dict[str, set[str]] = {}
+
+    def note(self, task_queue: str, lead_id: str) -> None:
+        self._leads.setdefault(task_queue, set()).add(lead_id)
+
+    def take(self, task_queue: str) -> set[str]:
+        return self._leads.pop(task_queue, set())
+
+
+SWEEP_NOTES = SweepNotes()
+
+
 class AuditCadence:
-    def __init__(self, max_lag: timedelta | None, written_seq: int, enabled: bool = True):
+    def __init__(self, max_lag: timedelta | None, written_seq: int, enabled: bool = True, swept: bool = False,
+                 lead_id: str = ""):
         self.max_lag = max_lag
         self.enabled = enabled  # False (version-1 runs): every batch is written at once
+        self.swept = swept  # version 4: the worker's sweeper writes what waits (no lag timer)
+        self.lead_id = lead_id
         self.written_seq = written_seq
         self.unwritten: list[AuditEntry] = []  # produced, not yet sent to the store
         self.writing: list[AuditEntry] = []  # sent, not yet confirmed
@@ -48,6 +78,9 @@ class AuditCadence:
     def tail(self) -> list[AuditEntry]:
         """Entries the store may not have yet, oldest first."""
         return self.writing + self.unwritten
+
+    def tail_after(self, seq: int) -> list[AuditEntry]:
+        return [entry for entry in self.tail if entry.seq > seq]
 
     def add(self, entries: list[AuditEntry]) -> None:
         self.unwritten += entries
@@ -90,6 +123,9 @@ class AuditCadence:
             if self._lag_timer is not None:  # nothing waits: a firing timer would wake us for nothing
                 self._lag_timer.cancel()
                 self._lag_timer = None
+        elif self.swept:
+            if self.max_lag is not None and not workflow.unsafe.is_replaying():
+                SWEEP_NOTES.note(workflow.info().task_queue, self.lead_id)
         elif self.enabled and self._lag_timer is None and self.max_lag is not None:
             self._lag_timer = asyncio.create_task(self._flush_after_lag())
 

@@ -74,7 +74,8 @@ class LeadWorkflow:
         lag = None if inp.audit_max_lag_seconds is None else timedelta(seconds=inp.audit_max_lag_seconds)
         self._audit = AuditCadence(lag,
                                    written_seq=inp.state.audit_seq if inp.state else 0,
-                                   enabled=self._behaviour.audit_cadence)
+                                   enabled=self._behaviour.audit_cadence, swept=self._behaviour.swept_audit,
+                                   lead_id=inp.lead_id)
         self._wake = WakeTimer()
         self._deliveries = Deliveries(self._owner_assigned, assign_first=self._behaviour.decisions_and_owners)
         # Erasure: inputs taken and applied so far (an erasure waits for what came before it),
@@ -277,8 +278,12 @@ class LeadWorkflow:
 
     def _refresh_search_attributes(self, always: bool = False) -> None:
         """Visibility follows the store: refreshed once caught up after a write (each upsert
-        is a visibility write on the server; during a burst the next batch would overwrite it)."""
-        if not (always or self._audit.wrote):
+        is a visibility write on the server; during a burst the next batch would overwrite it).
+        Version 4 leads rarely write themselves (the sweeper does): they refresh when the
+        stage, owner, channel or model changed, the score going along; a score change alone
+        waits for the next of these or of the lead's own writes (`show` is always live)."""
+        wrote = always or self._audit.wrote
+        if not (wrote or self._behaviour.swept_audit):
             return
         self._audit.wrote = False
         assert self._lead is not None
@@ -291,11 +296,14 @@ class LeadWorkflow:
         }
         if self._behaviour.decisions_and_owners:
             wanted[sa.LEAD_MODEL] = s.model_ref
+        changed = [key for key, value in wanted.items() if self._upserted.get(key.name, ...) != value]
+        if not wrote and all(key is sa.LEAD_SCORE for key in changed):
+            return
         updates = []
-        for key, value in wanted.items():
-            if self._upserted.get(key.name, ...) != value:
-                updates.append(key.value_set(value) if value is not None else key.value_unset())
-                self._upserted[key.name] = value
+        for key in changed:
+            value = wanted[key]
+            updates.append(key.value_set(value) if value is not None else key.value_unset())
+            self._upserted[key.name] = value
         if updates:
             workflow.upsert_search_attributes(updates)
 
@@ -341,9 +349,10 @@ class LeadWorkflow:
         return self._lead.outcome_of(key) if self._lead is not None else None
 
     @workflow.query
-    def audit_tail(self) -> list[AuditEntry]:
-        """Entries the store may not have yet (waiting or being written), oldest first."""
-        return self._audit.tail
+    def audit_tail(self, after_seq: int = 0) -> list[AuditEntry]:
+        """Entries the store may not have yet (waiting or being written), oldest first;
+        the sweeper asks only for those after what it wrote."""
+        return self._audit.tail_after(after_seq)
 
     # ------------------------------------------------------------------ updates
 

@@ -19,7 +19,7 @@ from funnel.scoring_model import ScoringModel
 # How a run behaves, for replay. Runs keep the behaviour of the code that started them
 # (chosen by input rather than `workflow.patched()`: a patch upserts the
 # TemporalChangeVersion search attribute, a visibility write for every new lead).
-CURRENT_VERSION = 3
+CURRENT_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,16 @@ class RunBehaviour:
     # (reproduced: `bench/ingest.py --shape sparse --cache 40` failed a lead on replay
     # with a nondeterminism error), and a lead that outgrows the cache must replay alike.
     local_reads: bool = False
+    # v4: entries that may wait (score changes, ...) reach the store through the worker's
+    # sweeper (activities/audit_sweeper.py), which reads them by query: no lag timer and
+    # no write activity per quiet lead. The lead still writes itself what must not wait,
+    # and everything before a run ends. v2 and v3 start a lag timer and write on it.
+    swept_audit: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
-    return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3, local_reads=version == 2)
+    return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3, local_reads=version == 2,
+                        swept_audit=version >= 4)
 
 
 class ModelChange(BaseModel):

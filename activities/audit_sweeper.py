@@ -1,0 +1,116 @@
+"""The worker's audit sweeper: writes the entries leads keep waiting in their state.
+
+A score change is decided in a workflow task, and writing it from the lead costs the lead
+a lag timer, a write activity and two more workflow tasks: about 12 history events. For
+real traffic (a lead gets an event, then nothing for days) that was every event's cost,
+three times the event itself. Leads of version 4 (RunBehaviour.swept_audit) note
+themselves instead (SWEEP_NOTES, workflows/audit_cadence.py); every `interval` this sweeper
+takes the noted leads of its task queue, reads what waits by the `audit_tail` query (a
+query adds nothing to a history) and writes all of it in one transaction. The store keeps
+the first copy of each (lead, seq), so the lead's own later write of the same entries
+changes nothing.
+
+If a sweep fails (the store or Temporal down), its leads are noted again for the next one.
+If the worker dies first, the entries are still in the leads' state (Temporal's history)
+and reach the store with the lead's next write of its own: an entry that must not wait,
+or the end of its run. `client.read_history` shows them meanwhile (store + tail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+from sqlalchemy.exc import SQLAlchemyError
+from temporalio.client import Client, WorkflowQueryFailedError, WorkflowQueryRejectedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.store import AuditStore
+from funnel.models import AuditEntry
+from workflows.audit_cadence import SWEEP_NOTES
+from workflows.lead import workflow_id
+
+log = logging.getLogger("leadflow.sweeper")
+
+QUERY_CONCURRENCY = 16
+QUERY_TIMEOUT = 10.0  # s; a lead that does not answer is noted again
+REMEMBERED_LEADS = 100_000  # per lead, the last seq written: the next query asks only for newer ones
+
+
+class AuditSweeper:
+    def __init__(self, client: Client, store: AuditStore, task_queue: str, interval: float = 1.0):
+        self.client = client
+        self.store = store
+        self.task_queue = task_queue
+        self.interval = interval
+        self._written: OrderedDict[str, int] = OrderedDict()
+        self._stopping = asyncio.Event()
+        self._sweeping = asyncio.Lock()
+        self.swept_entries = 0  # written by sweeps (new or not), for tests and figures
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
+            except TimeoutError:
+                pass
+            async with self._sweeping:  # a sweep is never cut off half way by stop()
+                await self.sweep()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """End the loop after its current sweep, and sweep once more (a worker shutting down:
+        what its leads noted last reaches the store now, not with their next write)."""
+        self._stopping.set()
+        async with self._sweeping:
+            try:
+                await asyncio.wait_for(self.sweep(), timeout)
+            except TimeoutError:
+                log.warning("last audit sweep cut off after %.0f s; the leads write it themselves later", timeout)
+
+    async def sweep(self) -> int:
+        """One sweep of the leads noted since the last; returns how many entries were new."""
+        leads = sorted(SWEEP_NOTES.take(self.task_queue))
+        if not leads:
+            return 0
+        gate = asyncio.Semaphore(QUERY_CONCURRENCY)
+
+        async def tail(lead_id: str) -> list[AuditEntry] | None:
+            async with gate:
+                try:
+                    return await asyncio.wait_for(self.client.get_workflow_handle(workflow_id(lead_id)).query(
+                        "audit_tail", self._written.get(lead_id, 0), result_type=list[AuditEntry]), QUERY_TIMEOUT)
+                except RPCError as err:
+                    if err.status == RPCStatusCode.NOT_FOUND:
+                        return []  # ended: it wrote everything before it did
+                    return None
+                except (WorkflowQueryFailedError, WorkflowQueryRejectedError):
+                    return []  # closed (won) or failed: nothing waits that the lead would still write
+                except Exception:  # noqa: BLE001 - a timeout, the server away: try the lead again
+                    return None
+
+        tails = await asyncio.gather(*(tail(lead) for lead in leads))
+        again = [lead for lead, got in zip(leads, tails) if got is None]
+        entries = [entry for got in tails if got for entry in got]
+        new = 0
+        if entries:
+            try:
+                new = await asyncio.to_thread(self.store.write_audit, entries)
+            except SQLAlchemyError as err:
+                log.warning("audit sweep of %d lead(s) not written, trying again: %s", len(leads),
+                            str(err).splitlines()[0][:200])
+                again = leads
+                entries = []
+        for entry in entries:
+            self._remember(entry.lead_id, entry.seq)
+        self.swept_entries += len(entries)
+        for lead in again:
+            SWEEP_NOTES.note(self.task_queue, lead)
+        return new
+
+    def _remember(self, lead_id: str, seq: int) -> None:
+        if seq > self._written.get(lead_id, 0):
+            self._written[lead_id] = seq
+            self._written.move_to_end(lead_id)
+            while len(self._written) > REMEMBERED_LEADS:
+                self._written.popitem(last=False)
