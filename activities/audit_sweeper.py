@@ -23,7 +23,7 @@ import logging
 from collections import OrderedDict
 
 from sqlalchemy.exc import SQLAlchemyError
-from temporalio.client import Client, WorkflowQueryFailedError, WorkflowQueryRejectedError
+from temporalio.client import Client, WorkflowQueryRejectedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.store import AuditStore
@@ -35,6 +35,7 @@ log = logging.getLogger("leadflow.sweeper")
 
 QUERY_CONCURRENCY = 16
 QUERY_TIMEOUT = 10.0  # s; a lead that does not answer is noted again
+MAX_TRIES = 40  # sweeps in a row a lead may not answer (~10 s at 0.25 s) before it is left to write itself
 REMEMBERED_LEADS = 100_000  # per lead, the last seq written: the next query asks only for newer ones
 
 
@@ -45,6 +46,7 @@ class AuditSweeper:
         self.task_queue = task_queue
         self.interval = interval
         self._written: OrderedDict[str, int] = OrderedDict()
+        self._failures: dict[str, int] = {}  # leads whose query failed, sweeps in a row
         self._stopping = asyncio.Event()
         self._sweeping = asyncio.Lock()
         self.swept_entries = 0  # written by sweeps (new or not), for tests and figures
@@ -82,15 +84,15 @@ class AuditSweeper:
                         "audit_tail", self._written.get(lead_id, 0), result_type=list[AuditEntry]), QUERY_TIMEOUT)
                 except RPCError as err:
                     if err.status == RPCStatusCode.NOT_FOUND:
-                        return []  # ended: it wrote everything before it did
+                        return []  # no such lead (any more): nothing to sweep
                     return None
-                except (WorkflowQueryFailedError, WorkflowQueryRejectedError):
-                    return []  # closed (won) or failed: nothing waits that the lead would still write
-                except Exception:  # noqa: BLE001 - a timeout, the server away: try the lead again
+                except WorkflowQueryRejectedError:
+                    return []  # the run failed or was terminated: it will not answer again
+                except Exception:  # noqa: BLE001 - a timeout, a failed query, the server away: again
                     return None
 
         tails = await asyncio.gather(*(tail(lead) for lead in leads))
-        again = [lead for lead, got in zip(leads, tails) if got is None]
+        again = [lead for lead, got in zip(leads, tails) if got is None and self._retry(lead)]
         entries = [entry for got in tails if got for entry in got]
         new = 0
         if entries:
@@ -103,10 +105,23 @@ class AuditSweeper:
                 entries = []
         for entry in entries:
             self._remember(entry.lead_id, entry.seq)
+            self._failures.pop(entry.lead_id, None)
         self.swept_entries += len(entries)
         for lead in again:
             SWEEP_NOTES.note(self.task_queue, lead)
         return new
+
+    def _retry(self, lead_id: str) -> bool:
+        """Whether to ask a lead that did not answer again: up to MAX_TRIES sweeps in a row,
+        then its entries wait for the lead's own next write (and reads merge them)."""
+        failures = self._failures.get(lead_id, 0) + 1
+        if failures >= MAX_TRIES:
+            self._failures.pop(lead_id, None)
+            log.warning("lead %s did not answer %d audit sweeps; its entries go with its own next write",
+                        lead_id, failures)
+            return False
+        self._failures[lead_id] = failures
+        return True
 
     def _remember(self, lead_id: str, seq: int) -> None:
         if seq > self._written.get(lead_id, 0):
