@@ -58,7 +58,10 @@ class AuditSweeper:
             except TimeoutError:
                 pass
             async with self._sweeping:  # a sweep is never cut off half way by stop()
-                await self.sweep()
+                try:
+                    await self.sweep()
+                except Exception:  # noqa: BLE001 - the loop outlives any one sweep
+                    log.exception("audit sweep failed; its leads write their entries themselves later")
 
     async def stop(self, timeout: float = 10.0) -> None:
         """End the loop after its current sweep, and sweep once more (a worker shutting down:
@@ -93,19 +96,22 @@ class AuditSweeper:
 
         tails = await asyncio.gather(*(tail(lead) for lead in leads))
         again = [lead for lead, got in zip(leads, tails) if got is None and self._retry(lead)]
+        for lead, got in zip(leads, tails):
+            if got is not None:
+                self._failures.pop(lead, None)
         entries = [entry for got in tails if got for entry in got]
         new = 0
         if entries:
             try:
                 new = await asyncio.to_thread(self.store.write_audit, entries)
-            except SQLAlchemyError as err:
-                log.warning("audit sweep of %d lead(s) not written, trying again: %s", len(leads),
-                            str(err).splitlines()[0][:200])
+            except Exception as err:  # noqa: BLE001 - the store down (SQLAlchemyError) or worse: try again
+                level = logging.WARNING if isinstance(err, SQLAlchemyError) else logging.ERROR
+                log.log(level, "audit sweep of %d lead(s) not written, trying again: %s", len(leads),
+                        (str(err).splitlines() or [type(err).__name__])[0][:200])
                 again = leads
                 entries = []
         for entry in entries:
             self._remember(entry.lead_id, entry.seq)
-            self._failures.pop(entry.lead_id, None)
         self.swept_entries += len(entries)
         for lead in again:
             SWEEP_NOTES.note(self.task_queue, lead)
