@@ -3,7 +3,7 @@
 A score change is decided in a workflow task, and writing it from the lead costs the lead
 a lag timer, a write activity and two more workflow tasks: about 12 history events. For
 real traffic (a lead gets an event, then nothing for days) that was every event's cost,
-three times the event itself. Leads of version 4 (RunBehaviour.swept_audit) note
+four times the event itself. Leads of version 4 (RunBehaviour.swept_audit) note
 themselves instead (SWEEP_NOTES, workflows/audit_cadence.py); every `interval` this sweeper
 takes the noted leads of its task queue, reads what waits by the `audit_tail` query (a
 query adds nothing to a history) and writes all of it in one transaction. The store keeps
