@@ -1,8 +1,9 @@
 """The audit store and outbox, against SQLite and a real, throwaway PostgreSQL.
 
 The PostgreSQL cluster is started once per session from the local binaries
-(Debian: `apt-get install -y postgresql`). Without them the postgresql tests
-fail with instructions; set LEADFLOW_TEST_POSTGRES=0 to leave them out on purpose.
+(Debian: `apt-get install -y postgresql`; scripts/test installs them when run as root).
+Without them the postgresql tests fail with instructions: the store runs on PostgreSQL in
+production, so its tests always run there too.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def postgres_server():
     if bin_dir is None:
         pytest.fail(
             "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin. "
-            "Install them (Debian/Ubuntu: apt-get update && apt-get install -y postgresql) "
-            "or set LEADFLOW_TEST_POSTGRES=0 to run the store tests against SQLite only."
+            "Install them (Debian/Ubuntu: apt-get update && apt-get install -y postgresql); "
+            "scripts/test does when run as root."
         )
     base = Path(tempfile.mkdtemp(prefix="leadflow-pg-"))
     if os.geteuid() == 0:
@@ -132,8 +133,6 @@ def store(request, tmp_path):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path}/audit.db"
     else:
-        if os.environ.get("LEADFLOW_TEST_POSTGRES") == "0":
-            pytest.skip("PostgreSQL store tests disabled by LEADFLOW_TEST_POSTGRES=0")
         url = request.getfixturevalue("postgres_server").new_database()
     audit_store = AuditStore(url)
     yield audit_store
