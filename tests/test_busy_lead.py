@@ -21,6 +21,7 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 import client as leads
+from activities.store import AuditStore
 from config import Settings, dev_server_dynamic_flags
 from funnel.models import ActivityEvent, AuditKind
 from tests.conftest import binary, running_worker, settle
@@ -51,6 +52,12 @@ def tight_settings(tmp_path) -> Settings:
                     max_history_events=SUGGEST, decision_delay_seconds=1.0, audit_max_lag_seconds=2)
 
 
+@pytest.fixture
+def store(tight_settings) -> AuditStore:
+    """The audit store of `tight_settings` (this module's leads), in place of conftest's."""
+    return AuditStore(tight_settings.database_url)
+
+
 def events(lead: str, n: int, now) -> list[ActivityEvent]:
     kinds = ["website_visit", "email_open", "email_click", "pricing_page_visit", "video_view"]
     return [ActivityEvent(event_id=f"{lead}-{i}", lead_id=lead, type=kinds[i % len(kinds)], occurred_at=now,
@@ -73,12 +80,9 @@ def own_entries(store, lead: str) -> list[str]:
     return [e.event_id for e in store.history(lead, limit=100_000) if e.kind == AuditKind.SCORE_CHANGED and e.event_id]
 
 
-async def test_a_steady_stream_continues_as_new_and_the_lead_lives(tight_env, tight_settings, tmp_path):
+async def test_a_steady_stream_continues_as_new_and_the_lead_lives(tight_env, tight_settings, store, tmp_path):
     """One event per call, as a bot on the website sends them: the old loop never found a
     quiet moment to continue-as-new, and the server terminated the lead at its limit."""
-    from activities.store import AuditStore
-
-    store = AuditStore(tight_settings.database_url)
     client, lead, n = tight_env.client, "B-stream", 1200
     async with running_worker(client, tight_settings, store):
         now = await tight_env.get_current_time()
@@ -100,13 +104,10 @@ async def test_a_steady_stream_continues_as_new_and_the_lead_lives(tight_env, ti
     assert sorted(own_entries(store, lead)) == sorted(e.event_id for e in events(lead, n, now)), "each once"
 
 
-async def test_a_backlog_of_10000_events_is_worked_off_without_wedging(tight_env, tight_settings):
+async def test_a_backlog_of_10000_events_is_worked_off_without_wedging(tight_env, tight_settings, store):
     """10,000 events queue up while no worker runs; then the worker starts. The old loop
     applied ~4,200 in one workflow task, tripped the deadlock detector on every retry, and
     the lead never answered again."""
-    from activities.store import AuditStore
-
-    store = AuditStore(tight_settings.database_url)
     client, lead, n = tight_env.client, "B-backlog", 10_000
     now = await tight_env.get_current_time()
     await leads.send_events(client, tight_settings, events(lead, n, now))  # 100 signals of 100, nobody applies them
@@ -126,10 +127,7 @@ async def test_a_backlog_of_10000_events_is_worked_off_without_wedging(tight_env
     print(f"\nbacklog of {n} events worked off in {seconds:.1f} s")
 
 
-async def test_a_lead_that_ended_abnormally_is_not_called_won(tight_env, tight_settings):
-    from activities.store import AuditStore
-
-    store = AuditStore(tight_settings.database_url)
+async def test_a_lead_that_ended_abnormally_is_not_called_won(tight_env, tight_settings, store):
     client, lead = tight_env.client, "B-terminated"
     async with running_worker(client, tight_settings, store):
         now = await tight_env.get_current_time()
@@ -140,10 +138,7 @@ async def test_a_lead_that_ended_abnormally_is_not_called_won(tight_env, tight_s
             await leads.send_events(client, tight_settings, [events(lead, 2, now)[1]])
 
 
-async def test_history_reads_do_not_hang_without_a_worker(tight_env, tight_settings):
-    from activities.store import AuditStore
-
-    store = AuditStore(tight_settings.database_url)
+async def test_history_reads_do_not_hang_without_a_worker(tight_env, tight_settings, store):
     client, lead = tight_env.client, "B-noworker"
     async with running_worker(client, tight_settings, store):
         now = await tight_env.get_current_time()
