@@ -122,9 +122,11 @@ def store(settings) -> AuditStore:
 
 
 @asynccontextmanager
-async def running_worker(client: Client, settings: Settings, store: AuditStore, sandboxed: bool = False):
+async def running_worker(client: Client, settings: Settings, store: AuditStore, sandboxed: bool = False,
+                         activities: LeadActivities | None = None):
+    """The worker as worker.py builds it; `activities`: a test's own (e.g. held or slowed)."""
     with ThreadPoolExecutor(16) as executor:
-        async with build_worker(client, settings, LeadActivities(settings, store), executor,
+        async with build_worker(client, settings, activities or LeadActivities(settings, store), executor,
                                 sandboxed=sandboxed) as worker:
             yield worker
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,6 @@ from tests.conftest import (
     scheduled_activities,
     settle,
 )
-from worker import build_worker
 from workflows.lead import LeadWorkflow, workflow_id
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -223,17 +221,16 @@ async def test_a_lead_that_is_still_starting_says_so_rather_than_not_found(ts_en
 
     client, lead = ts_env.client, "S-starting"
     acts = SlowModel(settings, store)
-    with ThreadPoolExecutor(4) as executor:
-        async with build_worker(client, settings, acts, executor):
-            now = await ts_env.get_current_time()
-            await leads.send_events(client, settings, [event(lead, "1", "website_visit", now)])
-            with pytest.raises(leads.LeadStarting, match="still starting"):
-                for _ in range(100):
-                    await leads.get_view(client, lead)  # raises once the worker has the lead in hand
-                    await asyncio.sleep(0.05)
-            release.set()
-            view = await settle(ts_env, client, lead, lambda v: v.events_applied == 1)
-            assert view.stage == Stage.IQL
+    async with running_worker(client, settings, store, activities=acts):
+        now = await ts_env.get_current_time()
+        await leads.send_events(client, settings, [event(lead, "1", "website_visit", now)])
+        with pytest.raises(leads.LeadStarting, match="still starting"):
+            for _ in range(100):
+                await leads.get_view(client, lead)  # raises once the worker has the lead in hand
+                await asyncio.sleep(0.05)
+        release.set()
+        view = await settle(ts_env, client, lead, lambda v: v.events_applied == 1)
+        assert view.stage == Stage.IQL
     assert all_activities(acts)
 
 
@@ -305,20 +302,19 @@ async def test_an_owner_assigned_during_the_last_write_before_continue_as_new_is
     OWNER_ASSIGNED entry was left behind, its seq used: a gap in the store for ever."""
     client, lead = dev_env.client, "D-owner-at-can"
     acts = HeldActivities(settings, store)
-    with ThreadPoolExecutor(16) as executor:
-        async with build_worker(client, settings, acts, executor):
-            now = await dev_env.get_current_time()
-            acts.owner_open.clear()
-            await leads.send_events(client, settings, [event(lead, "hand", "demo_request", now)])
-            await until_set(acts.owner_held, "the handover")  # MQL written; its owner is held
-            sent = await hold_the_last_write_before_continue_as_new(dev_env, settings, acts, lead, now)
-            acts.owner_open.set()  # the owner comes back while the write is in flight
-            await settle(dev_env, client, lead, lambda v: v.owner is not None)
-            acts.audit_open.set()
-            await settle(dev_env, client, lead, lambda v: v.events_applied == sent + 1)
-            assert len(await runs_of(client, lead, at_least=2)) >= 2
-            last = await leads.flush_audit(client, lead)
-            view = await leads.get_view(client, lead)
+    async with running_worker(client, settings, store, activities=acts):
+        now = await dev_env.get_current_time()
+        acts.owner_open.clear()
+        await leads.send_events(client, settings, [event(lead, "hand", "demo_request", now)])
+        await until_set(acts.owner_held, "the handover")  # MQL written; its owner is held
+        sent = await hold_the_last_write_before_continue_as_new(dev_env, settings, acts, lead, now)
+        acts.owner_open.set()  # the owner comes back while the write is in flight
+        await settle(dev_env, client, lead, lambda v: v.owner is not None)
+        acts.audit_open.set()
+        await settle(dev_env, client, lead, lambda v: v.events_applied == sent + 1)
+        assert len(await runs_of(client, lead, at_least=2)) >= 2
+        last = await leads.flush_audit(client, lead)
+        view = await leads.get_view(client, lead)
     history = store.history(lead, limit=1000)
     assert [e.seq for e in history] == list(range(1, last + 1)), "no entry left behind"
     assert [e.detail for e in history if e.kind == AuditKind.OWNER_ASSIGNED] == [
@@ -330,18 +326,17 @@ async def test_a_command_during_the_last_write_before_continue_as_new_is_answere
     entries to be written: the lead was stuck until some other update came."""
     client, lead = dev_env.client, "D-command-at-can"
     acts = HeldActivities(settings, store)
-    with ThreadPoolExecutor(16) as executor:
-        async with build_worker(client, settings, acts, executor):
-            now = await dev_env.get_current_time()
-            await leads.send_events(client, settings, [event(lead, "hand", "demo_request", now)])
-            await settle(dev_env, client, lead, lambda v: v.owner is not None)
-            await hold_the_last_write_before_continue_as_new(dev_env, settings, acts, lead, now)
-            accept = asyncio.create_task(leads.run_command(client, lead, Accept(by=ANNA)))
-            await settle(dev_env, client, lead, lambda v: v.stage == Stage.SAL)  # the handler ran
-            acts.audit_open.set()
-            view = await asyncio.wait_for(accept, 20)
-            assert view.stage == Stage.SAL
-            last = await leads.flush_audit(client, lead)
+    async with running_worker(client, settings, store, activities=acts):
+        now = await dev_env.get_current_time()
+        await leads.send_events(client, settings, [event(lead, "hand", "demo_request", now)])
+        await settle(dev_env, client, lead, lambda v: v.owner is not None)
+        await hold_the_last_write_before_continue_as_new(dev_env, settings, acts, lead, now)
+        accept = asyncio.create_task(leads.run_command(client, lead, Accept(by=ANNA)))
+        await settle(dev_env, client, lead, lambda v: v.stage == Stage.SAL)  # the handler ran
+        acts.audit_open.set()
+        view = await asyncio.wait_for(accept, 20)
+        assert view.stage == Stage.SAL
+        last = await leads.flush_audit(client, lead)
     history = store.history(lead, limit=1000)
     assert [e.seq for e in history] == list(range(1, last + 1))
     assert [e.to_stage for e in history if e.kind == AuditKind.STAGE_CHANGED] == [Stage.MQL, Stage.SAL]
