@@ -8,13 +8,17 @@ task queue and SQLite audit store, so tests never see each other's leads.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from collections import Counter
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -168,3 +172,46 @@ def scheduled_activities(history) -> list[str]:
     """The activity types a workflow history scheduled, in order."""
     return [e.activity_task_scheduled_event_attributes.activity_type.name for e in history.events
             if e.HasField("activity_task_scheduled_event_attributes")]
+
+
+class Receiver:
+    """A webhook receiver on a free local port: "up" (200), "down" (503) or "lossy" (takes
+    the POST, records it, and drops the connection without an answer). `taken` holds the
+    (Idempotency-Key, body) of every POST it took, i.e. not while down."""
+
+    def __init__(self, mode: str = "up") -> None:
+        self.mode = mode
+        self.lock = threading.Lock()
+        self.taken: list[tuple[str, dict]] = []  # (Idempotency-Key, body) of every POST it took
+        self.answers: Counter = Counter()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                mode = receiver.mode
+                with receiver.lock:
+                    receiver.answers[mode] += 1
+                    if mode != "down":
+                        receiver.taken.append((self.headers.get("Idempotency-Key"), body))
+                if mode == "lossy":
+                    self.close_connection = True  # the answer is lost: no status line at all
+                    return
+                self.send_response(200 if mode == "up" else 503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def keys(self) -> set[str]:
+        with self.lock:
+            return {key for key, _ in self.taken}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -66,12 +66,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -88,7 +86,7 @@ from config import DEFAULT_MODEL, Settings, data_converter, dev_server_dynamic_f
 from funnel.lead import Lead
 from funnel.models import ActivityEvent, AuditKind, OutboundKind, Stage
 from funnel.scoring_model import load_model
-from tests.conftest import binary
+from tests.conftest import Receiver, binary
 from tests.test_store import _as_postgres_user, _free_port, _postgres_bin_dir
 from workflows import search_attributes as sa
 from workflows.lead import workflow_id
@@ -349,46 +347,6 @@ class WorkerProcess:
         _kill(self.proc)
 
 
-class Receiver:
-    """A webhook receiver: "up" (200), "down" (503) or "lossy" (takes the POST, records it,
-    and drops the connection without an answer)."""
-
-    def __init__(self) -> None:
-        self.mode = "up"
-        self.lock = threading.Lock()
-        self.taken: list[tuple[str, dict]] = []  # (Idempotency-Key, body) of every POST it took
-        self.answers: Counter = Counter()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                mode = receiver.mode
-                with receiver.lock:
-                    receiver.answers[mode] += 1
-                    if mode != "down":
-                        receiver.taken.append((self.headers.get("Idempotency-Key"), body))
-                if mode == "lossy":
-                    self.close_connection = True  # the answer is lost: no status line at all
-                    return
-                self.send_response(200 if mode == "up" else 503)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def keys(self) -> set[str]:
-        with self.lock:
-            return {key for key, _ in self.taken}
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # --------------------------------------------------------------------------- the test

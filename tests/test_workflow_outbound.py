@@ -4,53 +4,23 @@ is assigned."""
 
 from __future__ import annotations
 
-import json
-import threading
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import client as leads
 from funnel.models import Accept, Stage
-from tests.conftest import ANNA, event, running_worker, settle
-
-
-class Receiver:
-    """A webhook receiver on loopback that can be switched down (503) and up (200)."""
-
-    def __init__(self) -> None:
-        self.up = False
-        self.received: list[tuple[str, dict]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if receiver.up:
-                    receiver.received.append((self.headers["Idempotency-Key"], body))
-                self.send_response(200 if receiver.up else 503)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
+from tests.conftest import ANNA, Receiver, event, running_worker, settle
 
 
 async def delivered_handover(receiver, env, tries: int = 200) -> None:
     for _ in range(tries):
-        if any(body["kind"] == "handover" for _, body in receiver.received):
+        if any(body["kind"] == "handover" for _, body in receiver.taken):
             return
         await env.sleep(timedelta(milliseconds=50))
     raise AssertionError("the handover never reached the receiver")
 
 
 async def test_webhook_outage_does_not_hold_the_lead_up(ts_env, settings, store):
-    receiver = Receiver()
+    receiver = Receiver(mode="down")
     settings = settings.model_copy(update={"webhook_url": receiver.url})
     client, lead = ts_env.client, "O-outage"
     try:
@@ -69,14 +39,14 @@ async def test_webhook_outage_does_not_hold_the_lead_up(ts_env, settings, store)
             await leads.send_events(client, settings, [event(lead, "2", "website_visit", now)])
             await settle(ts_env, client, lead, lambda v: v.events_applied == 2)
 
-            receiver.up = True
+            receiver.mode = "up"
             await ts_env.sleep(timedelta(minutes=15))  # past the next retry (at most 10 min apart)
             await delivered_handover(receiver, ts_env)
             view = await leads.get_view(client, lead)
             assert view.owner == presales_owner
     finally:
         receiver.close()
-    handovers = [(key, body) for key, body in receiver.received if body["kind"] == "handover"]
+    handovers = [(key, body) for key, body in receiver.taken if body["kind"] == "handover"]
     assert len(handovers) == 1
     key, body = handovers[0]
     assert key == body["message_id"] and body["payload"]["owner"] == view.owner
