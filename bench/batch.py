@@ -40,17 +40,14 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 from sqlalchemy import func  # noqa: E402
 from sqlmodel import Session, select  # noqa: E402
-from temporalio.testing import WorkflowEnvironment  # noqa: E402
 
 import api  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditRow, AuditStore  # noqa: E402
-from bench.ingest import BIN  # noqa: E402
-from config import Settings, data_converter, dev_server_dynamic_flags  # noqa: E402
+from bench.ingest import start_embedded  # noqa: E402
+from config import Settings  # noqa: E402
 from funnel.models import AuditKind  # noqa: E402
-from payload_codec import PayloadKeyring, new_key  # noqa: E402
 from worker import ACTIVITY_THREADS, build_worker  # noqa: E402
-from workflows import search_attributes as sa  # noqa: E402
 
 KEY = "mk-bench-" + uuid.uuid4().hex
 
@@ -84,13 +81,7 @@ async def main(args: argparse.Namespace) -> list[dict]:
     tmp = Path(tempfile.mkdtemp(prefix="leadflow-batch-"))
     database_url = f"sqlite:///{tmp / 'audit.db'}"
     store = AuditStore(database_url)
-    converter = data_converter(Settings(database_url=database_url), keyring=PayloadKeyring({"b": new_key()}, "b"),
-                               key_store=store)
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(BIN / "temporal"), data_converter=converter, search_attributes=sa.ALL,
-        dev_server_database_filename=str(tmp / "temporal.db"), dev_server_log_level="error",
-        dev_server_extra_args=dev_server_dynamic_flags(),
-    )
+    env = await start_embedded(tmp, store)
     settings = Settings(task_queue=f"batch-{uuid.uuid4().hex[:6]}", database_url=database_url, audit_max_lag_seconds=0)
     acts = LeadActivities(settings, store)
     app = api.create_app(settings=settings, keys=api.KeyRing(api.KeyRing.parse(f"bench:marketing:{KEY}")),

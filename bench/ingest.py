@@ -193,6 +193,20 @@ class Phase:
         return self.flush_history_events / self.events if self.events else 0.0
 
 
+async def start_embedded(tmp: Path, store: AuditStore, key: bytes | None = None, in_memory: bool = False,
+                         dynamic_config: dict[str, str] | None = None) -> WorkflowEnvironment:
+    """The embedded default for a benchmark: the dev server (on `tmp/temporal.db`, or in
+    memory) with scripts/run's dynamic config (plus `dynamic_config`), and a client that
+    encrypts as production does, with a throwaway payload key and the lead keys in `store`."""
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(BIN / "temporal"), search_attributes=sa.ALL,
+        data_converter=data_converter(Settings(), keyring=PayloadKeyring({"bench": key or new_key()}, "bench"),
+                                      key_store=store),
+        dev_server_database_filename=None if in_memory else str(tmp / "temporal.db"), dev_server_log_level="error",
+        dev_server_extra_args=dev_server_dynamic_flags(**(dynamic_config or {})),
+    )
+
+
 # --------------------------------------------------------------------------- input
 
 
@@ -611,17 +625,8 @@ async def main(argv: list[str] | None = None) -> dict:
     key = new_key()
     if args.keep:  # what a kept server db is read with: LEADFLOW_PAYLOAD_KEYS_FILE=<tmp>/payload-keys.toml
         (tmp / "payload-keys.toml").write_text(f'current = "bench"\n\n[keys]\nbench = "{key_spec("bench", key).split(":", 1)[1]}"\n')
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(BIN / "temporal"),
-        search_attributes=sa.ALL,
-        # Encrypted as in production (a throwaway key; the lead keys in the run's own store).
-        data_converter=data_converter(Settings(database_url=database_url), keyring=PayloadKeyring(
-            {"bench": key}, "bench"), key_store=AuditStore(database_url)),
-        dev_server_database_filename=None if args.in_memory else str(tmp / "temporal.db"),
-        dev_server_log_level="error",
-        # The embedded default's dynamic config (as scripts/run starts it), plus --dynamic-config.
-        dev_server_extra_args=dev_server_dynamic_flags(**dict(kv.split("=", 1) for kv in args.dynamic_config)),
-    )
+    env = await start_embedded(tmp, AuditStore(database_url), key=key, in_memory=args.in_memory,
+                               dynamic_config=dict(kv.split("=", 1) for kv in args.dynamic_config))
     base = Phase("baseline", workflows=0, events=0)
     lead = Phase("lead", workflows=0, events=0)
     try:

@@ -40,17 +40,14 @@ if str(ROOT) not in sys.path:
 
 from sqlalchemy import func  # noqa: E402
 from sqlmodel import Session, select  # noqa: E402
-from temporalio.testing import WorkflowEnvironment  # noqa: E402
 
 import client as leads  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditRow, AuditStore, OutboxRow  # noqa: E402
-from bench.ingest import BIN, child_pids  # noqa: E402
-from config import DEFAULT_MODEL, Settings, data_converter, dev_server_dynamic_flags  # noqa: E402
+from bench.ingest import child_pids, start_embedded  # noqa: E402
+from config import DEFAULT_MODEL, Settings  # noqa: E402
 from funnel.models import ActivityEvent, AuditKind  # noqa: E402
-from payload_codec import PayloadKeyring, new_key  # noqa: E402
 from worker import ACTIVITY_THREADS, build_worker  # noqa: E402
-from workflows import search_attributes as sa  # noqa: E402
 
 
 def rss_mb(pid: int | None = None) -> float:
@@ -88,14 +85,7 @@ async def main(args: argparse.Namespace) -> dict:
                                   f'[[nurture.iql]]\nname = "welcome"\nafter = "{args.timer}"', 1))
     database_url = f"sqlite:///{tmp / 'audit.db'}"
     store = AuditStore(database_url)
-    # Encrypted as in production (a throwaway key; the lead keys in the run's own store).
-    converter = data_converter(Settings(database_url=database_url), keyring=PayloadKeyring({"live": new_key()}, "live"),
-                               key_store=store)
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(BIN / "temporal"), data_converter=converter,
-        dev_server_database_filename=str(tmp / "temporal.db"), search_attributes=sa.ALL,
-        dev_server_log_level="error", dev_server_extra_args=dev_server_dynamic_flags(),
-    )
+    env = await start_embedded(tmp, store)
     server = child_pids()
     settings = Settings(task_queue=f"live-{uuid.uuid4().hex[:6]}", database_url=database_url,
                         model_path=model, decision_delay_seconds=5)
