@@ -272,13 +272,14 @@ class TailUnknown(TimeoutError):
     """The lead did not say what it has not written yet (no worker): the store alone answers."""
 
 
-async def audit_tail(client: Client, lead_id: str, timeout: float = TAIL_TIMEOUT) -> list[AuditEntry]:
-    """Entries the lead has not written to the store yet (none if it has closed). Raises
-    TailUnknown when the lead does not answer in time (no worker is running): a history
-    read must not hang on that."""
+async def audit_tail(client: Client, lead_id: str, timeout: float = TAIL_TIMEOUT, after_seq: int = 0) -> list[AuditEntry]:
+    """Entries the lead has not written to the store yet (none if it has closed), those after
+    `after_seq` only if given. Raises TailUnknown when the lead does not answer in time (no
+    worker is running): a history read must not hang on that."""
     handle = client.get_workflow_handle(workflow_id(lead_id))
     try:
-        return await asyncio.wait_for(handle.query(LeadWorkflow.audit_tail, result_type=list[AuditEntry]), timeout)
+        return await asyncio.wait_for(
+            handle.query(LeadWorkflow.audit_tail, after_seq, result_type=list[AuditEntry]), timeout)
     except TimeoutError:
         raise TailUnknown(f"lead {lead_id} did not answer within {timeout:g} s: is a worker running?") from None
     except RPCError as err:

@@ -24,12 +24,11 @@ from collections import OrderedDict
 
 from sqlalchemy.exc import SQLAlchemyError
 from temporalio.client import Client, WorkflowQueryRejectedError
-from temporalio.service import RPCError, RPCStatusCode
 
+import client as leads
 from activities.store import AuditStore
 from funnel.models import AuditEntry
 from workflows.audit_cadence import SWEEP_NOTES
-from workflows.lead import workflow_id
 
 log = logging.getLogger("leadflow.sweeper")
 
@@ -75,28 +74,23 @@ class AuditSweeper:
 
     async def sweep(self) -> int:
         """One sweep of the leads noted since the last; returns how many entries were new."""
-        leads = sorted(SWEEP_NOTES.take(self.task_queue))
-        if not leads:
+        lead_ids = sorted(SWEEP_NOTES.take(self.task_queue))
+        if not lead_ids:
             return 0
         gate = asyncio.Semaphore(QUERY_CONCURRENCY)
 
         async def tail(lead_id: str) -> list[AuditEntry] | None:
             async with gate:
-                try:
-                    return await asyncio.wait_for(self.client.get_workflow_handle(workflow_id(lead_id)).query(
-                        "audit_tail", self._written.get(lead_id, 0), result_type=list[AuditEntry]), QUERY_TIMEOUT)
-                except RPCError as err:
-                    if err.status == RPCStatusCode.NOT_FOUND:
-                        return []  # no such lead (any more): nothing to sweep
-                    return None
+                try:  # [] for a lead that is gone or won (it wrote everything before it ended)
+                    return await leads.audit_tail(self.client, lead_id, QUERY_TIMEOUT, after_seq=self._written.get(lead_id, 0))
                 except WorkflowQueryRejectedError:
                     return []  # the run failed or was terminated: it will not answer again
-                except Exception:  # noqa: BLE001 - a timeout, a failed query, the server away: again
+                except Exception:  # noqa: BLE001 - no answer in time, a failed query, the server away: again
                     return None
 
-        tails = await asyncio.gather(*(tail(lead) for lead in leads))
-        again = [lead for lead, got in zip(leads, tails) if got is None and self._retry(lead)]
-        for lead, got in zip(leads, tails):
+        tails = await asyncio.gather(*(tail(lead) for lead in lead_ids))
+        again = [lead for lead, got in zip(lead_ids, tails) if got is None and self._retry(lead)]
+        for lead, got in zip(lead_ids, tails):
             if got is not None:
                 self._failures.pop(lead, None)
         entries = [entry for got in tails if got for entry in got]
@@ -106,9 +100,9 @@ class AuditSweeper:
                 new = await asyncio.to_thread(self.store.write_audit, entries)
             except Exception as err:  # noqa: BLE001 - the store down (SQLAlchemyError) or worse: try again
                 level = logging.WARNING if isinstance(err, SQLAlchemyError) else logging.ERROR
-                log.log(level, "audit sweep of %d lead(s) not written, trying again: %s", len(leads),
+                log.log(level, "audit sweep of %d lead(s) not written, trying again: %s", len(lead_ids),
                         (str(err).splitlines() or [type(err).__name__])[0][:200])
-                again = leads
+                again = lead_ids
                 entries = []
         for entry in entries:
             self._remember(entry.lead_id, entry.seq)
