@@ -631,6 +631,15 @@ class _ActiveModel:
                 self._active = parse_model(version.text, version.ref)
         return self._active or self._file
 
+    def forget(self) -> None:
+        self._read_at = -1e9
+
+    async def for_new_leads(self, backends: "Backends") -> ScoringModel | None:
+        """The store's active version, which a new lead then starts on without reading it
+        itself; None when the store was not read (the lead reads it)."""
+        await self.get(backends)
+        return self._active
+
 
 class Backends:
     """Temporal and the audit store, connected lazily so the API starts (and /readyz can
@@ -860,11 +869,13 @@ async def _applied_hint(backends: Backends, kind: AuditKind, wanted: dict[str, l
         return set()
 
 
-async def _deliver(backends: Backends, events: list[ActivityEvent]) -> dict[str, str]:
+async def _deliver(request: Request, events: list[ActivityEvent]) -> dict[str, str]:
     """Signal-with-start the events into their leads, one call per lead, in occurred_at
-    order. Returns {lead: reason} for closed (won) leads; raises Unavailable if Temporal
+    order; a new lead starts on the active model. Returns {lead: reason} for closed (won) leads; raises Unavailable if Temporal
     did not take some lead's events (the caller retries: delivered events apply once)."""
+    backends = _backends(request)
     temporal = await backends.temporal()
+    model = await request.app.state.scoring_model.for_new_leads(backends)
     by_lead: dict[str, list[ActivityEvent]] = defaultdict(list)
     for event in events:
         by_lead[event.lead_id].append(event)
@@ -873,7 +884,7 @@ async def _deliver(backends: Backends, events: list[ActivityEvent]) -> dict[str,
     async def send(lead_events: list[ActivityEvent]) -> None:
         async with gate:
             lead_events.sort(key=lambda e: e.occurred_at)
-            await asyncio.wait_for(leads.send_events(temporal, backends.settings, lead_events), SEND_TIMEOUT)
+            await asyncio.wait_for(leads.send_events(temporal, backends.settings, lead_events, model), SEND_TIMEOUT)
 
     results = await asyncio.gather(*(send(items) for items in by_lead.values()), return_exceptions=True)
     closed: dict[str, str] = {}
@@ -996,7 +1007,7 @@ async def post_event(
         if outcome == "conflict":
             return _problem(409, why)
         return EventAccepted(event_id=event.event_id, lead_id=event.lead_id, outcome="duplicate", detail=why)
-    closed = await _deliver(backends, fresh)
+    closed = await _deliver(request, fresh)
     if closed:
         raise leads.LeadClosed(closed[event.lead_id])
     await _log(backends, fresh)
@@ -1041,7 +1052,7 @@ async def post_events(
         indexes = list(valid)
         events = [valid[index].to_event(caller.name) for index in indexes]
         fresh, known = leads.sort_out(events, await _logged(backends, events))
-        closed = await _deliver(backends, fresh)
+        closed = await _deliver(request, fresh)
         await _log(backends, [e for e in fresh if e.lead_id not in closed])
         for position, index in enumerate(indexes):
             item = valid[index]
@@ -1077,8 +1088,10 @@ async def post_profile(
     seen = await _applied_hint(backends, AuditKind.PROFILE_UPDATED, {lead_id: [update.update_id]})
     duplicate = (lead_id, update.update_id) in seen
     temporal = await backends.temporal()
+    model = await request.app.state.scoring_model.for_new_leads(backends)
     try:
-        await _temporal_call(leads.send_profile(temporal, backends.settings, update), SEND_TIMEOUT, "profile update")
+        await _temporal_call(leads.send_profile(temporal, backends.settings, update, model), SEND_TIMEOUT,
+                             "profile update")
     except leads.LeadClosed:
         if not duplicate:
             raise
@@ -1439,6 +1452,7 @@ async def apply_model(body: ModelIn, request: Request, caller: Annotated[Princip
                               rate_per_second=body.rate_per_second), ANSWER_TIMEOUT, "model rollout")
     except ModelConflict as err:
         return _problem(409, str(err))
+    request.app.state.scoring_model.forget()  # new leads start on the applied version at once
     return ModelApplied(**version.model_dump(exclude={"text"}), rollout=rollout)
 
 

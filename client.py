@@ -96,15 +96,17 @@ def _start_options(settings: Settings, lead_id: str) -> dict:
     )
 
 
-def _input(settings: Settings, lead_id: str) -> LeadInput:
-    return LeadInput(lead_id=lead_id, max_history_events=settings.max_history_events, version=CURRENT_VERSION,
+def _input(settings: Settings, lead_id: str, model: ScoringModel | None = None) -> LeadInput:
+    return LeadInput(lead_id=lead_id, model=model, max_history_events=settings.max_history_events, version=CURRENT_VERSION,
                      audit_max_lag_seconds=settings.audit_max_lag_seconds,
                      decision_delay_seconds=settings.decision_delay_seconds,
                      shred_delay_seconds=settings.shred_delay_seconds)
 
 
-async def send_events(client: Client, settings: Settings, events: list[ActivityEvent]) -> None:
+async def send_events(client: Client, settings: Settings, events: list[ActivityEvent],
+                      model: ScoringModel | None = None) -> None:
     """Deliver events to their leads (creating them), one signal per lead and batch.
+    A lead created here starts on `model`, the active scoring model (or loads it itself).
 
     Raises LeadClosed if a lead has ended (saying how); events for other leads are still
     sent. Raises TemporalUnavailable if Temporal did not take them (retry: events
@@ -120,12 +122,12 @@ async def send_events(client: Client, settings: Settings, events: list[ActivityE
             try:
                 if len(chunk) == 1:
                     await client.start_workflow(
-                        LeadWorkflow.run, _input(settings, lead_id), **_start_options(settings, lead_id),
+                        LeadWorkflow.run, _input(settings, lead_id, model), **_start_options(settings, lead_id),
                         start_signal="event", start_signal_args=[chunk[0]],
                     )
                 else:
                     await client.start_workflow(
-                        LeadWorkflow.run, _input(settings, lead_id), **_start_options(settings, lead_id),
+                        LeadWorkflow.run, _input(settings, lead_id, model), **_start_options(settings, lead_id),
                         start_signal="events", start_signal_args=[chunk],
                     )
             except WorkflowAlreadyStartedError:
@@ -170,10 +172,11 @@ async def _how_it_ended(client: Client, lead_id: str) -> str:
             "an operator must look at its workflow")
 
 
-async def send_profile(client: Client, settings: Settings, update: ProfileUpdate) -> None:
+async def send_profile(client: Client, settings: Settings, update: ProfileUpdate,
+                       model: ScoringModel | None = None) -> None:
     try:
         await client.start_workflow(
-            LeadWorkflow.run, _input(settings, update.lead_id), **_start_options(settings, update.lead_id),
+            LeadWorkflow.run, _input(settings, update.lead_id, model), **_start_options(settings, update.lead_id),
             start_signal="profile", start_signal_args=[update],
         )
     except WorkflowAlreadyStartedError:

@@ -107,7 +107,7 @@ async def main(args: argparse.Namespace) -> dict:
                         event = queue.pop()
                         for attempt in range(20):
                             try:
-                                await leads.send_events(env.client, settings, [event])
+                                await leads.send_events(env.client, settings, [event], acts.model(None))  # as the API does
                                 break
                             except leads.TemporalUnavailable:
                                 await asyncio.sleep(0.5 * (attempt + 1))

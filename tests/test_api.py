@@ -34,7 +34,8 @@ from activities.store import AuditRow
 import client as leads_client
 from api import MAX_BATCH, MAX_BODY_BYTES, ConfigError, KeyRing, create_app
 from funnel.models import AuditEntry, AuditKind
-from tests.conftest import running_worker
+from tests.conftest import running_worker, scheduled_activities
+from workflows.lead import workflow_id
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -734,9 +735,10 @@ async def test_burst_of_2000_events_from_16_clients_loses_nothing(api, store, de
     )
 
 
-async def test_a_manager_applies_a_model_version_over_http(api, store):
+async def test_a_manager_applies_a_model_version_over_http(api, store, dev_env):
     """POST /models: only managers; invalid is 422 naming the line, a dry run changes nothing,
-    applying records the key's owner and starts the rollout, a reused version is 409."""
+    applying records the key's owner and starts the rollout, a reused version is 409. The
+    edge knows the applied version at once, and a new lead starts on it without reading it."""
     v2 = (ROOT / "scoring_models" / "default.toml").read_text().replace('version = "1"', 'version = "2"', 1)
     v2 = v2.replace("[events.live_chat]\npoints = 15", "[events.live_chat]\npoints = 30", 1)
     mia, anna = api.as_("mia"), api.as_("anna")
@@ -769,9 +771,15 @@ async def test_a_manager_applies_a_model_version_over_http(api, store):
     # events of a type only the new version knows are taken at the edge now
     v3 = v2.replace('version = "2"', 'version = "3"', 1) + "\n[events.podcast_listen]\npoints = 3\n"
     assert (await mia.post("/models", json={"toml": v3, "rate_per_second": 100})).status_code == 202
-    await asyncio.sleep(2.5)  # the edge re-reads the active version every couple of seconds
     r = await mautic.post("/events", json=ev(f"{lead}-2", lead, "podcast_listen", now()))
     assert r.status_code == 202, r.text
+    newcomer = f"{lead}-new"
+    r = await mautic.post("/events", json=ev(f"{newcomer}-1", newcomer, "podcast_listen", now()))
+    assert r.status_code == 202, r.text
+    view = await view_when(mia, newcomer, lambda v: v["events_applied"] == 1)
+    assert view["model_ref"] == "default@3" and view["score"]["engagement"] == 3
+    history = await dev_env.client.get_workflow_handle(workflow_id(newcomer)).fetch_history()
+    assert "load_scoring_model" not in scheduled_activities(history)
 
 
 async def test_contract_breaks_are_clear_refusals_not_500s(api, store):

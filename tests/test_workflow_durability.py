@@ -19,6 +19,7 @@ import client as leads
 from activities.lead_activities import LeadActivities
 from config import DEFAULT_MODEL, Settings
 from funnel.models import Accept, AuditEntry, AuditKind, Outbound, ProfileUpdate, Stage
+from funnel.scoring_model import load_model
 from tests.conftest import (
     ANNA,
     event,
@@ -141,7 +142,7 @@ async def test_replay_detects_a_changed_workflow(converter):
 
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5])
 async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store, version):
     """Leads started by older code keep replaying their way. Version 1: the model by a
     regular activity. Version 2: by local activity (a marker, no round trip), handover and
@@ -150,16 +151,18 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
     the owner is assigned by its own activity before the handover is posted, and decisions
     wait for the lead's decision delay. Version 4 (what callers start now): a quiet event's
     score change reaches the store through the worker's sweeper, without a lag timer or a
-    write in the lead (versions 2 and 3 start a lag timer; 1 writes at once). All score
-    alike."""
+    write in the lead (versions 2 and 3 start a lag timer; 1 writes at once). Version 5: a
+    new lead given the active model starts on it without reading it (older ones read it
+    anyway). All score alike."""
     from workflows.lead_input import CURRENT_VERSION, LeadInput
 
     client, lead = ts_env.client, f"V{version}"
-    assert CURRENT_VERSION == 4
+    assert CURRENT_VERSION == 5
+    given = load_model(settings.model_path)
     async with running_worker(client, settings, store):
         now = await ts_env.get_current_time()
         await client.start_workflow(
-            LeadWorkflow.run, LeadInput(lead_id=lead, version=version, decision_delay_seconds=5),
+            LeadWorkflow.run, LeadInput(lead_id=lead, version=version, decision_delay_seconds=5, model=given),
             id=workflow_id(lead), task_queue=settings.task_queue, start_signal="events",
             start_signal_args=[[event(lead, "1", "webinar_attended", now), event(lead, "2", "demo_request", now)]],
         )
@@ -179,10 +182,10 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
         stored = store.count_history(lead)
         total, _ = await leads.read_history(client, store, lead)
     # (v1 waits with a timeout: a timer per signal)
-    assert (quiet_timers, quiet_writes) == {1: (1, 1), 2: (1, 0), 3: (1, 0), 4: (0, 0)}[version]
-    assert (stored == total) == (version in (1, 4))  # written at once, or swept; 2 and 3 wait 30 s
+    assert (quiet_timers, quiet_writes) == {1: (1, 1), 2: (1, 0), 3: (1, 0), 4: (0, 0), 5: (0, 0)}[version]
+    assert (stored == total) == (version in (1, 4, 5))  # written at once, or swept; 2 and 3 wait 30 s
     activities = scheduled_activities(history)
-    assert ("load_scoring_model" in activities) == (version != 2)
+    assert ("load_scoring_model" in activities) == (version not in (2, 5))
     assert ("marker_recorded" in history_kinds(history)) == (version == 2)
     assert ("hand_over" in activities) == (version < 3)
     assert ("assign_owner" in activities) == (version >= 3)
@@ -192,18 +195,26 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
 
 
 async def test_callers_start_leads_at_the_current_version(ts_env, settings, store):
-    """A lead sent its first events by a caller behaves as version 4 (see above): the model
-    by a regular activity, no local activity at all, the owner by its own activity."""
-    client, lead = ts_env.client, "V-now"
+    """A lead sent its first events by a caller behaves as version 5 (see above): it starts
+    on the model the caller passed, or reads the active one by a regular activity; no local
+    activity at all, the owner by its own activity."""
+    client, given, read = ts_env.client, "V-now-given", "V-now-read"
+    model = load_model(settings.model_path).model_copy(update={"name": "given", "version": "1"})
     async with running_worker(client, settings, store):
         now = await ts_env.get_current_time()
-        await leads.send_events(client, settings, [event(lead, "1", "website_visit", now),
-                                                    event(lead, "2", "demo_request", now)])
-        await settle(ts_env, client, lead, lambda v: v.owner is not None)
-        history = await client.get_workflow_handle(workflow_id(lead)).fetch_history()
-    activities = scheduled_activities(history)
-    assert "load_scoring_model" in activities and "assign_owner" in activities
-    assert "marker_recorded" not in history_kinds(history)
+        await leads.send_events(client, settings, [event(given, "1", "website_visit", now),
+                                                    event(given, "2", "demo_request", now)], model)
+        await leads.send_profile(client, settings, ProfileUpdate(update_id="p", lead_id=read, facts={"title": "CEO"}))
+        await leads.send_events(client, settings, [event(read, "2", "demo_request", now)], model)  # already started
+        views = {lead: await settle(ts_env, client, lead, lambda v: v.owner is not None) for lead in (given, read)}
+        histories = {lead: await client.get_workflow_handle(workflow_id(lead)).fetch_history() for lead in views}
+    assert views[given].model_ref == "given@1"
+    assert views[read].model_ref == load_model(settings.model_path).ref
+    assert "load_scoring_model" not in scheduled_activities(histories[given])
+    for history in histories.values():
+        assert "assign_owner" in scheduled_activities(history)
+        assert "marker_recorded" not in history_kinds(history)
+    assert "load_scoring_model" in scheduled_activities(histories[read])
 
 
 async def test_a_lead_that_is_still_starting_says_so_rather_than_not_found(ts_env, settings, store):

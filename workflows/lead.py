@@ -125,7 +125,10 @@ class LeadWorkflow:
             await self._wait_for_work(lead.next_wakeup())
 
     async def _start_or_go_on(self, inp: LeadInput) -> Lead:
-        model = await self._load_model(inp.model)
+        if inp.state is None and inp.model is not None and self._behaviour.model_from_input:
+            model = inp.model
+        else:
+            model = await self._load_model(inp.model)
         now = workflow.now()
         delay = timedelta(seconds=inp.decision_delay_seconds) if self._behaviour.decisions_and_owners else timedelta(0)
         if inp.state is None:

@@ -19,7 +19,7 @@ from funnel.scoring_model import ScoringModel
 # How a run behaves, for replay. Runs keep the behaviour of the code that started them
 # (chosen by input rather than `workflow.patched()`: a patch upserts the
 # TemporalChangeVersion search attribute, a visibility write for every new lead).
-CURRENT_VERSION = 4
+CURRENT_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,16 @@ class RunBehaviour:
     # no write activity per quiet lead. The lead still writes itself what must not wait,
     # and everything before a run ends. v2 and v3 start a lag timer and write on it.
     swept_audit: bool = False
+    # v5: a new lead whose starter passed the active model (`LeadInput.model`, the API
+    # does) starts on it: no `load_scoring_model` activity and no second workflow task
+    # for the lead's creation (6 of its ~13 history events). Without one it loads the
+    # model as before, and so does every run that goes on after continue-as-new.
+    model_from_input: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
     return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3, local_reads=version == 2,
-                        swept_audit=version >= 4)
+                        swept_audit=version >= 4, model_from_input=version >= 5)
 
 
 class ModelChange(BaseModel):
@@ -77,6 +82,8 @@ class LeadInput(BaseModel):
 
     lead_id: str
     state: LeadState | None = None
+    # A new lead: the active model as its starter saw it (a rollout catches a lead that
+    # started on one just replaced). A run that goes on: the model it carries.
     model: ScoringModel | None = None
     pending: list[ActivityEvent | ProfileUpdate] = Field(default_factory=list)
     undelivered: list[Outbound] = Field(default_factory=list)  # deliveries still retrying
