@@ -47,7 +47,7 @@ import threading
 import time
 import tomllib
 import uuid
-from collections import Counter, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -612,12 +612,14 @@ class _ActiveModel:
     has none (or cannot be reached)."""
 
     TTL_SECONDS = 2.0
+    LEADS_REMEMBERED = 100_000  # ids of leads sent to, most recent (~10 MB)
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._file = load_model(self.path)
         self._active: ScoringModel | None = None
         self._read_at = -1e9
+        self._sent_to: OrderedDict[str, None] = OrderedDict()
 
     async def get(self, backends: "Backends") -> ScoringModel:
         now = asyncio.get_running_loop().time()
@@ -634,11 +636,23 @@ class _ActiveModel:
     def forget(self) -> None:
         self._read_at = -1e9
 
-    async def for_new_leads(self, backends: "Backends") -> ScoringModel | None:
-        """The store's active version, which a new lead then starts on without reading it
-        itself; None when the store was not read (the lead reads it)."""
+    async def for_starting(self, backends: "Backends", lead_id: str) -> ScoringModel | None:
+        """What to start `lead_id` on, should this call create it: the store's active
+        version, so the new lead need not read it (the API then passes its ~5 KB with the
+        lead's input). None for a lead this process has sent to lately (it runs: the input
+        is ignored), or when the store was not read (a new lead reads the model itself)."""
+        if lead_id in self._sent_to:
+            self._sent_to.move_to_end(lead_id)
+            return None
         await self.get(backends)
         return self._active
+
+    def sent(self, lead_id: str) -> None:
+        """`lead_id` took a send: it runs (or has ended, which a start cannot change)."""
+        self._sent_to[lead_id] = None
+        self._sent_to.move_to_end(lead_id)
+        while len(self._sent_to) > self.LEADS_REMEMBERED:
+            self._sent_to.popitem(last=False)
 
 
 class Backends:
@@ -871,11 +885,12 @@ async def _applied_hint(backends: Backends, kind: AuditKind, wanted: dict[str, l
 
 async def _deliver(request: Request, events: list[ActivityEvent]) -> dict[str, str]:
     """Signal-with-start the events into their leads, one call per lead, in occurred_at
-    order; a new lead starts on the active model. Returns {lead: reason} for closed (won) leads; raises Unavailable if Temporal
-    did not take some lead's events (the caller retries: delivered events apply once)."""
+    order; a new lead starts on the active model. Returns {lead: reason} for closed (won)
+    leads; raises Unavailable if Temporal did not take some lead's events (the caller
+    retries: delivered events apply once)."""
     backends = _backends(request)
     temporal = await backends.temporal()
-    model = await request.app.state.scoring_model.for_new_leads(backends)
+    active: _ActiveModel = request.app.state.scoring_model
     by_lead: dict[str, list[ActivityEvent]] = defaultdict(list)
     for event in events:
         by_lead[event.lead_id].append(event)
@@ -884,7 +899,10 @@ async def _deliver(request: Request, events: list[ActivityEvent]) -> dict[str, s
     async def send(lead_events: list[ActivityEvent]) -> None:
         async with gate:
             lead_events.sort(key=lambda e: e.occurred_at)
+            lead_id = lead_events[0].lead_id
+            model = await active.for_starting(backends, lead_id)
             await asyncio.wait_for(leads.send_events(temporal, backends.settings, lead_events, model), SEND_TIMEOUT)
+            active.sent(lead_id)
 
     results = await asyncio.gather(*(send(items) for items in by_lead.values()), return_exceptions=True)
     closed: dict[str, str] = {}
@@ -1088,10 +1106,12 @@ async def post_profile(
     seen = await _applied_hint(backends, AuditKind.PROFILE_UPDATED, {lead_id: [update.update_id]})
     duplicate = (lead_id, update.update_id) in seen
     temporal = await backends.temporal()
-    model = await request.app.state.scoring_model.for_new_leads(backends)
+    active: _ActiveModel = request.app.state.scoring_model
+    model = await active.for_starting(backends, lead_id)
     try:
         await _temporal_call(leads.send_profile(temporal, backends.settings, update, model), SEND_TIMEOUT,
                              "profile update")
+        active.sent(lead_id)
     except leads.LeadClosed:
         if not duplicate:
             raise

@@ -124,21 +124,19 @@ def data_converter(settings: Settings | None = None, keyring=None, key_store=Non
     (default: the store at `settings.database_url`, opened on first use; a SQLite file
     that does not exist is an error, not a fresh store with fresh keys).
     `encrypted=False` only for histories recorded as test fixtures (tests/histories)."""
-    import dataclasses
-
     from temporalio.contrib.pydantic import pydantic_data_converter
     from temporalio.converter import DefaultFailureConverterWithEncodedAttributes
 
     if not encrypted:
         return pydantic_data_converter
-    from payload_codec import EncryptionCodec, LeadKeys, PayloadKeyring
+    from payload_codec import EncryptionCodec, LeadKeys, PayloadKeyring, PerLeadDataConverter
 
     settings = settings or Settings.from_env()
     keyring = keyring or PayloadKeyring.from_env()
     codec = EncryptionCodec(keyring, LeadKeys(keyring, key_store or _key_store(settings.database_url),
                                               cache_seconds=settings.key_cache_seconds))
-    return dataclasses.replace(pydantic_data_converter, payload_codec=codec,
-                               failure_converter_class=DefaultFailureConverterWithEncodedAttributes)
+    return PerLeadDataConverter(payload_converter_class=pydantic_data_converter.payload_converter_class,
+                                payload_codec=codec, failure_converter_class=DefaultFailureConverterWithEncodedAttributes)
 
 
 def _key_store(url: str):

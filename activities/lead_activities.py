@@ -67,10 +67,14 @@ class LeadActivities:
             cached = self._active
             if cached is None or now - cached[0] > ACTIVE_MODEL_TTL_SECONDS:
                 active = self.store.active_model()
-                if active is None:
-                    return load_model(self.settings.model_path)
-                self._remember(active.ref, active.text)
-                cached = self._active = (now, active.ref)
+                if active is None:  # a store that never recorded one: the model file, parsed once a while
+                    from_file = load_model(self.settings.model_path)
+                    with self._lock:
+                        self._models[from_file.ref] = from_file
+                    cached = self._active = (now, from_file.ref)
+                else:
+                    self._remember(active.ref, active.text)
+                    cached = self._active = (now, active.ref)
             ref = cached[1]
         if ref not in self._models:
             version = self.store.model_version(ref)

@@ -432,8 +432,12 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
     store = AuditStore(settings.database_url)
     activities = LeadActivities(settings, store)
 
-    async def send(event: ActivityEvent) -> None:  # as the API sends: new leads start on the active model
-        await leads_client.send_events(client, settings, [event], activities.model(None))
+    sent_to: set[str] = set()
+
+    async def send(event: ActivityEvent) -> None:  # as the API sends: a new lead starts on the active model
+        model = None if event.lead_id in sent_to else activities.model(None)
+        await leads_client.send_events(client, settings, [event], model)
+        sent_to.add(event.lead_id)
 
     async def applied(lead_id: str) -> bool:
         wanted = WARMUP_EVENTS if lead_id.startswith("w") else expected[lead_id]

@@ -30,6 +30,7 @@ import uvicorn
 from sqlmodel import Session, select
 from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
 
+from activities.lead_activities import LeadActivities
 from activities.store import AuditRow
 import client as leads_client
 from api import MAX_BATCH, MAX_BODY_BYTES, ConfigError, KeyRing, create_app
@@ -580,26 +581,30 @@ async def _history_event_kinds(client, lead: str) -> dict[str, int]:
         run_id = started.continued_execution_run_id
 
 
-async def test_a_batch_for_new_leads_starts_them_side_by_side(api, store, monkeypatch):
+async def test_a_batch_for_new_leads_starts_them_side_by_side(api, store, settings, monkeypatch):
     """A batch for many new leads is sent to Temporal concurrently, at most
     api.SEND_CONCURRENCY leads at a time (sent one after another, 500 new leads took
-    3.4x as long to answer: bench/batch.py), and every lead starts."""
+    3.4x as long to answer: bench/batch.py), and every lead starts, on the active model the
+    API passes it. Later sends to these leads do not carry the model again."""
     import api as api_module
 
     n_leads = 3 * api_module.SEND_CONCURRENCY
     in_flight, most = 0, 0
     real_send = api_module.leads.send_events
+    models = []  # what each send passed for its lead to start on
 
-    async def watched(*args, **kwargs):  # the real send, counted
+    async def watched(client, settings, events, model=None):  # the real send, counted
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)
+        models.append(model)
         try:
-            return await real_send(*args, **kwargs)
+            return await real_send(client, settings, events, model)
         finally:
             in_flight -= 1
 
     monkeypatch.setattr(api_module.leads, "send_events", watched)
+    active = LeadActivities(settings, store).sync_model_file()  # as a worker does at its start
     run = uuid.uuid4().hex[:6]
     at = now() - timedelta(minutes=5)
     events = [ev(f"{run}-{i}", f"new-{run}-{i:03d}", "website_visit", at) for i in range(n_leads)]
@@ -611,6 +616,11 @@ async def test_a_batch_for_new_leads_starts_them_side_by_side(api, store, monkey
     for event in events:
         view = await view_when(anna, event["lead_id"], lambda v: v["events_applied"] == 1)
         assert view["score"]["breakdown"] == {"website_visit": 1}
+    assert [m.ref if m else None for m in models] == [active.ref] * n_leads
+    again = [ev(f"{run}-again-{i}", f"new-{run}-{i:03d}", "website_visit", at) for i in range(n_leads)]
+    r = await api.as_("mautic").post("/events/batch", json={"events": again})
+    assert r.status_code == 202, r.text
+    assert models[n_leads:] == [None] * n_leads
 
 
 async def test_burst_of_2000_events_from_16_clients_loses_nothing(api, store, dev_env):
