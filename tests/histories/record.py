@@ -23,6 +23,7 @@ import client as leads  # noqa: E402
 from activities.store import AuditStore  # noqa: E402
 from config import Settings, data_converter, dev_server_dynamic_flags  # noqa: E402
 from funnel.models import Accept, Bant, Close, LogContact, ProfileUpdate, Qualify, Reject  # noqa: E402
+from funnel.scoring_model import load_model  # noqa: E402
 from tests.conftest import ANNA, BEN, binary, event, running_worker, settle  # noqa: E402
 from workflows import search_attributes as sa  # noqa: E402
 from workflows.lead import workflow_id  # noqa: E402
@@ -40,11 +41,12 @@ async def main() -> None:
     settings = Settings(task_queue="record", database_url=f"sqlite:///{tmp / 'audit.db'}")
     store = AuditStore(settings.database_url)
     client = env.client
+    model = load_model(settings.model_path)  # new leads start on it, as the API starts them
     async with running_worker(client, settings, store):
         now = await env.get_current_time()
         won, lost, burst = "R-won", "R-disq", "R-burst"
         await leads.send_profile(client, settings, ProfileUpdate(update_id="p", lead_id=won,
-                                                                  facts={"target_account": True}))
+                                                                  facts={"target_account": True}), model)
         await leads.send_events(client, settings, [event(won, "1", "webinar_attended", now),
                                                    event(won, "2", "demo_request", now),
                                                    event(won, "2", "demo_request", now)])
@@ -54,12 +56,13 @@ async def main() -> None:
         await leads.run_command(client, won, LogContact(by=BEN))
         await leads.run_command(client, won, Close(by=BEN, outcome="won"))
 
-        await leads.send_events(client, settings, [event(lost, "1", "demo_request", now)])
+        await leads.send_events(client, settings, [event(lost, "1", "demo_request", now)], model)
         await settle(env, client, lost, lambda v: v.owner is not None)
         await leads.run_command(client, lost, Reject(by=ANNA, reason="student", recycle=True))
 
         for b in range(15):
-            await leads.send_events(client, settings, [event(burst, f"{b}-{i}", "website_visit", now) for i in range(3)])
+            await leads.send_events(client, settings, [event(burst, f"{b}-{i}", "website_visit", now) for i in range(3)],
+                                    model if b == 0 else None)
         await settle(env, client, burst, lambda v: v.events_applied == 45, tries=300)
 
         for lead in (won, lost, burst):
