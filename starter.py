@@ -204,22 +204,28 @@ def _validated(factory: Callable[..., Any], **values: Any) -> Any:
         raise BadInput(describe_validation(err)) from None
 
 
-def _load_model(settings: Settings) -> ScoringModel:
-    """The model inputs are checked against: the store's active version (what leads use),
-    or the model file when there is no store yet."""
+def _active_model(settings: Settings) -> ScoringModel | None:
+    """The store's active version (what leads use, and what a lead this command creates
+    starts on); None without a store or when it cannot be read."""
     try:
         store = _store(settings)
     except CliError:
-        store = None
-    if store is not None:
-        try:
-            active = store.active_model()
-        except Exception:  # noqa: BLE001 - an unreachable store: check against the file instead
-            active = None
-        finally:
-            store.dispose()
-        if active is not None:
-            return parse_model(active.text, active.ref)
+        return None
+    try:
+        active = store.active_model()
+    except Exception:  # noqa: BLE001 - an unreachable store: the caller does without
+        return None
+    finally:
+        store.dispose()
+    return parse_model(active.text, active.ref) if active is not None else None
+
+
+def _load_model(settings: Settings) -> ScoringModel:
+    """The model inputs are checked against: the store's active version, or the model file
+    when there is no store yet."""
+    active = _active_model(settings)
+    if active is not None:
+        return active
     try:
         return load_model(settings.model_path)
     except ModelError as err:
@@ -438,7 +444,7 @@ async def cmd_event(args, settings: Settings) -> int:
         print(f"event {event.event_id}: {why} (nothing sent)")
         return 0
     tc = await _connect(settings)
-    await api.send_events(tc, settings, [event])
+    await api.send_events(tc, settings, [event], _active_model(settings))
     if log:
         log.taken([event])
     print(f"event {event.event_id} ({event.type} at {event.occurred_at.isoformat()}) sent to lead {event.lead_id}")
@@ -477,7 +483,7 @@ async def cmd_profile(args, settings: Settings) -> int:
             raise BadInput(f"--by {args.by!r}: {err}") from None
     update = _validated(ProfileUpdate, **values)
     tc = await _connect(settings)
-    await api.send_profile(tc, settings, update)
+    await api.send_profile(tc, settings, update, _active_model(settings))
     shown = ", ".join(f"{k}={json.dumps(v)}" for k, v in facts.items())
     print(f"profile update {update.update_id} ({shown}) sent to lead {update.lead_id}")
     return 0
@@ -719,6 +725,7 @@ async def cmd_import(args, settings: Settings) -> int:
         lead_events.sort(key=lambda e: e.occurred_at)
 
     tc = await _connect(settings)
+    model = _active_model(settings)  # what new leads start on
     started = time.monotonic()
     closed: list[str] = []
     failed: list[str] = []
@@ -736,7 +743,7 @@ async def cmd_import(args, settings: Settings) -> int:
         nonlocal sent
         async with gate:
             try:
-                await api.send_events(tc, settings, lead_events)
+                await api.send_events(tc, settings, lead_events, model)
                 sent += len(lead_events)
                 if log:
                     await asyncio.to_thread(log.taken, lead_events)

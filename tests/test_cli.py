@@ -43,12 +43,15 @@ class Recorder:
         self.profiles: list = []
         self.commands: list[tuple[str, object]] = []
         self.viewed: list[str] = []
+        self.models: list = []  # what each send passed for a new lead to start on
 
-    async def send_events(self, _client, _settings, events):
+    async def send_events(self, _client, _settings, events, model=None):
         self.sent_events.append(list(events))
+        self.models.append(model)
 
-    async def send_profile(self, _client, _settings, update):
+    async def send_profile(self, _client, _settings, update, model=None):
         self.profiles.append(update)
+        self.models.append(model)
 
     async def run_command(self, _client, lead_id, command, key=None):
         self.keys = getattr(self, "keys", []) + [key]
@@ -537,6 +540,31 @@ def test_import_sends_per_lead_in_time_order(capsys, fake, tmp_path):
     assert again == by_lead
 
 
+def test_new_leads_start_on_the_stores_active_model(capsys, fake, tmp_path, monkeypatch):
+    """event, profile and import pass the store's active version for a lead they create to
+    start on (it then need not read it); without a store, nothing (the lead reads it)."""
+    from activities.store import AuditStore
+    from config import DEFAULT_MODEL
+
+    v2 = DEFAULT_MODEL.read_text().replace('version = "1"', 'version = "2"', 1)
+    path = write(tmp_path, "events.jsonl", [
+        jline(event_id="a1", lead_id="L-1", type="website_visit", occurred_at="2026-11-20T10:00:00Z"),
+        jline(event_id="b1", lead_id="L-2", type="website_visit", occurred_at="2026-11-20T10:00:00Z"),
+    ])
+    assert run(capsys, "import", str(path))[0] == 0
+    assert fake.models == [None, None]
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    store = AuditStore(url)
+    store.record_model("default@2", v2, applied_by="mia")
+    store.dispose()
+    monkeypatch.setenv("LEADFLOW_DATABASE_URL", url)
+    fake.models.clear()
+    assert run(capsys, "import", str(path))[0] == 0
+    assert run(capsys, "event", "L-3", "website_visit")[0] == 0
+    assert run(capsys, "profile", "L-4", "target_account=true")[0] == 0
+    assert [m.ref for m in fake.models] == ["default@2"] * 4
+
+
 def test_import_csv_sends(capsys, fake, tmp_path):
     path = write(tmp_path, "events.csv", [
         "event_id,lead_id,type,occurred_at,channel",
@@ -551,7 +579,7 @@ def test_import_csv_sends(capsys, fake, tmp_path):
 
 
 def test_import_reports_closed_leads(capsys, fake, monkeypatch, tmp_path):
-    async def send(_client, _settings, events):
+    async def send(_client, _settings, events, model=None):
         if events[0].lead_id == "L-won":
             raise client.LeadClosed("lead(s) L-won closed (won): events not applied")
 
