@@ -609,7 +609,8 @@ class _ActiveModel:
     """The scoring model the leads use, for checks at the edge (an event of a type it does
     not know is refused here with a clear message instead of ignored by the lead): the
     store's active version, re-read every few seconds, or the model file while the store
-    has none (or cannot be reached)."""
+    has none (or cannot be reached). Also what a lead the API creates starts on, and which
+    leads it sent to lately (those are running: they are not sent the model again)."""
 
     TTL_SECONDS = 2.0
     LEADS_REMEMBERED = 100_000  # ids of leads sent to, most recent (~10 MB)
