@@ -13,8 +13,8 @@ scripts/run_local.py).
 
 Why FastAPI: the funnel's inputs are pydantic models already, and FastAPI
 validates requests with pydantic, answers 422 naming the bad field, and
-derives the OpenAPI document and interactive docs (/docs, /redoc,
-/openapi.json) from the same models, so the documentation cannot drift from
+derives the OpenAPI document and interactive docs (/docs, served with
+its own files, and /openapi.json) from the same models, so the documentation cannot drift from
 what is enforced. uvicorn is its well-kept ASGI server.
 
 Configuration (environment, besides config.py's Settings):
@@ -57,7 +57,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import (
     AfterValidator,
@@ -121,6 +121,7 @@ MAX_BODY_BYTES = 1024 * 1024  # per request, by Content-Length and while reading
 MAX_BATCH = 500  # events per POST /events/batch
 MAX_PAGE = 1000  # history entries, leads, outbox messages per read
 SEND_CONCURRENCY = 16  # leads of one batch signalled at the same time
+DOCS_ASSETS = "/docs/assets"  # Swagger UI's files (swagger-ui-bundle), served here
 SEND_TIMEOUT = 20.0  # s for Temporal to take one lead's events (signal-with-start)
 ANSWER_TIMEOUT = 30.0  # s for a lead to answer a command or query
 CONNECT_TIMEOUT = 5.0  # s to (re)connect to Temporal
@@ -1678,14 +1679,35 @@ def create_app(settings: Settings | None = None, keys: KeyRing | None = None, te
             backends.close()
 
     app = FastAPI(title="Leadflow API", version="1.0", description=DESCRIPTION, lifespan=lifespan,
-                  responses={500: {"model": Problem, "description": "a bug: please report it"}})
+                  responses={500: {"model": Problem, "description": "a bug: please report it"}},
+                  docs_url=None, redoc_url=None)
     for router in (health, ingest, commands, reads, personal, outbox, models):
         app.include_router(router)
     app.include_router(codec_router)
+    _install_docs(app)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(StartupMessage, state=app.state)
     return app
+
+
+def _install_docs(app: FastAPI) -> None:
+    """/docs, the interactive documentation, working offline: Swagger UI's files come from
+    the swagger-ui-bundle package and are served here (FastAPI's default page loads them
+    from a CDN). ReDoc has no such package, so there is no /redoc; /openapi.json feeds any
+    other viewer."""
+    import swagger_ui_bundle
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - docs",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
 
 
 app = create_app()

@@ -304,7 +304,8 @@ async def test_who_may_do_what(api):
     # Probes and documentation need no key.
     assert (await nobody.get("/healthz")).status_code == 200
     assert (await nobody.get("/readyz")).json()["ready"] is True
-    assert "Leadflow API" in (await nobody.get("/docs")).text
+    docs = (await nobody.get("/docs")).text
+    assert "Leadflow API" in docs
     spec = (await nobody.get("/openapi.json")).json()
     assert set(spec["components"]["securitySchemes"]) == {"bearer", "apiKey"}
     assert "Roles: presales, manager." in spec["paths"]["/leads/{lead_id}/accept"]["post"]["description"]
@@ -504,6 +505,22 @@ async def test_temporal_unreachable_is_503(tmp_path, store, settings):
 
 def _env_without_keys() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("LEADFLOW_API_")}
+
+
+async def test_the_docs_work_offline(api):
+    """/docs loads Swagger UI from the API itself, never from a CDN, and every file it names
+    is there; /redoc (which would need a CDN) is not offered."""
+    import re
+
+    nobody = api.as_(None)
+    page = await nobody.get("/docs")
+    assert page.status_code == 200 and "Leadflow API" in page.text
+    assert not re.search(r"(src|href)=[\"']?(https?:)?//", page.text), page.text
+    assets = re.findall(r"(?:src|href)=[\"']([^\"']+)", page.text) + re.findall(r"url: ?'([^']+)'", page.text)
+    assert {"/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css", "/openapi.json"} <= set(assets)
+    for asset in assets:
+        assert (await nobody.get(asset)).status_code == 200, asset
+    assert (await nobody.get("/redoc")).status_code == 404
 
 
 def test_refuses_to_start_without_keys(tmp_path):
