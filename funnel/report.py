@@ -85,15 +85,21 @@ def _channel_report(channel: str, leads: dict[str, list[tuple[Stage, datetime]]]
     return ChannelReport(channel=channel, leads=len(leads), stages=stats)
 
 
+def _first_touch(entries: list[AuditEntry]) -> str:
+    """The lead's channel: that of its earliest touch by event time. An entry's channel is
+    its event's (a score change) or the lead's first touch as known then (a stage change),
+    so the earliest entry naming one holds the first touch, whatever came first (a profile
+    update has none) and in whatever order events arrived."""
+    touched = [e for e in entries if e.channel]
+    return min(touched, key=lambda e: (e.happened_at, e.seq)).channel if touched else "unknown"
+
+
 def funnel_report(entries: list[AuditEntry], now: datetime) -> FunnelReport:
     by_lead: dict[str, list[AuditEntry]] = defaultdict(list)
     for entry in entries:
         by_lead[entry.lead_id].append(entry)
     visits = {lead: _visits(items) for lead, items in by_lead.items()}
-    channel_of = {
-        lead: next((e.channel for e in sorted(items, key=lambda e: -e.seq) if e.channel), None) or "unknown"
-        for lead, items in by_lead.items()
-    }
+    channel_of = {lead: _first_touch(items) for lead, items in by_lead.items()}
     channels: dict[str, dict[str, list[tuple[Stage, datetime]]]] = defaultdict(dict)
     for lead, lead_visits in visits.items():
         channels[channel_of[lead]][lead] = lead_visits

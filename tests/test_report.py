@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from funnel.lead import Lead
 from funnel.models import Accept, ActivityEvent, Actor, Bant, Close, Qualify, Reject, Role, Stage
 from funnel.report import funnel_report
@@ -68,3 +70,24 @@ def test_empty_history_gives_an_empty_report():
     report = funnel_report([], now=T0)
     assert report.overall.leads == 0 and report.by_channel == []
     assert all(s.reached == 0 and s.conversion_rate is None for s in report.overall.stages)
+
+
+@pytest.mark.parametrize("delivered", ["in time order", "first touch last"])
+def test_the_channel_of_a_lead_is_its_first_touch_whatever_came_first(delivered):
+    """A lead whose first input was a profile update (no channel), then a webinar visit,
+    then paid search, in either delivery order: its channel is the webinar, its first
+    touch, not "unknown" and not the channel of the last event."""
+    from funnel.models import ProfileUpdate
+
+    lead = Lead.create("F-1", MODEL, T0)
+    lead.update_profile(ProfileUpdate(update_id="p1", lead_id="F-1", facts={"target_account": True}), T0)
+    now = T0 + timedelta(days=3)
+    touches = [ActivityEvent(event_id=f"F-1-{n}", lead_id="F-1", type="website_visit", channel=channel,
+                             occurred_at=T0 + timedelta(days=day)) for n, (channel, day) in
+               enumerate([("webinar", 1), ("paid_search", 2), ("paid_search", 2.5)])]
+    batches = [touches[:1], touches[1:]] if delivered == "in time order" else [touches[1:], touches[:1]]
+    for batch in batches:
+        lead.ingest_many(batch, now)
+    assert lead.state.channel == "webinar"
+    report = funnel_report(lead.take_effects().audit, now=now)
+    assert [c.channel for c in report.by_channel] == ["webinar"]
