@@ -125,8 +125,8 @@ class LeadWorkflow:
             await self._wait_for_work(lead.next_wakeup())
 
     async def _start_or_go_on(self, inp: LeadInput) -> Lead:
-        if inp.state is None and inp.model is not None and self._behaviour.model_from_input:
-            model = inp.model
+        if inp.model is not None and self._behaviour.model_from_input:
+            model = inp.model  # see RunBehaviour.model_from_input
         else:
             model = await self._load_model(inp.model)
         now = workflow.now()

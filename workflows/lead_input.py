@@ -51,8 +51,11 @@ class RunBehaviour:
     swept_audit: bool = False
     # v5: a new lead whose starter passed the active model (`LeadInput.model`, the API
     # does) starts on it: no `load_scoring_model` activity and no second workflow task
-    # for the lead's creation (6 of its ~13 history events). Without one it loads the
-    # model as before, and so does every run that goes on after continue-as-new.
+    # for the lead's creation (6 of its ~13 history events); without one it loads it. A
+    # run that goes on after continue-as-new keeps the model it carries (a rollout signals
+    # a new one). v1-v4 load the active model for every run, which could switch a lead
+    # that had just been told of a new version back to the old one for a moment: the
+    # active version is read from a cache up to 2 s old.
     model_from_input: bool = False
 
 
@@ -83,7 +86,7 @@ class LeadInput(BaseModel):
     lead_id: str
     state: LeadState | None = None
     # A new lead: the active model as its starter saw it (a rollout catches a lead that
-    # started on one just replaced). A run that goes on: the model it carries.
+    # started on one just replaced). A run that goes on: the model it has.
     model: ScoringModel | None = None
     pending: list[ActivityEvent | ProfileUpdate] = Field(default_factory=list)
     undelivered: list[Outbound] = Field(default_factory=list)  # deliveries still retrying
