@@ -73,7 +73,9 @@ async def test_a_command_the_lead_cannot_answer_is_504_and_its_key_applies_it_on
             assert "may still be applied" in timed_out.json()["detail"] and key["Idempotency-Key"] in timed_out.json()["detail"]
             assert timed_out.headers["Idempotency-Key"] == key["Idempotency-Key"]
             async with running_worker(dev_env.client, settings, store):
-                first = await anna.post(f"/leads/{lead}/accept", json={}, headers=key)
+                # The worker replays the lead first; until it answers, the same key is sent again.
+                first = await until(lambda: anna.post(f"/leads/{lead}/accept", json={}, headers=key),
+                                    lambda r: r.status_code != 504, timeout=60)
                 assert first.status_code == 200 and first.json()["stage"] == "sal", first.text
                 again = await anna.post(f"/leads/{lead}/accept", json={}, headers=key)
                 assert again.status_code == 200 and again.json()["stage"] == "sal"  # its outcome, not a 409
