@@ -22,9 +22,10 @@ ALL_STAGES = MAIN_PATH + [Stage.LOST, Stage.DISQUALIFIED, Stage.RECYCLED]
 
 class StageStats(BaseModel):
     stage: Stage
-    reached: int  # leads that ever entered the stage
-    converted: int | None  # of those, leads that went on to the next main stage
-    conversion_rate: float | None
+    reached: int  # leads that entered the stage, or passed it by a shortcut (main stages)
+    converted: int | None  # of those, leads that went on to a later main stage (SQL: won)
+    closed: int | None = None  # SQL only: opportunities closed, won or lost
+    conversion_rate: float | None  # SQL: the win rate, over closed opportunities
     avg_days_in_stage: float | None  # over finished visits
     median_days_in_stage: float | None
     in_stage_now: int
@@ -50,20 +51,34 @@ def _visits(entries: list[AuditEntry]) -> list[tuple[Stage, datetime]]:
     return visits
 
 
+def _furthest(stages_seen: list[Stage]) -> int:
+    """How far along the main path the lead got (-1: nowhere)."""
+    return max((MAIN_PATH.index(s) for s in stages_seen if s in MAIN_PATH), default=-1)
+
+
 def _channel_report(channel: str, leads: dict[str, list[tuple[Stage, datetime]]], now: datetime) -> ChannelReport:
+    """Per stage: leads that reached it (a main stage also when a shortcut passed it, e.g.
+    MQL -> SQL passes SAL), how many went on along the main path, and time spent in it
+    (visits only). The last step, SQL -> won, is a win rate over closed opportunities: an
+    open one has not failed."""
     stats = []
     for stage in ALL_STAGES:
-        reached = converted = in_now = 0
+        reached = converted = closed = in_now = 0
         durations: list[float] = []
-        nxt = MAIN_PATH[MAIN_PATH.index(stage) + 1] if stage in MAIN_PATH[:-1] else None
+        on_path = stage in MAIN_PATH[:-1]
         for visits in leads.values():
             stages_seen = [s for s, _ in visits]
-            if stage not in stages_seen:
+            furthest = _furthest(stages_seen)
+            if stage in MAIN_PATH:
+                if furthest < MAIN_PATH.index(stage):
+                    continue
+            elif stage not in stages_seen:
                 continue
             reached += 1
-            first = stages_seen.index(stage)
-            if nxt is not None and nxt in stages_seen[first + 1 :]:
+            if on_path and furthest > MAIN_PATH.index(stage):
                 converted += 1
+            if stage == Stage.SQL and (furthest == MAIN_PATH.index(Stage.WON) or Stage.LOST in stages_seen):
+                closed += 1
             for i, (s, at) in enumerate(visits):
                 if s != stage:
                     continue
@@ -71,12 +86,14 @@ def _channel_report(channel: str, leads: dict[str, list[tuple[Stage, datetime]]]
                     durations.append((visits[i + 1][1] - at).total_seconds() / 86400)
                 else:
                     in_now += 1
+        base = closed if stage == Stage.SQL else reached
         stats.append(
             StageStats(
                 stage=stage,
                 reached=reached,
-                converted=converted if nxt is not None else None,
-                conversion_rate=round(converted / reached, 4) if nxt is not None and reached else None,
+                converted=converted if on_path else None,
+                closed=closed if stage == Stage.SQL else None,
+                conversion_rate=round(converted / base, 4) if on_path and base else None,
                 avg_days_in_stage=round(mean(durations), 3) if durations else None,
                 median_days_in_stage=round(median(durations), 3) if durations else None,
                 in_stage_now=in_now,

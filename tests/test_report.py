@@ -91,3 +91,40 @@ def test_the_channel_of_a_lead_is_its_first_touch_whatever_came_first(delivered)
     assert lead.state.channel == "webinar"
     report = funnel_report(lead.take_effects().audit, now=now)
     assert [c.channel for c in report.by_channel] == ["webinar"]
+
+
+def _moves(lead_id: str, channel: str, path: list[Stage]) -> list:
+    """Audit entries of a lead created at T0 that then moves along `path`, a day a step."""
+    from funnel.models import AuditEntry, AuditKind
+
+    base = dict(lead_id=lead_id, role=Role.SYSTEM, actor="leadflow", channel=channel, model_ref="default@1")
+    entries = [AuditEntry(seq=1, at=T0, kind=AuditKind.LEAD_CREATED, detail="created", to_stage=Stage.IQL, **base)]
+    before = Stage.IQL
+    for day, stage in enumerate(path, start=1):
+        entries.append(AuditEntry(seq=day + 1, at=T0 + timedelta(days=day), kind=AuditKind.STAGE_CHANGED,
+                                  detail=f"{before.value} -> {stage.value}", from_stage=before, to_stage=stage, **base))
+        before = stage
+    return entries
+
+
+def test_a_shortcut_passes_the_stage_it_skips():
+    """MQL -> SQL straight (presales qualified without accepting first) converted the MQL and
+    passed SAL: SAL counts it as reached and converted, with no time spent there."""
+    entries = (_moves("A", "web", [Stage.MQL, Stage.SAL, Stage.SQL])
+               + _moves("B", "web", [Stage.MQL, Stage.SQL])
+               + _moves("C", "web", [Stage.MQL, Stage.DISQUALIFIED]))
+    report = funnel_report(entries, now=T0 + timedelta(days=10))
+    mql, sal = stats(report, "all", Stage.MQL), stats(report, "all", Stage.SAL)
+    assert (mql.reached, mql.converted, mql.conversion_rate) == (3, 2, round(2 / 3, 4))
+    assert (sal.reached, sal.converted, sal.conversion_rate) == (2, 2, 1.0)
+    assert sal.median_days_in_stage == 1.0  # A's visit only: B never sat in SAL
+
+
+def test_win_rate_is_over_closed_opportunities():
+    """Of three opportunities (SQL) one is won, one lost and one still open: the win rate is
+    1 of 2 closed, not 1 of 3; the open one is counted as open."""
+    entries = (_moves("W", "web", [Stage.MQL, Stage.SAL, Stage.SQL, Stage.WON])
+               + _moves("L", "web", [Stage.MQL, Stage.SAL, Stage.SQL, Stage.LOST])
+               + _moves("O", "web", [Stage.MQL, Stage.SAL, Stage.SQL]))
+    sql = stats(funnel_report(entries, now=T0 + timedelta(days=10)), "all", Stage.SQL)
+    assert (sql.reached, sql.converted, sql.closed, sql.conversion_rate, sql.in_stage_now) == (3, 1, 2, 0.5, 1)
