@@ -8,7 +8,7 @@ creations, as the store returns them) and `now`.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import datetime
 from statistics import mean, median
 
@@ -25,6 +25,12 @@ class StageStats(BaseModel):
     reached: int  # leads that entered the stage, or passed it by a shortcut (main stages)
     converted: int | None  # of those, leads that went on to a later main stage (SQL: won)
     closed: int | None = None  # SQL only: opportunities closed, won or lost
+    # RECYCLED only: entries into it by cause (presales or sales "not now", decay below the
+    # threshold, negative criteria, a lost deal after its cool-off, a manager's reopen), and
+    # leads that came back to MQL after it.
+    causes: dict[str, int] | None = None
+    requalified: int | None = None
+    requalification_rate: float | None = None
     conversion_rate: float | None  # SQL: the win rate, over closed opportunities
     avg_days_in_stage: float | None  # over finished visits
     median_days_in_stage: float | None
@@ -43,11 +49,14 @@ class FunnelReport(BaseModel):
     by_channel: list[ChannelReport]
 
 
-def _visits(entries: list[AuditEntry]) -> list[tuple[Stage, datetime]]:
+Visit = tuple[Stage, datetime, str | None]  # stage entered, when, why (the trigger's name)
+
+
+def _visits(entries: list[AuditEntry]) -> list[Visit]:
     visits = []
     for entry in sorted(entries, key=lambda e: e.seq):
         if entry.kind in (AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED) and entry.to_stage is not None:
-            visits.append((entry.to_stage, entry.at))
+            visits.append((entry.to_stage, entry.at, entry.trigger.value if entry.trigger else None))
     return visits
 
 
@@ -56,18 +65,19 @@ def _furthest(stages_seen: list[Stage]) -> int:
     return max((MAIN_PATH.index(s) for s in stages_seen if s in MAIN_PATH), default=-1)
 
 
-def _channel_report(channel: str, leads: dict[str, list[tuple[Stage, datetime]]], now: datetime) -> ChannelReport:
+def _channel_report(channel: str, leads: dict[str, list[Visit]], now: datetime) -> ChannelReport:
     """Per stage: leads that reached it (a main stage also when a shortcut passed it, e.g.
     MQL -> SQL passes SAL), how many went on along the main path, and time spent in it
     (visits only). The last step, SQL -> won, is a win rate over closed opportunities: an
-    open one has not failed."""
+    open one has not failed. Recycled is split by cause, with how many were requalified."""
     stats = []
     for stage in ALL_STAGES:
-        reached = converted = closed = in_now = 0
+        reached = converted = closed = requalified = in_now = 0
+        causes: Counter[str] = Counter()
         durations: list[float] = []
         on_path = stage in MAIN_PATH[:-1]
         for visits in leads.values():
-            stages_seen = [s for s, _ in visits]
+            stages_seen = [s for s, _, _ in visits]
             furthest = _furthest(stages_seen)
             if stage in MAIN_PATH:
                 if furthest < MAIN_PATH.index(stage):
@@ -79,7 +89,11 @@ def _channel_report(channel: str, leads: dict[str, list[tuple[Stage, datetime]]]
                 converted += 1
             if stage == Stage.SQL and (furthest == MAIN_PATH.index(Stage.WON) or Stage.LOST in stages_seen):
                 closed += 1
-            for i, (s, at) in enumerate(visits):
+            if stage == Stage.RECYCLED:
+                causes.update(cause or "unknown" for s, _, cause in visits if s == stage)
+                first = stages_seen.index(stage)
+                requalified += Stage.MQL in stages_seen[first + 1:]
+            for i, (s, at, _) in enumerate(visits):
                 if s != stage:
                     continue
                 if i + 1 < len(visits):
@@ -93,6 +107,9 @@ def _channel_report(channel: str, leads: dict[str, list[tuple[Stage, datetime]]]
                 reached=reached,
                 converted=converted if on_path else None,
                 closed=closed if stage == Stage.SQL else None,
+                causes=dict(sorted(causes.items())) if stage == Stage.RECYCLED else None,
+                requalified=requalified if stage == Stage.RECYCLED else None,
+                requalification_rate=round(requalified / reached, 4) if stage == Stage.RECYCLED and reached else None,
                 conversion_rate=round(converted / base, 4) if on_path and base else None,
                 avg_days_in_stage=round(mean(durations), 3) if durations else None,
                 median_days_in_stage=round(median(durations), 3) if durations else None,
@@ -117,7 +134,7 @@ def funnel_report(entries: list[AuditEntry], now: datetime) -> FunnelReport:
         by_lead[entry.lead_id].append(entry)
     visits = {lead: _visits(items) for lead, items in by_lead.items()}
     channel_of = {lead: _first_touch(items) for lead, items in by_lead.items()}
-    channels: dict[str, dict[str, list[tuple[Stage, datetime]]]] = defaultdict(dict)
+    channels: dict[str, dict[str, list[Visit]]] = defaultdict(dict)
     for lead, lead_visits in visits.items():
         channels[channel_of[lead]][lead] = lead_visits
     return FunnelReport(

@@ -128,3 +128,25 @@ def test_win_rate_is_over_closed_opportunities():
                + _moves("O", "web", [Stage.MQL, Stage.SAL, Stage.SQL]))
     sql = stats(funnel_report(entries, now=T0 + timedelta(days=10)), "all", Stage.SQL)
     assert (sql.reached, sql.converted, sql.closed, sql.conversion_rate, sql.in_stage_now) == (3, 1, 2, 0.5, 1)
+
+
+def test_recycled_is_split_by_cause_with_its_requalification_rate():
+    """Presales' "not now", a decay below the threshold and a lost deal after its cool-off are
+    different stories: counted apart. One of the three came back to MQL."""
+    from funnel.models import Trigger
+
+    entries = []
+    for lead, path in {"N": [(Stage.MQL, Trigger.SCORE_THRESHOLD), (Stage.RECYCLED, Trigger.REJECT_RECYCLE),
+                             (Stage.MQL, Trigger.REQUALIFY)],
+                       "D": [(Stage.MQL, Trigger.SCORE_THRESHOLD), (Stage.RECYCLED, Trigger.DECAY_BELOW_THRESHOLD)],
+                       "C": [(Stage.MQL, Trigger.FAST_TRACK), (Stage.SAL, Trigger.ACCEPT), (Stage.SQL, Trigger.QUALIFY),
+                             (Stage.LOST, Trigger.LOST), (Stage.RECYCLED, Trigger.COOL_OFF_ENDED)]}.items():
+        moves = _moves(lead, "web", [stage for stage, _ in path])
+        for entry, (_, trigger) in zip(moves[1:], path):
+            entry.trigger = trigger
+        entries += moves
+    recycled = stats(funnel_report(entries, now=T0 + timedelta(days=10)), "all", Stage.RECYCLED)
+    assert recycled.reached == 3
+    assert recycled.causes == {"cool_off_ended": 1, "decay_below_threshold": 1, "reject_recycle": 1}
+    assert (recycled.requalified, recycled.requalification_rate) == (1, round(1 / 3, 4))
+    assert stats(funnel_report(entries, now=T0), "all", Stage.MQL).causes is None
