@@ -613,7 +613,8 @@ async def cmd_report(args, settings: Settings) -> int:
         title = "all channels" if channel is report.overall else f"channel {channel.channel}"
         table = Table(title=f"{title}: {channel.leads} lead(s)", title_justify="left")
         for name, justify in (("stage", "left"), ("reached", "right"), ("converted", "right"),
-                              ("conversion", "right"), ("avg days in stage", "right")):
+                              ("conversion", "right"), ("median days", "right"), ("p75 days", "right"),
+                              ("in stage now", "right")):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         for s in channel.stages:
             table.add_row(
@@ -621,7 +622,9 @@ async def cmd_report(args, settings: Settings) -> int:
                 str(s.reached),
                 "-" if s.converted is None else str(s.converted),
                 "-" if s.conversion_rate is None else f"{s.conversion_rate:.0%}",
-                "-" if s.avg_days_in_stage is None else f"{s.avg_days_in_stage:.1f}",
+                "-" if s.median_days is None else f"{s.median_days:.1f}",
+                "-" if s.p75_days is None else f"{s.p75_days:.1f}",
+                str(s.in_stage_now),
             )
         console.print(table)
     if not report.by_channel:

@@ -8,6 +8,7 @@ creations, as the store returns them) and `now`.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from datetime import datetime
 from statistics import mean, median
@@ -32,8 +33,13 @@ class StageStats(BaseModel):
     requalified: int | None = None
     requalification_rate: float | None = None
     conversion_rate: float | None  # SQL: the win rate, over closed opportunities
-    avg_days_in_stage: float | None  # over finished visits
-    median_days_in_stage: float | None
+    # Time in stage, censoring-aware (Kaplan-Meier): visits still open count for as long as
+    # they have lasted so far. None while fewer than half (a quarter) have left the stage.
+    median_days: float | None = None
+    p75_days: float | None = None
+    open_median_age_days: float | None = None  # how long the open visits have lasted so far
+    avg_days_in_stage: float | None  # secondary: over finished visits only (biased short)
+    median_days_in_stage: float | None  # secondary: the same
     in_stage_now: int
 
 
@@ -74,7 +80,8 @@ def _channel_report(channel: str, leads: dict[str, list[Visit]], now: datetime) 
     for stage in ALL_STAGES:
         reached = converted = closed = requalified = in_now = 0
         causes: Counter[str] = Counter()
-        durations: list[float] = []
+        durations: list[float] = []  # finished visits, days
+        ages: list[float] = []  # open visits so far, days
         on_path = stage in MAIN_PATH[:-1]
         for visits in leads.values():
             stages_seen = [s for s, _, _ in visits]
@@ -100,6 +107,7 @@ def _channel_report(channel: str, leads: dict[str, list[Visit]], now: datetime) 
                     durations.append((visits[i + 1][1] - at).total_seconds() / 86400)
                 else:
                     in_now += 1
+                    ages.append(max((now - at).total_seconds() / 86400, 0.0))
         base = closed if stage == Stage.SQL else reached
         stats.append(
             StageStats(
@@ -111,12 +119,31 @@ def _channel_report(channel: str, leads: dict[str, list[Visit]], now: datetime) 
                 requalified=requalified if stage == Stage.RECYCLED else None,
                 requalification_rate=round(requalified / reached, 4) if stage == Stage.RECYCLED and reached else None,
                 conversion_rate=round(converted / base, 4) if on_path and base else None,
+                **_time_in_stage(durations, ages),
                 avg_days_in_stage=round(mean(durations), 3) if durations else None,
                 median_days_in_stage=round(median(durations), 3) if durations else None,
                 in_stage_now=in_now,
             )
         )
     return ChannelReport(channel=channel, leads=len(leads), stages=stats)
+
+
+def _time_in_stage(finished: list[float], open_ages: list[float]) -> dict[str, float | None]:
+    """Median and 75th percentile of days in a stage by the Kaplan-Meier estimator (lifelines):
+    a visit still open is censored at its age, not dropped (dropping them showed 1 day for a
+    stage where most leads sit for weeks) nor counted as finished."""
+    figures: dict[str, float | None] = {"median_days": None, "p75_days": None,
+                                        "open_median_age_days": round(median(open_ages), 3) if open_ages else None}
+    if not finished:
+        return figures  # nobody has left yet: neither is known
+    from lifelines import KaplanMeierFitter
+    from lifelines.utils import qth_survival_times
+
+    fitted = KaplanMeierFitter().fit(finished + open_ages, [True] * len(finished) + [False] * len(open_ages))
+    for name, left in (("median_days", 0.5), ("p75_days", 0.25)):  # share still in the stage
+        days = float(qth_survival_times(left, fitted.survival_function_))
+        figures[name] = round(days, 3) if math.isfinite(days) else None
+    return figures
 
 
 def _first_touch(entries: list[AuditEntry]) -> str:

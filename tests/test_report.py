@@ -150,3 +150,29 @@ def test_recycled_is_split_by_cause_with_its_requalification_rate():
     assert recycled.causes == {"cool_off_ended": 1, "decay_below_threshold": 1, "reject_recycle": 1}
     assert (recycled.requalified, recycled.requalification_rate) == (1, round(1 / 3, 4))
     assert stats(funnel_report(entries, now=T0), "all", Stage.MQL).causes is None
+
+
+def test_time_in_stage_counts_open_visits_as_censored():
+    """Five leads entered MQL on day 0: three left after a day, one after 20 days and one
+    after 25. Five more entered on day 15 and are still there on day 30. Dropping the open
+    visits gives a median of 1 day; by Kaplan-Meier half have left after 20 days and three
+    quarters after 25."""
+    now = T0 + timedelta(days=30)
+    entries = []
+    for n, days in enumerate([1, 1, 1, 20, 25, None, None, None, None, None]):
+        moves = _moves(f"K{n}", "web", [Stage.MQL] + ([Stage.SAL] if days else []))
+        moves[1].at = T0 if days else T0 + timedelta(days=15)
+        if days:
+            moves[2].at = T0 + timedelta(days=days)
+        entries += moves
+    mql = stats(funnel_report(entries, now=now), "all", Stage.MQL)
+    assert mql.median_days_in_stage == 1.0  # the old, biased figure, kept as secondary
+    assert (mql.median_days, mql.p75_days) == (20.0, 25.0)
+    assert mql.open_median_age_days == 15.0 and mql.in_stage_now == 5
+
+
+def test_time_in_stage_is_unknown_while_most_leads_are_still_there():
+    entries = _moves("U1", "web", [Stage.MQL, Stage.SAL]) + _moves("U2", "web", [Stage.MQL]) + _moves("U3", "web", [Stage.MQL])
+    mql = stats(funnel_report(entries, now=T0 + timedelta(days=30)), "all", Stage.MQL)
+    assert mql.median_days is None and mql.p75_days is None  # 1 of 3 left: the median is not reached
+    assert mql.open_median_age_days == 29.0
