@@ -109,7 +109,7 @@ from funnel.models import (
     Stage,
 )
 from funnel.personal_data import MASK, ErasureReport, mask_view, scrub_entry, scrub_payload
-from funnel.report import FunnelReport, funnel_report
+from funnel.report import FunnelReport, funnel_report, report_csv
 from workflows.rollout import RolloutProgress
 from funnel.scoring_model import ModelError, ScoringModel, load_model, parse_model
 
@@ -1370,14 +1370,21 @@ async def erase_personal_data(lead_id: PathLeadId, request: Request,
 
 @reads.get(
     "/report", response_model=FunnelReport, summary="Funnel report: conversion and time per stage, per channel",
-    description="From the audit store's stage changes (optionally since a time). Roles: manager.",
+    description="From the audit store's stage changes (optionally since a time); `format=csv` gives one table, "
+    "a row per channel and stage. Roles: manager.",
+    responses={200: {"content": {"text/csv": {}}}},
 )
 async def get_report(
     request: Request, caller: Annotated[Principal, Depends(allow())],
     since: Annotated[AwareDatetime | None, Query(description="ISO 8601 with a timezone")] = None,
+    format: Annotated[Literal["json", "csv"], Query(description="csv: one table for a spreadsheet")] = "json",
 ) -> FunnelReport:
     entries = await _backends(request).in_store(lambda store: store.stage_changes(since))
-    return funnel_report(entries, now=datetime.now(timezone.utc))
+    report = funnel_report(entries, now=datetime.now(timezone.utc))
+    if format == "csv":
+        return Response(report_csv(report), media_type="text/csv; charset=utf-8",  # type: ignore[return-value]
+                        headers={"Content-Disposition": 'attachment; filename="funnel-report.csv"'})
+    return report
 
 
 # --------------------------------------------------------------------------- outbox

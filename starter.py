@@ -595,7 +595,7 @@ async def cmd_list(args, settings: Settings) -> int:
 
 
 async def cmd_report(args, settings: Settings) -> int:
-    from funnel.report import funnel_report
+    from funnel.report import funnel_report, report_csv
 
     store = _store(settings)
     try:
@@ -605,6 +605,9 @@ async def cmd_report(args, settings: Settings) -> int:
     report = funnel_report(entries, now=utcnow())
     if args.json:
         _print_json(report.model_dump(mode="json"))
+        return 0
+    if args.csv:
+        sys.stdout.write(report_csv(report))
         return 0
     from rich.table import Table
 
@@ -1041,7 +1044,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_list)
 
     p = sub.add_parser("report", help="funnel report per channel from the audit store")
-    p.add_argument("--json", action="store_true")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true")
+    shape.add_argument("--csv", action="store_true", help="one table, a row per channel and stage")
     p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("import", help="send events from a .jsonl/.ndjson or .csv file")

@@ -8,6 +8,8 @@ creations, as the store returns them) and `now`.
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections import Counter, defaultdict
 from datetime import datetime
@@ -169,3 +171,19 @@ def funnel_report(entries: list[AuditEntry], now: datetime) -> FunnelReport:
         overall=_channel_report("all", visits, now),
         by_channel=[_channel_report(ch, channels[ch], now) for ch in sorted(channels)],
     )
+
+
+def report_csv(report: FunnelReport) -> str:
+    """The report as one CSV table for a spreadsheet: a row per channel ("all" first) and
+    stage, a column per figure of `--json` (causes as `cause=n;...`)."""
+    fields = list(StageStats.model_fields)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["channel", "leads", *fields])
+    for group in [report.overall, *report.by_channel]:
+        for stats in group.stages:
+            row = stats.model_dump(mode="json")
+            if row["causes"] is not None:
+                row["causes"] = ";".join(f"{cause}={n}" for cause, n in row["causes"].items())
+            writer.writerow([group.channel, group.leads, *("" if row[f] is None else row[f] for f in fields)])
+    return out.getvalue()

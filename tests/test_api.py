@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import hashlib
+import io
 import os
 import random
 import socket
@@ -240,6 +242,11 @@ async def test_lead_from_first_webhook_to_won(api, store, settings):
     report = (await mia.get("/report")).json()
     won = {s["stage"]: s for s in report["overall"]["stages"]}["won"]
     assert won["reached"] >= 1
+    table = await mia.get("/report", params={"format": "csv"})
+    assert table.status_code == 200 and table.headers["content-type"].startswith("text/csv")
+    rows = {(r["channel"], r["stage"]): r for r in csv.DictReader(io.StringIO(table.text))}
+    assert rows[("all", "won")]["reached"] == str(won["reached"])
+    assert len(rows) == (1 + len(report["by_channel"])) * len(report["overall"]["stages"])
     assert (await mia.get("/readyz")).json()["ready"] is True
 
 

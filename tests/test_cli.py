@@ -7,6 +7,8 @@ sent when the input is bad.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from datetime import datetime, timedelta, timezone
 
@@ -712,6 +714,16 @@ def test_report_json(capsys, store_url):
     code, out, _ = run(capsys, "report")
     assert code == 0
     assert "channel webinar" in out and "mql" in out
+    code, out, _ = run(capsys, "report", "--csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 2 * len(channel["stages"])  # all channels, then webinar
+    by_key = {(r["channel"], r["stage"]): r for r in rows}
+    for stage, figures in stages.items():
+        row = by_key[("webinar", stage)]
+        assert row["leads"] == "1"
+        for name in ("reached", "converted", "conversion_rate", "median_days", "in_stage_now"):
+            assert row[name] == ("" if figures[name] is None else str(figures[name])), (stage, name)
 
 
 def test_help_exits_zero(capsys):
