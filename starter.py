@@ -220,10 +220,9 @@ def _active_model(settings: Settings) -> ScoringModel | None:
     return parse_model(active.text, active.ref) if active is not None else None
 
 
-def _load_model(settings: Settings) -> ScoringModel:
-    """The model inputs are checked against: the store's active version, or the model file
-    when there is no store yet."""
-    active = _active_model(settings)
+def _load_model(settings: Settings, active: ScoringModel | None) -> ScoringModel:
+    """The model inputs are checked against: `active`, the store's active version (from
+    _active_model), or the model file when there is none."""
     if active is not None:
         return active
     try:
@@ -419,7 +418,8 @@ def print_history(entries, total: int, offset: int, as_json: bool) -> None:
 
 
 async def cmd_event(args, settings: Settings) -> int:
-    model = _load_model(settings)
+    active = _active_model(settings)  # checked against, and what a new lead starts on
+    model = _load_model(settings, active)
     check_event_type(args.type, model)
     now = utcnow()
     at = parse_timestamp(args.at) if args.at is not None else now
@@ -444,7 +444,7 @@ async def cmd_event(args, settings: Settings) -> int:
         print(f"event {event.event_id}: {why} (nothing sent)")
         return 0
     tc = await _connect(settings)
-    await api.send_events(tc, settings, [event], _active_model(settings))
+    await api.send_events(tc, settings, [event], active)
     if log:
         log.taken([event])
     print(f"event {event.event_id} ({event.type} at {event.occurred_at.isoformat()}) sent to lead {event.lead_id}")
@@ -703,7 +703,8 @@ def read_import_file(path: Path, model: ScoringModel, now: datetime) -> tuple[li
 
 async def cmd_import(args, settings: Settings) -> int:
     path = Path(args.file)
-    model = _load_model(settings)
+    active = _active_model(settings)  # checked against, and what new leads start on
+    model = _load_model(settings, active)
     events, problems = read_import_file(path, model, utcnow())
     if problems:
         for problem in problems:
@@ -731,7 +732,6 @@ async def cmd_import(args, settings: Settings) -> int:
         lead_events.sort(key=lambda e: e.occurred_at)
 
     tc = await _connect(settings)
-    model = _active_model(settings)  # what new leads start on
     started = time.monotonic()
     closed: list[str] = []
     failed: list[str] = []
@@ -749,7 +749,7 @@ async def cmd_import(args, settings: Settings) -> int:
         nonlocal sent
         async with gate:
             try:
-                await api.send_events(tc, settings, lead_events, model)
+                await api.send_events(tc, settings, lead_events, active)
                 sent += len(lead_events)
                 if log:
                     await asyncio.to_thread(log.taken, lead_events)
