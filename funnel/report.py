@@ -149,12 +149,12 @@ def _time_in_stage(finished: list[float], open_ages: list[float]) -> dict[str, f
 
 
 def _first_touch(entries: list[AuditEntry]) -> str:
-    """The lead's channel: that of its earliest touch by event time. An entry's channel is
-    its event's (a score change) or the lead's first touch as known then (a stage change),
-    so the earliest entry naming one holds the first touch, whatever came first (a profile
-    update has none) and in whatever order events arrived."""
-    touched = [e for e in entries if e.channel]
-    return min(touched, key=lambda e: (e.happened_at, e.seq)).channel if touched else "unknown"
+    """The lead's channel, its first touch, as its latest creation or stage change knew it
+    (those entries carry the lead's channel; a score change carries its event's). A lead
+    created by a profile update that has not changed stage since has none here: "unknown"
+    until the store keeps each lead's channel (issue 8)."""
+    own = [e for e in entries if e.channel and e.kind in (AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED)]
+    return max(own, key=lambda e: e.seq).channel if own else "unknown"
 
 
 def funnel_report(entries: list[AuditEntry], now: datetime) -> FunnelReport:

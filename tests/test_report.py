@@ -74,10 +74,12 @@ def test_empty_history_gives_an_empty_report():
 
 @pytest.mark.parametrize("delivered", ["in time order", "first touch last"])
 def test_the_channel_of_a_lead_is_its_first_touch_whatever_came_first(delivered):
-    """A lead whose first input was a profile update (no channel), then a webinar visit,
-    then paid search, in either delivery order: its channel is the webinar, its first
-    touch, not "unknown" and not the channel of the last event."""
-    from funnel.models import ProfileUpdate
+    """A lead whose first input was a profile update (no channel), then a webinar visit and
+    paid search, in either delivery order, then a demo request (no channel) that makes it
+    an MQL: its channel is the webinar, its first touch, not "unknown" and not the channel
+    of its last event. Fed everything it wrote, as well as only its creation and stage
+    changes (what the store gives reports)."""
+    from funnel.models import AuditKind, ProfileUpdate
 
     lead = Lead.create("F-1", MODEL, T0)
     lead.update_profile(ProfileUpdate(update_id="p1", lead_id="F-1", facts={"target_account": True}), T0)
@@ -88,9 +90,32 @@ def test_the_channel_of_a_lead_is_its_first_touch_whatever_came_first(delivered)
     batches = [touches[:1], touches[1:]] if delivered == "in time order" else [touches[1:], touches[:1]]
     for batch in batches:
         lead.ingest_many(batch, now)
+    lead.ingest_many([ActivityEvent(event_id="F-1-demo", lead_id="F-1", type="demo_request", occurred_at=now)], now)
     assert lead.state.channel == "webinar"
-    report = funnel_report(lead.take_effects().audit, now=now)
-    assert [c.channel for c in report.by_channel] == ["webinar"]
+    audit = lead.take_effects().audit
+    stage_entries = [e for e in audit if e.kind in (AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED)]
+    assert any(e.to_stage == Stage.MQL for e in stage_entries)
+    for entries in (audit, stage_entries):
+        assert [c.channel for c in funnel_report(entries, now=now).by_channel] == ["webinar"]
+
+
+def test_a_late_earlier_touch_becomes_the_channel_from_the_next_stage_change():
+    """Created by a webinar visit; then a paid-search click from the day before arrives: the
+    lead's first touch is paid search, and its next stage change (MQL) records it. The
+    report, given what the store gives it, says paid search (reading the earliest entry by
+    time said webinar: the creation is stamped before the stage change)."""
+    from funnel.models import AuditKind
+
+    day1, day2 = T0 + timedelta(days=1), T0 + timedelta(days=2)
+    lead = Lead.create("G-1", MODEL, day1, channel="webinar")
+    lead.ingest(ActivityEvent(event_id="G-1-1", lead_id="G-1", type="website_visit", channel="webinar",
+                              occurred_at=day1), day1)
+    lead.ingest(ActivityEvent(event_id="G-1-0", lead_id="G-1", type="website_visit", channel="paid_search",
+                              occurred_at=T0), day2)
+    lead.ingest(ActivityEvent(event_id="G-1-2", lead_id="G-1", type="demo_request", occurred_at=day2), day2)
+    assert lead.state.channel == "paid_search"
+    stage_entries = [e for e in lead.take_effects().audit if e.kind in (AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED)]
+    assert [c.channel for c in funnel_report(stage_entries, now=day2).by_channel] == ["paid_search"]
 
 
 def _moves(lead_id: str, channel: str, path: list[Stage]) -> list:
