@@ -14,7 +14,12 @@ a pending timer. It prints:
 
 Figures only: nothing here passes or fails.
 
-    .venv/bin/python bench/live.py [--leads 100000] [--timer 15m] [--concurrency 32]
+    .venv/bin/python bench/live.py [--leads 100000] [--timer 15m] [--concurrency 32] [--in-flight 500]
+                                   [--fire-window 7200]
+
+A run prints where it is about once a minute. `--fire-window S` stops watching the timers
+S seconds after the last lead started and projects the rest from the rate seen (100,000
+timers take hours to fire here).
 """
 
 from __future__ import annotations
@@ -67,12 +72,18 @@ def count(store: AuditStore, stmt) -> int:
         return session.exec(stmt).one()
 
 
-async def until(check, every: float = 2.0, timeout: float = 7200.0, label: str = "") -> float:
-    """Seconds until check() is true (polled)."""
-    start = time.perf_counter()
+async def until(check, every: float = 2.0, timeout: float = 7200.0, label: str = "", progress=None) -> float:
+    """Seconds until check() is true (polled); raises TimeoutError after `timeout`.
+    `progress()`, if given, returns a line printed about once a minute (a long run shows
+    where it is)."""
+    start = last = time.perf_counter()
     while not await asyncio.to_thread(check):
-        if time.perf_counter() - start > timeout:
+        now = time.perf_counter()
+        if now - start > timeout:
             raise TimeoutError(label)
+        if progress is not None and now - last >= 60:
+            last = now
+            print(f"  {now - start:6.0f} s {label}: {await asyncio.to_thread(progress)}", file=sys.stderr)
         await asyncio.sleep(every)
     return time.perf_counter() - start
 
@@ -100,11 +111,30 @@ async def main(args: argparse.Namespace) -> dict:
                 queue = [ActivityEvent(event_id=f"v-{i}", lead_id=f"V-{i:06d}", type="website_visit", occurred_at=at,
                                        channel="web") for i in range(args.leads)]
                 queue.reverse()
+                created = select(func.count()).select_from(AuditRow).where(AuditRow.kind == AuditKind.LEAD_CREATED.value)
+                steps = select(func.count()).select_from(OutboxRow).where(OutboxRow.kind == "nurture_step")
                 started = time.perf_counter()
+                sent = 0
+                done = 0  # leads started and audited, as last counted
+
+                async def count_created() -> None:
+                    nonlocal done
+                    while done < args.leads:
+                        done = await asyncio.to_thread(count, store, created)
+                        await asyncio.sleep(1.0)
 
                 async def sender() -> None:
+                    # Paced like the API's back-pressure: at most --in-flight leads sent and not yet
+                    # started. Unpaced, the server took ~40 starts/s into its one SQLite writer and
+                    # the worker, sharing it, started 2 leads/s (a 100,000-lead run, measured).
+                    nonlocal sent
                     while queue:
+                        while sent - done >= args.in_flight:
+                            await asyncio.sleep(0.2)
+                        if not queue:
+                            break
                         event = queue.pop()
+                        sent += 1
                         for attempt in range(20):
                             try:
                                 await leads.send_events(env.client, settings, [event], acts.model(None))  # as the API does
@@ -112,22 +142,40 @@ async def main(args: argparse.Namespace) -> dict:
                             except leads.TemporalUnavailable:
                                 await asyncio.sleep(0.5 * (attempt + 1))
 
+                counter = asyncio.create_task(count_created())
                 await asyncio.gather(*(sender() for _ in range(args.concurrency)))
                 sent_s = time.perf_counter() - started
                 print(f"sent {args.leads} leads in {sent_s:.0f} s ({args.leads / sent_s:.1f}/s)", file=sys.stderr)
-                created = select(func.count()).select_from(AuditRow).where(AuditRow.kind == AuditKind.LEAD_CREATED.value)
-                await until(lambda: count(store, created) >= args.leads, label="leads created")
+
+                def progress() -> str:
+                    return (f"{count(store, created)} started, {count(store, steps)} timers fired; worker "
+                            f"{rss_mb():.0f} MB, server {sum(rss_mb(pid) for pid in server):.0f} MB")
+
+                await until(lambda: count(store, created) >= args.leads, label="leads created", progress=progress)
+                counter.cancel()
                 created_s = time.perf_counter() - started
                 print(f"all {args.leads} started and audited after {created_s:.0f} s", file=sys.stderr)
                 worker_after = rss_mb()
                 server_after = sum(rss_mb(pid) for pid in server)
-                steps = select(func.count()).select_from(OutboxRow).where(OutboxRow.kind == "nurture_step")
-                await until(lambda: count(store, steps) >= args.leads, label="timers fired")
+                fired_before = count(store, steps)
+                window_start = time.perf_counter()
+                try:
+                    await until(lambda: count(store, steps) >= args.leads, label="timers fired", progress=progress,
+                                timeout=args.fire_window)
+                except TimeoutError:
+                    pass  # --fire-window: the rate so far says how long the rest takes
+                window_s = time.perf_counter() - window_start
                 with Session(store.engine) as session:
                     rows = session.exec(select(OutboxRow.created_at, OutboxRow.payload)
                                         .where(OutboxRow.kind == "nurture_step")).all()
                 late = sorted((created_at - datetime.fromisoformat(payload["due_at"])).total_seconds()
                               for created_at, payload in rows)
+                fired_rate = (len(rows) - fired_before) / window_s if window_s > 0 else 0.0
+                result.update({
+                    "timers_fired": len(rows), "fire_window_s": round(window_s), "timers_per_s": round(fired_rate, 1),
+                    "projected_last_fired_s": (round((args.leads - len(rows)) / fired_rate) if fired_rate and
+                                               len(rows) < args.leads else 0),
+                })
                 result.update({
                     "sent_seconds": round(sent_s, 1), "leads_per_s_sent": round(args.leads / sent_s, 1),
                     "started_seconds": round(created_s, 1), "leads_per_s_started": round(args.leads / created_s, 1),
@@ -138,7 +186,8 @@ async def main(args: argparse.Namespace) -> dict:
                     "server_db_mb": round(os.path.getsize(tmp / "temporal.db") / 2**20, 1),
                     "store_db_mb": round(os.path.getsize(tmp / "audit.db") / 2**20, 1),
                     "timer_late_s": {"p50": round(statistics.median(late), 1),
-                                     "p99": round(late[int(0.99 * (len(late) - 1))], 1), "max": round(late[-1], 1)},
+                                     "p99": round(late[int(0.99 * (len(late) - 1))], 1),
+                                     "max": round(late[-1], 1)} if late else None,
                 })
     finally:
         acts.close()
@@ -151,8 +200,14 @@ async def main(args: argparse.Namespace) -> dict:
           f"{result['server_rss_mb'][0]} -> {result['server_rss_mb'][1]} MB ({result['worker_kb_per_lead']} + "
           f"{result['server_kb_per_lead']} KB per lead); files: server {result['server_db_mb']} MB, store "
           f"{result['store_db_mb']} MB")
-    late = result["timer_late_s"]
-    print(f"  the timer fired late by p50 {late['p50']} s, p99 {late['p99']} s, max {late['max']} s")
+    late = result["timer_late_s"] or {"p50": "-", "p99": "-", "max": "-"}
+    print(f"  the timer fired late by p50 {late['p50']} s, p99 {late['p99']} s, max {late['max']} s "
+          f"({result['timers_fired']} fired, {result['timers_per_s']}/s over the last {result['fire_window_s']} s)")
+    if not result["timers_fired"]:
+        print("  no timer fired within --fire-window")
+    elif result["projected_last_fired_s"]:
+        print(f"  not all fired within --fire-window: at that rate the last one fires "
+              f"{result['projected_last_fired_s']} s later")
     print(json.dumps(result))
     return result
 
@@ -162,4 +217,10 @@ if __name__ == "__main__":
     p.add_argument("--leads", type=int, default=100_000)
     p.add_argument("--timer", default="15m", help="when each lead's first nurture step is due (default 15m)")
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--in-flight", type=int, default=500,
+                   help="most leads sent and not yet started at any time (default 500; the API's back-pressure "
+                        "does the same)")
+    p.add_argument("--fire-window", type=float, default=7200.0,
+                   help="seconds to watch the timers fire after creation before reporting their rate and "
+                        "projecting the rest (default 7200)")
     asyncio.run(main(p.parse_args()))
