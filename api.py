@@ -109,7 +109,7 @@ from funnel.models import (
     Stage,
 )
 from funnel.personal_data import MASK, ErasureReport, mask_view, scrub_entry, scrub_payload
-from funnel.report import FunnelReport, funnel_report, report_csv
+from funnel.report import CSV_TABLES, FunnelReport, ReportWindows, funnel_report, report_csv
 from workflows.rollout import RolloutProgress
 from funnel.scoring_model import ModelError, ScoringModel, load_model, parse_model
 
@@ -1369,21 +1369,28 @@ async def erase_personal_data(lead_id: PathLeadId, request: Request,
 
 
 @reads.get(
-    "/report", response_model=FunnelReport, summary="Funnel report: conversion and time per stage, per channel",
-    description="From the audit store's stage changes (optionally since a time); `format=csv` gives one table, "
-    "a row per channel and stage. Roles: manager.",
+    "/report", response_model=FunnelReport,
+    summary="Funnel report: stages per channel, opportunities, presales decisions, SLA compliance",
+    description="From the audit store (entries optionally since a time) and the event log (first touch); "
+    "`format=csv` gives one `table` for a spreadsheet. Roles: manager.",
     responses={200: {"content": {"text/csv": {}}}},
 )
 async def get_report(
     request: Request, caller: Annotated[Principal, Depends(allow())],
     since: Annotated[AwareDatetime | None, Query(description="ISO 8601 with a timezone")] = None,
     format: Annotated[Literal["json", "csv"], Query(description="csv: one table for a spreadsheet")] = "json",
+    table: Annotated[Literal[CSV_TABLES], Query(description="the table `format=csv` gives")] = "stages",  # type: ignore[valid-type]
+    opportunity_days: Annotated[int, Query(ge=1, le=3650, description="lead -> opportunity window, days")] = 84,
+    won_days: Annotated[int, Query(ge=1, le=3650, description="opportunity -> won window, days")] = 18,
+    cohort: Annotated[Literal["month", "week"], Query(description="cohorts by creation month or week")] = "month",
 ) -> FunnelReport:
-    entries = await _backends(request).in_store(lambda store: store.stage_changes(since))
-    report = funnel_report(entries, now=datetime.now(timezone.utc))
+    entries, touches = await _backends(request).in_store(
+        lambda store: (store.report_entries(since), store.lead_touches()))
+    windows = ReportWindows(lead_to_opportunity_days=opportunity_days, opportunity_to_won_days=won_days, cohort=cohort)
+    report = funnel_report(entries, now=datetime.now(timezone.utc), touches=touches, windows=windows)
     if format == "csv":
-        return Response(report_csv(report), media_type="text/csv; charset=utf-8",  # type: ignore[return-value]
-                        headers={"Content-Disposition": 'attachment; filename="funnel-report.csv"'})
+        return Response(report_csv(report, table), media_type="text/csv; charset=utf-8",  # type: ignore[return-value]
+                        headers={"Content-Disposition": f'attachment; filename="funnel-{table}.csv"'})
     return report
 
 

@@ -64,6 +64,7 @@ from funnel.models import (
     Stage,
     check_lead_id,
 )
+from funnel.report import CSV_TABLES
 from funnel.scoring_model import ModelError, ScoringModel, load_model, parse_model
 from payload_codec import KeyConfigError
 
@@ -594,44 +595,90 @@ async def cmd_list(args, settings: Settings) -> int:
     return 0
 
 
+def _window_days(text: str) -> int:
+    """A report window in days: a whole number from 1 to 3650."""
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days") from None
+    if not 1 <= days <= 3650:
+        raise argparse.ArgumentTypeError(f"{days} days: a window is 1 to 3650 days")
+    return days
+
+
 async def cmd_report(args, settings: Settings) -> int:
-    from funnel.report import funnel_report, report_csv
+    from funnel.report import ReportWindows, funnel_report, report_csv
 
     store = _store(settings)
     try:
-        entries = store.stage_changes()
+        entries = store.report_entries()
+        touches = store.lead_touches()
     finally:
         store.dispose()
-    report = funnel_report(entries, now=utcnow())
+    windows = ReportWindows(lead_to_opportunity_days=args.opportunity_days, opportunity_to_won_days=args.won_days,
+                            cohort=args.cohort)
+    report = funnel_report(entries, now=utcnow(), touches=touches, windows=windows)
     if args.json:
         _print_json(report.model_dump(mode="json"))
         return 0
     if args.csv:
-        sys.stdout.write(report_csv(report))
+        sys.stdout.write(report_csv(report, args.csv))
         return 0
     from rich.table import Table
 
     console = _console()
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0%}"
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+        table = Table(title=title, title_justify="left")
+        for i, name in enumerate(columns):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
     for channel in [report.overall, *report.by_channel]:
         title = "all channels" if channel is report.overall else f"channel {channel.channel}"
-        table = Table(title=f"{title}: {channel.leads} lead(s)", title_justify="left")
-        for name, justify in (("stage", "left"), ("reached", "right"), ("converted", "right"),
-                              ("conversion", "right"), ("median days", "right"), ("p75 days", "right"),
-                              ("in stage now", "right")):
-            table.add_column(name, justify=justify)  # type: ignore[arg-type]
-        for s in channel.stages:
-            table.add_row(
-                s.stage.value if hasattr(s.stage, "value") else str(s.stage),
-                str(s.reached),
-                "-" if s.converted is None else str(s.converted),
-                "-" if s.conversion_rate is None else f"{s.conversion_rate:.0%}",
-                "-" if s.median_days is None else f"{s.median_days:.1f}",
-                "-" if s.p75_days is None else f"{s.p75_days:.1f}",
-                str(s.in_stage_now),
-            )
-        console.print(table)
+        print_table(f"{title}: {channel.leads} lead(s)",
+                    ["stage", "reached", "converted", "conversion", "median days", "p75 days", "in stage now"],
+                    [[s.stage.value, str(s.reached), "-" if s.converted is None else str(s.converted),
+                      pct(s.conversion_rate), num(s.median_days), num(s.p75_days), str(s.in_stage_now)]
+                     for s in channel.stages])
     if not report.by_channel:
         console.print("no leads in the audit store yet")
+        return 0
+    o = report.opportunities
+    d_opp, d_won = o.windows.lead_to_opportunity_days, o.windows.opportunity_to_won_days
+    print_table(f"lead -> opportunity (SQL) within {d_opp} d, opportunity -> won within {d_won} d "
+                f"(sources: 13% in 84 d, 6% in 18 d)",
+                ["group", "leads", "opportunities", "rate", f"within {d_opp} d", "median days", "won", "win rate",
+                 f"won within {d_won} d"],
+                [[f"{by} {g.group}".strip(), str(g.leads), str(g.opportunities), pct(g.opportunity_rate),
+                  pct(g.opportunity_rate_within), num(g.median_days_to_opportunity), str(g.won), pct(g.win_rate),
+                  pct(g.won_rate_within)]
+                 for by, groups in (("", [o.overall]), ("channel", o.by_channel),
+                                    ("campaign", o.by_campaign_first_touch), ("cohort", o.by_cohort))
+                 for g in groups])
+    print_table("presales decisions on MQLs (sources: up to 90% of unfiltered leads rejected)",
+                ["group", "handed over", "accepted", "rejected", "rejection", "expired", "pending", "reasons"],
+                [[f"{by} {g.group}".strip(), str(g.handed_over), str(g.accepted), str(g.rejected),
+                  pct(g.rejection_rate), str(g.expired), str(g.pending),
+                  ", ".join(f"{k} {n}" for k, n in g.reasons.items()) or "-"]
+                 for by, groups in (("", [report.presales.overall]), ("channel", report.presales.by_channel),
+                                    ("owner", report.presales.by_owner)) for g in groups])
+    print_table("SLA compliance",
+                ["group", "set", "met", "breached", "met in time", "open", "open breaches", "median h to met",
+                 "median h to contact"],
+                [[f"{by} {g.group}".strip(), str(g.set), str(g.met), str(g.breached), pct(g.met_in_time_rate),
+                  str(g.open), str(g.open_breaches), num(g.median_hours_to_met),
+                  num(g.median_hours_to_first_contact)]
+                 for by, groups in (("", [report.slas.overall]), ("sla", report.slas.by_sla),
+                                    ("owner", report.slas.by_owner)) for g in groups])
     return 0
 
 
@@ -1046,7 +1093,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="funnel report per channel from the audit store")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true")
-    shape.add_argument("--csv", action="store_true", help="one table, a row per channel and stage")
+    shape.add_argument("--csv", nargs="?", const="stages", choices=CSV_TABLES, metavar="TABLE",
+                       help=f"one table as CSV: {', '.join(CSV_TABLES)} (default stages: a row per channel and stage)")
+    p.add_argument("--opportunity-days", type=_window_days, default=84, metavar="N",
+                   help="the lead -> opportunity window of the 'within' figures (default 84, the sources')")
+    p.add_argument("--won-days", type=_window_days, default=18, metavar="N",
+                   help="the opportunity -> won window (default 18, the sources')")
+    p.add_argument("--cohort", choices=["month", "week"], default="month", help="cohorts by creation month or week")
     p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("import", help="send events from a .jsonl/.ndjson or .csv file")

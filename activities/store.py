@@ -17,7 +17,7 @@ import hashlib
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, Text, event, func, inspect, text, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -27,6 +27,7 @@ from sqlalchemy.types import TypeDecorator
 from pydantic import BaseModel
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
+from funnel.kpis import LeadTouch
 from funnel.models import ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, event_digest
 from funnel.personal_data import ERASED, ErasureReport, scrub_entry, scrub_payload
 
@@ -108,7 +109,13 @@ class AuditRow(SQLModel, table=True):
     occurred_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
     source: str | None = None
     command_id: str | None = Field(default=None, index=True)
+    owner: str | None = None
 
+
+# What funnel reports read: creations and stage changes, owners, contacts and SLAs.
+REPORT_KINDS = (AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED, AuditKind.OWNER_ASSIGNED, AuditKind.CONTACT_LOGGED,
+                AuditKind.SLA_SET, AuditKind.SLA_MET, AuditKind.SLA_BREACHED, AuditKind.SLA_CANCELLED,
+                AuditKind.SLA_LATE_DATA)
 
 # Columns added after a table was first created: (table, column, SQL type). `create_all`
 # never alters an existing table, so a store made by older code gets them on start.
@@ -116,6 +123,7 @@ _ADDED_COLUMNS = [
     ("audit_entry", "occurred_at", {"sqlite": "DATETIME", "postgresql": "TIMESTAMP WITH TIME ZONE"}),
     ("audit_entry", "source", {"sqlite": "VARCHAR", "postgresql": "VARCHAR"}),
     ("audit_entry", "command_id", {"sqlite": "VARCHAR", "postgresql": "VARCHAR"}),
+    ("audit_entry", "owner", {"sqlite": "VARCHAR", "postgresql": "VARCHAR"}),
 ]
 
 
@@ -398,14 +406,45 @@ class AuditStore:
         return found
 
     def stage_changes(self, since: datetime | None = None) -> list[AuditEntry]:
-        """Lead creations and stage changes, per lead in order: the input of funnel reports."""
-        kinds = [AuditKind.LEAD_CREATED.value, AuditKind.STAGE_CHANGED.value]
-        stmt = select(AuditRow).where(AuditRow.kind.in_(kinds))
+        """Lead creations and stage changes, per lead in order."""
+        return self.report_entries(since, kinds=(AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED))
+
+    def report_entries(self, since: datetime | None = None,
+                       kinds: Iterable[AuditKind] = REPORT_KINDS) -> list[AuditEntry]:
+        """The entries funnel reports read (funnel/report.py), per lead in order."""
+        stmt = select(AuditRow).where(AuditRow.kind.in_([kind.value for kind in kinds]))
         if since is not None:
             stmt = stmt.where(AuditRow.at >= since)
         stmt = stmt.order_by(AuditRow.lead_id, AuditRow.seq)
         with Session(self.engine) as session:
             return [_audit_entry(row) for row in session.exec(stmt)]
+
+    def lead_touches(self) -> dict[str, LeadTouch]:
+        """Each logged lead's first touch (channel and campaign of its earliest event that has
+        one, whatever arrived first) and its latest campaign up to its first MQL: three
+        ranked queries over the event log's (lead, time) index, not a row per event in Python."""
+        e, a = _EVENTS, _AUDIT
+
+        def ranked(column, newest_first: bool = False, upto=None):
+            order = (e.c.occurred_at.desc(), e.c.event_id.desc()) if newest_first else (e.c.occurred_at, e.c.event_id)
+            inner = select(e.c.lead_id, column.label("value"),
+                           func.row_number().over(partition_by=e.c.lead_id, order_by=order).label("n"))
+            inner = inner.where(column.is_not(None))
+            if upto is not None:
+                inner = inner.join(upto, upto.c.lead_id == e.c.lead_id).where(e.c.occurred_at <= upto.c.at)
+            sub = inner.subquery()
+            return select(sub.c.lead_id, sub.c.value).where(sub.c.n == 1)
+
+        first_mql = (select(a.c.lead_id, func.min(func.coalesce(a.c.occurred_at, a.c.at)).label("at"))
+                     .where(a.c.kind == AuditKind.STAGE_CHANGED.value, a.c.to_stage == "mql")
+                     .group_by(a.c.lead_id).subquery())
+        touches: dict[str, dict[str, str]] = {}
+        with Session(self.engine) as session:
+            for name, stmt in (("channel", ranked(e.c.channel)), ("campaign", ranked(e.c.campaign)),
+                               ("last_campaign_before_mql", ranked(e.c.campaign, True, first_mql))):
+                for lead_id, value in session.exec(stmt):
+                    touches.setdefault(lead_id, {})[name] = value
+        return {lead_id: LeadTouch(**values) for lead_id, values in touches.items()}
 
     # ----------------------------------------------------------------- outbox
 

@@ -631,12 +631,17 @@ class Lead:
             return self._checked(Trigger.ACCEPT, role), ""
         if isinstance(command, Reject):
             trigger = Trigger.REJECT_RECYCLE if command.recycle else Trigger.REJECT_DISQUALIFY
-            return self._checked(trigger, role), ""
+            self._checked(trigger, role)
+            self._known_reason(command.reason, self.model.reasons.reject, "rejection")
+            return trigger, ""
         if isinstance(command, Close):
             trigger = Trigger.WON if command.outcome == "won" else Trigger.LOST
             if command.outcome == "lost" and not command.reason:
                 raise Refused(f"cannot close lead {s.lead_id} as lost without a reason code")
-            return self._checked(trigger, role), ""
+            self._checked(trigger, role)
+            if command.outcome == "lost":
+                self._known_reason(command.reason, self.model.reasons.lost, "lost deal")
+            return trigger, ""
         if isinstance(command, Reopen):
             return self._checked(Trigger.REOPEN, role), ""
         if isinstance(command, LogContact):
@@ -669,6 +674,11 @@ class Lead:
                 )
             return trigger, f"{command.framework} {len(met)}/{of}: {', '.join(met)}"
         raise Refused(f"unknown command {command!r}")  # pragma: no cover - the union is closed
+
+    def _known_reason(self, code: str | None, codes: dict[str, str], what: str) -> None:
+        if codes and code not in codes:
+            raise Refused(f"cannot take reason {code!r} for lead {self.state.lead_id}: the {what} reasons of model "
+                          f"{self.model.ref} are {', '.join(codes)}")
 
     def _checked(self, trigger: Trigger, role: Role) -> Trigger:
         stages.check(self.state.lead_id, self.state.stage, trigger, role, self.model.shortcuts)
@@ -881,6 +891,7 @@ class Lead:
         s = self.state
         s.audit_seq += 1
         fields.setdefault("channel", s.channel)
+        fields.setdefault("owner", s.owner)
         engagement = fields.pop("score_engagement", s.score.engagement)
         if self._command_id:
             fields.setdefault("command_id", self._command_id)

@@ -506,6 +506,7 @@ class AuditEntry(BaseModel):
     occurred_at: datetime | None = None  # when its cause happened (event time, due time); None: at `at`
     source: str | None = None  # the integration that sent the event behind it (an API key's name, "cli")
     command_id: str | None = None  # the idempotency key of the command that made this entry
+    owner: str | None = None  # the lead's owner when it was recorded (reports per owner: SLAs, decisions)
 
     @property
     def happened_at(self) -> datetime:

@@ -1,9 +1,10 @@
-"""Funnel reports from the audit history: conversion and time per stage, per channel.
+"""Funnel reports from the audit history: conversion and time per stage, per channel,
+and the lead-level KPIs of funnel/kpis.py (opportunities, presales decisions, SLAs).
 
 Managers ask which channels bring the most *and the best* leads: how many
 leads reach each stage, how many of those go on to the next one, and how long
-they sit in each stage. Pure: it takes audit entries (stage changes and lead
-creations, as the store returns them) and `now`.
+they sit in each stage. Pure: it takes audit entries (as `AuditStore.report_entries`
+returns them), each lead's first touch from the event log, and `now`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from statistics import mean, median
 
 from pydantic import BaseModel
 
+from funnel import kpis
+from funnel.kpis import DecisionReport, LeadTouch, OpportunityReport, ReportWindows, SlaReport
 from funnel.models import AuditEntry, AuditKind, Stage
 
 MAIN_PATH = [Stage.IQL, Stage.MQL, Stage.SAL, Stage.SQL, Stage.WON]
@@ -55,6 +58,10 @@ class FunnelReport(BaseModel):
     generated_at: datetime
     overall: ChannelReport
     by_channel: list[ChannelReport]
+    opportunities: OpportunityReport
+    presales: DecisionReport
+    slas: SlaReport
+    benchmarks: dict[str, dict[str, float | int | str]] = kpis.BENCHMARKS
 
 
 Visit = tuple[Stage, datetime, str | None]  # stage entered, when, why (the trigger's name)
@@ -148,42 +155,79 @@ def _time_in_stage(finished: list[float], open_ages: list[float]) -> dict[str, f
     return figures
 
 
-def _first_touch(entries: list[AuditEntry]) -> str:
-    """The lead's channel, its first touch, as its latest creation or stage change knew it
-    (those entries carry the lead's channel; a score change carries its event's). A lead
-    created by a profile update that has not changed stage since has none here: "unknown"
-    until the store keeps each lead's channel (issue 8)."""
+def _first_touch(entries: list[AuditEntry], touch: LeadTouch | None) -> str:
+    """The lead's channel, its first touch: the store's event log knows it whatever arrived
+    first (a profile update, say). Without a logged event (leads fed straight to Temporal),
+    as its latest creation or stage change knew it (those entries carry the lead's channel;
+    a score change carries its event's)."""
+    if touch is not None and touch.channel:
+        return touch.channel
     own = [e for e in entries if e.channel and e.kind in (AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED)]
     return max(own, key=lambda e: e.seq).channel if own else "unknown"
 
 
-def funnel_report(entries: list[AuditEntry], now: datetime) -> FunnelReport:
+def funnel_report(entries: list[AuditEntry], now: datetime, touches: dict[str, LeadTouch] | None = None,
+                  windows: ReportWindows | None = None) -> FunnelReport:
+    touches = touches or {}
+    windows = windows or ReportWindows()
     by_lead: dict[str, list[AuditEntry]] = defaultdict(list)
-    for entry in entries:
+    for entry in sorted(entries, key=lambda e: (e.lead_id, e.seq)):
         by_lead[entry.lead_id].append(entry)
     visits = {lead: _visits(items) for lead, items in by_lead.items()}
-    channel_of = {lead: _first_touch(items) for lead, items in by_lead.items()}
+    channel_of = {lead: _first_touch(items, touches.get(lead)) for lead, items in by_lead.items()}
     channels: dict[str, dict[str, list[Visit]]] = defaultdict(dict)
     for lead, lead_visits in visits.items():
         channels[channel_of[lead]][lead] = lead_visits
+    facts = [kpis.lead_facts(lead, items, channel_of[lead], touches.get(lead)) for lead, items in by_lead.items()]
     return FunnelReport(
         generated_at=now,
         overall=_channel_report("all", visits, now),
         by_channel=[_channel_report(ch, channels[ch], now) for ch in sorted(channels)],
+        opportunities=kpis.opportunity_report(facts, now, windows),
+        presales=kpis.decision_report([h for lead, items in by_lead.items()
+                                       for h in kpis.handovers(items, channel_of[lead])]),
+        slas=kpis.sla_report([kpis.lead_slas(items) for items in by_lead.values()]),
     )
 
 
-def report_csv(report: FunnelReport) -> str:
-    """The report as one CSV table for a spreadsheet: a row per channel ("all" first) and
-    stage, a column per figure of `--json` (causes as `cause=n;...`)."""
-    fields = list(StageStats.model_fields)
+CSV_TABLES = ("stages", "opportunities", "presales", "slas")
+
+
+def report_csv(report: FunnelReport, table: str = "stages") -> str:
+    """One table of the report as CSV for a spreadsheet, a column per figure of `--json`
+    (counts by name as `name=n;...`). stages: a row per channel ("all" first) and stage;
+    opportunities: per channel, first- and last-touch campaign and cohort; presales: per
+    channel and owner; slas: per SLA and owner."""
+    if table not in CSV_TABLES:
+        raise ValueError(f"no table {table!r}: one of {', '.join(CSV_TABLES)}")
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["channel", "leads", *fields])
-    for group in [report.overall, *report.by_channel]:
-        for stats in group.stages:
-            row = stats.model_dump(mode="json")
-            if row["causes"] is not None:
-                row["causes"] = ";".join(f"{cause}={n}" for cause, n in row["causes"].items())
-            writer.writerow([group.channel, group.leads, *("" if row[f] is None else row[f] for f in fields)])
+
+    def cells(model: BaseModel, fields: list[str]) -> list:
+        row = model.model_dump(mode="json")
+        for name, value in row.items():
+            if isinstance(value, dict):
+                row[name] = ";".join(f"{k}={n}" for k, n in value.items())
+        return ["" if row[f] is None else row[f] for f in fields]
+
+    if table == "stages":
+        fields = list(StageStats.model_fields)
+        writer.writerow(["channel", "leads", *fields])
+        for group in [report.overall, *report.by_channel]:
+            for stats in group.stages:
+                writer.writerow([group.channel, group.leads, *cells(stats, fields)])
+        return out.getvalue()
+    o, p, s = report.opportunities, report.presales, report.slas
+    sections: list[tuple[str, list[BaseModel]]] = {
+        "opportunities": [("all", [o.overall]), ("channel", o.by_channel),
+                          ("campaign_first_touch", o.by_campaign_first_touch),
+                          ("campaign_last_touch", o.by_campaign_last_touch), ("cohort", o.by_cohort)],
+        "presales": [("all", [p.overall]), ("channel", p.by_channel), ("owner", p.by_owner)],
+        "slas": [("all", [s.overall]), ("sla", s.by_sla), ("owner", s.by_owner)],
+    }[table]
+    fields = list(type(sections[0][1][0]).model_fields)
+    writer.writerow(["by", *fields])
+    for by, rows in sections:
+        for stats in rows:
+            writer.writerow([by, *cells(stats, fields)])
     return out.getvalue()

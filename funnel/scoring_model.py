@@ -14,9 +14,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_validator,
+                      model_validator)
 
-from funnel.models import FactValue, Stage
+from funnel.models import NAME_PATTERN, FactValue, Stage
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -203,6 +204,23 @@ class Qualification(_Section):
     meddic_required: list[MeddicCriterion] = Field(default_factory=list)
 
 
+class ReasonCodes(_Section):
+    """The managed lists of reason codes (code = what it means): a rejection or a lost deal
+    must give one of them, so reports count reasons a manager can act on, not free text.
+    An empty list accepts any code (models written before the lists existed)."""
+
+    reject: dict[str, str] = Field(default_factory=dict)
+    lost: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("reject", "lost")
+    @classmethod
+    def _codes(cls, codes: dict[str, str]) -> dict[str, str]:
+        bad = [code for code in codes if not re.fullmatch(NAME_PATTERN, code)]
+        if bad:
+            raise ValueError(f"reason code(s) {', '.join(map(repr, bad))}: use lowercase letters, digits and _")
+        return codes
+
+
 class LateEvents(_Section):
     """How far back a late event re-scores the lead exactly.
 
@@ -271,6 +289,7 @@ class ScoringModel(_Section):
     sla: list[Sla] = Field(default_factory=list)
     cool_off: CoolOff = CoolOff()
     late_events: LateEvents = LateEvents()
+    reasons: ReasonCodes = ReasonCodes()
 
     @model_validator(mode="after")
     def _consistent(self) -> "ScoringModel":

@@ -247,6 +247,12 @@ async def test_lead_from_first_webhook_to_won(api, store, settings):
     rows = {(r["channel"], r["stage"]): r for r in csv.DictReader(io.StringIO(table.text))}
     assert rows[("all", "won")]["reached"] == str(won["reached"])
     assert len(rows) == (1 + len(report["by_channel"])) * len(report["overall"]["stages"])
+    assert report["presales"]["overall"]["accepted"] >= 1 and report["opportunities"]["overall"]["won"] >= 1
+    table = await mia.get("/report", params={"format": "csv", "table": "slas"})
+    assert table.status_code == 200 and 'filename="funnel-slas.csv"' in table.headers["content-disposition"]
+    assert table.text.startswith("by,group,set,met,breached")
+    assert (await mia.get("/report", params={"opportunity_days": 0})).status_code == 422
+    assert (await mia.get("/report", params={"format": "csv", "table": "nope"})).status_code == 422
     assert (await mia.get("/readyz")).json()["ready"] is True
 
 

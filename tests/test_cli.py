@@ -724,6 +724,20 @@ def test_report_json(capsys, store_url):
         assert row["leads"] == "1"
         for name in ("reached", "converted", "conversion_rate", "median_days", "in_stage_now"):
             assert row[name] == ("" if figures[name] is None else str(figures[name])), (stage, name)
+    assert report["opportunities"]["windows"]["lead_to_opportunity_days"] == 84
+    assert report["presales"]["overall"]["handed_over"] == 1
+    assert set(report["benchmarks"]) == {"lead_to_opportunity", "opportunity_to_won", "presales_rejection"}
+    code, out, _ = run(capsys, "report", "--json", "--opportunity-days", "30", "--cohort", "week")
+    assert json.loads(out)["opportunities"]["windows"] == {"lead_to_opportunity_days": 30,
+                                                          "opportunity_to_won_days": 18, "cohort": "week"}
+    code, out, _ = run(capsys, "report", "--csv", "presales")
+    assert code == 0
+    [overall] = [r for r in csv.DictReader(io.StringIO(out)) if r["by"] == "all"]
+    assert overall["handed_over"] == "1"
+    code, _, err = run(capsys, "report", "--won-days", "0")
+    assert code == 2 and "a window is 1 to 3650 days" in err
+    code, out, _ = run(capsys, "report")
+    assert "presales decisions" in out and "SLA compliance" in out
 
 
 def test_help_exits_zero(capsys):

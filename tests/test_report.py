@@ -118,6 +118,29 @@ def test_a_late_earlier_touch_becomes_the_channel_from_the_next_stage_change():
     assert [c.channel for c in funnel_report(stage_entries, now=day2).by_channel] == ["paid_search"]
 
 
+def test_a_lead_created_by_a_profile_update_has_the_channel_of_its_first_event(tmp_path):
+    """The profile came first (no channel), then a webinar visit; no stage change since. The
+    store's event log keeps the first touch whatever arrived first, and the report uses it
+    (it said "unknown": only creations and stage changes carried the lead's channel)."""
+    from activities.store import AuditStore
+    from funnel.models import ProfileUpdate
+
+    lead = Lead.create("P-1", MODEL, T0)
+    lead.update_profile(ProfileUpdate(update_id="p-1", lead_id="P-1", facts={"industry": "software"}), T0)
+    visit = ActivityEvent(event_id="P-1-1", lead_id="P-1", type="website_visit", channel="webinar",
+                          occurred_at=T0 + timedelta(hours=1))
+    lead.ingest(visit, T0 + timedelta(hours=1))
+    store = AuditStore(f"sqlite:///{tmp_path / 'audit.db'}")
+    try:
+        store.write_audit(lead.take_effects().audit)
+        store.log_events([visit], T0 + timedelta(hours=1))
+        report = funnel_report(store.report_entries(), now=T0 + timedelta(days=1), touches=store.lead_touches())
+    finally:
+        store.dispose()
+    assert [c.channel for c in report.by_channel] == ["webinar"]
+    assert [g.group for g in report.opportunities.by_channel] == ["webinar"]
+
+
 def _moves(lead_id: str, channel: str, path: list[Stage]) -> list:
     """Audit entries of a lead created at T0 that then moves along `path`, a day a step."""
     from funnel.models import AuditEntry, AuditKind

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from activities.store import AuditStore, ModelConflict
-from funnel.models import AuditEntry, AuditKind, Outbound, OutboundKind, Role, Stage, Trigger
+from funnel.models import ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, Role, Stage, Trigger
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
 CEST = timezone(timedelta(hours=2))
@@ -243,6 +243,7 @@ def test_every_field_round_trips(store):
         trigger=Trigger.ACCEPT,
         reason="budget_confirmed",
         occurred_at=datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc),
+        owner="ana",
     )
     bare = entry("lead-a", 8)
     store.write_audit([full, bare])
@@ -301,6 +302,28 @@ def test_stage_changes_for_funnel_reports(store):
         ("lead-b", 3),
     ]
     assert store.stage_changes(since=T0 + timedelta(days=1)) == []
+    # Reports read owners, contacts and SLAs too; never score changes (most of the rows).
+    assert [(e.lead_id, e.seq) for e in store.report_entries()] == [
+        ("lead-a", 1), ("lead-a", 2), ("lead-a", 4), ("lead-a", 30), ("lead-b", 1), ("lead-b", 3)]
+
+
+def test_lead_touches_come_from_the_event_log_whatever_arrived_first(store):
+    """The first touch is the earliest event by time, also when it arrived late or after a
+    profile update created the lead; the last campaign before MQL stops at the first MQL."""
+    def event(lead_id, event_id, hours, channel=None, campaign=None):
+        return ActivityEvent(event_id=event_id, lead_id=lead_id, type="website_visit",
+                             occurred_at=T0 + timedelta(hours=hours), channel=channel, campaign=campaign)
+
+    store.write_audit([entry("P-1", 1, AuditKind.LEAD_CREATED, to_stage=Stage.IQL),  # by a profile update
+                       entry("P-1", 2, AuditKind.STAGE_CHANGED, from_stage=Stage.IQL, to_stage=Stage.MQL,
+                             occurred_at=T0 + timedelta(hours=5))])
+    store.log_events([event("P-1", "p-3", 3, "web", "spring"), event("P-1", "p-9", 9, "email", "autumn")], T0)
+    store.log_events([event("P-1", "p-1", 1, None, "intro"), event("P-1", "p-2", 2, "paid_search")], T0)  # late
+    store.log_events([event("Q-1", "q-1", 1)], T0)  # no channel, no campaign
+    touches = store.lead_touches()
+    assert touches["P-1"].model_dump() == {"channel": "paid_search", "campaign": "intro",
+                                           "last_campaign_before_mql": "spring"}
+    assert "Q-1" not in touches
 
 
 def test_concurrent_overlapping_writes_store_each_entry_once(store):
@@ -517,10 +540,10 @@ def test_a_store_made_by_older_code_gets_the_new_columns(tmp_path):
         db.execute("INSERT INTO audit_entry (entry_id, lead_id, seq, at, kind, actor, role, detail) VALUES"
                    " ('old/1', 'old', 1, '2026-03-01 09:00:00.000000', 'lead_created', 'leadflow', 'system', 'created')")
     store = AuditStore(f"sqlite:///{path}")
-    store.write_audit([entry("old", 2, occurred_at=T0 - timedelta(hours=1))])
+    store.write_audit([entry("old", 2, occurred_at=T0 - timedelta(hours=1), owner="ana")])
     first, second = store.history("old")
-    assert first.occurred_at is None and first.happened_at == first.at
-    assert second.occurred_at == T0 - timedelta(hours=1)
+    assert first.occurred_at is None and first.happened_at == first.at and first.owner is None
+    assert second.occurred_at == T0 - timedelta(hours=1) and second.owner == "ana"
     AuditStore(f"sqlite:///{path}").dispose()  # starting again finds the column there
 
 
