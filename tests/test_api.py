@@ -613,12 +613,12 @@ async def _history_event_kinds(client, lead: str) -> dict[str, int]:
 
 async def test_a_batch_for_new_leads_starts_them_side_by_side(api, store, settings, monkeypatch):
     """A batch for many new leads is sent to Temporal concurrently, at most
-    api.SEND_CONCURRENCY leads at a time (sent one after another, 500 new leads took
+    api.limits.SEND_CONCURRENCY leads at a time (sent one after another, 500 new leads took
     3.4x as long to answer: bench/batch.py), and every lead starts, on the active model the
     API passes it. Later sends to these leads do not carry the model again."""
     import api as api_module
 
-    n_leads = 3 * api_module.SEND_CONCURRENCY
+    n_leads = 3 * api_module.limits.SEND_CONCURRENCY
     in_flight, most = 0, 0
     real_send = api_module.leads.send_events
     models = []  # what each send passed for its lead to start on
@@ -641,7 +641,7 @@ async def test_a_batch_for_new_leads_starts_them_side_by_side(api, store, settin
     r = await api.as_("mautic").post("/events/batch", json={"events": events})
     assert r.status_code == 202, r.text
     assert (r.json()["accepted"], r.json()["rejected"]) == (n_leads, 0)
-    assert 1 < most <= api_module.SEND_CONCURRENCY, f"{most} leads were sent at the same time"
+    assert 1 < most <= api_module.limits.SEND_CONCURRENCY, f"{most} leads were sent at the same time"
     anna = api.as_("anna")
     for event in events:
         view = await view_when(anna, event["lead_id"], lambda v: v["events_applied"] == 1)
