@@ -19,7 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, Text, event, func, inspect, text, update
+from sqlalchemy import (
+    JSON, Column, DateTime, Index, LargeBinary, Text, and_, case, event, func, inspect, or_, text, update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import StaticPool
@@ -28,7 +30,9 @@ from pydantic import BaseModel
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from funnel.kpis import LeadTouch
-from funnel.models import ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, event_digest
+from funnel.models import (
+    ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, ReportEntry, Role, Stage, Trigger, event_digest,
+)
 from funnel.personal_data import ERASED, ErasureReport, scrub_entry, scrub_payload
 
 # SQLAlchemy only guarantees rowcount for UPDATE/DELETE; without this option an
@@ -117,6 +121,11 @@ REPORT_KINDS = (AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED, AuditKind.OWNER
                 AuditKind.SLA_SET, AuditKind.SLA_MET, AuditKind.SLA_BREACHED, AuditKind.SLA_CANCELLED,
                 AuditKind.SLA_LATE_DATA)
 
+_REPORT_COLUMNS = ("lead_id", "seq", "at", "kind", "actor", "role", "channel", "from_stage", "to_stage", "trigger",
+                   "reason", "occurred_at", "rule", "owner")
+_BY_VALUE: dict[type, dict[str, Any]] = {enum: {member.value: member for member in enum}
+                                         for enum in (AuditKind, Role, Stage, Trigger)}
+
 # Columns added after a table was first created: (table, column, SQL type). `create_all`
 # never alters an existing table, so a store made by older code gets them on start.
 _ADDED_COLUMNS = [
@@ -158,6 +167,22 @@ class EventLogRow(SQLModel, table=True):
     source: str | None = None
     attributes: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     digest: str
+
+
+class LeadTouchRow(SQLModel, table=True):
+    """Each lead's first touch: the channel and the campaign of its earliest logged event
+    that has one, by event time (then id), whatever arrived first. Kept as events are
+    logged, so a report reads one row per lead instead of ranking the whole event log."""
+
+    __tablename__ = "lead_touch"
+
+    lead_id: str = Field(primary_key=True)
+    channel: str | None = None
+    channel_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
+    channel_event: str | None = None
+    campaign: str | None = None
+    campaign_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
+    campaign_event: str | None = None
 
 
 class ScoringModelRow(SQLModel, table=True):
@@ -242,6 +267,7 @@ _OWNERS = OwnerAssignmentRow.__table__
 _ROUND_ROBIN = RoundRobinRow.__table__
 _MODELS = ScoringModelRow.__table__
 _EVENTS = EventLogRow.__table__
+_TOUCHES = LeadTouchRow.__table__
 _LEAD_KEYS = LeadKeyRow.__table__
 _ERASURES = ErasureRow.__table__
 
@@ -328,8 +354,9 @@ class AuditStore:
             # PostgreSQL locks rows itself; ON CONFLICT and row locks suffice.
             self._write_lock = contextlib.nullcontext()
         SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN, _MODELS, _EVENTS,
-                                                           _LEAD_KEYS, _ERASURES])
+                                                           _LEAD_KEYS, _ERASURES, _TOUCHES])
         self._add_missing_columns()
+        self.fill_lead_touches()
 
     def _add_missing_columns(self) -> None:
         inspector = inspect(self.engine)
@@ -410,41 +437,43 @@ class AuditStore:
         return self.report_entries(since, kinds=(AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED))
 
     def report_entries(self, since: datetime | None = None,
-                       kinds: Iterable[AuditKind] = REPORT_KINDS) -> list[AuditEntry]:
-        """The entries funnel reports read (funnel/report.py), per lead in order."""
-        stmt = select(AuditRow).where(AuditRow.kind.in_([kind.value for kind in kinds]))
+                       kinds: Iterable[AuditKind] = REPORT_KINDS) -> list[ReportEntry]:
+        """The entries funnel reports read (funnel/report.py), per lead in order, with the
+        columns reports use (funnel.report.ReportEntry). Read as plain rows, not validated
+        again (each was when written): a report reads hundreds of thousands, and ORM rows
+        validated twice cost 50 us each (bench/report.py)."""
+        stmt = (select(*(_AUDIT.c[name] for name in _REPORT_COLUMNS))
+                .where(_AUDIT.c.kind.in_([kind.value for kind in kinds])))
         if since is not None:
-            stmt = stmt.where(AuditRow.at >= since)
-        stmt = stmt.order_by(AuditRow.lead_id, AuditRow.seq)
-        with Session(self.engine) as session:
-            return [_audit_entry(row) for row in session.exec(stmt)]
+            stmt = stmt.where(_AUDIT.c.at >= since)
+        stmt = stmt.order_by(_AUDIT.c.lead_id, _AUDIT.c.seq)
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        kind_of, role_of, stage_of, trigger_of = (_BY_VALUE[AuditKind], _BY_VALUE[Role], _BY_VALUE[Stage],
+                                                  _BY_VALUE[Trigger])
+        return [ReportEntry(lead_id, seq, at, kind_of[kind], actor, role_of[role], channel, stage_of.get(from_stage),
+                            stage_of.get(to_stage), trigger_of.get(trigger), reason, occurred_at, rule, owner)
+                for (lead_id, seq, at, kind, actor, role, channel, from_stage, to_stage, trigger, reason, occurred_at,
+                     rule, owner) in rows]
 
     def lead_touches(self) -> dict[str, LeadTouch]:
-        """Each logged lead's first touch (channel and campaign of its earliest event that has
-        one, whatever arrived first) and its latest campaign up to its first MQL: three
-        ranked queries over the event log's (lead, time) index, not a row per event in Python."""
+        """Each logged lead's first touch (kept in `lead_touch` as events are logged) and its
+        latest campaign up to its first MQL (one index seek per MQL lead)."""
         e, a = _EVENTS, _AUDIT
-
-        def ranked(column, newest_first: bool = False, upto=None):
-            order = (e.c.occurred_at.desc(), e.c.event_id.desc()) if newest_first else (e.c.occurred_at, e.c.event_id)
-            inner = select(e.c.lead_id, column.label("value"),
-                           func.row_number().over(partition_by=e.c.lead_id, order_by=order).label("n"))
-            inner = inner.where(column.is_not(None))
-            if upto is not None:
-                inner = inner.join(upto, upto.c.lead_id == e.c.lead_id).where(e.c.occurred_at <= upto.c.at)
-            sub = inner.subquery()
-            return select(sub.c.lead_id, sub.c.value).where(sub.c.n == 1)
-
         first_mql = (select(a.c.lead_id, func.min(func.coalesce(a.c.occurred_at, a.c.at)).label("at"))
-                     .where(a.c.kind == AuditKind.STAGE_CHANGED.value, a.c.to_stage == "mql")
+                     .where(a.c.kind == AuditKind.STAGE_CHANGED.value, a.c.to_stage == Stage.MQL.value)
                      .group_by(a.c.lead_id).subquery())
-        touches: dict[str, dict[str, str]] = {}
-        with Session(self.engine) as session:
-            for name, stmt in (("channel", ranked(e.c.channel)), ("campaign", ranked(e.c.campaign)),
-                               ("last_campaign_before_mql", ranked(e.c.campaign, True, first_mql))):
-                for lead_id, value in session.exec(stmt):
-                    touches.setdefault(lead_id, {})[name] = value
-        return {lead_id: LeadTouch(**values) for lead_id, values in touches.items()}
+        last_campaign = (select(e.c.campaign)
+                         .where(e.c.lead_id == first_mql.c.lead_id, e.c.campaign.is_not(None),
+                                e.c.occurred_at <= first_mql.c.at)
+                         .order_by(e.c.occurred_at.desc(), e.c.event_id.desc()).limit(1).scalar_subquery())
+        with self.engine.connect() as conn:
+            touches = {lead_id: LeadTouch(channel=channel, campaign=campaign) for lead_id, channel, campaign
+                       in conn.execute(select(_TOUCHES.c.lead_id, _TOUCHES.c.channel, _TOUCHES.c.campaign))}
+            for lead_id, campaign in conn.execute(select(first_mql.c.lead_id, last_campaign)):
+                if campaign is not None:
+                    touches.setdefault(lead_id, LeadTouch()).last_campaign_before_mql = campaign
+        return touches
 
     # ----------------------------------------------------------------- outbox
 
@@ -518,7 +547,54 @@ class AuditStore:
         } for e in events), key=lambda row: (row["lead_id"], row["event_id"]))
         stmt = self._insert(_EVENTS).on_conflict_do_nothing().returning(_EVENTS.c.event_id)
         with self._writing() as session:
-            return len(session.exec(stmt, params=rows).all())
+            new = len(session.exec(stmt, params=rows).all())
+            self._touch(session, rows)
+            return new
+
+    def _touch(self, session: Session, events: list[dict]) -> None:
+        """Merge these events into their leads' first touches, in the database (one upsert,
+        atomic per row: concurrent writers on PostgreSQL cannot lose an earlier touch)."""
+        firsts: dict[str, dict[str, Any]] = {}
+        for e in events:
+            first = firsts.setdefault(e["lead_id"], {"lead_id": e["lead_id"], "channel": None, "channel_at": None,
+                                                     "channel_event": None, "campaign": None, "campaign_at": None,
+                                                     "campaign_event": None})
+            for what in ("channel", "campaign"):
+                if e[what] and (first[what] is None or (e["occurred_at"], e["event_id"]) <
+                                (first[f"{what}_at"], first[f"{what}_event"])):
+                    first.update({what: e[what], f"{what}_at": e["occurred_at"], f"{what}_event": e["event_id"]})
+        rows = [row for row in firsts.values() if row["channel"] or row["campaign"]]
+        if not rows:
+            return
+        insert = self._insert(_TOUCHES)
+        new, old = insert.excluded, _TOUCHES.c
+
+        def earlier(what: str):
+            at, event = f"{what}_at", f"{what}_event"
+            return and_(new[what].is_not(None), or_(old[what].is_(None), new[at] < old[at],
+                                                     and_(new[at] == old[at], new[event] < old[event])))
+
+        changes = {column: case((earlier(what), new[column]), else_=old[column])
+                   for what in ("channel", "campaign") for column in (what, f"{what}_at", f"{what}_event")}
+        session.exec(insert.on_conflict_do_update(index_elements=["lead_id"], set_=changes),
+                     params=sorted(rows, key=lambda row: row["lead_id"]))
+
+    def fill_lead_touches(self) -> None:
+        """Derive `lead_touch` from the event log when it is empty and the log is not: a
+        store from before the table existed (on start), or events loaded in bulk."""
+        with Session(self.engine) as session:
+            if session.exec(select(_TOUCHES.c.lead_id).limit(1)).first() is not None:
+                return
+            if session.exec(select(_EVENTS.c.lead_id).limit(1)).first() is None:
+                return
+        columns = (_EVENTS.c.lead_id, _EVENTS.c.event_id, _EVENTS.c.occurred_at, _EVENTS.c.channel,
+                   _EVENTS.c.campaign)
+        with self.engine.connect() as conn:
+            result = conn.execution_options(yield_per=10_000).execute(
+                select(*columns).where(or_(_EVENTS.c.channel.is_not(None), _EVENTS.c.campaign.is_not(None))))
+            for chunk in result.partitions():
+                with self._writing() as session:
+                    self._touch(session, [dict(row._mapping) for row in chunk])
 
     def event_log(self, lead_id: str | None = None, limit: int = 1000) -> list[EventLogRow]:
         """Logged events in (lead, time, id) order, for export and replay."""

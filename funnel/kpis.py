@@ -25,11 +25,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from statistics import median
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Sequence
 
 from pydantic import BaseModel, Field
 
-from funnel.models import AuditEntry, AuditKind, Role, Stage, Trigger
+from funnel.models import AuditEntry, AuditKind, ReportEntry, Role, Stage, Trigger
 
 DAY = 86400.0
 
@@ -152,7 +152,8 @@ class LeadFacts:
     closed_at: datetime | None = None
 
 
-def lead_facts(lead_id: str, entries: list[AuditEntry], channel: str, touch: LeadTouch | None) -> LeadFacts:
+def lead_facts(lead_id: str, entries: Sequence[AuditEntry | ReportEntry], channel: str,
+               touch: LeadTouch | None) -> LeadFacts:
     created = [e.happened_at for e in entries if e.kind == AuditKind.LEAD_CREATED]
     facts = LeadFacts(lead_id=lead_id, created_at=min(created) if created else min(e.happened_at for e in entries),
                       channel=channel, campaign=touch.campaign if touch else None,
@@ -189,7 +190,8 @@ def _opportunity_stats(group: str, leads: Iterable[LeadFacts], now: datetime, wi
         group=group, leads=len(leads), opportunities=len(opps), opportunity_rate=_rate(len(opps), len(leads)),
         matured_leads=len(matured), opportunities_within=len(within),
         opportunity_rate_within=_rate(len(within), len(matured)),
-        median_days_to_opportunity=_median([_days(f.created_at, f.opportunity_at) for f in opps], 1.0),  # type: ignore[arg-type]
+        median_days_to_opportunity=_median([_days(f.created_at, f.opportunity_at)  # type: ignore[arg-type]
+                                            for f in opps], 1.0),
         won=len(won), closed=len(closed), win_rate=_rate(len(won), len(closed)),
         matured_opportunities=len(matured_opps), won_within=len(won_within),
         won_rate_within=_rate(len(won_within), len(matured_opps)),
@@ -251,7 +253,7 @@ class Handover:
     reason: str | None = None
 
 
-def handovers(entries: list[AuditEntry], channel: str) -> list[Handover]:
+def handovers(entries: Sequence[AuditEntry | ReportEntry], channel: str) -> list[Handover]:
     """Each MQL visit of one lead and what became of it."""
     found: list[Handover] = []
     open_: Handover | None = None
@@ -318,7 +320,7 @@ class LeadSlas:
     first_contacts: list[tuple[str, float]] = field(default_factory=list)  # (owner, seconds from handover)
 
 
-def lead_slas(entries: list[AuditEntry]) -> LeadSlas:
+def lead_slas(entries: Sequence[AuditEntry | ReportEntry]) -> LeadSlas:
     """One lead's SLAs, each with the owner it was the duty of (the lead's owner when it
     ended, or now), and its times from handover to first contact."""
     found = LeadSlas()

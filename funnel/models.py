@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Union
@@ -515,6 +516,32 @@ class AuditEntry(BaseModel):
     @property
     def entry_id(self) -> str:
         return f"{self.lead_id}/{self.seq}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportEntry:
+    """The part of an audit entry a report reads: what `AuditStore.report_entries` returns
+    (a report reads hundreds of thousands; an AuditEntry, even built unvalidated, costs ten
+    times as much). The report functions (funnel/report.py, funnel/kpis.py) take AuditEntry lists as well."""
+
+    lead_id: str
+    seq: int
+    at: datetime
+    kind: AuditKind
+    actor: str
+    role: Role
+    channel: str | None = None
+    from_stage: Stage | None = None
+    to_stage: Stage | None = None
+    trigger: Trigger | None = None
+    reason: str | None = None
+    occurred_at: datetime | None = None
+    rule: str | None = None
+    owner: str | None = None
+
+    @property
+    def happened_at(self) -> datetime:
+        return self.occurred_at or self.at
 
 
 class OutboundKind(StrEnum):

@@ -13,14 +13,16 @@ import csv
 import io
 import math
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Sequence
 from statistics import mean, median
 
 from pydantic import BaseModel
 
 from funnel import kpis
 from funnel.kpis import DecisionReport, LeadTouch, OpportunityReport, ReportWindows, SlaReport
-from funnel.models import AuditEntry, AuditKind, Stage
+from funnel.models import AuditEntry, AuditKind, ReportEntry, Stage
 
 MAIN_PATH = [Stage.IQL, Stage.MQL, Stage.SAL, Stage.SQL, Stage.WON]
 ALL_STAGES = MAIN_PATH + [Stage.LOST, Stage.DISQUALIFIED, Stage.RECYCLED]
@@ -67,7 +69,7 @@ class FunnelReport(BaseModel):
 Visit = tuple[Stage, datetime, str | None]  # stage entered, when, why (the trigger's name)
 
 
-def _visits(entries: list[AuditEntry]) -> list[Visit]:
+def _visits(entries: Sequence[AuditEntry | ReportEntry]) -> list[Visit]:
     visits = []
     for entry in sorted(entries, key=lambda e: e.seq):
         if entry.kind in (AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED) and entry.to_stage is not None:
@@ -80,58 +82,71 @@ def _furthest(stages_seen: list[Stage]) -> int:
     return max((MAIN_PATH.index(s) for s in stages_seen if s in MAIN_PATH), default=-1)
 
 
+@dataclass
+class _Tally:
+    """What one stage adds up to over a group of leads."""
+
+    reached: int = 0
+    converted: int = 0
+    closed: int = 0
+    requalified: int = 0
+    in_now: int = 0
+    causes: Counter = field(default_factory=Counter)
+    durations: list[float] = field(default_factory=list)  # finished visits, days
+    ages: list[float] = field(default_factory=list)  # open visits so far, days
+
+
 def _channel_report(channel: str, leads: dict[str, list[Visit]], now: datetime) -> ChannelReport:
     """Per stage: leads that reached it (a main stage also when a shortcut passed it, e.g.
     MQL -> SQL passes SAL), how many went on along the main path, and time spent in it
     (visits only). The last step, SQL -> won, is a win rate over closed opportunities: an
-    open one has not failed. Recycled is split by cause, with how many were requalified."""
+    open one has not failed. Recycled is split by cause, with how many were requalified.
+    One pass over the leads, each lead's visits walked once."""
+    tally = {stage: _Tally() for stage in ALL_STAGES}
+    won_at, sql_at = MAIN_PATH.index(Stage.WON), MAIN_PATH.index(Stage.SQL)
+    for visits in leads.values():
+        stages_seen = [s for s, _, _ in visits]
+        furthest = _furthest(stages_seen)
+        for i in range(furthest + 1):  # main stages reached or passed
+            t = tally[MAIN_PATH[i]]
+            t.reached += 1
+            t.converted += i < furthest
+        if furthest >= sql_at and (furthest == won_at or Stage.LOST in stages_seen):
+            tally[Stage.SQL].closed += 1
+        for stage in set(stages_seen) - set(MAIN_PATH):
+            tally[stage].reached += 1
+        if Stage.RECYCLED in stages_seen:
+            first = stages_seen.index(Stage.RECYCLED)
+            tally[Stage.RECYCLED].requalified += Stage.MQL in stages_seen[first + 1:]
+        for i, (stage, at, cause) in enumerate(visits):
+            t = tally[stage]
+            if stage == Stage.RECYCLED:
+                t.causes[cause or "unknown"] += 1
+            if i + 1 < len(visits):
+                t.durations.append((visits[i + 1][1] - at).total_seconds() / 86400)
+            else:
+                t.in_now += 1
+                t.ages.append(max((now - at).total_seconds() / 86400, 0.0))
     stats = []
     for stage in ALL_STAGES:
-        reached = converted = closed = requalified = in_now = 0
-        causes: Counter[str] = Counter()
-        durations: list[float] = []  # finished visits, days
-        ages: list[float] = []  # open visits so far, days
+        t = tally[stage]
         on_path = stage in MAIN_PATH[:-1]
-        for visits in leads.values():
-            stages_seen = [s for s, _, _ in visits]
-            furthest = _furthest(stages_seen)
-            if stage in MAIN_PATH:
-                if furthest < MAIN_PATH.index(stage):
-                    continue
-            elif stage not in stages_seen:
-                continue
-            reached += 1
-            if on_path and furthest > MAIN_PATH.index(stage):
-                converted += 1
-            if stage == Stage.SQL and (furthest == MAIN_PATH.index(Stage.WON) or Stage.LOST in stages_seen):
-                closed += 1
-            if stage == Stage.RECYCLED:
-                causes.update(cause or "unknown" for s, _, cause in visits if s == stage)
-                first = stages_seen.index(stage)
-                requalified += Stage.MQL in stages_seen[first + 1:]
-            for i, (s, at, _) in enumerate(visits):
-                if s != stage:
-                    continue
-                if i + 1 < len(visits):
-                    durations.append((visits[i + 1][1] - at).total_seconds() / 86400)
-                else:
-                    in_now += 1
-                    ages.append(max((now - at).total_seconds() / 86400, 0.0))
-        base = closed if stage == Stage.SQL else reached
+        base = t.closed if stage == Stage.SQL else t.reached
+        recycled = stage == Stage.RECYCLED
         stats.append(
             StageStats(
                 stage=stage,
-                reached=reached,
-                converted=converted if on_path else None,
-                closed=closed if stage == Stage.SQL else None,
-                causes=dict(sorted(causes.items())) if stage == Stage.RECYCLED else None,
-                requalified=requalified if stage == Stage.RECYCLED else None,
-                requalification_rate=round(requalified / reached, 4) if stage == Stage.RECYCLED and reached else None,
-                conversion_rate=round(converted / base, 4) if on_path and base else None,
-                **_time_in_stage(durations, ages),
-                avg_days_in_stage=round(mean(durations), 3) if durations else None,
-                median_days_in_stage=round(median(durations), 3) if durations else None,
-                in_stage_now=in_now,
+                reached=t.reached,
+                converted=t.converted if on_path else None,
+                closed=t.closed if stage == Stage.SQL else None,
+                causes=dict(sorted(t.causes.items())) if recycled else None,
+                requalified=t.requalified if recycled else None,
+                requalification_rate=round(t.requalified / t.reached, 4) if recycled and t.reached else None,
+                conversion_rate=round(t.converted / base, 4) if on_path and base else None,
+                **_time_in_stage(t.durations, t.ages),
+                avg_days_in_stage=round(mean(t.durations), 3) if t.durations else None,
+                median_days_in_stage=round(median(t.durations), 3) if t.durations else None,
+                in_stage_now=t.in_now,
             )
         )
     return ChannelReport(channel=channel, leads=len(leads), stages=stats)
@@ -155,7 +170,7 @@ def _time_in_stage(finished: list[float], open_ages: list[float]) -> dict[str, f
     return figures
 
 
-def _first_touch(entries: list[AuditEntry], touch: LeadTouch | None) -> str:
+def _first_touch(entries: Sequence[AuditEntry | ReportEntry], touch: LeadTouch | None) -> str:
     """The lead's channel, its first touch: the store's event log knows it whatever arrived
     first (a profile update, say). Without a logged event (leads fed straight to Temporal),
     as its latest creation or stage change knew it (those entries carry the lead's channel;
@@ -166,11 +181,11 @@ def _first_touch(entries: list[AuditEntry], touch: LeadTouch | None) -> str:
     return max(own, key=lambda e: e.seq).channel if own else "unknown"
 
 
-def funnel_report(entries: list[AuditEntry], now: datetime, touches: dict[str, LeadTouch] | None = None,
-                  windows: ReportWindows | None = None) -> FunnelReport:
+def funnel_report(entries: Sequence[AuditEntry | ReportEntry], now: datetime,
+                  touches: dict[str, LeadTouch] | None = None, windows: ReportWindows | None = None) -> FunnelReport:
     touches = touches or {}
     windows = windows or ReportWindows()
-    by_lead: dict[str, list[AuditEntry]] = defaultdict(list)
+    by_lead: dict[str, list[AuditEntry | ReportEntry]] = defaultdict(list)
     for entry in sorted(entries, key=lambda e: (e.lead_id, e.seq)):
         by_lead[entry.lead_id].append(entry)
     visits = {lead: _visits(items) for lead, items in by_lead.items()}

@@ -560,3 +560,58 @@ def test_model_versions_are_recorded_once_and_one_is_active(store):
     assert [m.ref for m in store.model_versions()] == ["default@1", "default@2"]
     assert [m.active for m in store.model_versions()] == [True, False]
     assert store.model_version("nope@1") is None
+
+
+def test_a_lead_touch_is_the_earliest_event_whatever_the_order_and_batches_of_logging(tmp_path):
+    """Property: however the same events are split into batches and ordered, the kept first
+    touch is the channel (and campaign) of the earliest event by (time, id) that has one."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    event = st.tuples(st.integers(0, 5), st.sampled_from([None, "web", "email", "partner"]),
+                      st.sampled_from([None, "spring", "summit"]))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(event, min_size=1, max_size=12), st.randoms(use_true_random=False))
+    def check(items, rnd):
+        store = AuditStore(f"sqlite:///{tmp_path}/touch-{uuid.uuid4().hex}.db")
+        try:
+            events = [ActivityEvent(event_id=f"e-{i:02d}", lead_id="T-1", type="website_visit",
+                                    occurred_at=T0 + timedelta(hours=hours), channel=channel, campaign=campaign)
+                      for i, (hours, channel, campaign) in enumerate(items)]
+            shuffled = rnd.sample(events, len(events))
+            while shuffled:
+                cut = rnd.randint(1, len(shuffled))
+                store.log_events(shuffled[:cut], T0)
+                shuffled = shuffled[cut:]
+            store.log_events(events[:1], T0)  # a redelivery changes nothing
+
+            def first(what):
+                having = sorted((e.occurred_at, e.event_id, getattr(e, what)) for e in events if getattr(e, what))
+                return having[0][2] if having else None
+
+            touch = store.lead_touches().get("T-1")
+            assert (touch.channel if touch else None, touch.campaign if touch else None) == \
+                (first("channel"), first("campaign"))
+        finally:
+            store.dispose()
+
+    check()
+
+
+def test_a_store_from_before_lead_touches_derives_them_from_its_event_log(tmp_path):
+    url = f"sqlite:///{tmp_path}/old.db"
+    store = AuditStore(url)
+    store.log_events([ActivityEvent(event_id="b", lead_id="U-1", type="website_visit", occurred_at=T0 + timedelta(hours=2),
+                                    channel="email", campaign="autumn"),
+                      ActivityEvent(event_id="a", lead_id="U-1", type="website_visit", occurred_at=T0,
+                                    channel="partner")], T0)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM lead_touch")  # as older code left it: no touches kept
+    store.dispose()
+    again = AuditStore(url)
+    try:
+        assert again.lead_touches()["U-1"].model_dump() == {"channel": "partner", "campaign": "autumn",
+                                                             "last_campaign_before_mql": None}
+    finally:
+        again.dispose()
