@@ -188,18 +188,30 @@ def test_every_table_exports_as_csv(report):
         report_csv(report, "nope")
 
 
+REASONS = """
+[reasons.reject]
+no_budget = "no budget"
+no_need = "no need for the product"
+not_now = "interested, not now"
+
+[reasons.lost]
+price = "price"
+"""
+
+
 def test_reasons_come_from_the_model_files_list():
-    lead = Lead.create("R-1", MODEL, NOW, channel="web")
+    listed = parse_model(DEFAULT_MODEL.read_text() + REASONS)
+    assert listed.reasons.reject["no_need"] == "no need for the product" and list(listed.reasons.lost) == ["price"]
+    lead = Lead.create("R-1", listed, NOW, channel="web")
     lead.ingest(ActivityEvent(event_id="r-1", lead_id="R-1", type="demo_request", occurred_at=NOW), NOW)
     with pytest.raises(Refused, match="cannot take reason 'too_small' for lead R-1: the rejection reasons of model "
-                                      "default@1 are no_budget"):
+                                      "default@1 are no_budget, no_need, not_now"):
         lead.check(Reject(by=ANNA, reason="too_small"))
     lead.execute(Reject(by=ANNA, reason="no_need"), NOW + H)
-    # A model without lists (written before them) takes any code.
-    bare = MODEL.model_copy(update={"reasons": type(MODEL.reasons)()})
-    other = Lead.create("R-2", bare, NOW, channel="web")
+    # A model without lists (the default, and any written before them) takes any code.
+    assert not MODEL.reasons.reject
+    other = Lead.create("R-2", MODEL, NOW, channel="web")
     other.ingest(ActivityEvent(event_id="r-2", lead_id="R-2", type="demo_request", occurred_at=NOW), NOW)
     other.execute(Reject(by=ANNA, reason="too_small"), NOW + H)
-    text = DEFAULT_MODEL.read_text().replace('no_need = "no need for the product"', 'No_Need = "x"')
     with pytest.raises(ModelError, match="reason code"):
-        parse_model(text)
+        parse_model(DEFAULT_MODEL.read_text() + REASONS.replace("no_need =", "No_Need ="))
