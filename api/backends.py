@@ -19,9 +19,7 @@ from temporalio.service import RPCError
 import client as leads
 from activities.store import AuditStore
 from config import Settings, connect
-from funnel.models import (
-    Role,
-)
+from funnel.models import Role
 from funnel.personal_data import MASK
 from funnel.scoring_model import ScoringModel, load_model, parse_model
 

@@ -18,18 +18,9 @@ from typing import Annotated
 
 from fastapi import HTTPException, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    StringConstraints,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, model_validator
 
-from funnel.models import (
-    Actor,
-    Role,
-)
+from funnel.models import Actor, Role
 
 from api.schemas import describe_errors
 

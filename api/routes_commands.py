@@ -12,15 +12,7 @@ from temporalio.service import RPCError
 
 import client as leads
 from funnel.lead import LeadView
-from funnel.models import (
-    Accept,
-    Close,
-    LogContact,
-    Qualify,
-    Reject,
-    Reopen,
-    Role,
-)
+from funnel.models import Accept, Close, LogContact, Qualify, Reject, Reopen, Role
 from funnel.personal_data import mask_view
 
 from api.keys import allow, Principal

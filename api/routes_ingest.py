@@ -16,12 +16,7 @@ from fastapi.exceptions import RequestValidationError
 import client as leads
 from activities.store import AuditStore
 from funnel.lead import FUTURE_TOLERANCE
-from funnel.models import (
-    ActivityEvent,
-    AuditKind,
-    ProfileUpdate,
-    Role,
-)
+from funnel.models import ActivityEvent, AuditKind, ProfileUpdate, Role
 from funnel.scoring_model import ScoringModel
 
 from api import limits

@@ -13,13 +13,7 @@ from starlette.concurrency import run_in_threadpool
 import client as leads
 from activities.store import AuditStore
 from funnel.lead import LeadView
-from funnel.models import (
-    AuditEntry,
-    AwareDatetime,
-    OutboundKind,
-    Role,
-    Stage,
-)
+from funnel.models import AuditEntry, AwareDatetime, OutboundKind, Role, Stage
 from funnel.personal_data import ErasureReport, mask_view, scrub_entry, scrub_payload
 from funnel.report import CSV_TABLES, FunnelReport, ReportWindows, funnel_report, report_csv
 

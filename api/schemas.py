@@ -11,31 +11,14 @@ from typing import Annotated, Any, Literal
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    PlainValidator,
-    StringConstraints,
-    ValidationError,
-    WithJsonSchema,
-    WrapValidator,
+    AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, StringConstraints, ValidationError,
+    WithJsonSchema, WrapValidator,
 )
 
 import client as leads
 from funnel.models import (
-    LEAD_ID_PATTERN,
-    NAME_PATTERN,
-    ActivityEvent,
-    AuditEntry,
-    AwareDatetime,
-    Bant,
-    Channel,
-    EventId,
-    LeadId,
-    Meddic,
-    Outbound,
-    ReasonCode,
+    LEAD_ID_PATTERN, NAME_PATTERN, ActivityEvent, AuditEntry, AwareDatetime, Bant, Channel, EventId, LeadId,
+    Meddic, Outbound, ReasonCode,
 )
 from workflows.rollout import RolloutProgress
 

@@ -8,9 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import (
-    ValidationError,
-)
+from pydantic import ValidationError
 from temporalio.client import Client
 from temporalio.service import RPCError
 
