@@ -13,6 +13,7 @@ in `AuditStore.__init__`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import threading
 from datetime import datetime, timezone
@@ -121,8 +122,7 @@ REPORT_KINDS = (AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED, AuditKind.OWNER
                 AuditKind.SLA_SET, AuditKind.SLA_MET, AuditKind.SLA_BREACHED, AuditKind.SLA_CANCELLED,
                 AuditKind.SLA_LATE_DATA)
 
-_REPORT_COLUMNS = ("lead_id", "seq", "at", "kind", "actor", "role", "channel", "from_stage", "to_stage", "trigger",
-                   "reason", "occurred_at", "rule", "owner")
+_REPORT_COLUMNS = tuple(f.name for f in dataclasses.fields(ReportEntry))  # in ReportEntry's order
 _BY_VALUE: dict[type, dict[str, Any]] = {enum: {member.value: member for member in enum}
                                          for enum in (AuditKind, Role, Stage, Trigger)}
 
@@ -439,7 +439,7 @@ class AuditStore:
     def report_entries(self, since: datetime | None = None,
                        kinds: Iterable[AuditKind] = REPORT_KINDS) -> list[ReportEntry]:
         """The entries funnel reports read (funnel/report.py), per lead in order, with the
-        columns reports use (funnel.report.ReportEntry). Read as plain rows, not validated
+        columns reports use (funnel.models.ReportEntry). Read as plain rows, not validated
         again (each was when written): a report reads hundreds of thousands, and ORM rows
         validated twice cost 50 us each (bench/report.py)."""
         stmt = (select(*(_AUDIT.c[name] for name in _REPORT_COLUMNS))
