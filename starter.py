@@ -607,17 +607,15 @@ def _window_days(text: str) -> int:
 
 
 async def cmd_report(args, settings: Settings) -> int:
-    from funnel.report import ReportWindows, funnel_report, report_csv
+    from funnel.report import ReportWindows, report_csv
 
-    store = _store(settings)
-    try:
-        entries = store.report_entries()
-        touches = store.lead_touches()
-    finally:
-        store.dispose()
     windows = ReportWindows(lead_to_opportunity_days=args.opportunity_days, opportunity_to_won_days=args.won_days,
                             cohort=args.cohort)
-    report = funnel_report(entries, now=utcnow(), touches=touches, windows=windows)
+    store = _store(settings)
+    try:
+        report = store.funnel_report(utcnow(), windows)
+    finally:
+        store.dispose()
     if args.json:
         _print_json(report.model_dump(mode="json"))
         return 0

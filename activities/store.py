@@ -30,11 +30,12 @@ from sqlalchemy.types import TypeDecorator
 from pydantic import BaseModel
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-from funnel.kpis import LeadTouch
+from funnel.kpis import LeadTouch, ReportWindows
 from funnel.models import (
     ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, ReportEntry, Role, Stage, Trigger, event_digest,
 )
 from funnel.personal_data import ERASED, ErasureReport, scrub_entry, scrub_payload
+from funnel.report import FunnelReport, funnel_report
 
 # SQLAlchemy only guarantees rowcount for UPDATE/DELETE; without this option an
 # INSERT through psycopg 3 reports -1. We need the number of rows actually
@@ -455,6 +456,12 @@ class AuditStore:
                             stage_of.get(to_stage), trigger_of.get(trigger), reason, occurred_at, rule, owner)
                 for (lead_id, seq, at, kind, actor, role, channel, from_stage, to_stage, trigger, reason, occurred_at,
                      rule, owner) in rows]
+
+    def funnel_report(self, now: datetime, windows: ReportWindows | None = None,
+                      since: datetime | None = None) -> FunnelReport:
+        """The funnel report (funnel/report.py) over this store: the one place the CLI, the API
+        and the dashboard get it from."""
+        return funnel_report(self.report_entries(since), now=now, touches=self.lead_touches(), windows=windows)
 
     def lead_touches(self) -> dict[str, LeadTouch]:
         """Each logged lead's first touch (kept in `lead_touch` as events are logged) and its

@@ -15,7 +15,7 @@ from activities.store import AuditStore
 from funnel.lead import LeadView
 from funnel.models import AuditEntry, AwareDatetime, OutboundKind, Role, Stage
 from funnel.personal_data import ErasureReport, mask_view, scrub_entry, scrub_payload
-from funnel.report import CSV_TABLES, FunnelReport, ReportWindows, funnel_report, report_csv
+from funnel.report import CSV_TABLES, FunnelReport, ReportWindows, report_csv
 
 from api.limits import ANSWER_TIMEOUT, MAX_PAGE
 from api.keys import allow, Principal
@@ -187,10 +187,9 @@ async def get_report(
     won_days: Annotated[int, Query(ge=1, le=3650, description="opportunity -> won window, days")] = 18,
     cohort: Annotated[Literal["month", "week"], Query(description="cohorts by creation month or week")] = "month",
 ) -> FunnelReport:
-    entries, touches = await backends_of(request).in_store(
-        lambda store: (store.report_entries(since), store.lead_touches()))
     windows = ReportWindows(lead_to_opportunity_days=opportunity_days, opportunity_to_won_days=won_days, cohort=cohort)
-    report = funnel_report(entries, now=datetime.now(timezone.utc), touches=touches, windows=windows)
+    report = await backends_of(request).in_store(
+        lambda store: store.funnel_report(datetime.now(timezone.utc), windows, since))
     if format == "csv":
         return Response(report_csv(report, table), media_type="text/csv; charset=utf-8",  # type: ignore[return-value]
                         headers={"Content-Disposition": f'attachment; filename="funnel-{table}.csv"'})
