@@ -299,6 +299,8 @@ class LeadWorkflow:
         }
         if self._behaviour.decisions_and_owners:
             wanted[sa.LEAD_MODEL] = s.model_ref
+        if self._behaviour.created_attribute:
+            wanted[sa.LEAD_CREATED] = s.created_at
         changed = [key for key, value in wanted.items() if self._upserted.get(key.name, ...) != value]
         if not wrote and all(key is sa.LEAD_SCORE for key in changed):
             return

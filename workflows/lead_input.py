@@ -19,7 +19,7 @@ from funnel.scoring_model import ScoringModel
 # How a run behaves, for replay. Runs keep the behaviour of the code that started them
 # (chosen by input rather than `workflow.patched()`: a patch upserts the
 # TemporalChangeVersion search attribute, a visibility write for every new lead).
-CURRENT_VERSION = 5
+CURRENT_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,15 @@ class RunBehaviour:
     # that had just been told of a new version back to the old one for a moment: the
     # active version is read from a cache up to 2 s old.
     model_from_input: bool = False
+    # v6: the lead's creation time is a search attribute (LeadCreated), upserted with the
+    # others, so lists filter by it. v1-v5 runs do not upsert it (a changed upsert would not
+    # replay); their leads get it with their next run.
+    created_attribute: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
     return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3, local_reads=version == 2,
-                        swept_audit=version >= 4, model_from_input=version >= 5)
+                        swept_audit=version >= 4, model_from_input=version >= 5, created_attribute=version >= 6)
 
 
 class ModelChange(BaseModel):

@@ -12,8 +12,11 @@ LEAD_OWNER = SearchAttributeKey.for_keyword("LeadOwner")
 LEAD_CHANNEL = SearchAttributeKey.for_keyword("LeadChannel")
 LEAD_SCORE = SearchAttributeKey.for_float("LeadScore")
 LEAD_MODEL = SearchAttributeKey.for_keyword("LeadModel")  # scoring model ref: a rollout finds who is behind
+# When the lead was created: lists filter by it. Temporal's own StartTime is each run's, and
+# a lead continues-as-new.
+LEAD_CREATED = SearchAttributeKey.for_datetime("LeadCreated")
 
-ALL = [LEAD_STAGE, LEAD_OWNER, LEAD_CHANNEL, LEAD_SCORE, LEAD_MODEL]
+ALL = [LEAD_STAGE, LEAD_OWNER, LEAD_CHANNEL, LEAD_SCORE, LEAD_MODEL, LEAD_CREATED]
 
 
 def dev_server_flags() -> list[str]:
