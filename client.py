@@ -10,11 +10,13 @@ no caller has to know Temporal's.
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections import defaultdict
 from dataclasses import dataclass
 
 from temporalio.client import (
     Client,
+    WorkflowExecutionStatus,
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
@@ -85,6 +87,43 @@ class LeadSummary:
     score: float | None
     owner: str | None
     channel: str | None
+    created_at: datetime | None = None  # None: a lead whose run predates version 6 (see LeadCreated)
+    closed: bool = False  # won: its workflow has completed
+
+
+@dataclass(frozen=True)
+class LeadFilters:
+    """Which leads a list shows, as a Temporal visibility query over the lead's search
+    attributes (workflows/search_attributes.py)."""
+
+    stage: str | None = None
+    owner: str | None = None
+    channel: str | None = None
+    min_score: float | None = None
+    max_score: float | None = None
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+    closed: bool = False  # won leads as well as running ones
+
+    def query(self) -> str:
+        statuses = "'Running', 'Completed'" if self.closed else "'Running'"
+        parts = [f"WorkflowType = '{LeadWorkflow.__name__}'", f"ExecutionStatus IN ({statuses})"]
+        for key, value in ((sa.LEAD_STAGE, self.stage), (sa.LEAD_OWNER, self.owner), (sa.LEAD_CHANNEL, self.channel)):
+            if value:
+                parts.append(f"{key.name} = '{_quote(value)}'")
+        for op, value in ((">=", self.min_score), ("<=", self.max_score)):
+            if value is not None:
+                parts.append(f"{sa.LEAD_SCORE.name} {op} {float(value)!r}")
+        for op, at in ((">=", self.created_from), ("<", self.created_to)):
+            if at is not None:
+                parts.append(f"{sa.LEAD_CREATED.name} {op} '{at.astimezone(timezone.utc).isoformat()}'")
+        return " AND ".join(parts)
+
+
+@dataclass
+class LeadPage:
+    leads: list[LeadSummary]
+    next_cursor: str | None  # pass it back for the next page; None: this was the last
 
 
 def _start_options(settings: Settings, lead_id: str) -> dict:
@@ -335,25 +374,35 @@ async def flush_audit(client: Client, lead_id: str) -> int:
 
 async def list_leads(client: Client, stage: str | None = None, owner: str | None = None,
                      limit: int = 1000) -> list[LeadSummary]:
-    """Running leads from Temporal visibility, optionally by stage and owner."""
-    query = f"WorkflowType = '{LeadWorkflow.__name__}' AND ExecutionStatus = 'Running'"
-    if stage:
-        query += f" AND {sa.LEAD_STAGE.name} = '{_quote(stage)}'"
-    if owner:
-        query += f" AND {sa.LEAD_OWNER.name} = '{_quote(owner)}'"
-    leads = []
-    async for execution in client.list_workflows(query, limit=limit):
+    """Running leads from Temporal visibility, optionally by stage and owner, by id."""
+    page = await lead_page(client, LeadFilters(stage=stage, owner=owner), size=limit)
+    return sorted(page.leads, key=lambda lead: lead.lead_id)
+
+
+async def lead_page(client: Client, filters: LeadFilters, cursor: str | None = None, size: int = 50) -> LeadPage:
+    """One page of leads from Temporal visibility (newest runs first) and the cursor of the
+    next: Temporal's page token, opaque to callers, so paging goes on past any count."""
+    try:
+        token = base64.urlsafe_b64decode(cursor.encode("ascii")) if cursor else None
+    except (ValueError, UnicodeEncodeError):
+        raise ValueError("invalid cursor: pass back the next_cursor of the previous page") from None
+    executions = client.list_workflows(filters.query(), page_size=size, next_page_token=token)
+    try:
+        await executions.fetch_next_page()
+    except RPCError as err:
+        if err.status == RPCStatusCode.INVALID_ARGUMENT:
+            raise ValueError(f"invalid cursor or filter: {err.message}") from None
+        raise
+    found = []
+    for execution in executions.current_page or []:
         attrs = execution.typed_search_attributes
-        leads.append(
-            LeadSummary(
-                lead_id=execution.id.removeprefix("lead-"),
-                stage=attrs.get(sa.LEAD_STAGE),
-                score=attrs.get(sa.LEAD_SCORE),
-                owner=attrs.get(sa.LEAD_OWNER),
-                channel=attrs.get(sa.LEAD_CHANNEL),
-            )
-        )
-    return sorted(leads, key=lambda lead: lead.lead_id)
+        found.append(LeadSummary(
+            lead_id=execution.id.removeprefix("lead-"), stage=attrs.get(sa.LEAD_STAGE), score=attrs.get(sa.LEAD_SCORE),
+            owner=attrs.get(sa.LEAD_OWNER), channel=attrs.get(sa.LEAD_CHANNEL), created_at=attrs.get(sa.LEAD_CREATED),
+            closed=execution.status is not None and execution.status != WorkflowExecutionStatus.RUNNING,
+        ))
+    token = executions.next_page_token
+    return LeadPage(found, base64.urlsafe_b64encode(token).decode("ascii") if token else None)
 
 
 def _quote(value: str) -> str:

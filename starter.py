@@ -577,7 +577,7 @@ async def cmd_list(args, settings: Settings) -> int:
     except ValueError as err:
         raise BadInput(str(err)) from None
     if args.json:
-        _print_json([vars(lead) for lead in leads])
+        _print_json([{**vars(lead), "created_at": lead.created_at and lead.created_at.isoformat()} for lead in leads])
         return 0
     from rich.table import Table
 

@@ -19,11 +19,11 @@ from temporalio.service import RPCError
 import client as leads
 from activities.store import AuditStore
 from config import Settings, connect
-from funnel.models import Role
+from funnel.models import AuditEntry, Role
 from funnel.personal_data import MASK
 from funnel.scoring_model import ScoringModel, load_model, parse_model
 
-from api.limits import CONNECT_TIMEOUT, HEALTH_TTL, PROBE_TIMEOUT
+from api.limits import ANSWER_TIMEOUT, CONNECT_TIMEOUT, HEALTH_TTL, PROBE_TIMEOUT
 
 log = logging.getLogger("leadflow.api")
 
@@ -194,6 +194,26 @@ def is_temporal_trouble(err: BaseException) -> bool:
     return isinstance(err, (RPCError, TimeoutError, ConnectionError, Unavailable)) or (
         isinstance(err, RuntimeError) and "connect" in str(err).lower()
     )
+
+
+async def history_page(backends: Backends, lead_id: str, offset: int,
+                       limit: int) -> tuple[int, list[AuditEntry], bool]:
+    """One page of a lead's whole history (total, entries, complete): the lead's unwritten
+    tail first, then the store (see client.read_history). The store alone still answers
+    when Temporal is down (complete is then False): managers can audit regardless."""
+    complete = True
+    try:
+        temporal = await backends.temporal()
+        tail = await temporal_call(leads.audit_tail(temporal, lead_id), ANSWER_TIMEOUT, "query")
+    except (Unavailable, NoAnswer):
+        tail, complete = [], False
+
+    def page(store: AuditStore) -> tuple[int, list[AuditEntry]]:
+        return leads.merge_history(tail, store.count_history(lead_id),
+                                   lambda o, n: store.history(lead_id, offset=o, limit=n), offset, limit)
+
+    total, entries = await backends.in_store(page)
+    return total, entries, complete
 
 
 async def temporal_call(awaitable, timeout: float, what: str):

@@ -221,17 +221,42 @@ class FailedAuthLimiter:
         self._failures.setdefault(address, deque()).append(now)
 
 
-# =========================================================================== request and response models
-
-
-
-
-
 # =========================================================================== authentication
 
 
 _bearer = HTTPBearer(auto_error=False, scheme_name="bearer", description="Authorization: Bearer <API key>")
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey", description="X-API-Key: <API key>")
+
+
+def authenticate(request: Request, presented: str | None) -> Principal:
+    """The principal of a presented key: 401 (none, unknown, or a dev key off loopback), 429
+    after too many failures from the caller's address. For API calls and UI sign-in alike."""
+    limiter: FailedAuthLimiter = request.app.state.auth_failures
+    address = request.client.host if request.client else "?"
+    now = time.monotonic()
+    if (wait := limiter.retry_after(address, now)) is not None:
+        raise HTTPException(429, f"too many failed authentications from {address}; retry in {wait} s",
+                            headers={"Retry-After": str(wait)})
+
+    def refuse(detail: str) -> HTTPException:
+        limiter.failed(address, now)
+        return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+    if not presented:
+        raise HTTPException(401, "missing API key: send Authorization: Bearer <key> or X-API-Key: <key>",
+                            headers={"WWW-Authenticate": "Bearer"})
+    principal = request.app.state.keys.lookup(presented)
+    if principal is None:
+        raise refuse("invalid API key")
+    if principal.dev and not _loopback((request.scope.get("server") or ("", 0))[0]):
+        raise refuse("the dev keys are taken on a loopback bind only (127.0.0.1, ::1); configure "
+                     "LEADFLOW_API_KEYS for this address")
+    return principal
+
+
+def may(principal: Principal, roles: frozenset[Role]) -> bool:
+    """Managers may do everything; the others what `roles` names."""
+    return principal.role in roles or principal.role is Role.MANAGER
 
 
 def allow(*roles: Role):
@@ -245,32 +270,13 @@ def allow(*roles: Role):
         bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
         header_key: Annotated[str | None, Security(_api_key)],
     ) -> Principal:
-        limiter: FailedAuthLimiter = request.app.state.auth_failures
-        address = request.client.host if request.client else "?"
-        now = time.monotonic()
-        if (wait := limiter.retry_after(address, now)) is not None:
-            raise HTTPException(429, f"too many failed authentications from {address}; retry in {wait} s",
-                                headers={"Retry-After": str(wait)})
-
-        def refuse(status: int, detail: str) -> HTTPException:
-            limiter.failed(address, now)
-            return HTTPException(status, detail, headers={"WWW-Authenticate": "Bearer"})
-
         if bearer is not None and header_key is not None and bearer.credentials != header_key:
-            raise refuse(400, "conflicting credentials: Authorization and X-API-Key carry different keys; send one")
-        presented = bearer.credentials if bearer is not None else header_key
-        if not presented:
-            raise HTTPException(
-                401, "missing API key: send Authorization: Bearer <key> or X-API-Key: <key>",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        principal = request.app.state.keys.lookup(presented)
-        if principal is None:
-            raise refuse(401, "invalid API key")
-        if principal.dev and not _loopback((request.scope.get("server") or ("", 0))[0]):
-            raise refuse(401, "the dev keys are taken on a loopback bind only (127.0.0.1, ::1); configure "
-                              "LEADFLOW_API_KEYS for this address")
-        if principal.role not in allowed:
+            limiter: FailedAuthLimiter = request.app.state.auth_failures
+            limiter.failed(request.client.host if request.client else "?", time.monotonic())
+            raise HTTPException(400, "conflicting credentials: Authorization and X-API-Key carry different keys; "
+                                     "send one", headers={"WWW-Authenticate": "Bearer"})
+        principal = authenticate(request, bearer.credentials if bearer is not None else header_key)
+        if not may(principal, allowed):
             raise HTTPException(403, f"role {principal.role.value} may not do this; allowed: {names}")
         return principal
 
@@ -282,5 +288,3 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-

@@ -6,23 +6,22 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
 import client as leads
-from activities.store import AuditStore
 from funnel.lead import LeadView
-from funnel.models import AuditEntry, AwareDatetime, OutboundKind, Role, Stage
+from funnel.models import AwareDatetime, OutboundKind, Role
 from funnel.personal_data import ErasureReport, mask_view, scrub_entry, scrub_payload
 from funnel.report import CSV_TABLES, FunnelReport, ReportWindows, report_csv
 
 from api.limits import ANSWER_TIMEOUT, MAX_PAGE
 from api.keys import allow, Principal
 from api.schemas import (
-    AckIn, AckResult, ERRORS, HistoryPage, LeadList, LeadSummaryOut, OutboxPage, OwnerName, PathLeadId, Problem,
+    AckIn, AckResult, ERRORS, HistoryPage, LeadList, LeadQuery, LeadSummaryOut, OutboxPage, PathLeadId, Problem,
 )
-from api.backends import backends_of, MASKED_NOTE, NoAnswer, reads_personal_data, temporal_call, Unavailable
+from api.backends import backends_of, history_page, MASKED_NOTE, reads_personal_data, temporal_call, Unavailable
 
 
 reads = APIRouter(tags=["reads"], responses=ERRORS)
@@ -62,21 +61,7 @@ async def get_history(
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> HistoryPage:
-    backends = backends_of(request)
-    # The lead's unwritten tail first, then the store (see client.read_history). The
-    # store alone still answers when Temporal is down: managers can audit regardless.
-    complete = True
-    try:
-        temporal = await backends.temporal()
-        tail = await temporal_call(leads.audit_tail(temporal, lead_id), ANSWER_TIMEOUT, "query")
-    except (Unavailable, NoAnswer):
-        tail, complete = [], False
-
-    def page(store: AuditStore) -> tuple[int, list[AuditEntry]]:
-        return leads.merge_history(tail, store.count_history(lead_id),
-                                   lambda o, n: store.history(lead_id, offset=o, limit=n), offset, limit)
-
-    total, entries = await backends.in_store(page)
+    total, entries, complete = await history_page(backends_of(request), lead_id, offset, limit)
     if total == 0:
         raise leads.LeadNotFound(f"no lead {lead_id} (no history yet)")
     if not reads_personal_data(request, caller.role):
@@ -105,25 +90,26 @@ async def get_command_outcome(
 
 
 @reads.get(
-    "/leads", response_model=LeadList, summary="Running leads, by stage and owner",
+    "/leads", response_model=LeadList, summary="Leads by stage, owner, channel, score and creation time",
     description=(
-        "From Temporal visibility: running leads only (won leads have completed). Visibility follows the "
-        "lead's audit writes: stage changes within about a second, a new lead, its owner and its latest "
-        "score within LEADFLOW_AUDIT_MAX_LAG. Roles: all."
+        "From Temporal visibility: running leads (and won ones with `closed=true`), newest first, a page at a "
+        "time: pass `next_cursor` back as `cursor` for the next. Visibility follows the lead's audit writes: "
+        "stage changes within about a second, a new lead, its owner and its latest score within "
+        "LEADFLOW_AUDIT_MAX_LAG. Roles: all."
     ),
 )
 async def list_leads(
     request: Request, caller: Annotated[Principal, Depends(allow(*_READERS))],
-    stage: Stage | None = None,
-    owner: Annotated[OwnerName | None, Query(description="e.g. presales-1")] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    filters: Annotated[LeadQuery, Query()],
 ) -> LeadList:
     temporal = await backends_of(request).temporal()
-    found = await temporal_call(
-        leads.list_leads(temporal, stage=stage.value if stage else None, owner=owner, limit=limit),
-        ANSWER_TIMEOUT, "query",
-    )
-    return LeadList(count=len(found), leads=[LeadSummaryOut(**vars(lead)) for lead in found])
+    try:
+        page = await temporal_call(leads.lead_page(temporal, filters.filters(), filters.cursor, filters.limit),
+                                   ANSWER_TIMEOUT, "query")
+    except ValueError as err:
+        raise HTTPException(422, str(err)) from None
+    return LeadList(count=len(page.leads), leads=[LeadSummaryOut(**vars(lead)) for lead in page.leads],
+                    next_cursor=page.next_cursor)
 
 
 personal = APIRouter(prefix="/leads/{lead_id}/personal-data", tags=["personal data (GDPR)"],

@@ -18,7 +18,7 @@ from pydantic import (
 import client as leads
 from funnel.models import (
     LEAD_ID_PATTERN, NAME_PATTERN, ActivityEvent, AuditEntry, AwareDatetime, Bant, Channel, EventId, LeadId,
-    Meddic, Outbound, ReasonCode,
+    Meddic, Outbound, ReasonCode, Stage,
 )
 from workflows.rollout import RolloutProgress
 
@@ -221,11 +221,35 @@ class LeadSummaryOut(BaseModel):
     score: float | None
     owner: str | None
     channel: str | None
+    created_at: datetime | None = None  # None: not yet known to visibility (a lead older than this version)
+    closed: bool = False
+
+
+class LeadQuery(BaseModel):
+    """Filters and paging of lead lists (GET /leads, the dashboard's lead list)."""
+
+    stage: Stage | None = None
+    owner: Annotated[OwnerName | None, Field(description="e.g. presales-1")] = None
+    channel: Channel | None = None
+    min_score: Annotated[float | None, Field(ge=-1e9, le=1e9)] = None
+    max_score: Annotated[float | None, Field(ge=-1e9, le=1e9)] = None
+    created_from: Annotated[AwareDatetime | None, Field(description="created at or after (ISO 8601 with a timezone)")] = None
+    created_to: Annotated[AwareDatetime | None, Field(description="created before (ISO 8601 with a timezone)")] = None
+    closed: Annotated[bool, Field(description="won leads as well as running ones")] = False
+    cursor: Annotated[str | None, Field(max_length=4000, pattern=r"^[A-Za-z0-9_=-]+$",
+                                        description="the previous page's next_cursor")] = None
+    limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = 100
+
+    def filters(self) -> leads.LeadFilters:
+        return leads.LeadFilters(stage=self.stage.value if self.stage else None, owner=self.owner,
+                                 channel=self.channel, min_score=self.min_score, max_score=self.max_score,
+                                 created_from=self.created_from, created_to=self.created_to, closed=self.closed)
 
 
 class LeadList(BaseModel):
     count: int
     leads: list[LeadSummaryOut]
+    next_cursor: str | None = None  # pass as `cursor` for the next page; None: no more
 
 
 class OutboxPage(BaseModel):
