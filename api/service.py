@@ -28,6 +28,7 @@ from api.routes_ingest import ingest
 from api.routes_commands import commands
 from api.routes_reads import outbox, personal, reads
 from api.routes_models import models
+from api.ui import install_ui
 
 log = logging.getLogger("leadflow.api")
 
@@ -212,6 +213,7 @@ def create_app(settings: Settings | None = None, keys: KeyRing | None = None, te
         app.include_router(router)
     app.include_router(codec_router)
     _install_docs(app)
+    install_ui(app)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(StartupMessage, state=app.state)
