@@ -20,9 +20,11 @@ from typing import Annotated
 from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.routing import APIRoute
 from fastapi.responses import RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
+from temporalio.service import RPCError
 
 import client as leads
 from activities.store import AuditStore
@@ -68,7 +70,27 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
-ui = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+class _PageRoute(APIRoute):
+    """A dashboard route: Temporal or the store away, or a lead not answering, is an error
+    page saying so (the API answers these as JSON problems)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (Unavailable, leads.TemporalUnavailable, RPCError) as err:
+                raise PageError(503, f"Not available right now: {err}. Try again in a moment.") from None
+            except NoAnswer as err:
+                raise PageError(504, f"No answer in time: {err}") from None
+
+        return route
+
+
+ui = APIRouter(prefix="/ui", include_in_schema=False, route_class=_PageRoute)
 
 
 # =========================================================================== sessions

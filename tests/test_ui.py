@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import uuid
 from contextlib import asynccontextmanager
@@ -216,6 +217,31 @@ async def test_funnel_page_shows_report_json_and_the_hand_counts(hand_counted, b
         response = await t.open("/ui/funnel?channel=nowhere")
         assert response.status == 404
         t.errors = [e for e in t.errors if "404" not in e]
+
+
+async def test_without_temporal_the_stored_figures_still_show(browser, settings, tmp_path):
+    """The funnel, the SLA board and a lead's stored history need the store only; the lead
+    list needs Temporal, and says so on its page."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]  # nothing listens here once closed
+    store = AuditStore(f"sqlite:///{tmp_path / 'hand.db'}")
+    store.write_audit([e for plan in PLANS for i in range(plan.n) for e in play(plan, i)])
+    app = create_app(settings=settings.model_copy(update={"temporal_address": f"127.0.0.1:{dead}"}), keys=KEYRING,
+                     store=store)
+    async with serving(app) as base_url, tab(browser, base_url) as t:
+        await t.sign_in("mia", "/ui/funnel")
+        assert await t.text("[data-testid=reached-iql]") == "19"
+        await t.open("/ui/slas")
+        assert "due times are not shown" in await t.text("[data-testid=open-count]")
+        response = await t.open("/ui/leads")
+        assert response.status == 503 and "Not available right now" in await t.text("[data-testid=error]")
+        t.errors = [e for e in t.errors if "503" not in e]
+        response = await t.open("/ui/leads/G1-0")
+        assert response.status == 200
+        assert await t.page.locator("[data-testid=history] tbody tr").count() == store.count_history("G1-0")
+        assert "stored history is shown" in await t.page.locator("main").inner_text()
+    store.dispose()
 
 
 # --------------------------------------------------------------------------- leads, live
