@@ -453,7 +453,8 @@ async def cmd_event(args, settings: Settings) -> int:
 
 
 class _EventLog:
-    """The store's event log as the CLI uses it: an event id is taken once, for ever."""
+    """The store's event log as the CLI uses it: an event id is taken once, for ever; and
+    the profile updates sent, for replay."""
 
     def __init__(self, store):
         self.store = store
@@ -463,6 +464,9 @@ class _EventLog:
 
     def taken(self, events: list[ActivityEvent]) -> None:
         self.store.log_events(events, utcnow())
+
+    def facts_taken(self, updates: list[ProfileUpdate]) -> None:
+        self.store.log_facts(updates, utcnow())
 
 
 def _event_log(settings: Settings) -> _EventLog | None:
@@ -485,6 +489,8 @@ async def cmd_profile(args, settings: Settings) -> int:
     update = _validated(ProfileUpdate, **values)
     tc = await _connect(settings)
     await api.send_profile(tc, settings, update, _active_model(settings))
+    if log := _event_log(settings):
+        log.facts_taken([update])
     shown = ", ".join(f"{k}={json.dumps(v)}" for k, v in facts.items())
     print(f"profile update {update.update_id} ({shown}) sent to lead {update.lead_id}")
     return 0
@@ -683,8 +689,12 @@ async def cmd_report(args, settings: Settings) -> int:
 # --------------------------------------------------------------------------- import
 
 
-def read_import_file(path: Path, model: ScoringModel, now: datetime) -> tuple[list[ActivityEvent], list[str]]:
-    """Every event of the file, or the problems: one `line N: field: message` per bad line."""
+def read_import_file(path: Path, model: ScoringModel,
+                     now: datetime) -> tuple[list[ActivityEvent], list[ProfileUpdate], list[str]]:
+    """Every event and profile update of the file, or the problems: one `line N: field:
+    message` per bad line. A JSON line with `facts` is a profile update (as `leadflow events
+    export` writes them); `received_at` of an exported line is informational (importing is a
+    new receipt)."""
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".ndjson", ".csv"):
         raise BadInput(f"{path}: unknown file type {suffix or '(none)'!r}: use .jsonl, .ndjson or .csv")
@@ -693,9 +703,18 @@ def read_import_file(path: Path, model: ScoringModel, now: datetime) -> tuple[li
     except OSError as err:
         raise BadInput(f"cannot read {path}: {err.strerror}") from None
     events: list[ActivityEvent] = []
+    updates: list[ProfileUpdate] = []
     problems: list[str] = []
 
     def check(number: int, data: Any) -> None:
+        if isinstance(data, dict) and suffix != ".csv":
+            data = {k: v for k, v in data.items() if k != "received_at"}
+            if "facts" in data:
+                try:
+                    updates.append(ProfileUpdate.model_validate(data))
+                except ValidationError as err:
+                    problems.append(f"line {number}: {describe_validation(err)}")
+                return
         try:
             event = ActivityEvent.model_validate(data)
             if event.source is None:  # what the file says sent it, or this import
@@ -743,20 +762,20 @@ def read_import_file(path: Path, model: ScoringModel, now: datetime) -> tuple[li
                     check(number, data)
         except UnicodeDecodeError:
             raise BadInput(f"{path}: not UTF-8 text") from None
-    return events, problems
+    return events, updates, problems
 
 
 async def cmd_import(args, settings: Settings) -> int:
     path = Path(args.file)
     active = _active_model(settings)  # checked against, and what new leads start on
     model = _load_model(settings, active)
-    events, problems = read_import_file(path, model, utcnow())
+    events, updates, problems = read_import_file(path, model, utcnow())
     if problems:
         for problem in problems:
             print(f"{PROG}: {path}: {problem}", file=sys.stderr)
         print(f"{PROG}: {len(problems)} invalid line(s) in {path}: nothing sent", file=sys.stderr)
         return 2
-    if not events:
+    if not events and not updates:
         print(f"no events in {path}: nothing sent")
         return 0
     log = _event_log(settings)
@@ -775,6 +794,10 @@ async def cmd_import(args, settings: Settings) -> int:
         by_lead[event.lead_id].append(event)
     for lead_events in by_lead.values():
         lead_events.sort(key=lambda e: e.occurred_at)
+    facts_of: dict[str, list[ProfileUpdate]] = defaultdict(list)
+    for update in updates:
+        facts_of[update.lead_id].append(update)
+        by_lead.setdefault(update.lead_id, [])
 
     tc = await _connect(settings)
     started = time.monotonic()
@@ -794,7 +817,12 @@ async def cmd_import(args, settings: Settings) -> int:
         nonlocal sent
         async with gate:
             try:
-                await api.send_events(tc, settings, lead_events, active)
+                for update in facts_of.get(lead_id, []):  # facts replace by observed_at: any order
+                    await api.send_profile(tc, settings, update, active)
+                if log and facts_of.get(lead_id):
+                    await asyncio.to_thread(log.facts_taken, facts_of[lead_id])
+                if lead_events:
+                    await api.send_events(tc, settings, lead_events, active)
                 sent += len(lead_events)
                 if log:
                     await asyncio.to_thread(log.taken, lead_events)
@@ -808,7 +836,8 @@ async def cmd_import(args, settings: Settings) -> int:
         task = progress.add_task("import", total=len(events))
         await asyncio.gather(*(send(lead, items, task) for lead, items in by_lead.items()))
     seconds = time.monotonic() - started
-    print(f"sent {sent} event(s) for {len(by_lead) - len(closed) - len(failed)} lead(s) in {seconds:.1f} s")
+    print(f"sent {sent} event(s)" + (f" and {len(updates)} profile update(s)" if updates else "")
+          + f" for {len(by_lead) - len(closed) - len(failed)} lead(s) in {seconds:.1f} s")
     for problem in failed:
         print(f"{PROG}: {problem}", file=sys.stderr)
     if closed:
@@ -817,6 +846,46 @@ async def cmd_import(args, settings: Settings) -> int:
     if failed:
         return 1
     return 5 if closed else 0
+
+
+# --------------------------------------------------------------------------- event log export
+
+
+def exported_line(row) -> dict[str, Any]:
+    """One logged event or profile update as a line `leadflow import` takes back."""
+    from activities.store import EventLogRow
+
+    if isinstance(row, EventLogRow):
+        line = {"event_id": row.event_id, "lead_id": row.lead_id, "type": row.type,
+                "occurred_at": row.occurred_at.isoformat(), "channel": row.channel, "campaign": row.campaign,
+                "attributes": row.attributes or None, "source": row.source}
+    else:  # a profile update: its observed time is what the lead went by (its receipt if none was given)
+        line = {"update_id": row.update_id, "lead_id": row.lead_id, "facts": row.facts,
+                "actor": {"name": row.actor, "role": row.role},
+                "observed_at": (row.observed_at or row.received_at).isoformat()}
+    return {**{k: v for k, v in line.items() if v is not None}, "received_at": row.received_at.isoformat()}
+
+
+async def cmd_events_export(args, settings: Settings) -> int:
+    since = parse_timestamp(args.since) if args.since else None
+    until = parse_timestamp(args.until) if args.until else None
+    store = _store(settings)
+    try:
+        out = open(args.out, "w", encoding="utf-8") if args.out not in (None, "-") else sys.stdout
+    except OSError as err:
+        store.dispose()
+        raise BadInput(f"cannot write {args.out}: {err.strerror}") from None
+    lines = 0
+    try:
+        for row in store.replay_log(args.lead, since, until):
+            out.write(json.dumps(exported_line(row), ensure_ascii=False, separators=(",", ":")) + "\n")
+            lines += 1
+    finally:
+        store.dispose()
+        if out is not sys.stdout:
+            out.close()
+    print(f"{lines} line(s) exported" + (f" to {args.out}" if out is not sys.stdout else ""), file=sys.stderr)
+    return 0
 
 
 # --------------------------------------------------------------------------- status
@@ -1100,9 +1169,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", choices=["month", "week"], default="month", help="cohorts by creation month or week")
     p.set_defaults(handler=cmd_report)
 
-    p = sub.add_parser("import", help="send events from a .jsonl/.ndjson or .csv file")
+    p = sub.add_parser("import", help="send events (and profile updates) from a .jsonl/.ndjson or .csv file")
     p.add_argument("file", metavar="FILE")
     p.set_defaults(handler=cmd_import)
+
+    p = sub.add_parser("events", help="the event log: every event and profile update taken, for replay")
+    events_sub = p.add_subparsers(dest="events_command", required=True, metavar="{export}")
+    e = events_sub.add_parser("export", help="as JSON lines that `leadflow import` takes back",
+                              description="every logged event and profile update, per lead in the order they "
+                                          "happened, as JSON lines (the import format, plus received_at)")
+    e.add_argument("--out", metavar="FILE", help="write here (default: standard output)")
+    e.add_argument("--lead", metavar="ID", help="this lead's only")
+    e.add_argument("--since", metavar="TIME", help="what happened at or after (ISO 8601 with a timezone)")
+    e.add_argument("--until", metavar="TIME", help="what happened before (ISO 8601 with a timezone)")
+    e.set_defaults(handler=cmd_events_export)
 
     p = lead_parser("export-person", "everything kept about the person, as JSON (GDPR Art. 15)")
     p.set_defaults(handler=cmd_export_person)

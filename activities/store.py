@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import heapq
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +33,8 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from funnel.kpis import LeadTouch, ReportWindows
 from funnel.models import (
-    ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, ReportEntry, Role, Stage, Trigger, event_digest,
+    ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, ProfileUpdate, ReportEntry, Role, Stage, Trigger,
+    event_digest,
 )
 from funnel.personal_data import ERASED, ErasureReport, scrub_entry, scrub_payload
 from funnel.report import FunnelReport, funnel_report
@@ -170,6 +172,22 @@ class EventLogRow(SQLModel, table=True):
     digest: str
 
 
+class FactLogRow(SQLModel, table=True):
+    """Every profile update taken for a lead, once per id: what a backtest replays beside
+    the events, and `leadflow events export` writes out."""
+
+    __tablename__ = "fact_log"
+    __table_args__ = (Index("ix_fact_log_lead_time", "lead_id", "received_at"),)
+
+    lead_id: str = Field(primary_key=True)
+    update_id: str = Field(primary_key=True)
+    observed_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
+    received_at: datetime = Field(sa_column=_utc_column(nullable=False))
+    actor: str
+    role: str
+    facts: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
 class LeadTouchRow(SQLModel, table=True):
     """Each lead's first touch: the channel and the campaign of its earliest logged event
     that has one, by event time (then id), whatever arrived first. Kept as events are
@@ -269,6 +287,7 @@ _ROUND_ROBIN = RoundRobinRow.__table__
 _MODELS = ScoringModelRow.__table__
 _EVENTS = EventLogRow.__table__
 _TOUCHES = LeadTouchRow.__table__
+_FACTS = FactLogRow.__table__
 _LEAD_KEYS = LeadKeyRow.__table__
 _ERASURES = ErasureRow.__table__
 
@@ -355,7 +374,7 @@ class AuditStore:
             # PostgreSQL locks rows itself; ON CONFLICT and row locks suffice.
             self._write_lock = contextlib.nullcontext()
         SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN, _MODELS, _EVENTS,
-                                                           _LEAD_KEYS, _ERASURES, _TOUCHES])
+                                                           _LEAD_KEYS, _ERASURES, _TOUCHES, _FACTS])
         self._add_missing_columns()
         self.fill_lead_touches()
 
@@ -532,8 +551,8 @@ class AuditStore:
         """{(lead, event id): digest} of those among `events` already in the log."""
         found: dict[tuple[str, str], str] = {}
         by_lead: dict[str, list[str]] = {}
-        for event in events:
-            by_lead.setdefault(event.lead_id, []).append(event.event_id)
+        for e in events:
+            by_lead.setdefault(e.lead_id, []).append(e.event_id)
         with Session(self.engine) as session:
             for lead_id, ids in by_lead.items():
                 for i in range(0, len(ids), 500):
@@ -557,6 +576,47 @@ class AuditStore:
             new = len(session.exec(stmt, params=rows).all())
             self._touch(session, rows)
             return new
+
+    def log_facts(self, updates: list[ProfileUpdate], received_at: datetime) -> int:
+        """Log profile updates Temporal has taken (an id already logged keeps its first
+        version); returns how many were new."""
+        if not updates:
+            return 0
+        rows = sorted(({
+            "lead_id": u.lead_id, "update_id": u.update_id, "observed_at": u.observed_at, "received_at": received_at,
+            "actor": u.actor.name, "role": u.actor.role.value, "facts": dict(u.facts),
+        } for u in updates), key=lambda row: (row["lead_id"], row["update_id"]))
+        stmt = self._insert(_FACTS).on_conflict_do_nothing().returning(_FACTS.c.update_id)
+        with self._writing() as session:
+            return len(session.exec(stmt, params=rows).all())
+
+    def replay_log(self, lead_id: str | None = None, since: datetime | None = None,
+                   until: datetime | None = None) -> Iterator[EventLogRow | FactLogRow]:
+        """The logged events and profile updates, per lead, each lead's in the order they
+        happened (events by occurred_at, updates by observed_at or else received_at; an
+        update before an event of the same instant), streamed: a backtest or an export
+        reads millions. `since`/`until` select by that time."""
+        queries = []
+        for table, at in ((_EVENTS, _EVENTS.c.occurred_at),
+                          (_FACTS, func.coalesce(_FACTS.c.observed_at, _FACTS.c.received_at))):
+            stmt = select(table)
+            if lead_id is not None:
+                stmt = stmt.where(table.c.lead_id == lead_id)
+            if since is not None:
+                stmt = stmt.where(at >= since)
+            if until is not None:
+                stmt = stmt.where(at < until)
+            queries.append(stmt)
+        with self.engine.connect() as conn:
+            events = (EventLogRow(**row._mapping) for row in conn.execution_options(yield_per=5000).execute(
+                queries[0].order_by(_EVENTS.c.lead_id, _EVENTS.c.occurred_at, _EVENTS.c.event_id)))
+            with self.engine.connect() as conn2:
+                facts = (FactLogRow(**row._mapping) for row in conn2.execution_options(yield_per=5000).execute(
+                    queries[1].order_by(_FACTS.c.lead_id, func.coalesce(_FACTS.c.observed_at, _FACTS.c.received_at),
+                                        _FACTS.c.update_id)))
+                yield from heapq.merge(
+                    facts, events, key=lambda r: (r.lead_id, (r.occurred_at if isinstance(r, EventLogRow)
+                                                              else r.observed_at or r.received_at)))
 
     def _touch(self, session: Session, events: list[dict]) -> None:
         """Merge these events into their leads' first touches, in the database (one upsert,
@@ -649,6 +709,11 @@ class AuditStore:
             # The event log keeps what a backtest replays (types, times, channels) and the
             # digests that recognise a redelivery; the attributes are the person's.
             session.exec(update(_EVENTS).where(_EVENTS.c.lead_id == report.lead_id).values(attributes={}))
+            # Logged profile facts keep their names, not the person's values (an erased
+            # lead's fit no longer replays).
+            for row in session.exec(select(FactLogRow).where(FactLogRow.lead_id == report.lead_id)).all():
+                row.facts = {name: ERASED for name in row.facts}
+                session.add(row)
             report = report.model_copy(update={"audit_entries": audit, "outbox_messages": outbox})
             session.add(ErasureRow(
                 erasure_id=report.erasure_id, lead_id=report.lead_id, erased_by=report.erased_by,

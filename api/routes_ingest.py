@@ -75,6 +75,14 @@ async def _log(backends: Backends, events: list[ActivityEvent]) -> None:
         log.warning("events taken but not logged: %s", err)
 
 
+async def _log_facts(backends: Backends, updates: list[ProfileUpdate]) -> None:
+    """Log profile updates Temporal has taken, for replay; best effort, as events."""
+    try:
+        await backends.in_store(AuditStore.log_facts, updates, datetime.now(timezone.utc))
+    except Unavailable as err:
+        log.warning("profile update taken but not logged: %s", err)
+
+
 async def _applied_hint(backends: Backends, kind: AuditKind, wanted: dict[str, list[str]]) -> set[tuple[str, str]]:
     """Best effort: with the store down, events are still taken (and de-duplicated by the lead)."""
     try:
@@ -244,6 +252,7 @@ async def post_profile(
         await temporal_call(leads.send_profile(temporal, backends.settings, update, model), SEND_TIMEOUT,
                              "profile update")
         active.sent(lead_id)
+        await _log_facts(backends, [update])
     except leads.LeadClosed:
         if not duplicate:
             raise
