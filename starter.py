@@ -38,7 +38,7 @@ import time
 import traceback
 import uuid
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -888,6 +888,146 @@ async def cmd_events_export(args, settings: Settings) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- demo data and backtest
+
+
+async def cmd_demo_data(args, settings: Settings) -> int:
+    """A generated population straight into the audit store (funnel/demo.py): audit, event
+    log and profile updates as the service would have recorded them. An empty store only."""
+    from activities.store import AuditStore
+    from funnel import demo
+
+    model = _load_model(settings, _active_model(settings))
+    store = AuditStore(settings.database_url)
+    try:
+        if store.has_history():
+            raise BadInput(f"the audit store at {settings.database_url} already holds leads: demo data goes into "
+                           "an empty one (set LEADFLOW_DATABASE_URL=sqlite:///demo.db)")
+        started = time.monotonic()
+        leads = demo.generate(args.leads, model, utcnow(), seed=args.seed, days=args.days,
+                              decision_delay=timedelta(seconds=settings.decision_delay_seconds))
+        for i in range(0, len(leads), 2000):
+            part = leads[i:i + 2000]
+            store.write_audit([e for lead in part for e in lead.entries])
+            events = [pair for lead in part for pair in lead.events]
+            store.log_events([e for e, _ in events], [at for _, at in events])
+            updates = [pair for lead in part for pair in lead.updates]
+            store.log_facts([u for u, _ in updates], [at for _, at in updates])
+    finally:
+        store.dispose()
+    stages = [[e.to_stage for e in lead.entries if e.to_stage is not None] for lead in leads]
+    print(f"{len(leads)} demo leads ({sum(len(lead.events) for lead in leads)} events) scored by {model.ref} "
+          f"into {settings.database_url} in {time.monotonic() - started:.1f} s: "
+          f"{sum(Stage.MQL in path for path in stages)} became MQL, {sum(path[-1] == Stage.WON for path in stages)} won")
+    print("next: leadflow report; leadflow backtest --model candidate.toml; the dashboard's funnel at /ui")
+    return 0
+
+
+def _model_file(path: str) -> ScoringModel:
+    try:
+        return load_model(Path(path))
+    except ModelError as err:
+        raise BadInput(str(err).replace("\n", " ")) from None
+
+
+async def cmd_backtest(args, settings: Settings) -> int:
+    from funnel import backtest
+
+    candidate = _model_file(args.model)
+    current = (_load_model(settings, _active_model(settings)) if args.against == "current"
+               else _model_file(args.against))
+    since = parse_timestamp(args.since) if args.since else None
+    until = parse_timestamp(args.until) if args.until else utcnow()
+    store = _store(settings)
+    started = time.monotonic()
+    try:
+        logs = backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
+    finally:
+        store.dispose()
+    logs = [log for log in logs if (since is None or log.created_at >= since) and log.created_at < until]
+    read = time.monotonic() - started
+    runs = backtest.replay_all(logs, {"current": current, "candidate": candidate}, until,
+                               timedelta(seconds=settings.decision_delay_seconds), args.workers or os.cpu_count() or 1)
+    report = backtest.compare(runs["current"], runs["candidate"], current.ref, candidate.ref,
+                              candidate.thresholds.mql)
+    took = time.monotonic() - started
+    if args.chart:
+        _backtest_chart(report, Path(args.chart))
+    if args.json:
+        _print_json(report.model_dump(mode="json"))
+        return 0
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title=f"backtest of {report.leads} leads ({report.won} won) up to {until:%Y-%m-%d}: "
+                        f"{current.ref} (current) vs {candidate.ref} (candidate)", title_justify="left")
+    for name in ("", "current", "candidate"):
+        table.add_column(name, justify="left" if not name else "right")
+
+    def row(label: str, value) -> None:
+        table.add_row(label, *(value(f) for f in (report.current, report.candidate)))
+
+    row("MQLs (presales load)", lambda f: str(f.mqls))
+    row("MQLs per week, busiest", lambda f: str(max(f.mqls_per_week.values(), default=0)))
+    row("median days first touch -> MQL", lambda f: "-" if f.median_days_first_touch_to_mql is None
+        else f"{f.median_days_first_touch_to_mql:.1f}")
+    row("won leads made MQL", lambda f: f"{f.won_caught} of {report.won}")
+    row("MQLs later disqualified or lost", lambda f: str(f.mqls_later_lost))
+    row("precision (won / decided MQLs)", lambda f: "-" if f.precision is None else f"{f.precision:.0%}")
+    for channel in sorted(set(report.current.precision_by_channel) | set(report.candidate.precision_by_channel)):
+        row(f"  precision, {channel}", lambda f: "-" if f.precision_by_channel.get(channel) is None
+            else f"{f.precision_by_channel[channel]:.0%}")
+    row("recorded decisions that no longer apply", lambda f: str(f.decisions_refused))
+    console.print(table)
+    if report.won_earlier_days_median is not None:
+        console.print(f"won leads both make MQL: {report.won_earlier} earlier, {report.won_later} later under the "
+                      f"candidate (median {report.won_earlier_days_median:+.1f} days earlier)")
+    sweep = Table(title="candidate threshold sweep (MQL: fast-tracked, or the score ever reached it)",
+                  title_justify="left")
+    for name in ("threshold", "MQLs", "won leads caught"):
+        sweep.add_column(name, justify="right")
+    for point in report.sweep:
+        sweep.add_row(f"{point.threshold:g}", str(point.mqls),
+                      "-" if point.won_caught_share is None else f"{point.won_caught_share:.0%}")
+    console.print(sweep)
+    console.print(f"{len(report.changed)} lead(s) end in another stage or MQL status under the candidate"
+                  + (": " + ", ".join(f"{c.lead_id} {c.current.value}->{c.candidate.value}" for c in report.changed[:10])
+                     + (" ..." if len(report.changed) > 10 else "") if report.changed else "")
+                  + f" ({read:.1f} s reading, {took:.1f} s in all; --json lists every one)")
+    return 0
+
+
+def _backtest_chart(report, path: Path) -> None:
+    """The weekly MQL load of both models and the candidate's threshold sweep, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BadInput("--chart needs matplotlib: pip install 'leadflow[charts]'") from None
+    figure, (load, sweep) = plt.subplots(1, 2, figsize=(12, 4.5))
+    weeks = sorted(set(report.current.mqls_per_week) | set(report.candidate.mqls_per_week))
+    for figures, style in ((report.current, "-"), (report.candidate, "--")):
+        load.plot(range(len(weeks)), [figures.mqls_per_week.get(w, 0) for w in weeks], style, label=figures.model)
+    load.set_xticks(range(0, len(weeks), max(1, len(weeks) // 8)), weeks[::max(1, len(weeks) // 8)], rotation=45)
+    load.set(title="MQLs per week (presales load)", ylabel="MQLs")
+    load.legend()
+    sweep.plot([p.mqls for p in report.sweep], [100 * (p.won_caught_share or 0) for p in report.sweep], "o-")
+    for p in report.sweep:
+        sweep.annotate(f"{p.threshold:g}", (p.mqls, 100 * (p.won_caught_share or 0)), fontsize=8)
+    sweep.set(title=f"{report.candidate.model}: threshold sweep", xlabel="MQLs", ylabel="won leads caught (%)",
+              ylim=(0, 105))
+    figure.tight_layout()
+    try:
+        figure.savefig(path, dpi=110)
+    except OSError as err:
+        raise BadInput(f"cannot write {path}: {err.strerror}") from None
+    finally:
+        plt.close(figure)
+    print(f"chart written to {path}", file=sys.stderr)
+
+
 # --------------------------------------------------------------------------- status
 
 
@@ -1184,6 +1324,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--until", metavar="TIME", help="what happened before (ISO 8601 with a timezone)")
     e.set_defaults(handler=cmd_events_export)
 
+    p = sub.add_parser("demo-data", help="a generated population into an empty audit store, to try things on",
+                       description="leads with channels, campaigns, sessions, decisions and outcomes of a known "
+                                   "hidden propensity, played through the core into the audit store")
+    p.add_argument("--leads", type=_positive_count, default=2000, metavar="N")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--days", type=_window_days, default=365, metavar="N", help="created over the last N days")
+    p.set_defaults(handler=cmd_demo_data)
+
+    p = sub.add_parser("backtest", help="replay logged leads under a candidate model and the current one",
+                       description="every logged lead's events, profile updates and recorded decisions, "
+                                   "replayed through the core under both models, compared")
+    p.add_argument("--model", required=True, metavar="FILE", help="the candidate model (TOML)")
+    p.add_argument("--against", default="current", metavar="FILE|current",
+                   help="compare with this model file (default: the active version)")
+    p.add_argument("--from", dest="since", metavar="TIME", help="leads created at or after (ISO 8601 with a timezone)")
+    p.add_argument("--to", dest="until", metavar="TIME",
+                   help="leads created before, and replayed up to (default: now)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--chart", metavar="FILE.png", help="weekly MQL load and the threshold sweep as a PNG (matplotlib)")
+    p.add_argument("--workers", type=_positive_count, default=None, metavar="N",
+                   help="processes (default: one per core)")
+    p.set_defaults(handler=cmd_backtest)
+
     p = lead_parser("export-person", "everything kept about the person, as JSON (GDPR Art. 15)")
     p.set_defaults(handler=cmd_export_person)
 
@@ -1249,6 +1412,13 @@ def _non_negative(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
     if number < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative")
+    return number
+
+
+def _positive_count(value: str) -> int:
+    number = _non_negative(value)
+    if not 1 <= number <= 10_000_000:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 to 10,000,000")
     return number
 
 

@@ -435,6 +435,11 @@ class AuditStore:
         with Session(self.engine) as session:
             return [_audit_entry(row) for row in session.exec(stmt)]
 
+    def has_history(self) -> bool:
+        """Whether any lead has an audit entry here."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(_AUDIT.c.lead_id).limit(1)).first() is not None
+
     def count_history(self, lead_id: str) -> int:
         stmt = select(func.count()).select_from(AuditRow).where(AuditRow.lead_id == lead_id)
         with Session(self.engine) as session:
@@ -561,31 +566,33 @@ class AuditStore:
                     found.update(((lead_id, event_id), digest) for event_id, digest in session.exec(stmt))
         return found
 
-    def log_events(self, events: list[ActivityEvent], received_at: datetime) -> int:
-        """Log events Temporal has taken (an id already logged keeps its first version);
-        returns how many were new."""
+    def log_events(self, events: list[ActivityEvent], received_at: datetime | list[datetime]) -> int:
+        """Log events Temporal has taken (an id already logged keeps its first version), all
+        received at one time or each at its own; returns how many were new."""
         if not events:
             return 0
+        times = received_at if isinstance(received_at, list) else [received_at] * len(events)
         rows = sorted(({
             "lead_id": e.lead_id, "event_id": e.event_id, "type": e.type, "occurred_at": e.occurred_at,
-            "received_at": received_at, "channel": e.channel, "campaign": e.campaign, "source": e.source,
+            "received_at": at, "channel": e.channel, "campaign": e.campaign, "source": e.source,
             "attributes": dict(e.attributes), "digest": event_digest(e),
-        } for e in events), key=lambda row: (row["lead_id"], row["event_id"]))
+        } for e, at in zip(events, times, strict=True)), key=lambda row: (row["lead_id"], row["event_id"]))
         stmt = self._insert(_EVENTS).on_conflict_do_nothing().returning(_EVENTS.c.event_id)
         with self._writing() as session:
             new = len(session.exec(stmt, params=rows).all())
             self._touch(session, rows)
             return new
 
-    def log_facts(self, updates: list[ProfileUpdate], received_at: datetime) -> int:
+    def log_facts(self, updates: list[ProfileUpdate], received_at: datetime | list[datetime]) -> int:
         """Log profile updates Temporal has taken (an id already logged keeps its first
-        version); returns how many were new."""
+        version), as `log_events`; returns how many were new."""
         if not updates:
             return 0
+        times = received_at if isinstance(received_at, list) else [received_at] * len(updates)
         rows = sorted(({
-            "lead_id": u.lead_id, "update_id": u.update_id, "observed_at": u.observed_at, "received_at": received_at,
+            "lead_id": u.lead_id, "update_id": u.update_id, "observed_at": u.observed_at, "received_at": at,
             "actor": u.actor.name, "role": u.actor.role.value, "facts": dict(u.facts),
-        } for u in updates), key=lambda row: (row["lead_id"], row["update_id"]))
+        } for u, at in zip(updates, times, strict=True)), key=lambda row: (row["lead_id"], row["update_id"]))
         stmt = self._insert(_FACTS).on_conflict_do_nothing().returning(_FACTS.c.update_id)
         with self._writing() as session:
             return len(session.exec(stmt, params=rows).all())
