@@ -852,10 +852,9 @@ async def cmd_import(args, settings: Settings) -> int:
 
 
 def exported_line(row) -> dict[str, Any]:
-    """One logged event or profile update as a line `leadflow import` takes back."""
-    from activities.store import EventLogRow
-
-    if isinstance(row, EventLogRow):
+    """One logged event or profile update (a row of `AuditStore.replay_log`) as a line
+    `leadflow import` takes back."""
+    if "event_id" in row._fields:
         line = {"event_id": row.event_id, "lead_id": row.lead_id, "type": row.type,
                 "occurred_at": row.occurred_at.isoformat(), "channel": row.channel, "campaign": row.campaign,
                 "attributes": row.attributes or None, "source": row.source}

@@ -598,11 +598,12 @@ class AuditStore:
             return len(session.exec(stmt, params=rows).all())
 
     def replay_log(self, lead_id: str | None = None, since: datetime | None = None,
-                   until: datetime | None = None) -> Iterator[EventLogRow | FactLogRow]:
+                   until: datetime | None = None) -> Iterator[Any]:
         """The logged events and profile updates, per lead, each lead's in the order they
         happened (events by occurred_at, updates by observed_at or else received_at; an
-        update before an event of the same instant), streamed: a backtest or an export
-        reads millions. `since`/`until` select by that time."""
+        update before an event of the same instant), streamed as plain rows with the
+        columns of `event_log` (they have `event_id`) or `fact_log` (`update_id`): a
+        backtest or an export reads millions."""
         queries = []
         for table, at in ((_EVENTS, _EVENTS.c.occurred_at),
                           (_FACTS, func.coalesce(_FACTS.c.observed_at, _FACTS.c.received_at))):
@@ -615,15 +616,14 @@ class AuditStore:
                 stmt = stmt.where(at < until)
             queries.append(stmt)
         with self.engine.connect() as conn:
-            events = (EventLogRow(**row._mapping) for row in conn.execution_options(yield_per=5000).execute(
-                queries[0].order_by(_EVENTS.c.lead_id, _EVENTS.c.occurred_at, _EVENTS.c.event_id)))
+            events = conn.execution_options(yield_per=5000).execute(
+                queries[0].order_by(_EVENTS.c.lead_id, _EVENTS.c.occurred_at, _EVENTS.c.event_id))
             with self.engine.connect() as conn2:
-                facts = (FactLogRow(**row._mapping) for row in conn2.execution_options(yield_per=5000).execute(
+                facts = conn2.execution_options(yield_per=5000).execute(
                     queries[1].order_by(_FACTS.c.lead_id, func.coalesce(_FACTS.c.observed_at, _FACTS.c.received_at),
-                                        _FACTS.c.update_id)))
-                yield from heapq.merge(
-                    facts, events, key=lambda r: (r.lead_id, (r.occurred_at if isinstance(r, EventLogRow)
-                                                              else r.observed_at or r.received_at)))
+                                        _FACTS.c.update_id))
+                yield from heapq.merge(facts, events, key=lambda r: (
+                    r.lead_id, r.observed_at or r.received_at if "update_id" in r._fields else r.occurred_at))
 
     def _touch(self, session: Session, events: list[dict]) -> None:
         """Merge these events into their leads' first touches, in the database (one upsert,

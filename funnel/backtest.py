@@ -76,7 +76,8 @@ def command_of(entry: ReportEntry) -> Command | None:
 
 def lead_logs(entries: Iterable[ReportEntry], logged: Iterable) -> list[LeadLog]:
     """Each lead's log from its audit entries (DECISION_KINDS, per lead in seq order) and its
-    logged events and profile updates (`AuditStore.replay_log` rows)."""
+    logged events and profile updates (`AuditStore.replay_log` rows: named tuples, events
+    with an `event_id` field, profile updates with `update_id`)."""
     logs: dict[str, LeadLog] = {}
     for entry in entries:
         log = logs.get(entry.lead_id)
@@ -98,7 +99,7 @@ def lead_logs(entries: Iterable[ReportEntry], logged: Iterable) -> list[LeadLog]
         log = logs.get(row.lead_id)
         if log is None:
             continue
-        if hasattr(row, "event_id"):
+        if "event_id" in row._fields:
             event = ActivityEvent.model_construct(
                 event_id=row.event_id, lead_id=row.lead_id, type=row.type, occurred_at=row.occurred_at,
                 channel=row.channel, campaign=row.campaign, attributes=dict(row.attributes or {}), source=row.source)

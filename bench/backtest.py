@@ -1,0 +1,81 @@
+"""Backtest benchmark: how long does `leadflow backtest` take on a big logged population?
+
+Generates `--leads` demo leads (funnel/demo.py: ~12 events each) into a SQLite store, then
+times what the backtest does: reading the store (audit decisions, event log, profile
+updates) into lead logs, and replaying every lead under two models, in one process (the
+baseline of this run) and in `--workers` processes. Prints leads and events per second,
+the speed-up over one process, and what 100,000 leads x 20 events would take at that
+pace. Figures only: nothing here passes or fails.
+
+    .venv/bin/python bench/backtest.py [--leads 5000] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from activities.store import AuditStore  # noqa: E402
+from config import DEFAULT_MODEL  # noqa: E402
+from funnel import backtest, demo  # noqa: E402
+from funnel.scoring_model import load_model, parse_model  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--leads", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    current = load_model(DEFAULT_MODEL)
+    candidate = parse_model(DEFAULT_MODEL.read_text().replace('version = "1"', 'version = "2"')
+                            .replace("mql = 100 ", "mql = 70 "), "candidate")
+    now = datetime.now(timezone.utc)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = AuditStore(f"sqlite:///{Path(tmp) / 'bench.db'}")
+        started = time.monotonic()
+        leads = demo.generate(args.leads, current, now, decision_delay=timedelta(seconds=5))
+        for i in range(0, len(leads), 2000):
+            part = leads[i:i + 2000]
+            store.write_audit([e for lead in part for e in lead.entries])
+            events = [pair for lead in part for pair in lead.events]
+            store.log_events([e for e, _ in events], [at for _, at in events])
+            updates = [pair for lead in part for pair in lead.updates]
+            store.log_facts([u for u, _ in updates], [at for _, at in updates])
+        events = sum(len(lead.events) for lead in leads)
+        print(f"generated {len(leads)} leads, {events} events ({events / len(leads):.1f} per lead) "
+              f"in {time.monotonic() - started:.1f} s")
+        del leads
+
+        started = time.monotonic()
+        logs = backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
+        read = time.monotonic() - started
+        print(f"read the store into lead logs: {read:.2f} s ({events / read:,.0f} events/s)")
+        store.dispose()
+
+        models = {"current": current, "candidate": candidate}
+        timings = {}
+        for workers in sorted({1, args.workers}):
+            started = time.monotonic()
+            backtest.replay_all(logs, models, now, timedelta(seconds=5), workers=workers)
+            timings[workers] = time.monotonic() - started
+        base = timings[1]
+        print(f"\n{'processes':>9} {'replay (2 models)':>18} {'events/s':>10} {'speed-up':>9}")
+        for workers, seconds in timings.items():
+            print(f"{workers:>9} {seconds:>16.2f} s {2 * events / seconds:>10,.0f} {base / seconds:>8.2f}x")
+        best = min(timings.values())
+        per_event = (read + best) / events
+        print(f"\n100,000 leads x 20 events at this pace: {per_event * 2_000_000:,.0f} s "
+              f"(goal: under 60 s; reading {read / events * 2_000_000:,.0f} s of it)")
+
+
+if __name__ == "__main__":
+    main()
