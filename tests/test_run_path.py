@@ -384,6 +384,17 @@ def shows(*needles: str, timeout: float = 30.0):
     return check
 
 
+def once(*needles: str):
+    """A check for a command that must not run twice (it refuses then): it succeeds, and its
+    output has every needle."""
+    def check(cli: Cli, command: str, log: Path) -> None:
+        result = bash(cli, command, timeout=120)
+        text = result.stdout + result.stderr
+        assert result.returncode == 0 and all(n in text for n in needles), f"{command} -> {result.returncode}\n{text}"
+
+    return check
+
+
 def lacks(*absent: str, needs: tuple[str, ...] = (), timeout: float = 30.0):
     """The command succeeds, its output shows all of `needs` and none of `absent`."""
     def check(cli: Cli, command: str, log: Path) -> None:
@@ -437,6 +448,13 @@ WALKTHROUGH = [
     ("leadflow erase L-1005 --by mona", shows("erased by mona", "crypto-shredded")),
     ("leadflow export-person L-1005", lacks("ann@example.com", '"Ann"', needs=("personal_data_erased",
                                                                               '"target_account": true'))),
+    ("LEADFLOW_DATABASE_URL=sqlite:///demo.db leadflow demo-data --leads 1000",
+     once("1000 demo leads", "became MQL", "won")),
+    ("sed -e 's/^version = \"1\"/version = \"2\"/' -e 's/^mql = 100 /mql = 70 /' "
+     "scoring_models/default.toml > candidate.toml", ok),
+    ("LEADFLOW_DATABASE_URL=sqlite:///demo.db leadflow backtest --model candidate.toml --chart backtest.png",
+     once("default@2", "MQLs (presales load)", "chart written to backtest.png")),
+    ("LEADFLOW_DATABASE_URL=sqlite:///demo.db leadflow events export --out log.jsonl", once("exported to log.jsonl")),
 ]
 # Shell blocks run somewhere else: the two commands (CI runs scripts/test; this test runs
 # scripts/run), and the benchmark (run by hand; its figures are in the README).
