@@ -989,10 +989,73 @@ async def cmd_backtest(args, settings: Settings) -> int:
         sweep.add_row(f"{point.threshold:g}", str(point.mqls),
                       "-" if point.won_caught_share is None else f"{point.won_caught_share:.0%}")
     console.print(sweep)
+    volume = Table(title="of the leads presales and sales decided on: won among each model's best N",
+                   title_justify="left")
+    for name in ("N leads", "current", "candidate"):
+        volume.add_column(name, justify="right")
+    for point in report.same_volume:
+        volume.add_row(str(point.volume), str(point.current_won), str(point.candidate_won))
+    console.print(volume)
     console.print(f"{len(report.changed)} lead(s) end in another stage or MQL status under the candidate"
                   + (": " + ", ".join(f"{c.lead_id} {c.current.value}->{c.candidate.value}" for c in report.changed[:10])
                      + (" ..." if len(report.changed) > 10 else "") if report.changed else "")
                   + f" ({read:.1f} s reading, {took:.1f} s in all; --json lists every one)")
+    return 0
+
+
+async def cmd_suggest(args, settings: Settings) -> int:
+    """Learn a candidate model from closed outcomes (funnel/suggest.py) and write it."""
+    from funnel import backtest
+
+    try:
+        from funnel import suggest
+    except ImportError:
+        raise BadInput("suggest needs scikit-learn: pip install 'leadflow[learn]'") from None
+    store = _store(settings)
+    try:
+        active = store.active_model()
+        logs = backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
+    finally:
+        store.dispose()
+    text = active.text if active is not None else settings.model_path.read_text(encoding="utf-8")
+    model = parse_model(text, active.ref if active else str(settings.model_path))
+    matured = utcnow() - timedelta(days=args.matured_days)
+    logs = [log for log in logs if log.created_at <= matured]
+    closed = [log for log in logs if log.outcome is not None]
+    won = sum(log.outcome == Stage.WON for log in closed)
+    if not closed or not won:
+        raise BadInput(f"nothing to learn from: {len(closed)} closed lead(s), {won} won")
+    try:
+        found = suggest.suggest(logs, model, text, won / len(closed), version=f"{model.version}-suggested",
+                                seed=args.seed)
+    except ImportError:
+        raise BadInput("suggest needs scikit-learn: pip install 'leadflow[learn]'") from None
+    except suggest.TooFewOutcomes as err:
+        raise BadInput(str(err)) from None
+    try:
+        Path(args.out).write_text(found.model_text, encoding="utf-8")
+    except OSError as err:
+        raise BadInput(f"cannot write {args.out}: {err.strerror}") from None
+    if args.json:
+        _print_json(found.model_dump(mode="json", exclude={"model_text"}))
+        return 0
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title=f"learned from {found.closed} closed leads ({found.won} won): what raises the odds of winning",
+                  title_justify="left")
+    for name in ("rule", "closed leads", "won", "odds x", "points now", "suggested"):
+        table.add_column(name, justify="left" if name == "rule" else "right")
+    for w in found.weights:
+        table.add_row(w.rule, str(w.leads), f"{w.won_share:.0%}", f"{w.odds_ratio:.2f}", f"{w.current_points:g}",
+                      f"{w.points:g}")
+    console.print(table)
+    console.print(f"holdout ({found.holdout} leads): AUC {found.auc_holdout:.2f}, Brier {found.brier_holdout:.3f}; "
+                  "calibration (predicted -> observed): "
+                  + ", ".join(f"{c.predicted:.0%} -> {c.observed:.0%}" for c in found.calibration))
+    console.print(f"threshold kept at {found.threshold:g}: a lead as likely to win as today's MQLs "
+                  f"({found.mql_win_rate:.0%}) reaches it. Written to {args.out}; "
+                  f"next: leadflow backtest --model {args.out}")
     return 0
 
 
@@ -1345,6 +1408,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_count, default=None, metavar="N",
                    help="processes (default: one per core)")
     p.set_defaults(handler=cmd_backtest)
+
+    p = sub.add_parser("suggest", help="learn a candidate model from closed outcomes (scikit-learn)",
+                       description="per event type and fit rule, how much it raises the odds of winning "
+                                   "(logistic regression, checked on a holdout), as a candidate model file")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the candidate model (TOML)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--seed", type=int, default=7, help="of the holdout split")
+    p.add_argument("--matured-days", type=_window_days, default=120, metavar="N",
+                   help="learn from leads created at least N days ago (default 120): younger ones have closed "
+                        "their quick rejections but not yet their slow wins")
+    p.set_defaults(handler=cmd_suggest)
 
     p = lead_parser("export-person", "everything kept about the person, as JSON (GDPR Art. 15)")
     p.set_defaults(handler=cmd_export_person)

@@ -218,6 +218,23 @@ class SweepPoint(BaseModel):
     won_caught_share: float | None
 
 
+class VolumePoint(BaseModel):
+    """Of the leads with a recorded outcome (won, lost, disqualified: those presales and
+    sales decided on), each model's best `volume` by its own ranking (fast-tracked first,
+    then the highest score reached): how many were won. Ranking the same decided leads is
+    fair to both models: outcomes exist only for leads today's model handed over, so over
+    all leads today's model would catch every won lead by construction."""
+
+    volume: int
+    current_won: int
+    candidate_won: int
+
+
+def won_in_top(runs: Sequence[Replay], volume: int) -> int:
+    ranked = sorted(runs, key=lambda r: (r.fast_tracked, r.peak_score), reverse=True)
+    return sum(r.outcome == Stage.WON for r in ranked[:volume])
+
+
 class BacktestReport(BaseModel):
     leads: int
     won: int  # recorded
@@ -228,6 +245,7 @@ class BacktestReport(BaseModel):
     won_later: int
     changed: list[ChangedLead]
     sweep: list[SweepPoint]  # the candidate's threshold varied; see sweep()
+    same_volume: list[VolumePoint]  # a quarter, half and three quarters of the decided leads
 
 
 def _week(at: datetime) -> str:
@@ -281,10 +299,15 @@ def compare(current: Sequence[Replay], candidate: Sequence[Replay], current_ref:
     changed = [ChangedLead(lead_id=a.lead_id, channel=a.channel, current=a.final_stage, candidate=b.final_stage,
                            current_mql_at=a.first_mql_at, candidate_mql_at=b.first_mql_at)
                for a, b in pairs if a.final_stage != b.final_stage or (a.first_mql_at is None) != (b.first_mql_at is None)]
+    decided_current = [a for a, _ in pairs if a.outcome is not None]
+    decided_candidate = [b for _, b in pairs if b.outcome is not None]
     return BacktestReport(
         leads=len(pairs), won=sum(a.outcome == Stage.WON for a, _ in pairs),
         current=_figures(current_ref, current), candidate=_figures(candidate_ref, candidate),
         won_earlier_days_median=round(median(shift), 2) if shift else None,
         won_earlier=sum(d > 0 for d in shift), won_later=sum(d < 0 for d in shift),
         changed=sorted(changed, key=lambda c: c.lead_id), sweep=sweep(candidate, candidate_threshold),
+        same_volume=[VolumePoint(volume=v, current_won=won_in_top(decided_current, v),
+                                 candidate_won=won_in_top(decided_candidate, v))
+                     for v in sorted({round(f * len(decided_current)) for f in (0.25, 0.5, 0.75)}) if v > 0],
     )

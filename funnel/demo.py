@@ -125,6 +125,9 @@ def _one(rng: random.Random, lead_id: str, channel: str, model: ScoringModel, no
     campaign = rng.choice(campaigns)
 
     # Inputs in time order; decisions are scheduled as the lead reaches the stages that call for them.
+    # Presales decides a lead's fate once, at its first handover (later handovers are "not
+    # now" again): otherwise busier leads would get more tries, and what is learned from
+    # the outcomes would be how busy a lead is rather than its propensity.
     queue: list[tuple[datetime, int, str, object]] = []
     n = 0
 
@@ -164,11 +167,14 @@ def _one(rng: random.Random, lead_id: str, channel: str, model: ScoringModel, no
         if s.decision_due_at is not None and kind != "tick":
             push(s.decision_due_at, "tick", None)
         if s.stage == Stage.MQL and len(s.history) - 1 != decided_visit:  # a new handover: presales decides
+            first = decided_visit < 0
             decided_visit = len(s.history) - 1
             who = Actor(name=rng.choice(PRESALES), role=Role.PRESALES)
             push(at, "owner", (who.name, at))
             later = at + timedelta(hours=rng.uniform(2, 72))
-            if rng.random() < _sigmoid(log_odds + 0.5):
+            if not first:  # the lead's fate was decided at its first handover: "not now" stays not now
+                push(later, "command", Reject(by=who, reason="not_now", recycle=True))
+            elif rng.random() < _sigmoid(log_odds + 0.5):
                 push(later - timedelta(hours=1), "command", LogContact(by=who))
                 push(later, "command", Accept(by=who))
                 push(later + timedelta(days=rng.uniform(1, 10)), "command",

@@ -395,6 +395,16 @@ def once(*needles: str):
     return check
 
 
+def refused(code: int, *needles: str):
+    """A check for a command the README shows refusing: this exit code, and a message with every needle."""
+    def check(cli: Cli, command: str, log: Path) -> None:
+        result = bash(cli, command, timeout=120)
+        assert result.returncode == code and all(n in result.stderr for n in needles), (
+            f"{command} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
+
+    return check
+
+
 def lacks(*absent: str, needs: tuple[str, ...] = (), timeout: float = 30.0):
     """The command succeeds, its output shows all of `needs` and none of `absent`."""
     def check(cli: Cli, command: str, log: Path) -> None:
@@ -455,6 +465,8 @@ WALKTHROUGH = [
     ("LEADFLOW_DATABASE_URL=sqlite:///demo.db leadflow backtest --model candidate.toml --chart backtest.png",
      once("default@2", "MQLs (presales load)", "chart written to backtest.png")),
     ("LEADFLOW_DATABASE_URL=sqlite:///demo.db leadflow events export --out log.jsonl", once("exported to log.jsonl")),
+    ("LEADFLOW_DATABASE_URL=sqlite:///demo.db leadflow suggest --out suggested.toml",
+     refused(2, "too few closed leads to learn from", "are needed")),
 ]
 # Shell blocks run somewhere else: the two commands (CI runs scripts/test; this test runs
 # scripts/run), and the benchmark (run by hand; its figures are in the README).
