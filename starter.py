@@ -905,13 +905,7 @@ async def cmd_demo_data(args, settings: Settings) -> int:
         started = time.monotonic()
         leads = demo.generate(args.leads, model, utcnow(), seed=args.seed, days=args.days,
                               decision_delay=timedelta(seconds=settings.decision_delay_seconds))
-        for i in range(0, len(leads), 2000):
-            part = leads[i:i + 2000]
-            store.write_audit([e for lead in part for e in lead.entries])
-            events = [pair for lead in part for pair in lead.events]
-            store.log_events([e for e, _ in events], [at for _, at in events])
-            updates = [pair for lead in part for pair in lead.updates]
-            store.log_facts([u for u, _ in updates], [at for _, at in updates])
+        write_population(store, leads)
     finally:
         store.dispose()
     stages = [[e.to_stage for e in lead.entries if e.to_stage is not None] for lead in leads]
@@ -920,6 +914,18 @@ async def cmd_demo_data(args, settings: Settings) -> int:
           f"{sum(Stage.MQL in path for path in stages)} became MQL, {sum(path[-1] == Stage.WON for path in stages)} won")
     print("next: leadflow report; leadflow backtest --model candidate.toml; the dashboard's funnel at /ui")
     return 0
+
+
+def write_population(store, leads) -> None:
+    """Generated leads (funnel/demo.py) into the store as the service records them: their
+    audit, the event log and the profile updates, each with the time it was taken."""
+    for i in range(0, len(leads), 2000):
+        part = leads[i:i + 2000]
+        store.write_audit([e for lead in part for e in lead.entries])
+        events = [pair for lead in part for pair in lead.events]
+        store.log_events([e for e, _ in events], [at for _, at in events])
+        updates = [pair for lead in part for pair in lead.updates]
+        store.log_facts([u for u, _ in updates], [at for _, at in updates])
 
 
 def _model_file(path: str) -> ScoringModel:

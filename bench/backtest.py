@@ -28,6 +28,7 @@ from activities.store import AuditStore  # noqa: E402
 from config import DEFAULT_MODEL  # noqa: E402
 from funnel import backtest, demo  # noqa: E402
 from funnel.scoring_model import load_model, parse_model  # noqa: E402
+from starter import write_population  # noqa: E402
 
 
 def main() -> None:
@@ -43,13 +44,7 @@ def main() -> None:
         store = AuditStore(f"sqlite:///{Path(tmp) / 'bench.db'}")
         started = time.monotonic()
         leads = demo.generate(args.leads, current, now, decision_delay=timedelta(seconds=5))
-        for i in range(0, len(leads), 2000):
-            part = leads[i:i + 2000]
-            store.write_audit([e for lead in part for e in lead.entries])
-            events = [pair for lead in part for pair in lead.events]
-            store.log_events([e for e, _ in events], [at for _, at in events])
-            updates = [pair for lead in part for pair in lead.updates]
-            store.log_facts([u for u, _ in updates], [at for _, at in updates])
+        write_population(store, leads)
         events = sum(len(lead.events) for lead in leads)
         print(f"generated {len(leads)} leads, {events} events ({events / len(leads):.1f} per lead) "
               f"in {time.monotonic() - started:.1f} s")
