@@ -125,10 +125,7 @@ class UiSessions:
 
 
 def sessions_of(request: Request) -> UiSessions:
-    app_state = request.app.state
-    if not hasattr(app_state, "ui_sessions"):
-        app_state.ui_sessions = UiSessions()
-    return app_state.ui_sessions
+    return request.app.state.ui_sessions
 
 
 class SignInRequired(Exception):
@@ -176,6 +173,7 @@ def install_ui(app) -> None:
     """Mount the dashboard, its static files and its error pages on the API."""
     from fastapi.staticfiles import StaticFiles
 
+    app.state.ui_sessions = UiSessions()
     app.include_router(ui)
     app.mount("/ui/static", StaticFiles(directory=STATIC_DIR), name="ui-static")
 
