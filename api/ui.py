@@ -261,6 +261,7 @@ async def funnel_page(
                                          float(bench["presales_rejection"]["rate"]))
     return page(request, "funnel.html", principal, report=report, shown=shown, channel=channel,
                 channels=sorted(channels), windows=windows, funnel=ui_charts.funnel_bars(shown.stages),
+                cohorts=ui_charts.cohort_funnels(opp.by_cohort),
                 opportunity_bars=opportunity_bars, rejection_bars=rejection_bars, main_path=MAIN_PATH)
 
 

@@ -103,3 +103,20 @@ def stage_timeline(visits: list[tuple[Stage, datetime]], now: datetime, width: f
     return [TimelineSegment(stage, at, width * (at - t0).total_seconds() / span,
                             max(width * (end - at).total_seconds() / span, 1.0))
             for (stage, at), end in zip(visits, ends)]
+
+
+@dataclass(frozen=True)
+class CohortFunnel:
+    cohort: str
+    leads: int
+    steps: list[tuple[str, int, float]]  # (label, count, bar width): leads, opportunities, won
+    maturity_days: float | None
+
+
+def cohort_funnels(rows: list, width: float = 300.0) -> list[CohortFunnel]:
+    """Per creation cohort, the funnel from lead to opportunity to won, on one scale for
+    all cohorts (the biggest cohort's leads fill the width), so cohorts compare at a glance."""
+    top = max((r.leads for r in rows), default=0) or 1
+    return [CohortFunnel(r.group, r.leads, [(label, n, max(width * n / top, 1.0 if n else 0.0)) for label, n in
+                                            (("leads", r.leads), ("opportunities", r.opportunities), ("won", r.won))],
+                         r.maturity_days) for r in rows]

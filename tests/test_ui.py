@@ -206,6 +206,11 @@ async def test_funnel_page_shows_report_json_and_the_hand_counts(hand_counted, b
             str(s["reached"]) for s in webinar["stages"][:5]]
         assert all("-W" in g for g in await t.page.locator("[data-testid=cohorts] tr[data-group]").evaluate_all(
             "rows => rows.map(r => r.dataset.group)"))
+        await t.open("/ui/funnel")  # the month cohorts, each drawn as its own funnel
+        for row in report["opportunities"]["by_cohort"]:
+            drawn = await t.text(f"[data-testid=cohort-funnels] g[data-cohort='{row['group']}']")
+            assert f"{row['leads']} leads" in drawn and f"{row['opportunities']} opportunities" in drawn
+            assert f"{row['won']} won" in drawn
 
         # who misses SLAs (hand count: anna's two webinar leads G4 sit on a breach nobody acted on)
         await t.open("/ui/slas")
