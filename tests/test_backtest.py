@@ -21,6 +21,7 @@ from funnel import backtest
 from funnel.models import AuditKind, Stage
 from funnel.scoring_model import load_model
 from tests.test_cli import run
+from tests.test_store import postgres_server  # noqa: F401 - the throwaway PostgreSQL server fixture
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
 MODEL = load_model(DEFAULT_MODEL)
@@ -65,6 +66,27 @@ def test_under_the_live_model_the_backtest_reproduces_every_recorded_stage_path(
             Stage.RECYCLED} <= seen and Stage.WON in finals
     triggers = {trigger for path in recorded.values() for _, trigger, _ in path}
     assert {"fast_track", "score_threshold", "accept", "qualify", "reject_recycle"} <= {t.value for t in triggers if t}
+
+
+def test_on_postgresql_too(postgres_server):
+    """The same population on PostgreSQL replays to the same recorded paths (the log is read
+    there by two server-side cursors merged per lead)."""
+    url = postgres_server.new_database()
+    with pytest.MonkeyPatch.context() as mp, freeze_time(NOW):
+        mp.setenv("LEADFLOW_DATABASE_URL", url)
+        mp.delenv("LEADFLOW_MODEL", raising=False)
+        import starter
+
+        assert starter.main(["demo-data", "--leads", "150", "--seed", "5"]) == 0
+    store = AuditStore(url)
+    try:
+        logs = backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
+        runs = backtest.replay_all(logs, {"live": MODEL}, NOW, timedelta(seconds=Settings().decision_delay_seconds))
+        recorded = recorded_paths(store)
+        assert len(runs["live"]) == 150
+        assert all([(s, t, at) for s, at, t in r.path] == recorded[r.lead_id] for r in runs["live"])
+    finally:
+        store.dispose()
 
 
 def test_processes_give_what_one_process_gives(demo_store):

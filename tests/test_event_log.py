@@ -17,6 +17,7 @@ from activities.store import AuditStore
 from funnel.models import ActivityEvent, Actor, ProfileUpdate, Role
 from funnel.personal_data import ERASED, ErasureReport
 from tests.test_cli import Recorder, make_view, run
+from tests.test_store import postgres_server  # noqa: F401 - the throwaway PostgreSQL server fixture
 
 T0 = datetime(2026, 10, 1, 9, 0, tzinfo=timezone.utc)
 ANNA = Actor(name="anna", role=Role.PRESALES)
@@ -32,9 +33,13 @@ def facts(lead: str, n: int, minutes: float | None, **values) -> ProfileUpdate:
                          observed_at=None if minutes is None else T0 + timedelta(minutes=minutes))
 
 
-@pytest.fixture
-def log_store(tmp_path) -> AuditStore:
-    store = AuditStore(f"sqlite:///{tmp_path / 'log.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def log_store(request, tmp_path) -> AuditStore:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'log.db'}"
+    else:
+        url = request.getfixturevalue("postgres_server").new_database()
+    store = AuditStore(url)
     yield store
     store.dispose()
 
