@@ -75,15 +75,54 @@ class _KeyFileEntry(BaseModel):
 
 
 class KeyRing:
-    """The configured API keys, by sha256 digest, each bound to a name and a role."""
+    """The configured API keys, by sha256 digest, each bound to a name and a role.
 
-    def __init__(self, keys: list[_StoredKey]):
+    Made from the environment, it follows LEADFLOW_API_KEYS_FILE: a changed file is read
+    again within RELOAD_SECONDS, so keys are added and revoked without a restart (a file
+    that no longer parses is reported and the keys in use stay)."""
+
+    RELOAD_SECONDS = 2.0
+
+    def __init__(self, keys: list[_StoredKey], env: dict[str, str] | None = None):
+        self._keys = self._checked(keys)
+        self._env = env if env and env.get("LEADFLOW_API_KEYS_FILE") else None
+        self._stamp = self._file_stamp()
+        self._looked = time.monotonic()
+
+    @staticmethod
+    def _checked(keys: list[_StoredKey]) -> tuple[_StoredKey, ...]:
         seen: dict[bytes, str] = {}
         for stored in keys:
             if stored.digest in seen:
                 raise ConfigError(f"API keys of {seen[stored.digest]} and {stored.principal.name} are the same key")
             seen[stored.digest] = stored.principal.name
-        self._keys = tuple(keys)
+        return tuple(keys)
+
+    def _file_stamp(self) -> tuple | None:
+        if self._env is None:
+            return None
+        try:
+            info = os.stat(self._env["LEADFLOW_API_KEYS_FILE"])
+        except OSError:
+            return ("missing",)
+        return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+    def _follow_file(self) -> None:
+        now = time.monotonic()
+        if self._env is None or now - self._looked < self.RELOAD_SECONDS:
+            return
+        self._looked = now
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            fresh = KeyRing.from_env(self._env)
+        except ConfigError as err:
+            log.error("API keys not reloaded, the keys in use stay: %s", err)
+            return
+        self._keys = fresh._keys
+        log.info("API keys reloaded from %s: %d key(s)", self._env["LEADFLOW_API_KEYS_FILE"], len(self._keys))
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -174,7 +213,7 @@ class KeyRing:
                 "sales, manager) or LEADFLOW_API_KEYS_FILE=keys.toml; for local development only, "
                 "LEADFLOW_API_DEV_KEYS=1 accepts the keys dev-marketing, dev-presales, dev-sales and dev-manager"
             )
-        return cls(keys)
+        return cls(keys, env)
 
     @classmethod
     def dev_keys(cls) -> list[_StoredKey]:
@@ -183,7 +222,11 @@ class KeyRing:
 
     def lookup(self, presented: str) -> Principal | None:
         """The key's owner, or None. Compares against every stored digest, in constant time each."""
-        digest = self.digest(presented)
+        return self.owner(self.digest(presented))
+
+    def owner(self, digest: bytes) -> Principal | None:
+        """The owner of the key with this digest, while it is configured (revoked: None)."""
+        self._follow_file()
         found = None
         for stored in self._keys:
             if hmac.compare_digest(digest, stored.digest):
@@ -251,6 +294,7 @@ def authenticate(request: Request, presented: str | None) -> Principal:
     if principal.dev and not _loopback((request.scope.get("server") or ("", 0))[0]):
         raise refuse("the dev keys are taken on a loopback bind only (127.0.0.1, ::1); configure "
                      "LEADFLOW_API_KEYS for this address")
+    request.state.caller = principal.name  # for the access log (api.service.RequestIds)
     return principal
 
 

@@ -324,6 +324,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "no or invalid API key"},
     403: {"model": Problem, "description": "the key's role may not do this"},
     413: {"model": Problem, "description": f"body larger than {MAX_BODY_BYTES} bytes"},
+    415: {"model": Problem, "description": "a body that is not JSON (Content-Type: application/json)"},
     422: {"model": ValidationProblem, "description": "invalid input; each problem names its field"},
     503: {"model": Problem, "description": "Temporal or the audit store cannot be reached; retry later"},
 }

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
+import time
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request
@@ -117,6 +120,63 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+access_log = logging.getLogger("leadflow.api.access")
+
+
+class RequestIds:
+    """Every answer carries X-Request-Id (the caller's own, when it sent a sane one, else a
+    new one), and every request is logged with it, the key's name, status and duration: one
+    id to find a call in the logs of the API, whatever the caller saw."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        status, started = 500, time.perf_counter()
+
+        async def send_with_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            access_log.info("%s %s %s %d %.1fms key=%s", request_id, scope.get("method"), scope.get("path"), status,
+                            1000 * (time.perf_counter() - started), state.get("caller", "-"))
+
+
+class JsonBodies:
+    """A body the API reads is JSON: another Content-Type is 415, said plainly, before any
+    route parses it. Browser forms excepted: the dashboard's (/ui/) and the codec server's
+    sign-in (/codec/login)."""
+
+    FORMS = ("/ui/", "/codec/login")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH", "DELETE") \
+                or scope.get("path", "").startswith(self.FORMS):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        has_body = headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers
+        media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if has_body and not (media == "application/json" or media.endswith("+json")):
+            return await _send_problem(send, 415, f"Content-Type must be application/json, not {media or 'none'}")
+        await self.app(scope, receive, send)
+
+
 async def _send_problem(send, status: int, detail: str) -> None:
     body = JSONResponse({"detail": detail}).body
     await send({"type": "http.response.start", "status": status,
@@ -215,7 +275,9 @@ def create_app(settings: Settings | None = None, keys: KeyRing | None = None, te
     _install_docs(app)
     install_ui(app)
     _install_error_handlers(app)
+    app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit)
+    app.add_middleware(RequestIds)  # outermost but one: its id is on every answer, 413 and 415 too
     app.add_middleware(StartupMessage, state=app.state)
     return app
 

@@ -36,7 +36,7 @@ from funnel.report import MAIN_PATH
 
 from api import ui_charts
 from api.backends import backends_of, history_page, NoAnswer, reads_personal_data, temporal_call, Unavailable
-from api.keys import authenticate, may, Principal
+from api.keys import authenticate, KeyRing, may, Principal
 from api.limits import ANSWER_TIMEOUT
 from api.schemas import describe_errors, LeadQuery
 
@@ -97,28 +97,30 @@ ui = APIRouter(prefix="/ui", include_in_schema=False, route_class=_PageRoute)
 
 
 class UiSessions:
-    """Signed-in browsers: random token -> (principal, expiry), in this process (a restart
-    signs everyone out). Bounded: the oldest session goes when the table is full."""
+    """Signed-in browsers: random token -> (the key's digest, expiry), in this process (a
+    restart signs everyone out). A session lasts while its key does: revoke the key and its
+    sessions end with it. Bounded: the oldest session goes when the table is full."""
 
     def __init__(self, seconds: float = SESSION_SECONDS, limit: int = 10_000):
         self.seconds, self.limit = seconds, limit
-        self._sessions: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        self._sessions: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
 
-    def open(self, principal: Principal) -> str:
+    def open(self, key_digest: bytes) -> str:
         token = secrets.token_urlsafe(32)
         if len(self._sessions) >= self.limit:
             self._sessions.popitem(last=False)
-        self._sessions[token] = (principal, time.monotonic() + self.seconds)
+        self._sessions[token] = (key_digest, time.monotonic() + self.seconds)
         return token
 
-    def principal(self, token: str | None) -> Principal | None:
+    def principal(self, token: str | None, keys: KeyRing) -> Principal | None:
         found = self._sessions.get(token or "")
         if found is None:
             return None
-        if found[1] <= time.monotonic():
+        principal = keys.owner(found[0])
+        if found[1] <= time.monotonic() or principal is None:
             del self._sessions[token]  # type: ignore[arg-type]
             return None
-        return found[0]
+        return principal
 
     def close(self, token: str | None) -> None:
         self._sessions.pop(token or "", None)
@@ -145,9 +147,10 @@ class PageError(Exception):
 
 
 def signed_in(request: Request) -> Principal:
-    principal = sessions_of(request).principal(request.cookies.get(SESSION_COOKIE))
+    principal = sessions_of(request).principal(request.cookies.get(SESSION_COOKIE), request.app.state.keys)
     if principal is None:
         raise SignInRequired(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
+    request.state.caller = principal.name  # for the access log
     return principal
 
 
@@ -184,7 +187,7 @@ def install_ui(app) -> None:
 
     @app.exception_handler(PageError)
     async def page_error(request: Request, exc: PageError) -> Response:
-        principal = sessions_of(request).principal(request.cookies.get(SESSION_COOKIE))
+        principal = sessions_of(request).principal(request.cookies.get(SESSION_COOKIE), request.app.state.keys)
         return page(request, "error.html", principal, status=exc.status, message=str(exc))
 
 
@@ -214,13 +217,13 @@ async def sign_in(request: Request) -> Response:
     form = parse_qs(body.decode("utf-8", "replace"), max_num_fields=4)
     key, target = (form.get("key") or [""])[0].strip(), _safe_next((form.get("next") or [None])[0])
     try:
-        principal = authenticate(request, key)
+        authenticate(request, key)  # 401/429 unless the key is configured (and a dev key on loopback)
     except HTTPException as err:
         response = page(request, "sign_in.html", None, status=err.status_code, next=target, error=err.detail)
         if err.headers and "Retry-After" in err.headers:
             response.headers["Retry-After"] = err.headers["Retry-After"]
         return response
-    token = sessions_of(request).open(principal)
+    token = sessions_of(request).open(KeyRing.digest(key))
     response = RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)
     response.set_cookie(SESSION_COOKIE, token, max_age=SESSION_SECONDS, path="/ui", httponly=True, samesite="strict",
                         secure=request.url.scheme == "https")

@@ -15,8 +15,11 @@ import contextlib
 import csv
 import hashlib
 import io
+import logging
+import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -478,6 +481,38 @@ async def test_oversize_bodies_are_413(api):
     assert r.status_code == 413, r.text
     # The service is fine afterwards.
     assert (await mautic.get("/healthz")).status_code == 200
+
+
+async def test_every_answer_has_a_request_id_and_every_request_is_logged(api, caplog):
+    mautic = api.as_("mautic")
+    caplog.set_level(logging.INFO, logger="leadflow.api.access")
+    r = await mautic.get("/healthz")
+    assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+    r = await mautic.get("/outbox", headers={"X-Request-Id": "crm-sync-42"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "crm-sync-42"  # the caller's own, when sane
+    r = await mautic.get("/healthz", headers={"X-Request-Id": "no spaces; <no markup> please"})
+    assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])  # not echoed: a new one
+    refused = [await mautic.post("/events/batch", content=b"events=1", headers={"content-type": "text/plain"}),
+               await api.as_(None).get("/outbox"), await api.as_("anna").get("/report")]
+    assert [r.status_code for r in refused] == [415, 401, 403]
+    assert all(r.headers.get("x-request-id") for r in refused)
+    logged = [record.getMessage() for record in caplog.records if record.name == "leadflow.api.access"]
+    assert any(line.startswith("crm-sync-42 GET /outbox 200 ") and line.endswith("key=mautic") for line in logged)
+    assert any(line.startswith(f"{refused[2].headers['x-request-id']} GET /report 403 ") and line.endswith("key=anna")
+               for line in logged)
+
+
+async def test_a_body_that_is_not_json_is_415(api):
+    mautic = api.as_("mautic")
+    body = json.dumps(ev("ct-1", "CT-1", "website_visit", now()))
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": content_type} if content_type else {}
+        r = await mautic.post("/events", content=body.encode(), headers=headers)
+        assert r.status_code == 415, (content_type, r.status_code, r.text)
+        assert "Content-Type must be application/json" in r.json()["detail"]
+    r = await mautic.post("/events", content=body.encode(), headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 202, r.text
+    assert "415" in (await mautic.get("/openapi.json")).json()["paths"]["/events"]["post"]["responses"]
 
 
 # --------------------------------------------------------------------------- without Temporal, without keys

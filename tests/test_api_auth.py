@@ -53,3 +53,38 @@ def test_dev_keys_are_taken_on_a_loopback_bind_only(app_client):
     r = app_client.get("/models", headers={"Authorization": "Bearer dev-manager"})
     assert r.status_code == 401 and "loopback bind only" in r.json()["detail"]
     assert app_client.get("/models", headers={"Authorization": f"Bearer {MANAGER}"}).status_code == 200
+
+
+def test_keys_are_added_and_revoked_without_a_restart(tmp_path, settings, monkeypatch, caplog):
+    """The key file is followed: a key added works, a key removed (and its dashboard
+    sessions) stops working, a broken file keeps the keys in use."""
+    first, second = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    path = tmp_path / "keys.toml"
+
+    def keys(*entries: tuple[str, str]) -> None:
+        path.write_text("".join(f'[[keys]]\nname = "{name}"\nrole = "manager"\nkey = "{key}"\n\n'
+                                for name, key in entries))
+
+    keys(("mia", first))
+    monkeypatch.setenv("LEADFLOW_API_KEYS_FILE", str(path))
+    monkeypatch.delenv("LEADFLOW_API_KEYS", raising=False)
+    monkeypatch.setattr(KeyRing, "RELOAD_SECONDS", 0.0)
+    app = create_app(settings=settings, temporal=object(), store=AuditStore(f"sqlite:///{tmp_path}/a.db"))
+    with TestClient(app, follow_redirects=False) as client:
+        def status(key: str) -> int:
+            return client.get("/models", headers={"X-API-Key": key}).status_code
+
+        assert (status(first), status(second)) == (200, 401)
+        signed = client.post("/ui/sign-in", content=f"key={first}&next=/ui/slas",
+                             headers={"content-type": "application/x-www-form-urlencoded"})
+        assert signed.status_code == 303 and client.get("/ui/slas").status_code == 200
+
+        keys(("mia", first), ("ole", second))  # added
+        assert (status(first), status(second)) == (200, 200)
+        keys(("ole", second))  # mia's key revoked: her API calls and her dashboard session end
+        assert (status(first), status(second)) == (401, 200)
+        assert client.get("/ui/slas").headers["location"].startswith("/ui/sign-in")
+        path.write_text("[[keys]\nbroken")
+        with caplog.at_level("ERROR", logger="leadflow.api"):
+            assert status(second) == 200
+        assert "API keys not reloaded, the keys in use stay" in caplog.text
