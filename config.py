@@ -39,6 +39,9 @@ class Settings(BaseModel):
     database_url: str = "sqlite:///data/leadflow.db"
     model_path: Path = DEFAULT_MODEL
     webhook_url: str | None = None
+    # Signs every webhook per the Standard Webhooks convention (webhook-id, -timestamp,
+    # -signature: HMAC-SHA256) so the receiver can tell it came from here: "whsec_" + base64.
+    webhook_secret: str | None = Field(default=None, pattern=r"^whsec_[A-Za-z0-9+/]{32,}={0,2}$", repr=False)
     presales_team: list[str] = Field(default_factory=lambda: ["presales-1", "presales-2"])
     # Account executives who get a lead when it becomes an SQL, round-robin.
     sales_team: list[str] = Field(default_factory=lambda: ["ae-1", "ae-2"])
@@ -96,6 +99,7 @@ class Settings(BaseModel):
             "LEADFLOW_DATABASE_URL": "database_url",
             "LEADFLOW_MODEL": "model_path",
             "LEADFLOW_WEBHOOK_URL": "webhook_url",
+            "LEADFLOW_WEBHOOK_SECRET": "webhook_secret",
             "LEADFLOW_MAX_HISTORY_EVENTS": "max_history_events",
             "LEADFLOW_AUDIT_MAX_LAG": "audit_max_lag_seconds",
             "LEADFLOW_DECISION_DELAY": "decision_delay_seconds",

@@ -4,15 +4,19 @@ They are synchronous (`def`) because sqlmodel and httpx's sync client block;
 the worker runs them in a thread pool (`activity_executor=`). Each is safe to
 retry: the store makes writes idempotent and a webhook POST is made at most
 once per message after it succeeded (and carries an `Idempotency-Key` so the
-receiver can drop the duplicate of a POST whose answer was lost).
+receiver can drop the duplicate of a POST whose answer was lost). With a webhook secret
+every POST is signed per the Standard Webhooks convention.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from datetime import datetime, timezone
 
 import httpx
+from standardwebhooks import Webhook
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -33,6 +37,8 @@ class LeadActivities:
         self.store = store if store is not None else AuditStore(settings.database_url)
         # One client for all threads: keeps connections to the webhook alive.
         self._http = httpx.Client(timeout=WEBHOOK_TIMEOUT_SECONDS)
+        # Standard Webhooks' own signer (standardwebhooks): the reference receivers verify with.
+        self._signer = Webhook(settings.webhook_secret) if settings.webhook_secret else None
         self._models: dict[str, ScoringModel] = {}  # by ref: a version's text never changes
         self._active: tuple[float, str] | None = None  # (read at, ref)
         self._lock = threading.Lock()
@@ -145,12 +151,14 @@ class LeadActivities:
         url = self.settings.webhook_url
         if not url or self.store.is_delivered(message.message_id):
             return
+        body = json.dumps(message.model_dump(mode="json"), separators=(",", ":"))
+        headers = {"Idempotency-Key": message.message_id, "Content-Type": "application/json"}
+        if self._signer is not None:  # signed as sent, at each attempt (the receiver checks the time)
+            signed_at = datetime.fromtimestamp(int(time.time()), timezone.utc)
+            headers |= {"webhook-id": message.message_id, "webhook-timestamp": str(int(signed_at.timestamp())),
+                        "webhook-signature": self._signer.sign(message.message_id, signed_at, body)}
         try:
-            response = self._http.post(
-                url,
-                json=message.model_dump(mode="json"),
-                headers={"Idempotency-Key": message.message_id},
-            )
+            response = self._http.post(url, content=body.encode("utf-8"), headers=headers)
         except httpx.HTTPError as err:
             raise ApplicationError(
                 f"webhook {url} unreachable for {message.message_id}: {err!r}", type="WebhookFailed"

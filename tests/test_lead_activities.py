@@ -3,13 +3,20 @@ store and a real HTTP webhook on 127.0.0.1."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import inspect
 import json
 import threading
+import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from pydantic import ValidationError
+from standardwebhooks import Webhook as StandardWebhook
+from standardwebhooks.webhooks import WebhookVerificationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
@@ -47,7 +54,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         with self.server.lock:
             self.server.requests.append(
-                {"path": self.path, "headers": dict(self.headers), "body": json.loads(body)}
+                {"path": self.path, "headers": dict(self.headers), "body": json.loads(body), "raw": body}
             )
             status = self.server.status
         self.send_response(status)
@@ -216,6 +223,35 @@ def test_deliver_posts_once_with_an_idempotency_key(hooked, env, store, webhook)
     assert Outbound.model_validate(request["body"]) == msg
     assert store.is_delivered(msg.message_id)
     assert store.pending_outbox() == [msg]  # still there for pollers until acknowledged
+
+
+def test_a_signed_webhook_verifies_with_the_standard_webhooks_reference(store, env, webhook):
+    """With a secret, each POST carries webhook-id, -timestamp and -signature; the receiver
+    verifies them with the Standard Webhooks library, and by hand (HMAC-SHA256 of
+    id.timestamp.body); a body changed on the way fails."""
+    secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    signed = make_activities(store, webhook_url=webhook.url, webhook_secret=secret)
+    msg = message(kind=OutboundKind.HANDOVER, seq=3, score=120.0, owner="presales-1")
+    try:
+        env.run(signed.deliver, msg)
+    finally:
+        signed.close()
+    (request,) = webhook.requests
+    headers, raw = request["headers"], request["raw"]
+    assert headers["webhook-id"] == msg.message_id
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
+    assert StandardWebhook(secret).verify(raw, headers) == msg.model_dump(mode="json")
+    mac = hmac.new(b"k" * 32, f"{msg.message_id}.{headers['webhook-timestamp']}.".encode() + raw, hashlib.sha256)
+    assert headers["webhook-signature"] == "v1," + base64.b64encode(mac.digest()).decode()
+    with pytest.raises(WebhookVerificationError):
+        StandardWebhook(secret).verify(raw.replace(b"presales-1", b"presales-2"), headers)
+    with pytest.raises(WebhookVerificationError):
+        StandardWebhook("whsec_" + base64.b64encode(b"x" * 32).decode()).verify(raw, headers)
+
+
+def test_a_webhook_secret_must_be_a_standard_webhooks_secret():
+    with pytest.raises(ValidationError, match="webhook_secret"):
+        Settings(webhook_secret="hunter2")
 
 
 def test_deliver_raises_on_a_server_error_and_posts_again_on_retry(hooked, env, store, webhook):
