@@ -29,6 +29,7 @@ equal to it when the times are whole hours (minutes). Means and every count are 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 from collections import Counter, defaultdict
@@ -36,7 +37,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Sequence
 
 from sqlalchemy import (
-    BigInteger, Column, Float, Integer, MetaData, String, Table, and_, case, cast, delete, func, literal, literal_column,
+    BigInteger, Column, Float, Integer, MetaData, String, Table, and_, bindparam, case, cast, delete, func, literal, literal_column,
     select, text, update,
 )
 from sqlalchemy.engine import Connection
@@ -168,7 +169,7 @@ def _span_us(a: datetime, b: datetime) -> int:
 
 # --------------------------------------------------------------------------- reading entries
 
-def read_entries(conn, stmt) -> list[ReportEntry]:
+def read_entries(conn, stmt, params: dict[str, Any] | None = None) -> list[ReportEntry]:
     """Report entries from a select of REPORT_COLUMNS, as plain rows (not validated again:
     each was when written)."""
     kind_of, role_of, stage_of, trigger_of = (_BY_VALUE[AuditKind], _BY_VALUE[Role], _BY_VALUE[Stage],
@@ -176,7 +177,7 @@ def read_entries(conn, stmt) -> list[ReportEntry]:
     return [ReportEntry(lead_id, seq, at, kind_of[kind], actor, role_of[role], channel, stage_of.get(from_stage),
                         stage_of.get(to_stage), trigger_of.get(trigger), reason, occurred_at, rule, owner)
             for (lead_id, seq, at, kind, actor, role, channel, from_stage, to_stage, trigger, reason, occurred_at,
-                 rule, owner) in conn.execute(stmt)]
+                 rule, owner) in conn.execute(stmt, params)]
 
 
 def _audit():
@@ -258,6 +259,34 @@ def lock_leads(conn: Connection, lead_ids: Iterable[str]) -> None:
                           "WITH ORDINALITY AS t(k, i) ORDER BY i"), {"keys": keys[i:i + 1000]})
 
 
+@functools.cache
+def _statements() -> dict[str, Any]:
+    """The write path's statements, built once (building them per write cost more than
+    running them): each takes the leads as an expanding `leads` parameter."""
+    from activities.store import _AUDIT, _EVENTS, _TOUCHES
+
+    leads = bindparam("leads", expanding=True)
+    r, t, e = REPORT_LEAD, _TOUCHES, _EVENTS
+    touch_channel = select(func.nullif(t.c.channel, "")).where(t.c.lead_id == r.c.lead_id).scalar_subquery()
+    last_campaign = (select(e.c.campaign)
+                     .where(e.c.lead_id == r.c.lead_id, e.c.campaign.is_not(None), e.c.occurred_at <= r.c.first_mql_at)
+                     .order_by(e.c.occurred_at.desc(), e.c.event_id.desc()).limit(1).scalar_subquery())
+    found = {
+        "entries": entries_select(_AUDIT).where(_AUDIT.c.lead_id.in_(leads)).order_by(_AUDIT.c.lead_id, _AUDIT.c.seq),
+        "resolve": update(r).where(r.c.lead_id.in_(leads)).values(
+            channel=func.coalesce(touch_channel, r.c.own_channel),
+            campaign=select(t.c.campaign).where(t.c.lead_id == r.c.lead_id).scalar_subquery(),
+            last_campaign=case((r.c.first_mql_at.is_(None), None), else_=last_campaign)),
+    }
+    for table in _PER_LEAD:
+        found[f"delete {table.name}"] = delete(table).where(table.c.lead_id.in_(leads))
+    for table in (REPORT_VISIT, REPORT_HANDOVER):
+        channel = select(r.c.channel).where(r.c.lead_id == table.c.lead_id).scalar_subquery()
+        found[f"channel {table.name}"] = (update(table).where(table.c.lead_id.in_(leads), table.c.channel != channel)
+                                          .values(channel=channel))
+    return found
+
+
 def refresh_leads(conn: Connection, lead_ids: Iterable[str]) -> None:
     """Derive the summary rows of these leads again from all their report entries (inside
     the caller's write transaction, which has written its entries already)."""
@@ -265,20 +294,18 @@ def refresh_leads(conn: Connection, lead_ids: Iterable[str]) -> None:
     if not lead_ids:
         return
     lock_leads(conn, lead_ids)
-    audit = _audit()
+    statements = _statements()
     for i in range(0, len(lead_ids), _CHUNK):
         chunk = lead_ids[i:i + _CHUNK]
-        entries = read_entries(conn, entries_select(audit).where(audit.c.lead_id.in_(chunk))
-                               .order_by(audit.c.lead_id, audit.c.seq))
         by_lead: dict[str, list[ReportEntry]] = defaultdict(list)
-        for entry in entries:
+        for entry in read_entries(conn, statements["entries"], {"leads": chunk}):
             by_lead[entry.lead_id].append(entry)
         rows: dict[Table, list[dict[str, Any]]] = defaultdict(list)
         for lead_id, items in by_lead.items():
             for table, found in lead_rows(lead_id, items).items():
                 rows[table].extend(found)
         for table in _PER_LEAD:
-            conn.execute(delete(table).where(table.c.lead_id.in_(chunk)))
+            conn.execute(statements[f"delete {table.name}"], {"leads": chunk})
             if rows[table]:
                 conn.execute(table.insert(), rows[table])
         resolve_touches(conn, chunk, locked=True)
@@ -289,26 +316,16 @@ def resolve_touches(conn: Connection, lead_ids: Sequence[str], locked: bool = Fa
     channel of its first touch (lead_touch) or else its own, the first touch's campaign,
     and the latest campaign up to its first MQL. Called when a lead's rows are derived and
     when events are logged (a late event can be an earlier first touch)."""
-    from activities.store import _EVENTS, _TOUCHES
-
     if not lead_ids:
         return
     if not locked:
         lock_leads(conn, lead_ids)
-    r, t, e = REPORT_LEAD, _TOUCHES, _EVENTS
-    touch_channel = (select(func.nullif(t.c.channel, "")).where(t.c.lead_id == r.c.lead_id).scalar_subquery())
-    last_campaign = (select(e.c.campaign)
-                     .where(e.c.lead_id == r.c.lead_id, e.c.campaign.is_not(None), e.c.occurred_at <= r.c.first_mql_at)
-                     .order_by(e.c.occurred_at.desc(), e.c.event_id.desc()).limit(1).scalar_subquery())
+    statements = _statements()
     for i in range(0, len(lead_ids), _CHUNK):
-        chunk = list(lead_ids[i:i + _CHUNK])
-        conn.execute(update(r).where(r.c.lead_id.in_(chunk)).values(
-            channel=func.coalesce(touch_channel, r.c.own_channel),
-            campaign=select(t.c.campaign).where(t.c.lead_id == r.c.lead_id).scalar_subquery(),
-            last_campaign=case((r.c.first_mql_at.is_(None), None), else_=last_campaign)))
+        chunk = {"leads": list(lead_ids[i:i + _CHUNK])}
+        conn.execute(statements["resolve"], chunk)
         for table in (REPORT_VISIT, REPORT_HANDOVER):
-            conn.execute(update(table).where(table.c.lead_id.in_(chunk)).values(
-                channel=select(r.c.channel).where(r.c.lead_id == table.c.lead_id).scalar_subquery()))
+            conn.execute(statements[f"channel {table.name}"], chunk)
 
 
 def report_leads(conn: Connection) -> list[str]:

@@ -436,9 +436,11 @@ class AuditStore:
                 return
         self.rebuild_report_tables()
 
-    def rebuild_report_tables(self, chunk: int = 5000) -> int:
+    def rebuild_report_tables(self, chunk: int = 1000) -> int:
         """Derive the report's rows of every lead again (after audit rows were loaded in bulk,
-        as bench/report.py does); idempotent. Returns how many leads."""
+        as bench/report.py does); idempotent. Returns how many leads. In transactions of
+        `chunk` leads: PostgreSQL takes an advisory lock per lead, and its lock table is shared
+        (64 per connection by default)."""
         with self.engine.connect() as conn:
             leads = report_store.report_leads(conn)
         for i in range(0, len(leads), chunk):
