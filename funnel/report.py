@@ -5,6 +5,11 @@ Managers ask which channels bring the most *and the best* leads: how many
 leads reach each stage, how many of those go on to the next one, and how long
 they sit in each stage. Pure: it takes audit entries (as `AuditStore.report_entries`
 returns them), each lead's first touch from the event log, and `now`.
+
+This is the definition. The store does not run it on every report (it read every entry:
+16 s on 100,000 leads): it keeps what these functions derive from each lead's entries in
+summary tables as it writes, and aggregates those in SQL (activities/report_store.py);
+tests/test_report_sql.py checks both give the same report.
 """
 
 from __future__ import annotations
