@@ -291,3 +291,41 @@ def test_time_in_stage_is_binned_to_the_hour_below(tmp_path):
         assert (exact.median_days_in_stage, exact.median_days, exact.avg_days_in_stage) == (0.062, 0.062, 0.062)
     finally:
         store.dispose()
+
+
+def test_concurrent_writers_of_the_same_leads_keep_the_report_rows_right(new_store):
+    """A lead's workflow and the audit sweeper write its batches at the same time, events
+    are logged meanwhile (on PostgreSQL really in parallel): each lead's rows are derived
+    by one writer at a time from everything committed, so the report ends right."""
+    import threading
+
+    store = new_store()
+    rnd = random.Random(3)
+    leads = [(rnd.randint(0, 24 * 100), rnd.choice(CHANNELS),
+              [(rnd.randint(0, 48), 0, ("stage", rnd.choice(STAGES), rnd.choice(TRIGGERS), None)) for _ in range(6)])
+             for _ in range(30)]
+    entries = [e for n, (created, channel, steps) in enumerate(leads)
+               for e in lead_entries(f"L-{n}", created, channel, steps)]
+    events = [ActivityEvent(event_id=f"L-{n}-e", lead_id=f"L-{n}", type="website_visit", channel="partner",
+                            campaign="spring", occurred_at=T0 + rnd.randint(-100, 24 * 100) * H) for n in range(30)]
+    errors = []
+
+    def writer(seed: int) -> None:
+        mine = random.Random(seed)
+        try:
+            for _ in range(40):  # overlapping batches of the same leads, any order
+                store.write_audit(mine.sample(entries, 12))
+            store.write_audit(entries)
+            store.log_events(mine.sample(events, 10), T0)
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    now = T0 + 24 * 120 * H
+    same(store.funnel_report(now).model_dump(), pure(store, now).model_dump())
+    assert store.funnel_report(now).overall.leads == 30
