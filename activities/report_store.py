@@ -37,7 +37,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Sequence
 
 from sqlalchemy import (
-    BigInteger, Column, Float, Integer, MetaData, String, Table, and_, bindparam, case, cast, delete, func, literal, literal_column,
+    BigInteger, Column, Float, Index, Integer, MetaData, String, Table, and_, bindparam, case, cast, delete, func, literal,
     select, text, update,
 )
 from sqlalchemy.engine import Connection
@@ -110,8 +110,12 @@ REPORT_VISIT = Table(
     Column("stage", String, nullable=False),
     Column("cause", String),  # RECYCLED: the trigger that put it there ("unknown": none)
     _us_column("entered_us", nullable=False),
+    Column("entered_h", BigInteger, nullable=False),  # floored to the hour (since 1970)
     _us_column("duration_us"),  # NULL: still in the stage
     Column("duration_h", Integer),  # floored to the hour
+    # The report's GROUP BYs read these instead of sorting the table (SQLite).
+    Index("ix_report_visit_finished", "channel", "stage", "duration_h", "duration_us"),
+    Index("ix_report_visit_open", "duration_h", "channel", "stage", "entered_h"),
 )
 
 REPORT_HANDOVER = Table(
@@ -135,6 +139,7 @@ REPORT_SLA = Table(
     Column("outcome", String, nullable=False),
     Column("took_min", Integer),  # met: from set to met, floored to the minute
     Column("open_breach", Integer, nullable=False),
+    Index("ix_report_sla_took", "name", "owner", "took_min"),
 )
 
 REPORT_CONTACT = Table(
@@ -144,6 +149,7 @@ REPORT_CONTACT = Table(
     _us_column("created_us", nullable=False),
     Column("owner", String, nullable=False),
     Column("after_min", Integer, nullable=False),  # from the handover, floored to the minute
+    Index("ix_report_contact_after", "owner", "after_min"),
 )
 
 REPORT_STATE = Table(  # "filled": the tables hold every lead of the audit (back-filled once)
@@ -230,7 +236,7 @@ def lead_rows(lead_id: str, entries: Sequence[ReportEntry]) -> dict[Table, list[
         duration = _span_us(at, visits[n + 1][1]) if n + 1 < len(visits) else None
         visit_rows.append({**base, "n": n, "channel": own, "stage": stage.value,
                            "cause": (cause or "unknown") if stage == Stage.RECYCLED else None,
-                           "entered_us": _us(at), "duration_us": duration,
+                           "entered_us": _us(at), "entered_h": _us(at) // HOUR, "duration_us": duration,
                            "duration_h": duration // HOUR if duration is not None else None})
     handover_rows = [{**base, "n": n, "channel": own, "owner": h.owner, "outcome": h.outcome, "reason": h.reason}
                      for n, h in enumerate(kpis.handovers(entries, own))]
@@ -383,10 +389,10 @@ class _StageCounts:
         self.leads = 0
         self.by_furthest: Counter = Counter()
         self.flags: Counter = Counter()
-        self.finished: dict[Stage, Counter] = defaultdict(Counter)  # hours -> visits
+        self.finished: dict[str, Counter] = defaultdict(Counter)  # stage -> {hours: visits}
         self.finished_us: Counter = Counter()  # stage -> summed duration
-        self.open: dict[Stage, Counter] = defaultdict(Counter)
-        self.causes: dict[Stage, Counter] = defaultdict(Counter)
+        self.open: dict[str, Counter] = defaultdict(Counter)  # stage -> {hours: visits}
+        self.causes: dict[str, Counter] = defaultdict(Counter)
 
 
 def _stages(conn: Connection, where, now_us: int, channels: list[str]) -> dict[str, Any]:
@@ -395,33 +401,39 @@ def _stages(conn: Connection, where, now_us: int, channels: list[str]) -> dict[s
     stmt = where(r, select(r.c.channel, r.c.furthest, func.count(), func.sum(r.c.sql_closed), func.sum(r.c.lost),
                            func.sum(r.c.disqualified), func.sum(r.c.recycled), func.sum(r.c.requalified))
                  .group_by(r.c.channel, r.c.furthest))
-    for channel, furthest, n, closed, lost, disq, recycled, requalified in conn.execute(stmt):
+    for channel, furthest, n, closed, lost, disq, recycled, requalified in conn.execute(stmt).all():
         for g in (groups["all"], groups[channel]):
             g.leads += n
             g.by_furthest[furthest] += n
             g.flags.update({"closed": closed, Stage.LOST: lost, Stage.DISQUALIFIED: disq, Stage.RECYCLED: recycled,
                             "requalified": requalified})
+    # Per (channel, stage) here; "all" sums them below (a row per bin: tens of thousands).
+    finished: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
     stmt = where(v, select(v.c.channel, v.c.stage, v.c.duration_h, func.count(),
                            func.sum(cast(v.c.duration_us, Float)))
                  .where(v.c.duration_us.is_not(None)).group_by(v.c.channel, v.c.stage, v.c.duration_h))
-    for channel, stage, hours, n, total in conn.execute(stmt):
-        for g in (groups["all"], groups[channel]):
-            g.finished[Stage(stage)][hours] += n
-            g.finished_us[Stage(stage)] += total
-    # Inlined (a number we made), not bound: PostgreSQL must see the same expression in
-    # the GROUP BY as in the SELECT, and two bound parameters are two expressions to it.
-    now, hour = literal_column(str(int(now_us)), BigInteger), literal_column(str(HOUR), BigInteger)
-    age = case((v.c.entered_us >= now, 0), else_=(now - v.c.entered_us) // hour)
-    stmt = where(v, select(v.c.channel, v.c.stage, age, func.count())
-                 .where(v.c.duration_us.is_(None)).group_by(v.c.channel, v.c.stage, age))
-    for channel, stage, hours, n in conn.execute(stmt):
-        for g in (groups["all"], groups[channel]):
-            g.open[Stage(stage)][int(hours)] += n
+    for channel, stage, hours, n, total in conn.execute(stmt).all():
+        finished[channel, stage][hours] = n
+        groups[channel].finished_us[stage] += total
+    # An open visit's age in hours: now's hour less the hour it was entered (at least 0).
+    opened: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    now_h = now_us // HOUR
+    stmt = where(v, select(v.c.channel, v.c.stage, v.c.entered_h, func.count())
+                 .where(v.c.duration_h.is_(None)).group_by(v.c.channel, v.c.stage, v.c.entered_h))
+    for channel, stage, entered_h, n in conn.execute(stmt).all():
+        opened[channel, stage][max(now_h - entered_h, 0)] += n
+    for (channel, stage), counts in finished.items():
+        groups[channel].finished[stage] = Counter(counts)
+        groups["all"].finished[stage].update(counts)
+        groups["all"].finished_us[stage] += groups[channel].finished_us[stage]
+    for (channel, stage), counts in opened.items():
+        groups[channel].open[stage] = counts
+        groups["all"].open[stage].update(counts)
     stmt = where(v, select(v.c.channel, v.c.cause, func.count()).where(v.c.stage == Stage.RECYCLED.value)
                  .group_by(v.c.channel, v.c.cause))
-    for channel, cause, n in conn.execute(stmt):
+    for channel, cause, n in conn.execute(stmt).all():
         for g in (groups["all"], groups[channel]):
-            g.causes[Stage.RECYCLED][cause] += n
+            g.causes[Stage.RECYCLED.value][cause] += n
     reports = {name: _channel_report(name, g) for name, g in groups.items()}
     return {"overall": reports["all"], "by_channel": [reports[ch] for ch in channels]}
 
@@ -439,19 +451,19 @@ def _channel_report(name: str, g: _StageCounts) -> ChannelReport:
             reached, converted = g.flags[stage], 0
         closed = g.flags["closed"]
         base = closed if stage == Stage.SQL else reached
-        finished, open_ = g.finished[stage], g.open[stage]
+        finished, open_ = g.finished[stage.value], g.open[stage.value]
         count = sum(finished.values())
         median_h, p75_h = km_quantiles(finished, open_)
         stats.append(StageStats(
             stage=stage, reached=reached, converted=converted if on_path else None,
             closed=closed if stage == Stage.SQL else None,
-            causes=dict(sorted(g.causes[stage].items())) if recycled else None,
+            causes=dict(sorted(g.causes[stage.value].items())) if recycled else None,
             requalified=g.flags["requalified"] if recycled else None,
             requalification_rate=_rate(g.flags["requalified"], reached) if recycled else None,
             conversion_rate=_rate(converted, base) if on_path else None,
             median_days=_r3(_scaled(median_h, 24)), p75_days=_r3(_scaled(p75_h, 24)),
             open_median_age_days=_r3(_scaled(median_counted(open_), 24)),
-            avg_days_in_stage=round(g.finished_us[stage] / count / DAY, 3) if count else None,
+            avg_days_in_stage=round(g.finished_us[stage.value] / count / DAY, 3) if count else None,
             median_days_in_stage=_r3(_scaled(median_counted(finished), 24)),
             in_stage_now=sum(open_.values()),
         ))
@@ -488,7 +500,7 @@ def _opportunities(conn: Connection, where, now_us: int, windows: ReportWindows)
                            func.min(r.c.created_us)).group_by(*keys))
     counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
     first_created: dict[str, int] = {}
-    for row in conn.execute(stmt):
+    for row in conn.execute(stmt).all():
         figures = dict(zip(_OPP_FIGURES, row[5:13]))
         for key in names_of(row):
             if key[1] is not None:
@@ -498,7 +510,7 @@ def _opportunities(conn: Connection, where, now_us: int, windows: ReportWindows)
     for measure, column in (("opp", r.c.opp_after_h), ("won", r.c.won_after_h)):
         days[measure] = defaultdict(Counter)
         stmt = where(r, select(*keys, column, func.count()).where(column.is_not(None)).group_by(*keys, column))
-        for row in conn.execute(stmt):
+        for row in conn.execute(stmt).all():
             for key in names_of(row):
                 if key[1] is not None:
                     days[measure][key][row[5]] += row[6]
@@ -552,7 +564,7 @@ def _presales(conn: Connection, where) -> DecisionReport:
     reasons: dict[tuple[str, str], Counter] = defaultdict(Counter)
     stmt = where(h, select(h.c.channel, h.c.owner, h.c.outcome, h.c.reason, func.count())
                  .group_by(h.c.channel, h.c.owner, h.c.outcome, h.c.reason))
-    for channel, owner, outcome, reason, n in conn.execute(stmt):
+    for channel, owner, outcome, reason, n in conn.execute(stmt).all():
         for key in (("all", "all"), ("channel", channel), ("owner", owner)):
             outcomes[key][outcome] += n
             if reason:
@@ -573,18 +585,21 @@ def _slas(conn: Connection, where) -> SlaReport:
     contacts: dict[str, Counter] = defaultdict(Counter)
     stmt = where(s, select(s.c.name, s.c.owner, s.c.outcome, func.count(), func.sum(s.c.open_breach))
                  .group_by(s.c.name, s.c.owner, s.c.outcome))
-    for name, owner, outcome, n, open_breaches in conn.execute(stmt):
+    for name, owner, outcome, n, open_breaches in conn.execute(stmt).all():
         for key in (("all", "all"), ("sla", name), ("owner", owner)):
             outcomes[key].update({outcome: n, "open_breaches": open_breaches})
     stmt = where(s, select(s.c.name, s.c.owner, s.c.took_min, func.count()).where(s.c.took_min.is_not(None))
                  .group_by(s.c.name, s.c.owner, s.c.took_min))
-    for name, owner, minutes, n in conn.execute(stmt):
+    by_pair: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
+    for name, owner, minutes, n in conn.execute(stmt).all():
+        by_pair[name, owner][minutes] = n
+    for (name, owner), counts in by_pair.items():
         for key in (("all", "all"), ("sla", name), ("owner", owner)):
-            took[key][minutes] += n
+            took[key].update(counts)
     stmt = where(c, select(c.c.owner, c.c.after_min, func.count()).group_by(c.c.owner, c.c.after_min))
-    for owner, minutes, n in conn.execute(stmt):
-        contacts["all"][minutes] += n
-        contacts[owner][minutes] += n
+    for owner, minutes, n in conn.execute(stmt).all():
+        contacts[owner][minutes] = n
+    contacts["all"] = sum(contacts.values(), Counter())
 
     def stats(by: str, name: str, first_contacts: Counter | None) -> SlaStats:
         o = outcomes[by, name]

@@ -198,15 +198,15 @@ def median_counted(counts: dict[float, int]) -> float | None:
     n = sum(counts.values())
     if not n:
         return None
-    wanted = {(n - 1) // 2, n // 2}
-    picked, seen = [], 0
+    low_at, high_at = (n - 1) // 2, n // 2  # the middle one, or the middle two
+    low, seen = None, 0
     for value in sorted(counts):
-        count = counts[value]
-        picked += [value] * sum(seen <= i < seen + count for i in wanted)
-        seen += count
-        if seen > n // 2:
-            break
-    return picked[0] if len(picked) == 1 and len(wanted) == 1 else (picked[0] + picked[-1]) / 2
+        seen += counts[value]
+        if low is None and seen > low_at:
+            low = value
+        if seen > high_at:
+            return value if low == value else (low + value) / 2
+    raise AssertionError("unreachable: the counts add up to n")
 
 
 def _first_touch(entries: Sequence[AuditEntry | ReportEntry], touch: LeadTouch | None) -> str:
