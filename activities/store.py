@@ -519,8 +519,8 @@ class AuditStore:
         """{(lead, event id): digest} of those among `events` already in the log."""
         found: dict[tuple[str, str], str] = {}
         by_lead: dict[str, list[str]] = {}
-        for event in events:
-            by_lead.setdefault(event.lead_id, []).append(event.event_id)
+        for logged in events:
+            by_lead.setdefault(logged.lead_id, []).append(logged.event_id)
         with Session(self.engine) as session:
             for lead_id, ids in by_lead.items():
                 for i in range(0, len(ids), 500):
