@@ -37,7 +37,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Sequence
 
 from sqlalchemy import (
-    BigInteger, Column, Float, Index, Integer, MetaData, String, Table, and_, bindparam, case, cast, delete, func, literal,
+    BigInteger, Column, Float, Index, Integer, MetaData, String, Table, and_, bindparam, or_, case, cast, delete, func, literal,
     select, text, update,
 )
 from sqlalchemy.engine import Connection
@@ -288,12 +288,15 @@ def _statements() -> dict[str, Any]:
     last_campaign = (select(e.c.campaign)
                      .where(e.c.lead_id == r.c.lead_id, e.c.campaign.is_not(None), e.c.occurred_at <= r.c.first_mql_at)
                      .order_by(e.c.occurred_at.desc(), e.c.event_id.desc()).limit(1).scalar_subquery())
+    resolved = {"channel": func.coalesce(touch_channel, r.c.own_channel),
+                "campaign": select(t.c.campaign).where(t.c.lead_id == r.c.lead_id).scalar_subquery(),
+                "last_campaign": case((r.c.first_mql_at.is_(None), None), else_=last_campaign)}
     found = {
         "entries": entries_select(_AUDIT).where(_AUDIT.c.lead_id.in_(leads)).order_by(_AUDIT.c.lead_id, _AUDIT.c.seq),
-        "resolve": update(r).where(r.c.lead_id.in_(leads)).values(
-            channel=func.coalesce(touch_channel, r.c.own_channel),
-            campaign=select(t.c.campaign).where(t.c.lead_id == r.c.lead_id).scalar_subquery(),
-            last_campaign=case((r.c.first_mql_at.is_(None), None), else_=last_campaign)),
+        # Only rows that change: most logged events change nothing, and then nothing more is run.
+        "resolve": update(r).where(r.c.lead_id.in_(leads),
+                                   or_(*(r.c[name].is_distinct_from(value) for name, value in resolved.items())))
+        .values(**resolved),
     }
     for table in _PER_LEAD:
         found[f"delete {table.name}"] = delete(table).where(table.c.lead_id.in_(leads))
@@ -340,9 +343,9 @@ def resolve_touches(conn: Connection, lead_ids: Sequence[str], locked: bool = Fa
     statements = _statements()
     for i in range(0, len(lead_ids), _CHUNK):
         chunk = {"leads": list(lead_ids[i:i + _CHUNK])}
-        conn.execute(statements["resolve"], chunk)
-        for table in (REPORT_VISIT, REPORT_HANDOVER):
-            conn.execute(statements[f"channel {table.name}"], chunk)
+        if conn.execute(statements["resolve"], chunk).rowcount:
+            for table in (REPORT_VISIT, REPORT_HANDOVER):
+                conn.execute(statements[f"channel {table.name}"], chunk)
 
 
 def report_leads(conn: Connection) -> list[str]:
