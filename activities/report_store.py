@@ -16,14 +16,22 @@ the store keeps, per lead, what that function derives from the lead's entries:
 They are derived with the very functions of funnel/report.py and funnel/kpis.py, from
 all of a lead's report entries, whenever a write adds one (`refresh_leads`, in the
 write's transaction): so batches in any order, retries and duplicates give the rows the
-pure report would derive. The report is then a dozen GROUP BY queries whose results
-are small (counts per channel and stage, per owner and outcome, ...).
+pure report would derive. On PostgreSQL a transaction-scoped advisory lock per lead makes
+concurrent writers of one lead (its workflow, the audit sweeper) derive its rows one
+after the other. The report is then a dozen GROUP BY queries (covering indexes let SQLite
+read them without sorting) whose results are counts: per channel and stage, per owner
+and outcome, and per duration bin (tens of thousands of rows at 100,000 leads).
 
-Durations are binned in the database so that medians and the Kaplan-Meier quantiles come
-from counted bins, not from a row per visit: time in stage, days to opportunity and to won
-are floored to the hour, SLA times and first contacts to the minute. A median is thus the
-median of floored durations: at most one hour (one minute) below the exact figure, and
+Durations are binned so that medians and the Kaplan-Meier quantiles come from counted
+bins, not from a row per visit: time in stage, days to opportunity and to won are floored
+to the hour, SLA times and first contacts to the minute; an open visit's age is now's
+hour less the hour it was entered. A median is thus the median of floored durations: at
+most one hour (one minute) below the exact figure (an open age: within an hour), and
 equal to it when the times are whole hours (minutes). Means and every count are exact.
+
+`since` (store.funnel_report) now means leads created then or later: the summary rows
+are per lead, so the report cannot cut a lead's history at a time as the entry-based
+report did (entries since then).
 """
 
 from __future__ import annotations
