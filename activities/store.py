@@ -13,7 +13,6 @@ in `AuditStore.__init__`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import heapq
 import threading
@@ -22,22 +21,23 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from sqlalchemy import (
-    JSON, Column, DateTime, Index, LargeBinary, Text, and_, case, event, func, inspect, or_, text, update,
+    JSON, Column, Index, LargeBinary, Text, and_, case, event, func, inspect, or_, text, update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.types import TypeDecorator
 from pydantic import BaseModel
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
+from activities import report_store
+from activities.db_types import UtcDateTime
+from activities.report_store import REPORT_KIND_VALUES, REPORT_KINDS
 from funnel.kpis import LeadTouch, ReportWindows
 from funnel.models import (
-    ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, ProfileUpdate, ReportEntry, Role, Stage, Trigger,
-    event_digest,
+    ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, ProfileUpdate, ReportEntry, Stage, event_digest,
 )
 from funnel.personal_data import ERASED, ErasureReport, scrub_entry, scrub_payload
-from funnel.report import FunnelReport, funnel_report
+from funnel.report import FunnelReport
 
 # SQLAlchemy only guarantees rowcount for UPDATE/DELETE; without this option an
 # INSERT through psycopg 3 reports -1. We need the number of rows actually
@@ -47,33 +47,6 @@ _ROWCOUNT = {"preserve_rowcount": True}
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-class UtcDateTime(TypeDecorator):
-    """Aware UTC datetimes in, aware UTC datetimes out, on every backend.
-
-    PostgreSQL keeps the offset (timestamptz); SQLite stores text without one,
-    so we write UTC and re-attach UTC on read. Naive values are refused, as the
-    models refuse them: we cannot know which zone they meant.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None or value.utcoffset() is None:
-            raise ValueError(f"naive datetime {value!r}: the store only takes timezone-aware values")
-        value = value.astimezone(timezone.utc)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
 
 
 def _utc_column(**kwargs: Any) -> Column:
@@ -119,15 +92,6 @@ class AuditRow(SQLModel, table=True):
     command_id: str | None = Field(default=None, index=True)
     owner: str | None = None
 
-
-# What funnel reports read: creations and stage changes, owners, contacts and SLAs.
-REPORT_KINDS = (AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED, AuditKind.OWNER_ASSIGNED, AuditKind.CONTACT_LOGGED,
-                AuditKind.SLA_SET, AuditKind.SLA_MET, AuditKind.SLA_BREACHED, AuditKind.SLA_CANCELLED,
-                AuditKind.SLA_LATE_DATA)
-
-_REPORT_COLUMNS = tuple(f.name for f in dataclasses.fields(ReportEntry))  # in ReportEntry's order
-_BY_VALUE: dict[type, dict[str, Any]] = {enum: {member.value: member for member in enum}
-                                         for enum in (AuditKind, Role, Stage, Trigger)}
 
 # Columns added after a table was first created: (table, column, SQL type). `create_all`
 # never alters an existing table, so a store made by older code gets them on start.
@@ -375,8 +339,10 @@ class AuditStore:
             self._write_lock = contextlib.nullcontext()
         SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN, _MODELS, _EVENTS,
                                                            _LEAD_KEYS, _ERASURES, _TOUCHES, _FACTS])
+        report_store.create_tables(self.engine)
         self._add_missing_columns()
         self.fill_lead_touches()
+        self.fill_report_tables()
 
     def _add_missing_columns(self) -> None:
         inspector = inspect(self.engine)
@@ -419,10 +385,14 @@ class AuditStore:
         # One statement run for many parameter sets: SQLAlchemy sends them as
         # multi-row INSERTs ("insertmanyvalues") from one cached compilation.
         # ON CONFLICT DO NOTHING returns only the rows it inserted.
-        stmt = self._insert(_AUDIT).on_conflict_do_nothing().returning(_AUDIT.c.entry_id)
+        # ON CONFLICT DO NOTHING returns only the rows it inserted: the leads with a new
+        # report entry get their report rows derived again, in the same transaction.
+        stmt = self._insert(_AUDIT).on_conflict_do_nothing().returning(_AUDIT.c.lead_id, _AUDIT.c.kind)
         with self._writing() as session:
-            inserted = len(session.exec(stmt, params=rows).all())
-        return inserted
+            inserted = session.exec(stmt, params=rows).all()
+            report_store.refresh_leads(session.connection(),
+                                       {lead_id for lead_id, kind in inserted if kind in REPORT_KIND_VALUES})
+        return len(inserted)
 
     def history(self, lead_id: str, offset: int = 0, limit: int = 100) -> list[AuditEntry]:
         stmt = select(AuditRow).where(AuditRow.lead_id == lead_id).order_by(AuditRow.seq).offset(offset).limit(limit)
@@ -467,25 +437,41 @@ class AuditStore:
         columns reports use (funnel.models.ReportEntry). Read as plain rows, not validated
         again (each was when written): a report reads hundreds of thousands, and ORM rows
         validated twice cost 50 us each (bench/report.py)."""
-        stmt = (select(*(_AUDIT.c[name] for name in _REPORT_COLUMNS))
-                .where(_AUDIT.c.kind.in_([kind.value for kind in kinds])))
+        stmt = report_store.entries_select(_AUDIT, kinds)
         if since is not None:
             stmt = stmt.where(_AUDIT.c.at >= since)
-        stmt = stmt.order_by(_AUDIT.c.lead_id, _AUDIT.c.seq)
         with self.engine.connect() as conn:
-            rows = conn.execute(stmt).all()
-        kind_of, role_of, stage_of, trigger_of = (_BY_VALUE[AuditKind], _BY_VALUE[Role], _BY_VALUE[Stage],
-                                                  _BY_VALUE[Trigger])
-        return [ReportEntry(lead_id, seq, at, kind_of[kind], actor, role_of[role], channel, stage_of.get(from_stage),
-                            stage_of.get(to_stage), trigger_of.get(trigger), reason, occurred_at, rule, owner)
-                for (lead_id, seq, at, kind, actor, role, channel, from_stage, to_stage, trigger, reason, occurred_at,
-                     rule, owner) in rows]
+            return report_store.read_entries(conn, stmt.order_by(_AUDIT.c.lead_id, _AUDIT.c.seq))
 
     def funnel_report(self, now: datetime, windows: ReportWindows | None = None,
                       since: datetime | None = None) -> FunnelReport:
-        """The funnel report (funnel/report.py) over this store: the one place the CLI, the API
-        and the dashboard get it from."""
-        return funnel_report(self.report_entries(since), now=now, touches=self.lead_touches(), windows=windows)
+        """The funnel report (funnel/report.py defines it) over this store: the one place the
+        CLI, the API and the dashboard get it from. Aggregated in the database over summary
+        tables kept on write (activities/report_store.py); `since`: leads created then or later."""
+        with self.engine.connect() as conn:
+            return report_store.funnel_report_sql(conn, now, windows, since)
+
+    def fill_report_tables(self) -> None:
+        """Derive the report's summary tables once for a store from before they existed (on
+        start); from then on every audit write keeps them."""
+        with self.engine.connect() as conn:
+            if conn.execute(select(report_store.REPORT_STATE.c.name)).first() is not None:
+                return
+        self.rebuild_report_tables()
+
+    def rebuild_report_tables(self, chunk: int = 1000) -> int:
+        """Derive the report's rows of every lead again (after audit rows were loaded in bulk,
+        as bench/report.py does); idempotent. Returns how many leads. In transactions of
+        `chunk` leads: PostgreSQL takes an advisory lock per lead, and its lock table is shared
+        (64 per connection by default)."""
+        with self.engine.connect() as conn:
+            leads = report_store.report_leads(conn)
+        for i in range(0, len(leads), chunk):
+            with self._writing() as session:
+                report_store.refresh_leads(session.connection(), leads[i:i + chunk])
+        with self._writing() as session:
+            session.exec(self._insert(report_store.REPORT_STATE).values(name="filled").on_conflict_do_nothing())
+        return len(leads)
 
     def lead_touches(self) -> dict[str, LeadTouch]:
         """Each logged lead's first touch (kept in `lead_touch` as events are logged) and its
@@ -556,8 +542,8 @@ class AuditStore:
         """{(lead, event id): digest} of those among `events` already in the log."""
         found: dict[tuple[str, str], str] = {}
         by_lead: dict[str, list[str]] = {}
-        for e in events:
-            by_lead.setdefault(e.lead_id, []).append(e.event_id)
+        for logged in events:
+            by_lead.setdefault(logged.lead_id, []).append(logged.event_id)
         with Session(self.engine) as session:
             for lead_id, ids in by_lead.items():
                 for i in range(0, len(ids), 500):
@@ -581,6 +567,8 @@ class AuditStore:
         with self._writing() as session:
             new = len(session.exec(stmt, params=rows).all())
             self._touch(session, rows)
+            report_store.resolve_touches(session.connection(), sorted({
+                row["lead_id"] for row in rows if row["channel"] or row["campaign"]}))
             return new
 
     def log_facts(self, updates: list[ProfileUpdate], received_at: datetime | list[datetime]) -> int:
