@@ -160,13 +160,14 @@ async def erase_personal_data(lead_id: PathLeadId, request: Request,
 @reads.get(
     "/report", response_model=FunnelReport,
     summary="Funnel report: stages per channel, opportunities, presales decisions, SLA compliance",
-    description="From the audit store (entries optionally since a time) and the event log (first touch); "
+    description="From the audit store's summary tables (optionally the leads created since a time) and the event "
+    "log (first touch); "
     "`format=csv` gives one `table` for a spreadsheet. Roles: manager.",
     responses={200: {"content": {"text/csv": {}}}},
 )
 async def get_report(
     request: Request, caller: Annotated[Principal, Depends(allow())],
-    since: Annotated[AwareDatetime | None, Query(description="ISO 8601 with a timezone")] = None,
+    since: Annotated[AwareDatetime | None, Query(description="leads created at or after (ISO 8601 with a timezone)")] = None,
     format: Annotated[Literal["json", "csv"], Query(description="csv: one table for a spreadsheet")] = "json",
     table: Annotated[Literal[CSV_TABLES], Query(description="the table `format=csv` gives")] = "stages",  # type: ignore[valid-type]
     opportunity_days: Annotated[int, Query(ge=1, le=3650, description="lead -> opportunity window, days")] = 84,
