@@ -451,6 +451,26 @@ class AuditStore:
         with self.engine.connect() as conn:
             return report_store.funnel_report_sql(conn, now, windows, since)
 
+    def open_slas(self, limit: int = 100) -> tuple[int, list[tuple[str, str, str, bool, datetime | None]]]:
+        """SLAs running now and breaches nobody has acted on (the report's `report_sla`):
+        how many, and the first `limit` of the oldest leads as (lead, SLA, owner, breached,
+        when it was set)."""
+        sla = report_store.REPORT_SLA
+        wanted = or_(sla.c.outcome == "open", sla.c.open_breach == 1)
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(sla).where(wanted)).scalar_one()
+            rows = conn.execute(select(sla.c.lead_id, sla.c.name, sla.c.owner, sla.c.open_breach).where(wanted)
+                                .order_by(sla.c.created_us, sla.c.lead_id, sla.c.n).limit(limit)).all()
+            set_at: dict[tuple[str, str], datetime] = {}
+            if rows:
+                a = _AUDIT
+                for lead_id, rule, at, occurred in conn.execute(
+                        select(a.c.lead_id, a.c.rule, a.c.at, a.c.occurred_at).where(
+                            a.c.lead_id.in_({r.lead_id for r in rows}), a.c.kind == AuditKind.SLA_SET.value)
+                        .order_by(a.c.lead_id, a.c.seq)):
+                    set_at[(lead_id, rule)] = occurred or at  # the latest setting of each SLA
+        return total, [(r.lead_id, r.name, r.owner, bool(r.open_breach), set_at.get((r.lead_id, r.name))) for r in rows]
+
     def fill_report_tables(self) -> None:
         """Derive the report's summary tables once for a store from before they existed (on
         start); from then on every audit write keeps them."""

@@ -27,8 +27,6 @@ from pydantic import ValidationError
 from temporalio.service import RPCError
 
 import client as leads
-from activities.store import AuditStore
-from funnel import kpis
 from funnel.kpis import ReportWindows
 from funnel.models import LEAD_ID_PATTERN, Role, Stage
 from funnel.personal_data import mask_view, scrub_entry, scrub_payload
@@ -52,7 +50,7 @@ templates.env.filters.update(
 SESSION_COOKIE = "leadflow_session"
 SESSION_SECONDS = 8 * 3600  # a working day; then sign in again
 HISTORY_PAGE = 500  # audit entries on a lead's page at a time
-OPEN_SLAS_SHOWN = 100  # open deadlines on the SLA board, oldest first, their due times asked of the leads
+OPEN_SLAS_SHOWN = 100  # open deadlines on the SLA board, of the oldest leads, their due times asked of the leads
 
 # Pages by role, as the API's table says: the funnel report is for managers; every role reads leads.
 MANAGERS = frozenset({Role.MANAGER})
@@ -281,17 +279,6 @@ class OpenSla:
     due_at: datetime | None = None  # asked of the lead (None: it did not answer)
 
 
-def open_slas(store: AuditStore) -> list[OpenSla]:
-    """SLAs running now, and breaches nobody has acted on, oldest first, from the store."""
-    by_lead = defaultdict(list)
-    for entry in store.report_entries():
-        by_lead[entry.lead_id].append(entry)
-    found = [OpenSla(run.lead_id, run.name, run.owner, run.started_at, run.open_breach)
-             for entries in by_lead.values() for run in kpis.lead_slas(entries).runs
-             if run.outcome == "open" or run.open_breach]
-    return sorted(found, key=lambda s: (s.started_at or datetime.min.replace(tzinfo=timezone.utc), s.lead_id))
-
-
 async def _due_times(request: Request, items: list[OpenSla]) -> bool:
     """Fill in each running SLA's due time from its lead's state; False if Temporal is away."""
     try:
@@ -317,13 +304,13 @@ async def sla_board(request: Request, principal: Annotated[Principal, Depends(si
     now = datetime.now(timezone.utc)
     backends = backends_of(request)
     report = await backends.in_store(lambda store: store.funnel_report(now))
-    items = await backends.in_store(open_slas)
-    shown = items[:OPEN_SLAS_SHOWN]
+    total, rows = await backends.in_store(lambda store: store.open_slas(OPEN_SLAS_SHOWN))
+    shown = [OpenSla(lead_id, name, owner, started_at, breached) for lead_id, name, owner, breached, started_at in rows]
     live = await _due_times(request, shown)
     by_owner: dict[str, list[OpenSla]] = defaultdict(list)
     for item in shown:
         by_owner[item.owner].append(item)
-    return page(request, "slas.html", principal, report=report, open_total=len(items), by_owner=dict(sorted(by_owner.items())),
+    return page(request, "slas.html", principal, report=report, open_total=total, by_owner=dict(sorted(by_owner.items())),
                 shown=len(shown), live=live, now=now)
 
 

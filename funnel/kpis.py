@@ -310,8 +310,6 @@ class SlaRun:
     name: str
     owner: str
     outcome: str  # met, breached, cancelled, late_data, open
-    lead_id: str = ""
-    started_at: datetime | None = None
     took: float | None = None  # seconds from its start to met
     open_breach: bool = False
 
@@ -343,12 +341,11 @@ def lead_slas(entries: Sequence[AuditEntry | ReportEntry]) -> LeadSlas:
                 found.first_contacts.append((owner or "unassigned", (e.happened_at - handed_at).total_seconds()))
                 handed_at = None
         elif e.kind == AuditKind.SLA_SET and e.rule:
-            run = SlaRun(name=e.rule, owner="unassigned", outcome="open", lead_id=e.lead_id, started_at=e.happened_at)
+            run = SlaRun(name=e.rule, owner="unassigned", outcome="open")
             running[e.rule] = (run, e.happened_at)
             found.runs.append(run)
         elif e.kind == AuditKind.SLA_LATE_DATA and e.rule:
-            found.runs.append(SlaRun(name=e.rule, owner=owner or "unassigned", outcome="late_data", lead_id=e.lead_id,
-                                     started_at=e.happened_at))
+            found.runs.append(SlaRun(name=e.rule, owner=owner or "unassigned", outcome="late_data"))
         elif e.kind in (AuditKind.SLA_MET, AuditKind.SLA_BREACHED, AuditKind.SLA_CANCELLED) and e.rule in running:
             run, started = running.pop(e.rule)
             run.owner = owner or "unassigned"
