@@ -17,7 +17,7 @@ from activities.store import AuditStore
 from funnel.models import ActivityEvent, Actor, ProfileUpdate, Role
 from funnel.personal_data import ERASED, ErasureReport
 from tests.test_cli import Recorder, make_view, run
-from tests.test_store import postgres_server  # noqa: F401 - the throwaway PostgreSQL server fixture
+from tests.test_store import postgres_server, store as log_store  # noqa: F401 - SQLite and PostgreSQL stores
 
 T0 = datetime(2026, 10, 1, 9, 0, tzinfo=timezone.utc)
 ANNA = Actor(name="anna", role=Role.PRESALES)
@@ -31,17 +31,6 @@ def event(lead: str, n: int, kind: str, minutes: float, **extra) -> ActivityEven
 def facts(lead: str, n: int, minutes: float | None, **values) -> ProfileUpdate:
     return ProfileUpdate(update_id=f"{lead}-p{n}", lead_id=lead, facts=values, actor=ANNA,
                          observed_at=None if minutes is None else T0 + timedelta(minutes=minutes))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def log_store(request, tmp_path) -> AuditStore:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'log.db'}"
-    else:
-        url = request.getfixturevalue("postgres_server").new_database()
-    store = AuditStore(url)
-    yield store
-    store.dispose()
 
 
 def logged(store: AuditStore) -> list[tuple]:
