@@ -537,12 +537,23 @@ class AuditStore:
 
     def pending_outbox(self, kind: OutboundKind | None = None, limit: int = 100) -> list[Outbound]:
         """Messages nobody has acknowledged yet, oldest first (for pollers instead of a webhook)."""
+        return self.outbox_page(kind, limit)[0]
+
+    def outbox_page(self, kind: OutboundKind | None = None, limit: int = 100,
+                    after: tuple[datetime, str] | None = None) -> tuple[list[Outbound], tuple[datetime, str] | None]:
+        """A page of the pending messages, oldest first, after the key of the previous page's
+        last one; and this page's last key (None when the page is not full: no more)."""
         stmt = select(OutboxRow).where(OutboxRow.acked_at.is_(None))
         if kind is not None:
             stmt = stmt.where(OutboxRow.kind == OutboundKind(kind).value)
+        if after is not None:
+            stmt = stmt.where(or_(OutboxRow.created_at > after[0],
+                                  and_(OutboxRow.created_at == after[0], OutboxRow.message_id > after[1])))
         stmt = stmt.order_by(OutboxRow.created_at, OutboxRow.message_id).limit(limit)
         with Session(self.engine) as session:
-            return [_outbound(row) for row in session.exec(stmt)]
+            rows = list(session.exec(stmt))
+        last = (rows[-1].created_at, rows[-1].message_id) if rows and len(rows) == limit else None
+        return [_outbound(row) for row in rows], last
 
     def ack_outbox(self, message_ids: list[str]) -> int:
         """Acknowledge messages; returns how many were not acknowledged before."""

@@ -19,7 +19,8 @@ from funnel.report import CSV_TABLES, FunnelReport, ReportWindows, report_csv
 from api.limits import ANSWER_TIMEOUT, MAX_PAGE
 from api.keys import allow, Principal
 from api.schemas import (
-    AckIn, AckResult, ERRORS, HistoryPage, LeadList, LeadQuery, LeadSummaryOut, OutboxPage, PathLeadId, Problem,
+    AckIn, AckResult, after_outbox_cursor, ERRORS, HistoryPage, LeadList, LeadQuery, LeadSummaryOut, outbox_cursor,
+    OutboxPage, PathLeadId, Problem,
 )
 from api.backends import backends_of, history_page, MASKED_NOTE, reads_personal_data, temporal_call, Unavailable
 
@@ -67,7 +68,7 @@ async def get_history(
     if not reads_personal_data(request, caller.role):
         entries = [scrub_entry(entry) for entry in entries]
     return HistoryPage(lead_id=lead_id, total=total, offset=offset, limit=limit, entries=entries,
-                       complete=complete)
+                       complete=complete, next_offset=offset + len(entries) if offset + len(entries) < total else None)
 
 
 @reads.get(
@@ -197,11 +198,18 @@ async def get_outbox(
     request: Request, caller: Annotated[Principal, Depends(allow(Role.MARKETING))],
     kind: OutboundKind | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    cursor: Annotated[str | None, Query(max_length=1000, pattern=r"^[A-Za-z0-9_=-]+$",
+                                        description="the previous page's next_cursor")] = None,
 ) -> OutboxPage:
-    messages = await backends_of(request).in_store(lambda store: store.pending_outbox(kind, limit))
+    try:
+        after = after_outbox_cursor(cursor) if cursor else None
+    except ValueError as err:
+        raise HTTPException(422, str(err)) from None
+    messages, last = await backends_of(request).in_store(lambda store: store.outbox_page(kind, limit, after))
+    next_cursor = outbox_cursor(last) if last else None
     if not reads_personal_data(request, caller.role):
         messages = [m.model_copy(update={"payload": scrub_payload(m.payload)}) for m in messages]
-    return OutboxPage(count=len(messages), messages=messages)
+    return OutboxPage(count=len(messages), messages=messages, next_cursor=next_cursor)
 
 
 @outbox.post(

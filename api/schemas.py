@@ -3,6 +3,8 @@ error shapes; FastAPI derives the OpenAPI document from them."""
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import re
 from datetime import datetime
@@ -208,6 +210,8 @@ class HistoryPage(BaseModel):
     offset: int
     limit: int
     entries: list[AuditEntry]
+    next_offset: int | None = Field(default=None, description="the next page's offset (a history only grows, so an "
+                                    "offset is a stable cursor); None: this page reaches the end")
     complete: bool = Field(
         default=True,
         description="false when Temporal could not be asked for the lead's entries not yet in the store "
@@ -255,6 +259,23 @@ class LeadList(BaseModel):
 class OutboxPage(BaseModel):
     count: int
     messages: list[Outbound]
+    next_cursor: str | None = Field(default=None, description="pass as `cursor` for the next page; None: no more")
+
+
+def outbox_cursor(key: tuple[datetime, str]) -> str:
+    """An opaque cursor after the message with this key (AuditStore.outbox_page)."""
+    return base64.urlsafe_b64encode(json.dumps([key[0].isoformat(), key[1]]).encode()).decode()
+
+
+def after_outbox_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, message_id = json.loads(base64.urlsafe_b64decode(cursor.encode("ascii")))
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError("naive")
+        return when, str(message_id)
+    except (ValueError, TypeError, UnicodeError):
+        raise ValueError("invalid cursor: pass back the next_cursor of the previous page") from None
 
 
 class AckIn(_Request):

@@ -39,7 +39,7 @@ from activities.lead_activities import LeadActivities
 from activities.store import AuditRow
 import client as leads_client
 from api import MAX_BATCH, MAX_BODY_BYTES, ConfigError, KeyRing, create_app
-from funnel.models import AuditEntry, AuditKind
+from funnel.models import AuditEntry, AuditKind, Outbound, OutboundKind
 from tests.conftest import running_worker, scheduled_activities
 from workflows.lead import workflow_id
 
@@ -500,6 +500,35 @@ async def test_every_answer_has_a_request_id_and_every_request_is_logged(api, ca
     assert any(line.startswith("crm-sync-42 GET /outbox 200 ") and line.endswith("key=mautic") for line in logged)
     assert any(line.startswith(f"{refused[2].headers['x-request-id']} GET /report 403 ") and line.endswith("key=anna")
                for line in logged)
+
+
+async def test_lists_page_by_cursor(api, store):
+    """The outbox pages by an opaque cursor, past any page size; a history's pages say where
+    the next begins (a history only grows: an offset is a stable cursor)."""
+    tag = uuid.uuid4().hex[:6]
+    sent = [Outbound(message_id=f"P{tag}-{i}/handover/1", lead_id=f"P{tag}-{i}", kind=OutboundKind.HANDOVER, at=now(),
+                     payload={"n": i}) for i in range(7)]
+    for message in sent:
+        store.add_outbox(message)
+    mia = api.as_("mia")
+    seen, cursor, pages = [], None, 0
+    while True:
+        page = (await mia.get("/outbox", params={"limit": 3, **({"cursor": cursor} if cursor else {})})).json()
+        seen += [m["message_id"] for m in page["messages"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    mine = [m for m in seen if m.startswith(f"P{tag}-")]
+    assert mine == [m.message_id for m in sent] and len(seen) == len(set(seen)) and pages >= 3
+    assert (await mia.get("/outbox", params={"cursor": "bm90LWEtY3Vyc29y"})).status_code == 422
+
+    store.write_audit([AuditEntry(lead_id=f"H{tag}", seq=n, at=now(), kind=AuditKind.SCORE_CHANGED, actor="leadflow",
+                                  role="system", detail=f"+{n}") for n in range(1, 6)])
+    first = (await mia.get(f"/leads/H{tag}/history", params={"limit": 2})).json()
+    assert (first["total"], first["next_offset"]) == (5, 2)
+    last = (await mia.get(f"/leads/H{tag}/history", params={"offset": 4, "limit": 2})).json()
+    assert [e["seq"] for e in last["entries"]] == [5] and last["next_offset"] is None
 
 
 async def test_a_body_that_is_not_json_is_415(api):
