@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy.exc import SQLAlchemyError
 
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
@@ -28,6 +29,7 @@ from activities.store import ModelConflict
 from config import Settings, connect
 from funnel.scoring_model import ModelError, load_model
 from payload_codec import KeyConfigError
+from workflows import search_attributes as sa
 from workflows.lead import LeadWorkflow
 from workflows.rollout import ModelRolloutWorkflow
 
@@ -122,6 +124,37 @@ async def _when_reachable(what: str, make, stop: asyncio.Event):
             delay = min(delay * 2, RETRY_MAX_SECONDS)
 
 
+class MissingSearchAttributes(Exception):
+    """The server lacks search attributes the leads upsert, and this worker may not add them."""
+
+
+async def ensure_search_attributes(client: Client) -> list[str]:
+    """Add the search attributes a lead upserts that the namespace lacks, and return their
+    names. A lead upserting an unknown attribute fails its workflow task on every retry, and
+    `temporal server start-dev --search-attribute` registers them only on a new database (a
+    version that adds one would otherwise wedge every lead on an existing dev server). Where
+    this worker may not add them (a cluster), it says which to create, and does not start."""
+    from temporalio.api.enums.v1 import IndexedValueType
+    from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
+
+    namespace = client.namespace
+    known = await client.operator_service.list_search_attributes(ListSearchAttributesRequest(namespace=namespace))
+    have = set(known.custom_attributes) | set(known.system_attributes)
+    missing = {key.name: IndexedValueType.ValueType(key.indexed_value_type) for key in sa.ALL if key.name not in have}
+    if not missing:
+        return []
+    try:
+        await client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(namespace=namespace, search_attributes=missing))
+    except RPCError as err:
+        wanted = ", ".join(f"{key.name} ({sa.type_name(key)})" for key in sa.ALL if key.name in missing)
+        raise MissingSearchAttributes(f"namespace {namespace} lacks the search attributes {wanted} and this worker "
+                                      f"may not add them ({err.message}): create them (temporal operator "
+                                      "search-attribute create --name NAME --type TYPE) and start it again") from None
+    log.info("added search attributes to namespace %s: %s", namespace, ", ".join(sorted(missing)))
+    return sorted(missing)
+
+
 async def run(settings: Settings) -> None:
     load_model(settings.model_path)  # a bad file stops the worker before anything else
     stop = asyncio.Event()
@@ -130,6 +163,7 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     address = settings.temporal_address or "Temporal (env-config)"
     client = await _when_reachable(f"Temporal at {address}", lambda: connect(settings), stop)
+    await ensure_search_attributes(client)
 
     async def store_ready() -> LeadActivities:
         activities = await asyncio.to_thread(LeadActivities, settings)  # creates the tables
@@ -155,7 +189,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         asyncio.run(run(Settings.from_env()))
-    except (ModelError, ModelConflict, KeyConfigError) as err:
+    except (ModelError, ModelConflict, KeyConfigError, MissingSearchAttributes) as err:
         print(f"leadflow worker: {err}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:

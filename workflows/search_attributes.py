@@ -19,10 +19,15 @@ LEAD_CREATED = SearchAttributeKey.for_datetime("LeadCreated")
 ALL = [LEAD_STAGE, LEAD_OWNER, LEAD_CHANNEL, LEAD_SCORE, LEAD_MODEL, LEAD_CREATED]
 
 
+def type_name(key: SearchAttributeKey) -> str:
+    """The attribute's type as the Temporal CLI names it: KEYWORD -> Keyword."""
+    return key.indexed_value_type.name.removeprefix("INDEXED_VALUE_TYPE_").title()
+
+
 def dev_server_flags() -> list[str]:
-    """`--search-attribute` flags for `temporal server start-dev`."""
+    """`--search-attribute` flags for `temporal server start-dev` (they take effect on a new
+    database only: the worker adds what an existing one lacks, see worker.ensure_search_attributes)."""
     flags: list[str] = []
     for key in ALL:
-        kind = key.indexed_value_type.name.removeprefix("INDEXED_VALUE_TYPE_").title()  # KEYWORD -> Keyword
-        flags += ["--search-attribute", f"{key.name}={kind}"]
+        flags += ["--search-attribute", f"{key.name}={type_name(key)}"]
     return flags
