@@ -464,6 +464,18 @@ class LoggedEvent(BaseModel):
     attributes: dict
 
 
+class LoggedProfileUpdate(BaseModel):
+    """A profile update as the event log keeps it: the facts are the person's (names only
+    after an erasure)."""
+
+    update_id: str
+    observed_at: datetime | None
+    received_at: datetime
+    actor: str
+    role: str
+    facts: dict
+
+
 class PersonalDataExport(BaseModel):
     """Everything Leadflow keeps about a person (GDPR Art. 15), as `leadflow export-person` and
     GET /leads/{id}/personal-data give it."""
@@ -477,6 +489,7 @@ class PersonalDataExport(BaseModel):
     consent: dict
     events: list[WindowEvent]  # the events the lead keeps (its last year), with their attributes
     received_events: list[LoggedEvent] = []  # every event taken for the lead (the event log), oldest first
+    received_profile_updates: list[LoggedProfileUpdate] = []  # every profile update taken (the event log)
     lead: LeadView | None
     history: list[AuditEntry]
     outbox: list[Outbound]
@@ -520,9 +533,11 @@ async def export_person(client: Client | None, store: AuditStore, lead_id: str,
         _, history = merge_history(tail, stored, lambda o, n: store.history(lead_id, offset=o, limit=n), 0, 10**9)
         received = [LoggedEvent.model_validate(row, from_attributes=True)
                     for row in store.event_log(lead_id, limit=10**7)]
-        return history, store.outbox_of(lead_id), store.erasures(lead_id), received
+        updates = [LoggedProfileUpdate.model_validate(row, from_attributes=True)
+                   for row in store.replay_log(lead_id) if "update_id" in row._fields]
+        return history, store.outbox_of(lead_id), store.erasures(lead_id), received, updates
 
-    history, outbox, erasures, received = await asyncio.to_thread(from_store)
+    history, outbox, erasures, received, updates = await asyncio.to_thread(from_store)
     if state is None and not history and not outbox and not received:
         raise LeadNotFound(f"no lead {lead_id}")
     consent = {}
@@ -533,7 +548,7 @@ async def export_person(client: Client | None, store: AuditStore, lead_id: str,
         profile=dict(state.profile) if state else {},
         profile_observed={name: {"observed_at": seen[0].isoformat(), "update_id": seen[1]}
                           for name, seen in (state.profile_seen.items() if state else [])},
-        consent=consent, events=list(state.engagement.window) if state else [], received_events=received,
+        consent=consent, events=list(state.engagement.window) if state else [], received_events=received, received_profile_updates=updates,
         lead=view,
         history=history, outbox=outbox, erasures=erasures,
     )

@@ -119,10 +119,12 @@ async def a_lead_with_personal_data(env, settings, lead: str, accept: bool = Tru
     the event log too, as the API and CLI put them there."""
     client = env.client
     now = await env.get_current_time()
-    await leads.send_profile(client, settings, ProfileUpdate(
-        update_id=f"{lead}-p1", lead_id=lead, observed_at=now,
-        facts={"email": EMAIL, "phone": PHONE, "name": NAME, "target_account": True, "industry": "Software",
-               "company_size": 250}))
+    update = ProfileUpdate(update_id=f"{lead}-p1", lead_id=lead, observed_at=now,
+                           facts={"email": EMAIL, "phone": PHONE, "name": NAME, "target_account": True,
+                                  "industry": "Software", "company_size": 250})
+    await leads.send_profile(client, settings, update)
+    if store is not None:
+        store.log_facts([update], now)
     events = [
         ActivityEvent(event_id=f"{lead}-e1", lead_id=lead, type="content_download", occurred_at=now,
                       channel="website", attributes={"form": FORM, "email": EMAIL}),
@@ -282,6 +284,7 @@ async def test_erasure_leaves_nothing_of_the_person_and_keeps_the_funnel(dev_env
     everything = json.dumps([e.model_dump(mode="json") for e in store.history(lead, limit=1000)])
     everything += json.dumps([m.model_dump(mode="json") for m in store.outbox_of(lead)])
     everything += json.dumps([r.model_dump(mode="json") for r in store.event_log(lead)])
+    everything += json.dumps([r.facts for r in store.replay_log(lead) if "update_id" in r._fields], default=str)
     assert [value for value in PII if value in everything] == []
     assert len(store.event_log(lead)) == 2  # the events stay logged, without attributes
     erased = [e for e in store.history(lead, limit=1000) if e.kind == AuditKind.PERSONAL_DATA_ERASED]
@@ -308,6 +311,7 @@ async def test_erasure_of_a_lead_whose_workflow_has_ended(dev_env, settings, sto
     everything = json.dumps([e.model_dump(mode="json") for e in store.history(lead, limit=1000)])
     everything += json.dumps([m.model_dump(mode="json") for m in store.outbox_of(lead)])
     everything += json.dumps([r.model_dump(mode="json") for r in store.event_log(lead)])
+    everything += json.dumps([r.facts for r in store.replay_log(lead) if "update_id" in r._fields], default=str)
     assert [value for value in PII if value in everything] == []
     assert len(store.event_log(lead)) == 2  # the events stay logged, without attributes
     assert [e.erased_by for e in store.erasures(lead)] == ["mia"]
@@ -323,6 +327,8 @@ async def test_export_gives_everything_kept_about_the_person(dev_env, settings, 
         export = await leads.export_person(client, store, lead)
         assert export.complete and export.notes == []
         assert {e.event_id: e.attributes for e in export.received_events}[f"{lead}-e2"] == {"phone": PHONE}
+        assert [(u.update_id, u.facts["email"], u.actor) for u in export.received_profile_updates] == [
+            (f"{lead}-p1", EMAIL, "leadflow")]
         assert export.profile["email"] == EMAIL and export.profile_observed["email"]["update_id"] == f"{lead}-p1"
         assert {e.event_id: e.attributes for e in export.events}[f"{lead}-e1"] == {"form": FORM, "email": EMAIL}
         assert any(NOTE in e.detail for e in export.history)
@@ -338,6 +344,8 @@ async def test_export_gives_everything_kept_about_the_person(dev_env, settings, 
     # the event log keeps what the funnel needs (type, time, channel) and the digest for redeliveries
     assert [(e.event_id, e.type, e.channel, e.attributes) for e in export.received_events] == [
         (f"{lead}-e1", "content_download", "website", {}), (f"{lead}-e2", "demo_request", "website", {})]
+    assert [u.facts for u in export.received_profile_updates] == [{name: "[erased]" for name in (
+        "email", "phone", "name", "target_account", "industry", "company_size")}]
     with pytest.raises(leads.LeadNotFound):
         await leads.export_person(client, store, "never-was")
 
