@@ -384,11 +384,8 @@ def funnel_report_sql(conn: Connection, now: datetime, windows: ReportWindows | 
     `since`: only leads created then or later. `timings` gets the seconds of each part."""
     windows = windows or ReportWindows()
     now_us = _us(now)
-    since_us = _us(since) if since is not None else None
+    where = _created_since(since)
     timings = {} if timings is None else timings
-
-    def where(table, stmt):
-        return stmt.where(table.c.created_us >= since_us) if since_us is not None else stmt
 
     def timed(name: str, part, *args):
         started = time.perf_counter()
@@ -404,6 +401,39 @@ def funnel_report_sql(conn: Connection, now: datetime, windows: ReportWindows | 
         presales=timed("presales", _presales),
         slas=timed("slas", _slas),
     )
+
+
+def _created_since(since: datetime | None):
+    """A filter for a report query over one of the tables: leads created at `since` or later."""
+    since_us = _us(since) if since is not None else None
+
+    def where(table, stmt):
+        return stmt.where(table.c.created_us >= since_us) if since_us is not None else stmt
+
+    return where
+
+
+def sla_report_sql(conn: Connection, since: datetime | None = None) -> SlaReport:
+    """The report's SLA part alone (the SLA board needs no more)."""
+    return _slas(conn, _created_since(since))
+
+
+def open_slas(conn: Connection, limit: int) -> tuple[int, list[tuple[str, str, str, bool, datetime | None]]]:
+    """SLAs running now and breaches nobody has acted on: how many, and the first `limit` of
+    the oldest leads as (lead, SLA, owner, breached, when it was set)."""
+    sla, audit = REPORT_SLA, _audit()
+    wanted = or_(sla.c.outcome == "open", sla.c.open_breach == 1)
+    total = conn.execute(select(func.count()).select_from(sla).where(wanted)).scalar_one()
+    rows = conn.execute(select(sla.c.lead_id, sla.c.name, sla.c.owner, sla.c.open_breach).where(wanted)
+                        .order_by(sla.c.created_us, sla.c.lead_id, sla.c.n).limit(limit)).all()
+    set_at: dict[tuple[str, str], datetime] = {}
+    if rows:
+        for lead_id, rule, at, occurred in conn.execute(
+                select(audit.c.lead_id, audit.c.rule, audit.c.at, audit.c.occurred_at)
+                .where(audit.c.lead_id.in_({r.lead_id for r in rows}), audit.c.kind == AuditKind.SLA_SET.value)
+                .order_by(audit.c.lead_id, audit.c.seq)):
+            set_at[(lead_id, rule)] = occurred or at  # the latest setting of each SLA
+    return total, [(r.lead_id, r.name, r.owner, bool(r.open_breach), set_at.get((r.lead_id, r.name))) for r in rows]
 
 
 class _StageCounts:

@@ -32,7 +32,7 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 from activities import report_store
 from activities.db_types import UtcDateTime
 from activities.report_store import REPORT_KIND_VALUES, REPORT_KINDS
-from funnel.kpis import LeadTouch, ReportWindows
+from funnel.kpis import LeadTouch, ReportWindows, SlaReport
 from funnel.models import (
     ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, ProfileUpdate, ReportEntry, Stage, event_digest,
 )
@@ -451,25 +451,16 @@ class AuditStore:
         with self.engine.connect() as conn:
             return report_store.funnel_report_sql(conn, now, windows, since)
 
-    def open_slas(self, limit: int = 100) -> tuple[int, list[tuple[str, str, str, bool, datetime | None]]]:
-        """SLAs running now and breaches nobody has acted on (the report's `report_sla`):
-        how many, and the first `limit` of the oldest leads as (lead, SLA, owner, breached,
-        when it was set)."""
-        sla = report_store.REPORT_SLA
-        wanted = or_(sla.c.outcome == "open", sla.c.open_breach == 1)
+    def sla_report(self) -> SlaReport:
+        """The funnel report's SLA part alone, from the same summary tables."""
         with self.engine.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(sla).where(wanted)).scalar_one()
-            rows = conn.execute(select(sla.c.lead_id, sla.c.name, sla.c.owner, sla.c.open_breach).where(wanted)
-                                .order_by(sla.c.created_us, sla.c.lead_id, sla.c.n).limit(limit)).all()
-            set_at: dict[tuple[str, str], datetime] = {}
-            if rows:
-                a = _AUDIT
-                for lead_id, rule, at, occurred in conn.execute(
-                        select(a.c.lead_id, a.c.rule, a.c.at, a.c.occurred_at).where(
-                            a.c.lead_id.in_({r.lead_id for r in rows}), a.c.kind == AuditKind.SLA_SET.value)
-                        .order_by(a.c.lead_id, a.c.seq)):
-                    set_at[(lead_id, rule)] = occurred or at  # the latest setting of each SLA
-        return total, [(r.lead_id, r.name, r.owner, bool(r.open_breach), set_at.get((r.lead_id, r.name))) for r in rows]
+            return report_store.sla_report_sql(conn)
+
+    def open_slas(self, limit: int = 100) -> tuple[int, list[tuple[str, str, str, bool, datetime | None]]]:
+        """SLAs running now and breaches nobody has acted on: how many, and the first `limit`
+        (see report_store.open_slas)."""
+        with self.engine.connect() as conn:
+            return report_store.open_slas(conn, limit)
 
     def fill_report_tables(self) -> None:
         """Derive the report's summary tables once for a store from before they existed (on
@@ -690,13 +681,15 @@ class AuditStore:
                     self._touch(session, [dict(row._mapping) for row in chunk])
 
     def event_log(self, lead_id: str | None = None, limit: int = 1000) -> list[EventLogRow]:
-        """Logged events in (lead, time, id) order, for export and replay."""
+        """Logged events in (lead, time, id) order, as rows (replay and export stream
+        `replay_log`, which has the profile updates too)."""
         stmt = select(EventLogRow)
         if lead_id is not None:
             stmt = stmt.where(EventLogRow.lead_id == lead_id)
         stmt = stmt.order_by(EventLogRow.lead_id, EventLogRow.occurred_at, EventLogRow.event_id).limit(limit)
         with Session(self.engine) as session:
             return list(session.exec(stmt))
+
     def outbox_of(self, lead_id: str) -> list[Outbound]:
         """Every message of a lead, acknowledged or not, oldest first (export of personal data)."""
         stmt = select(OutboxRow).where(OutboxRow.lead_id == lead_id).order_by(OutboxRow.created_at,

@@ -28,7 +28,7 @@ from temporalio.service import RPCError
 
 import client as leads
 from funnel.kpis import ReportWindows
-from funnel.models import LEAD_ID_PATTERN, Role, Stage
+from funnel.models import LEAD_ID_PATTERN, OutboundKind, Role, Stage
 from funnel.personal_data import mask_view, scrub_entry, scrub_payload
 from funnel.report import MAIN_PATH
 
@@ -67,7 +67,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
 
 
 class _PageRoute(APIRoute):
@@ -144,8 +143,12 @@ class PageError(Exception):
         self.status = status
 
 
+def _session_principal(request: Request) -> Principal | None:
+    return sessions_of(request).principal(request.cookies.get(SESSION_COOKIE), request.app.state.keys)
+
+
 def signed_in(request: Request) -> Principal:
-    principal = sessions_of(request).principal(request.cookies.get(SESSION_COOKIE), request.app.state.keys)
+    principal = _session_principal(request)
     if principal is None:
         raise SignInRequired(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
     request.state.caller = principal.name  # for the access log
@@ -185,8 +188,7 @@ def install_ui(app) -> None:
 
     @app.exception_handler(PageError)
     async def page_error(request: Request, exc: PageError) -> Response:
-        principal = sessions_of(request).principal(request.cookies.get(SESSION_COOKIE), request.app.state.keys)
-        return page(request, "error.html", principal, status=exc.status, message=str(exc))
+        return page(request, "error.html", _session_principal(request), status=exc.status, message=str(exc))
 
 
 def _safe_next(target: str | None) -> str:
@@ -303,14 +305,14 @@ async def _due_times(request: Request, items: list[OpenSla]) -> bool:
 async def sla_board(request: Request, principal: Annotated[Principal, Depends(signed_in_as(MANAGERS))]) -> Response:
     now = datetime.now(timezone.utc)
     backends = backends_of(request)
-    report = await backends.in_store(lambda store: store.funnel_report(now))
+    slas = await backends.in_store(lambda store: store.sla_report())
     total, rows = await backends.in_store(lambda store: store.open_slas(OPEN_SLAS_SHOWN))
     shown = [OpenSla(lead_id, name, owner, started_at, breached) for lead_id, name, owner, breached, started_at in rows]
     live = await _due_times(request, shown)
     by_owner: dict[str, list[OpenSla]] = defaultdict(list)
     for item in shown:
         by_owner[item.owner].append(item)
-    return page(request, "slas.html", principal, report=report, open_total=total, by_owner=dict(sorted(by_owner.items())),
+    return page(request, "slas.html", principal, slas=slas, open_total=total, by_owner=dict(sorted(by_owner.items())),
                 shown=len(shown), live=live, now=now)
 
 
@@ -361,7 +363,7 @@ async def lead_page(
     if view is None and total == 0:
         raise PageError(404, f"No lead {lead_id}.")
     messages = await backends.in_store(lambda store: store.outbox_of(lead_id))
-    handovers = [m for m in messages if m.kind.value == "handover"]
+    handovers = [m for m in messages if m.kind == OutboundKind.HANDOVER]
     if not reads_personal_data(request, principal.role):
         view = mask_view(view) if view is not None else None
         entries = [scrub_entry(e) for e in entries]
