@@ -531,10 +531,12 @@ async def export_person(client: Client | None, store: AuditStore, lead_id: str,
     def from_store():
         stored = store.count_history(lead_id)
         _, history = merge_history(tail, stored, lambda o, n: store.history(lead_id, offset=o, limit=n), 0, 10**9)
-        received = [LoggedEvent.model_validate(row, from_attributes=True)
-                    for row in store.event_log(lead_id, limit=10**7)]
-        updates = [LoggedProfileUpdate.model_validate(row, from_attributes=True)
-                   for row in store.replay_log(lead_id) if "update_id" in row._fields]
+        received, updates = [], []
+        for row in store.replay_log(lead_id):  # the event log: events and profile updates in one read
+            if "event_id" in row._fields:
+                received.append(LoggedEvent.model_validate(row, from_attributes=True))
+            else:
+                updates.append(LoggedProfileUpdate.model_validate(row, from_attributes=True))
         return history, store.outbox_of(lead_id), store.erasures(lead_id), received, updates
 
     history, outbox, erasures, received, updates = await asyncio.to_thread(from_store)
