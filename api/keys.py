@@ -275,15 +275,13 @@ def authenticate(request: Request, presented: str | None) -> Principal:
     """The principal of a presented key: 401 (none, unknown, or a dev key off loopback), 429
     after too many failures from the caller's address. For API calls and UI sign-in alike."""
     limiter: FailedAuthLimiter = request.app.state.auth_failures
-    address = request.client.host if request.client else "?"
-    now = time.monotonic()
-    if (wait := limiter.retry_after(address, now)) is not None:
+    address = _address(request)
+    if (wait := limiter.retry_after(address, time.monotonic())) is not None:
         raise HTTPException(429, f"too many failed authentications from {address}; retry in {wait} s",
                             headers={"Retry-After": str(wait)})
 
     def refuse(detail: str) -> HTTPException:
-        limiter.failed(address, now)
-        return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+        return failed_authentication(request, 401, detail)
 
     if not presented:
         raise HTTPException(401, "missing API key: send Authorization: Bearer <key> or X-API-Key: <key>",
@@ -296,6 +294,16 @@ def authenticate(request: Request, presented: str | None) -> Principal:
                      "LEADFLOW_API_KEYS for this address")
     request.state.caller = principal.name  # for the access log (api.service.RequestIds)
     return principal
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+def failed_authentication(request: Request, status: int, detail: str) -> HTTPException:
+    """Count a failure against the caller's address (see FailedAuthLimiter) and say why."""
+    request.app.state.auth_failures.failed(_address(request), time.monotonic())
+    return HTTPException(status, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
 def may(principal: Principal, roles: frozenset[Role]) -> bool:
@@ -315,10 +323,8 @@ def allow(*roles: Role):
         header_key: Annotated[str | None, Security(_api_key)],
     ) -> Principal:
         if bearer is not None and header_key is not None and bearer.credentials != header_key:
-            limiter: FailedAuthLimiter = request.app.state.auth_failures
-            limiter.failed(request.client.host if request.client else "?", time.monotonic())
-            raise HTTPException(400, "conflicting credentials: Authorization and X-API-Key carry different keys; "
-                                     "send one", headers={"WWW-Authenticate": "Bearer"})
+            raise failed_authentication(request, 400, "conflicting credentials: Authorization and X-API-Key carry "
+                                                      "different keys; send one")
         principal = authenticate(request, bearer.credentials if bearer is not None else header_key)
         if not may(principal, allowed):
             raise HTTPException(403, f"role {principal.role.value} may not do this; allowed: {names}")
