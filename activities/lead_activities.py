@@ -154,9 +154,10 @@ class LeadActivities:
         body = json.dumps(message.model_dump(mode="json"), separators=(",", ":"))
         headers = {"Idempotency-Key": message.message_id, "Content-Type": "application/json"}
         if self._signer is not None:  # signed as sent, at each attempt (the receiver checks the time)
-            signed_at = datetime.fromtimestamp(int(time.time()), timezone.utc)
-            headers |= {"webhook-id": message.message_id, "webhook-timestamp": str(int(signed_at.timestamp())),
-                        "webhook-signature": self._signer.sign(message.message_id, signed_at, body)}
+            seconds = int(time.time())  # whole seconds: what the header carries is what is signed
+            headers |= {"webhook-id": message.message_id, "webhook-timestamp": str(seconds),
+                        "webhook-signature": self._signer.sign(message.message_id,
+                                                               datetime.fromtimestamp(seconds, timezone.utc), body)}
         try:
             response = self._http.post(url, content=body.encode("utf-8"), headers=headers)
         except httpx.HTTPError as err:
