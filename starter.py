@@ -224,12 +224,7 @@ def _active_model(settings: Settings) -> ScoringModel | None:
 def _load_model(settings: Settings, active: ScoringModel | None) -> ScoringModel:
     """The model inputs are checked against: `active`, the store's active version (from
     _active_model), or the model file when there is none."""
-    if active is not None:
-        return active
-    try:
-        return load_model(settings.model_path)
-    except ModelError as err:
-        raise BadInput(str(err).replace("\n", " ")) from None
+    return active if active is not None else _model_file(settings.model_path)
 
 
 def check_event_type(event_type: str, model: ScoringModel) -> None:
@@ -916,6 +911,14 @@ async def cmd_demo_data(args, settings: Settings) -> int:
     return 0
 
 
+def lead_logs_of(store):
+    """Every logged lead as the backtest replays it (funnel/backtest.py): its decisions from
+    the audit, its events and profile updates from the event log."""
+    from funnel import backtest
+
+    return backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
+
+
 def write_population(store, leads) -> None:
     """Generated leads (funnel/demo.py) into the store as the service records them: their
     audit, the event log and the profile updates, each with the time it was taken."""
@@ -928,7 +931,8 @@ def write_population(store, leads) -> None:
         store.log_facts([u for u, _ in updates], [at for _, at in updates])
 
 
-def _model_file(path: str) -> ScoringModel:
+def _model_file(path: str | Path) -> ScoringModel:
+    """A model file, its problems as a one-line input error."""
     try:
         return load_model(Path(path))
     except ModelError as err:
@@ -946,7 +950,7 @@ async def cmd_backtest(args, settings: Settings) -> int:
     store = _store(settings)
     started = time.monotonic()
     try:
-        logs = backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
+        logs = lead_logs_of(store)
     finally:
         store.dispose()
     logs = [log for log in logs if (since is None or log.created_at >= since) and log.created_at < until]
@@ -1011,8 +1015,6 @@ async def cmd_backtest(args, settings: Settings) -> int:
 
 async def cmd_suggest(args, settings: Settings) -> int:
     """Learn a candidate model from closed outcomes (funnel/suggest.py) and write it."""
-    from funnel import backtest
-
     try:
         from funnel import suggest
     except ImportError:
@@ -1020,7 +1022,7 @@ async def cmd_suggest(args, settings: Settings) -> int:
     store = _store(settings)
     try:
         active = store.active_model()
-        logs = backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
+        logs = lead_logs_of(store)
     finally:
         store.dispose()
     text = active.text if active is not None else settings.model_path.read_text(encoding="utf-8")

@@ -28,7 +28,7 @@ from activities.store import AuditStore  # noqa: E402
 from config import DEFAULT_MODEL  # noqa: E402
 from funnel import backtest, demo  # noqa: E402
 from funnel.scoring_model import load_model, parse_model  # noqa: E402
-from starter import write_population  # noqa: E402
+from starter import lead_logs_of, write_population  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
         del leads
 
         started = time.monotonic()
-        logs = backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
+        logs = lead_logs_of(store)
         read = time.monotonic() - started
         print(f"read the store into lead logs: {read:.2f} s ({events / read:,.0f} events/s)")
         store.dispose()
