@@ -42,6 +42,15 @@ class Settings(BaseModel):
     # Signs every webhook per the Standard Webhooks convention (webhook-id, -timestamp,
     # -signature: HMAC-SHA256) so the receiver can tell it came from here: "whsec_" + base64.
     webhook_secret: str | None = Field(default=None, pattern=r"^whsec_[A-Za-z0-9+/]{32,}={0,2}$", repr=False)
+    # Inbound connectors (api/routes_connectors.py): each vendor's shared secret (Mautic's
+    # webhook secret, HubSpot's app client secret); a connector without one answers 404.
+    mautic_secret: str | None = Field(default=None, min_length=8, repr=False)
+    hubspot_secret: str | None = Field(default=None, min_length=8, repr=False)
+    # The mapping table of vendor events and fields (connectors/default.toml).
+    connectors_path: Path | None = None
+    # The address vendors call this API at (scheme://host[:port]), when a proxy in front
+    # changes it: HubSpot signs the URL it called.
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^/]+$")
     presales_team: list[str] = Field(default_factory=lambda: ["presales-1", "presales-2"])
     # Account executives who get a lead when it becomes an SQL, round-robin.
     sales_team: list[str] = Field(default_factory=lambda: ["ae-1", "ae-2"])
@@ -100,6 +109,10 @@ class Settings(BaseModel):
             "LEADFLOW_MODEL": "model_path",
             "LEADFLOW_WEBHOOK_URL": "webhook_url",
             "LEADFLOW_WEBHOOK_SECRET": "webhook_secret",
+            "LEADFLOW_MAUTIC_SECRET": "mautic_secret",
+            "LEADFLOW_HUBSPOT_SECRET": "hubspot_secret",
+            "LEADFLOW_CONNECTORS": "connectors_path",
+            "LEADFLOW_PUBLIC_URL": "public_url",
             "LEADFLOW_MAX_HISTORY_EVENTS": "max_history_events",
             "LEADFLOW_AUDIT_MAX_LAG": "audit_max_lag_seconds",
             "LEADFLOW_DECISION_DELAY": "decision_delay_seconds",

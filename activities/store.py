@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from sqlalchemy import (
-    JSON, Column, Index, LargeBinary, Text, and_, case, event, func, inspect, or_, text, update,
+    JSON, Column, Index, LargeBinary, Text, and_, case, event, func, insert, inspect, or_, text, update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
@@ -243,6 +243,38 @@ class ErasureRow(SQLModel, table=True):
     keys_destroyed_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
 
 
+class ExternalIdRow(SQLModel, table=True):
+    """A lead's id in another system (a Mautic or HubSpot contact id, a CRM id): how a vendor
+    webhook finds its lead, and `GET /leads/by-external/{system}/{id}`. One external id names
+    one lead for ever (the first link wins); a lead may have ids in several systems."""
+
+    __tablename__ = "external_id"
+
+    system: str = Field(primary_key=True)
+    external_id: str = Field(primary_key=True)
+    lead_id: str = Field(index=True)
+    linked_by: str
+    linked_at: datetime = Field(sa_column=_utc_column(nullable=False))
+
+
+class ConnectorLogRow(SQLModel, table=True):
+    """What each item of a vendor webhook became (accepted, duplicate, ignored, rejected) and
+    why: the vendor's ids and types only, none of the person's data."""
+
+    __tablename__ = "connector_log"
+    __table_args__ = (Index("ix_connector_log_connector_id", "connector", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    connector: str
+    received_at: datetime = Field(sa_column=_utc_column(nullable=False))
+    vendor_type: str
+    vendor_id: str | None = None
+    contact_id: str | None = None
+    lead_id: str | None = None
+    outcome: str
+    reason: str | None = None
+
+
 # Core tables for the writes (dialect INSERT ... ON CONFLICT, bulk UPDATE).
 _AUDIT = AuditRow.__table__
 _OUTBOX = OutboxRow.__table__
@@ -254,6 +286,8 @@ _TOUCHES = LeadTouchRow.__table__
 _FACTS = FactLogRow.__table__
 _LEAD_KEYS = LeadKeyRow.__table__
 _ERASURES = ErasureRow.__table__
+_EXTERNAL_IDS = ExternalIdRow.__table__
+_CONNECTOR_LOG = ConnectorLogRow.__table__
 
 
 # --------------------------------------------------------------------------- conversions
@@ -338,7 +372,8 @@ class AuditStore:
             # PostgreSQL locks rows itself; ON CONFLICT and row locks suffice.
             self._write_lock = contextlib.nullcontext()
         SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN, _MODELS, _EVENTS,
-                                                           _LEAD_KEYS, _ERASURES, _TOUCHES, _FACTS])
+                                                           _LEAD_KEYS, _ERASURES, _TOUCHES, _FACTS,
+                                                           _EXTERNAL_IDS, _CONNECTOR_LOG])
         report_store.create_tables(self.engine)
         self._add_missing_columns()
         self.fill_lead_touches()
@@ -557,6 +592,51 @@ class AuditStore:
         )
         with self._writing() as session:
             return session.exec(stmt, execution_options=_ROWCOUNT).rowcount
+
+    # ----------------------------------------------------------------- external ids and connectors
+
+    def link_external(self, system: str, links: dict[str, str], linked_by: str) -> dict[str, str]:
+        """Link external ids to leads ({external id: lead}); an id already linked keeps its
+        first lead. Returns {external id: lead} as linked now (the first link wins)."""
+        if not links:
+            return {}
+        now = utcnow()
+        rows = [{"system": system, "external_id": ext, "lead_id": lead, "linked_by": linked_by, "linked_at": now}
+                for ext, lead in sorted(links.items())]
+        with self._writing() as session:
+            session.exec(self._insert(_EXTERNAL_IDS).on_conflict_do_nothing(), params=rows)
+        return self.leads_by_external(system, list(links))
+
+    def leads_by_external(self, system: str, external_ids: list[str]) -> dict[str, str]:
+        """{external id: lead} for those of `external_ids` linked in `system`."""
+        found: dict[str, str] = {}
+        with Session(self.engine) as session:
+            for i in range(0, len(external_ids), 500):
+                stmt = select(ExternalIdRow.external_id, ExternalIdRow.lead_id).where(
+                    ExternalIdRow.system == system, ExternalIdRow.external_id.in_(external_ids[i: i + 500]))
+                found.update(session.exec(stmt).all())
+        return found
+
+    def external_ids_of(self, lead_id: str) -> list[tuple[str, str]]:
+        """(system, external id) of a lead."""
+        with Session(self.engine) as session:
+            stmt = select(ExternalIdRow.system, ExternalIdRow.external_id).where(
+                ExternalIdRow.lead_id == lead_id).order_by(ExternalIdRow.system, ExternalIdRow.external_id)
+            return [tuple(row) for row in session.exec(stmt).all()]
+
+    def log_connector(self, rows: list[dict]) -> None:
+        """Record what vendor webhook items became (ConnectorLogRow's columns but `id`)."""
+        if rows:
+            with self._writing() as session:
+                session.exec(insert(_CONNECTOR_LOG), params=rows)
+
+    def connector_log(self, connector: str, limit: int = 100, before: int | None = None) -> list[ConnectorLogRow]:
+        """Newest first; `before`: the id of the last row of the previous page."""
+        with Session(self.engine) as session:
+            stmt = select(ConnectorLogRow).where(ConnectorLogRow.connector == connector)
+            if before is not None:
+                stmt = stmt.where(ConnectorLogRow.id < before)
+            return list(session.exec(stmt.order_by(ConnectorLogRow.id.desc()).limit(limit)).all())
 
     # ----------------------------------------------------------------- the event log
 

@@ -131,6 +131,45 @@ async def _deliver(request: Request, events: list[ActivityEvent]) -> dict[str, s
     return closed
 
 
+async def take_events(request: Request, events: list[ActivityEvent]) -> dict[int, tuple[str, str]]:
+    """Send checked events to their leads and log them: {position: (outcome, why)} for those
+    not simply accepted (duplicate, conflict, or rejected for a closed lead). Raises
+    Unavailable (503) when behind or when Temporal did not take them all: the sender retries."""
+    backends = backends_of(request)
+    await backends.check_not_behind()
+    fresh, known = leads.sort_out(events, await _logged(backends, events))
+    closed = await _deliver(request, fresh)
+    await _log(backends, [e for e in fresh if e.lead_id not in closed])
+    outcomes = dict(known)
+    for position, event in enumerate(events):
+        if position not in outcomes and event.lead_id in closed:
+            outcomes[position] = ("rejected", closed[event.lead_id])
+    return outcomes
+
+
+async def take_profile(request: Request, update: ProfileUpdate) -> str:
+    """Send a profile update to its lead and log it: "accepted" or "duplicate" (applied
+    before). Raises LeadClosed (410) for a closed lead, Unavailable (503) as take_events."""
+    backends = backends_of(request)
+    await backends.check_not_behind()
+    seen = await _applied_hint(backends, AuditKind.PROFILE_UPDATED, {update.lead_id: [update.update_id]})
+    duplicate = (update.lead_id, update.update_id) in seen
+    temporal = await backends.temporal()
+    active: ActiveModel = request.app.state.scoring_model
+    model = await active.for_starting(backends, update.lead_id)
+    try:
+        await temporal_call(leads.send_profile(temporal, backends.settings, update, model), SEND_TIMEOUT,
+                             "profile update")
+        active.sent(update.lead_id)
+        await _log_facts(backends, [update])
+    except leads.LeadClosed:
+        if not duplicate:
+            raise
+    except NoAnswer as err:
+        raise Unavailable(str(err)) from None
+    return "duplicate" if duplicate else "accepted"
+
+
 # --------------------------------------------------------------------------- events and profile facts
 
 _INGEST_ROLES = "Roles: marketing, manager."
@@ -205,20 +244,11 @@ async def post_events(
         else:
             valid[index] = item
     if valid:
-        backends = backends_of(request)
-        await backends.check_not_behind()
         indexes = list(valid)
-        events = [valid[index].to_event(caller.name) for index in indexes]
-        fresh, known = leads.sort_out(events, await _logged(backends, events))
-        closed = await _deliver(request, fresh)
-        await _log(backends, [e for e in fresh if e.lead_id not in closed])
+        taken = await take_events(request, [valid[index].to_event(caller.name) for index in indexes])
         for position, index in enumerate(indexes):
-            item = valid[index]
-            if position in known:
-                outcome, why = known[position]
-                results[index].outcome, results[index].reason = outcome, why
-            elif item.lead_id in closed:
-                results[index].outcome, results[index].reason = "rejected", closed[item.lead_id]
+            if position in taken:
+                results[index].outcome, results[index].reason = taken[position]
     counts = {outcome: sum(1 for r in results if r.outcome == outcome) for outcome in ("accepted", "duplicate",
                                                                                         "rejected", "conflict")}
     return BatchResult(accepted=counts["accepted"], duplicates=counts["duplicate"], rejected=counts["rejected"],
@@ -241,23 +271,7 @@ async def post_profile(
 ) -> ProfileAccepted:
     update = ProfileUpdate(update_id=body.update_id or f"pu-{uuid.uuid4()}", lead_id=lead_id, facts=body.facts,
                            actor=caller.actor)
-    backends = backends_of(request)
-    await backends.check_not_behind()
-    seen = await _applied_hint(backends, AuditKind.PROFILE_UPDATED, {lead_id: [update.update_id]})
-    duplicate = (lead_id, update.update_id) in seen
-    temporal = await backends.temporal()
-    active: ActiveModel = request.app.state.scoring_model
-    model = await active.for_starting(backends, lead_id)
-    try:
-        await temporal_call(leads.send_profile(temporal, backends.settings, update, model), SEND_TIMEOUT,
-                             "profile update")
-        active.sent(lead_id)
-        await _log_facts(backends, [update])
-    except leads.LeadClosed:
-        if not duplicate:
-            raise
-    except NoAnswer as err:
-        raise Unavailable(str(err)) from None
+    duplicate = await take_profile(request, update) == "duplicate"
     return ProfileAccepted(
         update_id=update.update_id, lead_id=lead_id, outcome="duplicate" if duplicate else "accepted",
         detail="already applied: changes nothing" if duplicate else "taken; applied once by the lead",

@@ -31,6 +31,8 @@ from api.routes_ingest import ingest
 from api.routes_commands import commands
 from api.routes_reads import outbox, personal, reads
 from api.routes_models import models
+from api.routes_connectors import check_mapping, connectors
+from connectors.mapping import MappingError
 from api.ui import install_ui
 
 log = logging.getLogger("leadflow.api")
@@ -249,12 +251,13 @@ def create_app(settings: Settings | None = None, keys: KeyRing | None = None, te
             app.state.auth_failures = FailedAuthLimiter()
             app.state.scoring_model = ActiveModel(cfg.model_path)
             model = app.state.scoring_model._file
+            check_mapping(cfg.connectors_path)
             if temporal is None:
                 PayloadKeyring.from_env()  # no payload keys, no start: nothing may reach Temporal in the clear
         except ValidationError as err:
             app.state.startup_error = f"invalid settings in the environment: {describe_errors(err)}"
             raise
-        except (ConfigError, ModelError, KeyConfigError) as err:
+        except (ConfigError, ModelError, KeyConfigError, MappingError) as err:
             app.state.startup_error = str(err).replace("\n", " ")
             raise
         app.state.backends = backends = Backends(cfg, temporal, store)
@@ -269,7 +272,7 @@ def create_app(settings: Settings | None = None, keys: KeyRing | None = None, te
     app = FastAPI(title="Leadflow API", version="1.0", description=DESCRIPTION, lifespan=lifespan,
                   responses={500: {"model": Problem, "description": "a bug: please report it"}},
                   docs_url=None, redoc_url=None)
-    for router in (health, ingest, commands, reads, personal, outbox, models):
+    for router in (health, ingest, commands, reads, personal, outbox, models, connectors):
         app.include_router(router)
     app.include_router(codec_router)
     _install_docs(app)
