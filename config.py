@@ -42,6 +42,10 @@ class Settings(BaseModel):
     # Signs every webhook per the Standard Webhooks convention (webhook-id, -timestamp,
     # -signature: HMAC-SHA256) so the receiver can tell it came from here: "whsec_" + base64.
     webhook_secret: str | None = Field(default=None, pattern=r"^whsec_[A-Za-z0-9+/]{32,}={0,2}$", repr=False)
+    # Subscriptions' webhooks (activities/webhook_dispatcher.py): after attempt n fails,
+    # attempt n+1 comes the n-th of these seconds later; after the last, the dead letter.
+    webhook_retry_seconds: list[float] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0], max_length=20)
     # Inbound connectors (api/routes_connectors.py): each vendor's shared secret (Mautic's
     # webhook secret, HubSpot's app client secret); a connector without one answers 404.
     mautic_secret: str | None = Field(default=None, min_length=8, repr=False)
@@ -125,7 +129,8 @@ class Settings(BaseModel):
             if env.get(var):
                 values[field] = env[var]
         for var, field in (("LEADFLOW_PRESALES_TEAM", "presales_team"), ("LEADFLOW_SALES_TEAM", "sales_team"),
-                           ("LEADFLOW_PII_READERS", "pii_readers"), ("LEADFLOW_CODEC_ORIGINS", "codec_origins")):
+                           ("LEADFLOW_PII_READERS", "pii_readers"), ("LEADFLOW_CODEC_ORIGINS", "codec_origins"),
+                           ("LEADFLOW_WEBHOOK_RETRY_SECONDS", "webhook_retry_seconds")):
             if env.get(var):
                 values[field] = [n.strip() for n in env[var].split(",") if n.strip()]
         return cls.model_validate(values)

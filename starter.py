@@ -1186,6 +1186,57 @@ async def cmd_keys_rewrap(args, settings: Settings) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- webhook subscriptions
+
+
+async def cmd_subscriptions(args, settings: Settings) -> int:
+    """Managers' webhook subscriptions, straight in the audit store (as the API keeps them)."""
+    from activities import webhook_store
+    from activities.webhook_store import DeliveryStatus, SubscriptionKind
+
+    store = _store(settings)
+    try:
+        action = args.subscriptions_command
+        if action == "add":
+            if not re.match(r"^https?://[^\s/]+", args.url):
+                raise BadInput(f"{args.url!r} is not an http(s) URL")
+            try:
+                kinds = [SubscriptionKind(k.strip()) for k in args.kinds.split(",") if k.strip()]
+            except ValueError as err:
+                raise BadInput(f"{err}; kinds: {', '.join(k.value for k in SubscriptionKind)}") from None
+            if not kinds:
+                raise BadInput("--kinds names at least one kind")
+            row = await asyncio.to_thread(webhook_store.add_subscription, store, args.url, kinds, args.by,
+                                          None, args.description)
+            print(f"{row.subscription_id}: {row.url} gets {', '.join(row.kinds)}")
+            print(f"secret (shown once; the receiver verifies webhook-signature with it): {row.secret}")
+        elif action == "list":
+            rows = await asyncio.to_thread(webhook_store.subscriptions, store, args.all)
+            for row in rows:
+                state = "" if row.active else " (removed)"
+                print(f"{row.subscription_id}  {row.url}  {','.join(row.kinds)}  by {row.created_by}{state}")
+            if not rows:
+                print("no subscriptions")
+        elif action == "remove":
+            if not await asyncio.to_thread(webhook_store.remove_subscription, store, args.id):
+                raise BadInput(f"no subscription {args.id}")
+            print(f"{args.id} removed: nothing more is posted to it")
+        elif action == "deliveries":
+            status = DeliveryStatus(args.status) if args.status else None
+            rows = await asyncio.to_thread(webhook_store.deliveries, store, args.id, status, args.limit)
+            for d in rows:
+                error = f"  {d.last_error}" if d.last_error and d.status != "delivered" else ""
+                print(f"{d.delivery_id}  {d.kind}  {d.status}  attempts {d.attempts}{error}")
+            if not rows:
+                print("no deliveries")
+        else:  # replay
+            done = await asyncio.to_thread(webhook_store.replay, store, args.id, args.delivery or None)
+            print(f"{done} dead letter(s) of {args.id} go out again")
+    finally:
+        store.dispose()
+    return 0
+
+
 # --------------------------------------------------------------------------- scoring model versions
 
 
@@ -1444,6 +1495,29 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(handler=cmd_keys_new)
     k = keys_sub.add_parser("rewrap", help="wrap every lead key with the current payload key")
     k.set_defaults(handler=cmd_keys_rewrap)
+
+    p = sub.add_parser("subscriptions", help="webhook subscriptions: add, list, remove, deliveries, replay",
+                       description="webhook subscriptions (managers): who gets which messages, signed per "
+                                   "Standard Webhooks; the delivery log and the dead letter")
+    subs = p.add_subparsers(dest="subscriptions_command", required=True, metavar="ACTION", parser_class=_Parser)
+    s = subs.add_parser("add", help="subscribe a URL to kinds of message")
+    s.add_argument("url", metavar="URL")
+    s.add_argument("--kinds", required=True, help="comma-separated: handover, stage_change, sla_breach, "
+                                                  "nurture_step, opportunity, escalation, review, model_change")
+    s.add_argument("--by", required=True, metavar="NAME", help="the manager (recorded)")
+    s.add_argument("--description")
+    s = subs.add_parser("list", help="the subscriptions")
+    s.add_argument("--all", action="store_true", help="removed ones too")
+    s = subs.add_parser("remove", help="post nothing more to a subscription")
+    s.add_argument("id", metavar="ID")
+    s = subs.add_parser("deliveries", help="a subscription's delivery log, oldest first")
+    s.add_argument("id", metavar="ID")
+    s.add_argument("--status", choices=["pending", "delivered", "dead"], help="dead: the dead letter")
+    s.add_argument("--limit", type=_positive_count, default=100)
+    s = subs.add_parser("replay", help="send a subscription's dead letters again")
+    s.add_argument("id", metavar="ID")
+    s.add_argument("--delivery", action="append", metavar="DELIVERY_ID", help="only these (repeatable)")
+    p.set_defaults(handler=cmd_subscriptions)
 
     p = sub.add_parser("status", help="workers polling and how far behind they are",
                        description="workers polling the lead task queue and how far behind they are (from Temporal)")

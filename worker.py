@@ -22,6 +22,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.audit_sweeper import AuditSweeper
+from activities.webhook_dispatcher import WebhookDispatcher
 from activities.lead_activities import LeadActivities, all_activities
 from activities.personal_data_activities import PersonalDataActivities
 from activities.rollout_activities import RolloutActivities
@@ -38,24 +39,28 @@ ACTIVITY_THREADS = 16
 
 
 class LeadWorker(Worker):
-    """Temporal's worker, with the audit sweeper beside it (activities/audit_sweeper.py):
-    it runs while the worker runs."""
+    """Temporal's worker, with its companions beside it while it runs: the audit sweeper
+    (activities/audit_sweeper.py) and the subscriptions' webhook dispatcher
+    (activities/webhook_dispatcher.py)."""
 
-    def __init__(self, *args, sweeper: AuditSweeper | None = None, **kwargs) -> None:
+    def __init__(self, *args, sweeper: AuditSweeper | None = None, dispatcher: WebhookDispatcher | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.sweeper = sweeper
+        self.dispatcher = dispatcher
 
     async def run(self) -> None:
-        if self.sweeper is None:
-            return await super().run()
-        sweeping = asyncio.create_task(self.sweeper.run())
+        companions = [asyncio.create_task(c.run()) for c in (self.sweeper, self.dispatcher) if c is not None]
         try:
             await super().run()
         finally:
-            sweeping.cancel()
+            for task in companions:
+                task.cancel()
 
     async def shutdown(self) -> None:
         """A last sweep while the worker still answers queries, then Temporal's shutdown."""
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
         if self.sweeper is not None:
             await self.sweeper.stop()
         await super().shutdown()
@@ -91,6 +96,7 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
     return LeadWorker(
         client,
         sweeper=None if interval is None else AuditSweeper(client, activities.store, settings.task_queue, interval),
+        dispatcher=WebhookDispatcher(activities.store, settings.webhook_retry_seconds),
         task_queue=settings.task_queue,
         workflows=[LeadWorkflow, ModelRolloutWorkflow],
         activities=(all_activities(activities) + RolloutActivities(client).all()

@@ -29,7 +29,8 @@ from sqlalchemy.pool import StaticPool
 from pydantic import BaseModel
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-from activities import report_store
+from activities import report_store, webhook_store
+from activities.webhook_store import SubscriptionKind
 from activities.db_types import UtcDateTime
 from activities.report_store import REPORT_KIND_VALUES, REPORT_KINDS
 from funnel.kpis import LeadTouch, ReportWindows, SlaReport
@@ -303,6 +304,19 @@ def _audit_values(entry: AuditEntry) -> dict[str, Any]:
     return values
 
 
+# A lead's creation is its entry into IQL: subscribers get it as its first stage change.
+_ANNOUNCED = {AuditKind.LEAD_CREATED.value, AuditKind.STAGE_CHANGED.value, AuditKind.SLA_BREACHED.value}
+
+
+def _announcement(row: dict[str, Any]) -> tuple[SubscriptionKind, str, str, dict]:
+    """A stage change or SLA breach as subscribers get it (webhook_store says what is in it)."""
+    if row["kind"] != AuditKind.SLA_BREACHED.value:
+        kind, data = SubscriptionKind.STAGE_CHANGE, webhook_store.stage_change_data(row)
+    else:
+        kind, data = SubscriptionKind.SLA_BREACH, webhook_store.sla_breach_data(row)
+    return kind, f"{row['lead_id']}.{row['seq']}", row["lead_id"], webhook_store.envelope(kind, row["at"], data)
+
+
 def _audit_entry(row: AuditRow) -> AuditEntry:
     return AuditEntry.model_validate(row.model_dump(exclude={"entry_id"}))
 
@@ -373,7 +387,7 @@ class AuditStore:
             self._write_lock = contextlib.nullcontext()
         SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN, _MODELS, _EVENTS,
                                                            _LEAD_KEYS, _ERASURES, _TOUCHES, _FACTS,
-                                                           _EXTERNAL_IDS, _CONNECTOR_LOG])
+                                                           _EXTERNAL_IDS, _CONNECTOR_LOG, *webhook_store.TABLES])
         report_store.create_tables(self.engine)
         self._add_missing_columns()
         self.fill_lead_touches()
@@ -422,11 +436,16 @@ class AuditStore:
         # ON CONFLICT DO NOTHING returns only the rows it inserted.
         # ON CONFLICT DO NOTHING returns only the rows it inserted: the leads with a new
         # report entry get their report rows derived again, in the same transaction.
-        stmt = self._insert(_AUDIT).on_conflict_do_nothing().returning(_AUDIT.c.lead_id, _AUDIT.c.kind)
+        stmt = self._insert(_AUDIT).on_conflict_do_nothing().returning(_AUDIT.c.lead_id, _AUDIT.c.seq,
+                                                                       _AUDIT.c.kind)
         with self._writing() as session:
             inserted = session.exec(stmt, params=rows).all()
             report_store.refresh_leads(session.connection(),
-                                       {lead_id for lead_id, kind in inserted if kind in REPORT_KIND_VALUES})
+                                       {lead_id for lead_id, _, kind in inserted if kind in REPORT_KIND_VALUES})
+            announced = {(lead_id, seq) for lead_id, seq, kind in inserted if kind in _ANNOUNCED}
+            if announced:  # subscribers learn of it in the same transaction that records it
+                webhook_store.fan_out(session.connection(), self._insert, utcnow(), [
+                    _announcement(row) for row in rows if (row["lead_id"], row["seq"]) in announced])
         return len(inserted)
 
     def history(self, lead_id: str, offset: int = 0, limit: int = 100) -> list[AuditEntry]:
@@ -548,7 +567,13 @@ class AuditStore:
             message = message.model_copy(update={"payload": scrub_payload(message.payload, ERASED)})
         stmt = self._insert(_OUTBOX).values(_outbox_values(message)).on_conflict_do_nothing()
         with self._writing() as session:
-            return session.exec(stmt, execution_options=_ROWCOUNT).rowcount == 1
+            new = session.exec(stmt, execution_options=_ROWCOUNT).rowcount == 1
+            if new:
+                kind = SubscriptionKind(message.kind.value)
+                webhook_store.fan_out(session.connection(), self._insert, utcnow(), [(
+                    kind, message.message_id.replace("/", "."), message.lead_id,
+                    webhook_store.envelope(kind, message.at, message.model_dump(mode="json")))])
+            return new
 
     def is_delivered(self, message_id: str) -> bool:
         """Whether the webhook has accepted this message (so a retry must not POST again)."""
@@ -805,6 +830,12 @@ class AuditStore:
                     row.payload = payload
                     session.add(row)
                     outbox += 1
+            for row in session.exec(select(webhook_store.DeliveryRow).where(
+                    webhook_store.DeliveryRow.lead_id == report.lead_id)).all():
+                body = webhook_store.scrubbed(row.body, lambda payload: scrub_payload(payload, ERASED))
+                if body != row.body:
+                    row.body = body
+                    session.add(row)
             # The event log keeps what a backtest replays (types, times, channels) and the
             # digests that recognise a redelivery; the attributes are the person's.
             session.exec(update(_EVENTS).where(_EVENTS.c.lead_id == report.lead_id).values(attributes={}))
@@ -899,6 +930,12 @@ class AuditStore:
                 row = ScoringModelRow(ref=ref, text=text, sha256=digest, applied_by=applied_by, applied_at=utcnow())
                 session.add(row)
             if activate:
+                if not row.active:
+                    now = utcnow()
+                    webhook_store.fan_out(session.connection(), self._insert, now, [(
+                        SubscriptionKind.MODEL_CHANGE, f"model.{ref}.{now.strftime('%Y%m%dT%H%M%S%fZ')}", None,
+                        webhook_store.envelope(SubscriptionKind.MODEL_CHANGE, now, {
+                            "model_ref": ref, "sha256": digest, "applied_by": applied_by}))])
                 session.exec(update(_MODELS).where(_MODELS.c.ref != ref).values(active=False))
                 row.active = True
             session.flush()

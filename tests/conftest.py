@@ -184,16 +184,19 @@ class Receiver:
         self.lock = threading.Lock()
         self.taken: list[tuple[str, dict]] = []  # (Idempotency-Key, body) of every POST it took
         self.answers: Counter = Counter()
+        self.raw: list[tuple[dict[str, str], bytes]] = []  # (headers, body) as sent, of every POST it took
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.loads(raw)
                 mode = receiver.mode
                 with receiver.lock:
                     receiver.answers[mode] += 1
                     if mode != "down":
                         receiver.taken.append((self.headers.get("Idempotency-Key"), body))
+                        receiver.raw.append(({k.lower(): v for k, v in self.headers.items()}, raw))
                 if mode == "lossy":
                     self.close_connection = True  # the answer is lost: no status line at all
                     return
