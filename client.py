@@ -104,10 +104,13 @@ class LeadFilters:
     created_from: datetime | None = None
     created_to: datetime | None = None
     closed: bool = False  # won leads as well as running ones
+    lead_ids: list[str] | None = None  # only these (polling by time: AuditStore.changed_leads)
 
     def query(self) -> str:
         statuses = "'Running', 'Completed'" if self.closed else "'Running'"
         parts = [f"WorkflowType = '{LeadWorkflow.__name__}'", f"ExecutionStatus IN ({statuses})"]
+        if self.lead_ids is not None:
+            parts.append("WorkflowId IN (" + ", ".join(f"'{_quote(workflow_id(lead))}'" for lead in self.lead_ids) + ")")
         for key, value in ((sa.LEAD_STAGE, self.stage), (sa.LEAD_OWNER, self.owner), (sa.LEAD_CHANNEL, self.channel)):
             if value:
                 parts.append(f"{key.name} = '{_quote(value)}'")

@@ -66,6 +66,7 @@ class AuditRow(SQLModel, table=True):
         Index("ix_audit_entry_kind", "kind"),
         Index("ix_audit_entry_to_stage", "to_stage"),
         Index("ix_audit_entry_channel", "channel"),
+        Index("ix_audit_entry_at", "at"),  # polling: leads changed since (AuditStore.changed_leads)
     )
 
     entry_id: str = Field(primary_key=True)
@@ -401,6 +402,9 @@ class AuditStore:
                     session.exec(text(f"ALTER TABLE {table} ADD COLUMN {column} {types[self.dialect]}"))
                     if column == "command_id":  # looked up by key: indexed like a fresh table's
                         session.exec(text(f"CREATE INDEX IF NOT EXISTS ix_{table}_{column} ON {table} ({column})"))
+        if "ix_audit_entry_at" not in {i["name"] for i in inspector.get_indexes("audit_entry")}:
+            with self._writing() as session:  # a store made before polling by time
+                session.exec(text("CREATE INDEX IF NOT EXISTS ix_audit_entry_at ON audit_entry (at)"))
 
     def dispose(self) -> None:
         """Close pooled connections (tests, shutdown)."""
@@ -447,6 +451,19 @@ class AuditStore:
                 webhook_store.fan_out(session.connection(), self._insert, utcnow(), [
                     _announcement(row) for row in rows if (row["lead_id"], row["seq"]) in announced])
         return len(inserted)
+
+    def changed_leads(self, since: datetime, limit: int = 100, after: tuple[datetime, str] | None = None
+                      ) -> list[tuple[str, datetime]]:
+        """(lead, its latest entry's time) of the leads with an entry recorded at or after
+        `since`, oldest change first, keyset-paged after the previous page's last (time, lead).
+        Entries reach the store within the audit lag of the lead recording them."""
+        last = func.max(AuditRow.at).label("last")
+        stmt = select(AuditRow.lead_id, last).where(AuditRow.at >= since).group_by(AuditRow.lead_id)
+        if after is not None:
+            stmt = stmt.having(or_(last > after[0], and_(last == after[0], AuditRow.lead_id > after[1])))
+        stmt = stmt.order_by(last, AuditRow.lead_id).limit(limit)
+        with Session(self.engine) as session:
+            return [(lead_id, at) for lead_id, at in session.exec(stmt).all()]
 
     def history(self, lead_id: str, offset: int = 0, limit: int = 100) -> list[AuditEntry]:
         stmt = select(AuditRow).where(AuditRow.lead_id == lead_id).order_by(AuditRow.seq).offset(offset).limit(limit)
@@ -591,10 +608,14 @@ class AuditStore:
         return self.outbox_page(kind, limit)[0]
 
     def outbox_page(self, kind: OutboundKind | None = None, limit: int = 100,
-                    after: tuple[datetime, str] | None = None) -> tuple[list[Outbound], tuple[datetime, str] | None]:
-        """A page of the pending messages, oldest first, after the key of the previous page's
-        last one; and this page's last key (None when the page is not full: no more)."""
+                    after: tuple[datetime, str] | None = None, since: datetime | None = None,
+                    ) -> tuple[list[Outbound], tuple[datetime, str] | None]:
+        """A page of the pending messages (stored at or after `since`), oldest first, after the
+        key of the previous page's last one; and this page's last key (None when the page is
+        not full: no more)."""
         stmt = select(OutboxRow).where(OutboxRow.acked_at.is_(None))
+        if since is not None:
+            stmt = stmt.where(OutboxRow.created_at >= since)
         if kind is not None:
             stmt = stmt.where(OutboxRow.kind == OutboundKind(kind).value)
         if after is not None:

@@ -177,10 +177,12 @@ def remove_subscription(store: "AuditStore", subscription_id: str) -> bool:
 # --------------------------------------------------------------------------- the delivery log
 
 def deliveries(store: "AuditStore", subscription_id: str, status: DeliveryStatus | None = None, limit: int = 100,
-               after: tuple[datetime, str] | None = None) -> list[DeliveryRow]:
-    """Oldest first, keyset-paged by (created_at, delivery_id) after `after`."""
+               after: tuple[datetime, str] | None = None, since: datetime | None = None) -> list[DeliveryRow]:
+    """Oldest first (made at or after `since`), keyset-paged by (created_at, delivery_id) after `after`."""
     with Session(store.engine) as session:
         stmt = select(DeliveryRow).where(DeliveryRow.subscription_id == subscription_id)
+        if since is not None:
+            stmt = stmt.where(DeliveryRow.created_at >= since)
         if status is not None:
             stmt = stmt.where(DeliveryRow.status == DeliveryStatus(status).value)
         if after is not None:

@@ -3,6 +3,7 @@ funnel report and the outbox."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
@@ -96,13 +97,17 @@ async def get_command_outcome(
         "From Temporal visibility: running leads (and won ones with `closed=true`), newest first, a page at a "
         "time: pass `next_cursor` back as `cursor` for the next. Visibility follows the lead's audit writes: "
         "stage changes within about a second, a new lead, its owner and its latest score within "
-        "LEADFLOW_AUDIT_MAX_LAG. Roles: all."
+        "LEADFLOW_AUDIT_MAX_LAG. For polling tools, `updated_since` lists the leads with a change recorded "
+        "since then, oldest change first, with `updated_at`: entries reach the store within the audit lag, so "
+        "poll from a little before your last poll's newest `updated_at`. Roles: all."
     ),
 )
 async def list_leads(
     request: Request, caller: Annotated[Principal, Depends(allow(*_READERS))],
     filters: Annotated[LeadQuery, Query()],
 ) -> LeadList:
+    if filters.updated_since is not None:
+        return await _changed_leads(request, filters)
     temporal = await backends_of(request).temporal()
     try:
         page = await temporal_call(leads.lead_page(temporal, filters.filters(), filters.cursor, filters.limit),
@@ -111,6 +116,29 @@ async def list_leads(
         raise HTTPException(422, str(err)) from None
     return LeadList(count=len(page.leads), leads=[LeadSummaryOut(**vars(lead)) for lead in page.leads],
                     next_cursor=page.next_cursor)
+
+
+async def _changed_leads(request: Request, filters: LeadQuery) -> LeadList:
+    """Polling: a page of the leads changed since, from the audit store (oldest change first,
+    keyset cursor), shown as visibility has them and filtered by the other filters there (a
+    page may then hold fewer than `limit`; `next_cursor` goes on)."""
+    try:
+        after = after_outbox_cursor(filters.cursor) if filters.cursor else None
+    except ValueError as err:
+        raise HTTPException(422, str(err)) from None
+    backends = backends_of(request)
+    changed = await backends.in_store(lambda store: store.changed_leads(filters.updated_since, filters.limit, after))
+    if not changed:
+        return LeadList(count=0, leads=[])
+    when = dict(changed)
+    query = dataclasses.replace(filters.filters(), lead_ids=list(when))
+    temporal = await backends.temporal()
+    page = await temporal_call(leads.lead_page(temporal, query, None, len(changed)), ANSWER_TIMEOUT, "query")
+    shown = sorted((LeadSummaryOut(**vars(lead), updated_at=when[lead.lead_id]) for lead in page.leads
+                    if lead.lead_id in when), key=lambda lead: (lead.updated_at, lead.lead_id))
+    last = changed[-1]
+    return LeadList(count=len(shown), leads=shown,
+                    next_cursor=outbox_cursor((last[1], last[0])) if len(changed) == filters.limit else None)
 
 
 personal = APIRouter(prefix="/leads/{lead_id}/personal-data", tags=["personal data (GDPR)"],
@@ -200,12 +228,14 @@ async def get_outbox(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     cursor: Annotated[str | None, Query(max_length=1000, pattern=r"^[A-Za-z0-9_=-]+$",
                                         description="the previous page's next_cursor")] = None,
+    updated_since: Annotated[AwareDatetime | None, Query(description="only messages stored at or after this")] = None,
 ) -> OutboxPage:
     try:
         after = after_outbox_cursor(cursor) if cursor else None
     except ValueError as err:
         raise HTTPException(422, str(err)) from None
-    messages, last = await backends_of(request).in_store(lambda store: store.outbox_page(kind, limit, after))
+    messages, last = await backends_of(request).in_store(
+        lambda store: store.outbox_page(kind, limit, after, updated_since))
     next_cursor = outbox_cursor(last) if last else None
     if not reads_personal_data(request, caller.role):
         messages = [m.model_copy(update={"payload": scrub_payload(m.payload)}) for m in messages]

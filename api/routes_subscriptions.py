@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import AnyHttpUrl, BaseModel, Field
 
 import client as leads
+from funnel.models import AwareDatetime
 from activities import webhook_store
 from activities.webhook_store import DeliveryStatus, SubscriptionKind
 
@@ -136,13 +137,15 @@ async def delivery_log(
     status: DeliveryStatus | None = None, limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     cursor: Annotated[str | None, Query(max_length=1000, pattern=r"^[A-Za-z0-9_=-]+$",
                                         description="the previous page's next_cursor")] = None,
+    updated_since: Annotated[AwareDatetime | None, Query(description="only deliveries made at or after this")] = None,
 ) -> DeliveryPage:
     try:
         after = after_outbox_cursor(cursor) if cursor else None
     except ValueError as err:
         raise HTTPException(422, str(err)) from None
     await _existing(request, subscription_id)
-    rows = await backends_of(request).in_store(webhook_store.deliveries, subscription_id, status, limit, after)
+    rows = await backends_of(request).in_store(webhook_store.deliveries, subscription_id, status, limit, after,
+                                               updated_since)
     page = [DeliveryOut(**{name: getattr(row, name) for name in DeliveryOut.model_fields}) for row in rows]
     for out in page:
         if out.status is not DeliveryStatus.PENDING:

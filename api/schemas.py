@@ -227,6 +227,7 @@ class LeadSummaryOut(BaseModel):
     channel: str | None
     created_at: datetime | None = None  # None: not yet known to visibility (a lead older than this version)
     closed: bool = False
+    updated_at: datetime | None = Field(default=None, description="its latest change (lists with updated_since)")
 
 
 class LeadQuery(BaseModel):
@@ -240,6 +241,8 @@ class LeadQuery(BaseModel):
     created_from: Annotated[AwareDatetime | None, Field(description="created at or after (ISO 8601 with a timezone)")] = None
     created_to: Annotated[AwareDatetime | None, Field(description="created before (ISO 8601 with a timezone)")] = None
     closed: Annotated[bool, Field(description="won leads as well as running ones")] = False
+    updated_since: Annotated[AwareDatetime | None, Field(
+        description="only leads with a change recorded at or after this time, oldest change first")] = None
     cursor: Annotated[str | None, Field(max_length=4000, pattern=r"^[A-Za-z0-9_=-]+$",
                                         description="the previous page's next_cursor")] = None
     limit: Annotated[int, Field(ge=1, le=MAX_PAGE)] = 100
