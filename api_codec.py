@@ -21,6 +21,7 @@ rest of the history decoded.
 from __future__ import annotations
 
 import html
+import json
 from typing import Awaitable, Callable
 from urllib.parse import parse_qs
 
@@ -72,6 +73,12 @@ class _CorsRoute(APIRoute):
         return with_cors
 
 
+def _problem(description: str) -> dict:
+    """A documented error answer ({"detail": ...}), as api.schemas.Problem (not imported: api imports this)."""
+    return {"description": description, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}}}
+
+
 router = APIRouter(prefix="/codec", tags=["codec server (Temporal UI)"], route_class=_CorsRoute)
 
 
@@ -102,11 +109,18 @@ async def _codec(request: Request) -> EncryptionCodec:
 
 
 async def _payloads(request: Request) -> Payloads:
-    body = await request.body()
+    """The body as the codec server protocol has it: {"payloads": [...]} (protobuf JSON)."""
+    expected = 'expected {"payloads": [...]} (Payloads as protobuf JSON)'
     try:
-        return json_format.Parse(body or b"{}", Payloads())
-    except (json_format.ParseError, DecodeError, UnicodeDecodeError) as err:
-        raise HTTPException(400, f"expected {{\"payloads\": [...]}} (Payloads as protobuf JSON): {err}") from None
+        parsed = json.loads(await request.body() or b"null")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise HTTPException(400, f"{expected}: {err}") from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("payloads"), list):
+        raise HTTPException(400, expected)
+    try:
+        return json_format.ParseDict(parsed, Payloads())
+    except (json_format.ParseError, DecodeError) as err:
+        raise HTTPException(400, f"{expected}: {err}") from None
 
 
 def _answer(payloads) -> Response:
@@ -114,12 +128,20 @@ def _answer(payloads) -> Response:
 
 
 _BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "properties": {"payloads": {"type": "array", "items": {"type": "object", "properties": {
-        "metadata": {"type": "object", "additionalProperties": {"type": "string", "format": "byte"}},
-        "data": {"type": "string", "format": "byte"}}}}}}}}}}
+    "type": "object", "required": ["payloads"], "additionalProperties": False,
+    "properties": {"payloads": {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
+        # protobuf JSON: null is the field's default
+        "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string", "format": "byte"}},
+        "data": {"type": ["string", "null"], "format": "byte"}}}}}}}}}}
+
+
+_CODEC_ERRORS = {400: _problem("not Payloads as protobuf JSON"), 401: _problem("no or invalid API key or session"),
+                 403: _problem("not a manager's key"), 429: _problem("too many failed authentications"),
+                 503: _problem("Temporal cannot be reached, or a lead's key store")}
 
 
 @router.post("/decode", summary="Decode payloads (Temporal codec server protocol)", openapi_extra=_BODY,
+             responses=_CODEC_ERRORS,
              description="Payloads as protobuf JSON in, decrypted payloads out; one that cannot be decrypted "
                          "(its lead's key destroyed by an erasure) comes back as it was. Role: manager.")
 @router.post("/{namespace}/decode", include_in_schema=False)
@@ -136,6 +158,7 @@ async def decode(request: Request) -> Response:
 
 
 @router.post("/encode", summary="Encode payloads (Temporal codec server protocol)", openapi_extra=_BODY,
+             responses=_CODEC_ERRORS,
              description="Payloads as protobuf JSON in, encrypted with the current payload key out. Role: manager.")
 @router.post("/{namespace}/encode", include_in_schema=False)
 async def encode(request: Request) -> Response:
@@ -170,7 +193,13 @@ async def login_page(request: Request) -> HTMLResponse:
                                                    "decode payloads."))
 
 
-@router.post("/login", response_class=HTMLResponse, include_in_schema=False)
+@router.post("/login", response_class=HTMLResponse, summary="The sign-in form's answer (a session cookie)",
+             description="Form field `key`: a manager's API key. Sets an HttpOnly cookie for /codec.",
+             openapi_extra={"requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {
+                 "schema": {"type": "object", "required": ["key"],
+                            "properties": {"key": {"type": "string", "minLength": 1}}}}}}},
+             responses={400: _problem("no key in the form"), 401: _problem("not a valid key"),
+                        403: _problem("not a manager's key"), 429: _problem("too many failed authentications")})
 async def login(request: Request) -> Response:
     form = {name: values[-1] for name, values in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
     key = form.get("key", "").strip()

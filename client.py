@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -385,10 +386,7 @@ async def list_leads(client: Client, stage: str | None = None, owner: str | None
 async def lead_page(client: Client, filters: LeadFilters, cursor: str | None = None, size: int = 50) -> LeadPage:
     """One page of leads from Temporal visibility (newest runs first) and the cursor of the
     next: Temporal's page token, opaque to callers, so paging goes on past any count."""
-    try:
-        token = base64.urlsafe_b64decode(cursor.encode("ascii")) if cursor else None
-    except (ValueError, UnicodeEncodeError):
-        raise ValueError("invalid cursor: pass back the next_cursor of the previous page") from None
+    token = _page_token(cursor) if cursor else None
     executions = client.list_workflows(filters.query(), page_size=size, next_page_token=token)
     try:
         await executions.fetch_next_page()
@@ -405,7 +403,24 @@ async def lead_page(client: Client, filters: LeadFilters, cursor: str | None = N
             closed=execution.status is not None and execution.status != WorkflowExecutionStatus.RUNNING,
         ))
     token = executions.next_page_token
-    return LeadPage(found, base64.urlsafe_b64encode(token).decode("ascii") if token else None)
+    return LeadPage(found, _cursor(token) if token else None)
+
+
+def _cursor(token: bytes) -> str:
+    """Temporal's page token with a digest of it: a cursor that was not made here is refused
+    as such (a garbled token reaches Temporal as an internal error, not a bad argument)."""
+    return base64.urlsafe_b64encode(hashlib.blake2b(token, digest_size=8).digest() + token).decode("ascii")
+
+
+def _page_token(cursor: str) -> bytes:
+    try:
+        raw = base64.urlsafe_b64decode(cursor.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raw = b""
+    digest, token = raw[:8], raw[8:]
+    if not token or hashlib.blake2b(token, digest_size=8).digest() != digest:
+        raise ValueError("invalid cursor: pass back the next_cursor of the previous page")
+    return token
 
 
 def _quote(value: str) -> str:

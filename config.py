@@ -88,6 +88,8 @@ class Settings(BaseModel):
     # After an erasure the lead's earlier key generations are destroyed this long after the
     # rotation (longer than the key cache plus the slowest call that may still carry the old key).
     shred_delay_seconds: float = Field(default=120.0, ge=0, le=86400)
+    # Failed authentications one address may make per minute before it gets 429 (guessing keys).
+    auth_failure_limit: int = Field(default=10, ge=1)
     # Origins of the Temporal web UI allowed to call the codec server (CORS).
     codec_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8233", "http://localhost:8233"])
 
@@ -124,6 +126,7 @@ class Settings(BaseModel):
             "LEADFLOW_COMMAND_TIMEOUT": "command_timeout_seconds",
             "LEADFLOW_KEY_CACHE_SECONDS": "key_cache_seconds",
             "LEADFLOW_SHRED_DELAY": "shred_delay_seconds",
+            "LEADFLOW_AUTH_FAILURE_LIMIT": "auth_failure_limit",
         }
         for var, field in mapping.items():
             if env.get(var):

@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Query, Request
+from fastapi import APIRouter, Depends, Path as PathParam, Query, Request
 from pydantic import BaseModel
 
 import client as leads
@@ -33,7 +33,7 @@ from api.backends import backends_of, edge_model, Unavailable
 from api.keys import allow, failed_authentication, Principal
 from api.limits import EARLIEST_EVENT
 from api.routes_ingest import take_events, take_profile
-from api.schemas import ERRORS, PathLeadId, Problem, problem_response
+from api.schemas import ERRORS, invalid, PathLeadId, Problem, problem_response
 
 log = logging.getLogger("leadflow.connectors")
 
@@ -176,8 +176,8 @@ def _json(body: bytes, kind: type, what: str):
     return payload
 
 
-def _unprocessable(detail: str) -> HTTPException:
-    return HTTPException(422, detail)
+def _unprocessable(detail: str):
+    return invalid(("body",), detail)
 
 
 async def _take(request: Request, vendor: str, items: list[VendorItem]) -> ConnectorResult:
@@ -303,7 +303,7 @@ async def link_external(lead_id: PathLeadId, system: System, external_id: Extern
 async def connector_log(
     vendor: Literal["mautic", "hubspot"], request: Request, caller: Annotated[Principal, Depends(allow())],
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[int | None, Query(ge=1, description="next_cursor of the previous page")] = None,
+    cursor: Annotated[int | None, Query(ge=1, le=2**63 - 1, description="next_cursor of the previous page")] = None,
 ) -> ConnectorLogPage:
     rows = await backends_of(request).in_store(AuditStore.connector_log, vendor, limit, cursor)
     entries = [ConnectorLogEntry.model_validate(row, from_attributes=True) for row in rows]

@@ -7,7 +7,7 @@ import dataclasses
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
@@ -20,6 +20,7 @@ from funnel.report import CSV_TABLES, FunnelReport, ReportWindows, report_csv
 from api.limits import ANSWER_TIMEOUT, MAX_PAGE
 from api.keys import allow, Principal
 from api.schemas import (
+    invalid,
     AckIn, AckResult, after_outbox_cursor, ERRORS, HistoryPage, LeadList, LeadQuery, LeadSummaryOut, outbox_cursor,
     OutboxPage, PathLeadId, Problem,
 )
@@ -113,7 +114,7 @@ async def list_leads(
         page = await temporal_call(leads.lead_page(temporal, filters.filters(), filters.cursor, filters.limit),
                                    ANSWER_TIMEOUT, "query")
     except ValueError as err:
-        raise HTTPException(422, str(err)) from None
+        raise invalid(("query", "cursor"), str(err)) from None
     return LeadList(count=len(page.leads), leads=[LeadSummaryOut(**vars(lead)) for lead in page.leads],
                     next_cursor=page.next_cursor)
 
@@ -125,7 +126,7 @@ async def _changed_leads(request: Request, filters: LeadQuery) -> LeadList:
     try:
         after = after_outbox_cursor(filters.cursor) if filters.cursor else None
     except ValueError as err:
-        raise HTTPException(422, str(err)) from None
+        raise invalid(("query", "cursor"), str(err)) from None
     backends = backends_of(request)
     changed = await backends.in_store(lambda store: store.changed_leads(filters.updated_since, filters.limit, after))
     if not changed:
@@ -233,7 +234,7 @@ async def get_outbox(
     try:
         after = after_outbox_cursor(cursor) if cursor else None
     except ValueError as err:
-        raise HTTPException(422, str(err)) from None
+        raise invalid(("query", "cursor"), str(err)) from None
     messages, last = await backends_of(request).in_store(
         lambda store: store.outbox_page(kind, limit, after, updated_since))
     next_cursor = outbox_cursor(last) if last else None

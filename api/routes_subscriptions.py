@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import AnyHttpUrl, BaseModel, Field
 
 import client as leads
@@ -17,7 +17,7 @@ from activities.webhook_store import DeliveryStatus, SubscriptionKind
 from api.backends import backends_of
 from api.keys import allow, Principal
 from api.limits import MAX_PAGE
-from api.schemas import after_outbox_cursor, ERRORS, outbox_cursor, Problem
+from api.schemas import after_outbox_cursor, invalid, ERRORS, outbox_cursor, Problem
 
 subscriptions = APIRouter(prefix="/subscriptions", tags=["webhook subscriptions"], responses=ERRORS)
 
@@ -142,7 +142,7 @@ async def delivery_log(
     try:
         after = after_outbox_cursor(cursor) if cursor else None
     except ValueError as err:
-        raise HTTPException(422, str(err)) from None
+        raise invalid(("query", "cursor"), str(err)) from None
     await _existing(request, subscription_id)
     rows = await backends_of(request).in_store(webhook_store.deliveries, subscription_id, status, limit, after,
                                                updated_since)

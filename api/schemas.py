@@ -3,6 +3,8 @@ error shapes; FastAPI derives the OpenAPI document from them."""
 
 from __future__ import annotations
 
+from fastapi.exceptions import RequestValidationError
+
 import base64
 import json
 import math
@@ -110,6 +112,10 @@ class RejectedItem:
 
 
 def _keep_invalid(value: Any, handler) -> Any:
+    """An invalid event object stays in place as a RejectedItem; what is not an object at all
+    fails the batch (the document says the items are objects)."""
+    if not isinstance(value, dict):
+        return handler(value)
     try:
         return handler(value)
     except ValidationError as err:
@@ -119,7 +125,11 @@ def _keep_invalid(value: Any, handler) -> Any:
 class EventBatchIn(_Request):
     events: list[Annotated[EventIn, WrapValidator(_keep_invalid)]] = Field(
         min_length=1, max_length=MAX_BATCH,
-        description=f"1 to {MAX_BATCH} events, for any leads; each is validated on its own",
+        description=f"1 to {MAX_BATCH} events, for any leads, each an object as `POST /events` takes it "
+                    "(EventIn). Each is validated on its own: an invalid one is answered `rejected` with its "
+                    "reason while the others go on, so the body itself takes any objects (an item that is "
+                    "not an object is a 422 of the batch).",
+        json_schema_extra={"items": {"type": "object"}},
     )
 
 
@@ -304,6 +314,11 @@ class Readiness(BaseModel):
         default=None, description="how far behind the workers are (approximate, from Temporal)")
 
 
+def invalid(where: tuple[str | int, ...], message: str) -> RequestValidationError:
+    """A 422 in the shape every 422 has (ValidationProblem), for checks made in a route."""
+    return RequestValidationError([{"loc": where, "msg": message, "type": "value_error"}])
+
+
 def problem_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -345,11 +360,14 @@ def error_message(error: dict) -> str:
 # =========================================================================== routes
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "malformed request: conflicting credentials (Authorization and "
+                                           "X-API-Key with different keys), an invalid Content-Length"},
     401: {"model": Problem, "description": "no or invalid API key"},
     403: {"model": Problem, "description": "the key's role may not do this"},
     413: {"model": Problem, "description": f"body larger than {MAX_BODY_BYTES} bytes"},
     415: {"model": Problem, "description": "a body that is not JSON (Content-Type: application/json)"},
     422: {"model": ValidationProblem, "description": "invalid input; each problem names its field"},
+    429: {"model": Problem, "description": "too many failed authentications from this address; see Retry-After"},
     503: {"model": Problem, "description": "Temporal or the audit store cannot be reached; retry later"},
 }
 LEAD_ERRORS: dict[int | str, dict[str, Any]] = {

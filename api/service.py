@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import ValidationError
 from temporalio.client import Client
@@ -53,6 +55,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
         return JSONResponse({"detail": errors, "message": message}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Allow: every method of the path, not just one route's
+            headers["Allow"] = ", ".join(_methods_of(request))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers or None)
+
     @app.exception_handler(leads.LeadNotFound)
     async def not_found(request: Request, exc: leads.LeadNotFound) -> JSONResponse:
         return problem_response(404, str(exc))
@@ -88,6 +97,17 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RPCError)
     async def temporal_error(request: Request, exc: RPCError) -> JSONResponse:
         return problem_response(503, f"Temporal error: {first_line(exc)}", headers={"Retry-After": "5"})
+
+
+def _methods_of(request: Request) -> list[str]:
+    """The methods the API documents for the request's path (several routes may share it)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if getattr(route, "include_in_schema", False) and getattr(route, "methods", None):
+            match, _ = route.matches({**request.scope, "method": next(iter(route.methods))})
+            if match is Match.FULL:
+                methods |= route.methods
+    return sorted(methods - {"HEAD"})
 
 
 class BodyLimit:
@@ -249,7 +269,7 @@ def create_app(settings: Settings | None = None, keys: KeyRing | None = None, te
         try:
             cfg = settings or Settings.from_env()
             app.state.keys = keys or KeyRing.from_env()
-            app.state.auth_failures = FailedAuthLimiter()
+            app.state.auth_failures = FailedAuthLimiter(limit=cfg.auth_failure_limit)
             app.state.scoring_model = ActiveModel(cfg.model_path)
             model = app.state.scoring_model._file
             check_mapping(cfg.connectors_path)

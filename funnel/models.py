@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AfterValidator,
+    BeforeValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -43,7 +44,17 @@ def _aware_utc(value: datetime) -> datetime:
         raise ValueError(f"timestamp {value.isoformat()} is out of range once in UTC") from None
 
 
-AwareDatetime = Annotated[datetime, AfterValidator(_aware_utc)]
+def _not_a_number(value: object) -> object:
+    """A bare number is not a time here: seconds or milliseconds since 1970 is a guess (HubSpot
+    sends milliseconds), and pydantic would take either as seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) or (
+            isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+        raise ValueError("a time is ISO 8601 with a timezone (e.g. 2026-11-22T10:00:00Z), not a number")
+    return value
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+AwareDatetime = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(_aware_utc)]
 LeadId = Annotated[str, StringConstraints(pattern=LEAD_ID_PATTERN)]
 EventId = Annotated[str, StringConstraints(pattern=EVENT_ID_PATTERN)]
 ActorName = Annotated[str, StringConstraints(min_length=1, max_length=100, strip_whitespace=True)]

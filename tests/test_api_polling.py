@@ -69,3 +69,12 @@ async def test_outbox_and_deliveries_since(api, store):
     assert [d["lead_id"] for d in r.json()["deliveries"]] == [second]
     r = await mia.get(f"/subscriptions/{sub.subscription_id}/deliveries")
     assert [d["lead_id"] for d in r.json()["deliveries"]] == [first, second]
+
+
+async def test_a_cursor_not_made_here_is_refused_as_such(api, store):
+    anna = api.as_("anna")
+    # Found by the fuzzer: a garbled Temporal page token came back from Temporal as an
+    # internal error, and the API answered 503 (retry) instead of 422 (your request is wrong).
+    for cursor in ("nFlkIzd0", "eyJ4IjogMX0="):
+        r = await anna.get("/leads", params={"cursor": cursor})
+        assert r.status_code == 422 and "invalid cursor" in r.json()["message"], r.text
