@@ -33,6 +33,8 @@ from temporalio.common import WorkflowIDConflictPolicy
 
 from activities.store import AuditStore, ModelVersion
 from config import Settings
+from funnel.accounts import AccountView
+from workflows.account_input import account_workflow_id
 from funnel.lead import Lead, LeadView
 from funnel.models import (
     ActivityEvent,
@@ -309,6 +311,38 @@ async def get_view(client: Client, lead_id: str) -> LeadView:
         raise
     except WorkflowQueryFailedError as err:
         raise LeadStarting(f"lead {lead_id} exists but is still starting; ask again in a moment ({err})") from None
+
+
+async def get_account(client: Client, account_id: str) -> AccountView:
+    """An account's state (funnel/accounts.py) from its workflow."""
+    handle = client.get_workflow_handle(account_workflow_id(account_id))
+    try:
+        return await handle.query("account_view", result_type=AccountView)
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:
+            raise LeadNotFound(f"no account {account_id}") from None
+        if b"QueryFailedFailure" in (err.raw_grpc_status or b""):
+            raise LeadStarting(f"account {account_id} is still starting; ask again in a moment") from None
+        raise
+    except WorkflowQueryFailedError as err:
+        raise LeadStarting(f"account {account_id} is still starting; ask again in a moment ({err})") from None
+
+
+async def account_page(client: Client, cursor: str | None = None, size: int = 50) -> tuple[list[AccountView], str | None]:
+    """A page of accounts (newest first) with their state, and the next page's cursor."""
+    token = _page_token(cursor) if cursor else None
+    executions = client.list_workflows("WorkflowType = 'AccountWorkflow' AND ExecutionStatus = 'Running'",
+                                       page_size=size, next_page_token=token)
+    await executions.fetch_next_page()
+    ids = [e.id.removeprefix("account-") for e in executions.current_page or []]
+    views = []
+    for account_id in ids:
+        try:
+            views.append(await get_account(client, account_id))
+        except (LeadNotFound, LeadStarting):
+            continue  # ended or starting meanwhile: the next page or the next look shows it
+    following = executions.next_page_token
+    return views, _cursor(following) if following else None
 
 
 TAIL_TIMEOUT = 3.0  # s for a lead to say what it has not written yet; no worker, no answer

@@ -548,6 +548,22 @@ async def cmd_show(args, settings: Settings) -> int:
     return 0
 
 
+async def cmd_account(args, settings: Settings) -> int:
+    """An account (a company's buying team): its score, roles, contacts, MQA."""
+    tc = await _connect(settings)
+    view = await _answer(api.get_account(tc, args.account), args.account, "query")
+    if args.json:
+        _print_json(view.model_dump(mode="json"))
+        return 0
+    print(f"account {view.account_id}: {view.stage.value} since {_when(view.stage_since)}"
+          + (f", owner {view.owner}" if view.owner else ""))
+    print(f"score {view.score:g} (fit {view.fit:g} + engagement {view.engagement:g}) of {view.threshold:g}; "
+          f"roles {', '.join(view.roles) or 'none'} ({len(view.roles)} of {view.roles_needed})")
+    for c in view.contacts:
+        print(f"  {c.lead_id}  {c.stage}  engagement {c.engagement:g}  {c.role or '-'}")
+    return 0
+
+
 async def cmd_history(args, settings: Settings) -> int:
     store = _store(settings)
     try:
@@ -1495,6 +1511,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(handler=cmd_keys_new)
     k = keys_sub.add_parser("rewrap", help="wrap every lead key with the current payload key")
     k.set_defaults(handler=cmd_keys_rewrap)
+
+    p = sub.add_parser("account", help="an account (a company's buying team): score, roles, contacts",
+                       description="an account: leads of one company (account_id fact or e-mail domain), its "
+                                   "score, buying-team roles and whether it is an MQA")
+    p.add_argument("account", metavar="ACCOUNT_ID", help="e.g. acme-gmbh.de")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_account)
 
     p = sub.add_parser("subscriptions", help="webhook subscriptions: add, list, remove, deliveries, replay",
                        description="webhook subscriptions (managers): who gets which messages, signed per "

@@ -23,6 +23,8 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.audit_sweeper import AuditSweeper
 from activities.webhook_dispatcher import WebhookDispatcher
+from activities.account_activities import AccountActivities
+from workflows.account import AccountWorkflow
 from activities.lead_activities import LeadActivities, all_activities
 from activities.personal_data_activities import PersonalDataActivities
 from activities.rollout_activities import RolloutActivities
@@ -98,8 +100,9 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
         sweeper=None if interval is None else AuditSweeper(client, activities.store, settings.task_queue, interval),
         dispatcher=WebhookDispatcher(activities.store, settings.webhook_retry_seconds),
         task_queue=settings.task_queue,
-        workflows=[LeadWorkflow, ModelRolloutWorkflow],
+        workflows=[LeadWorkflow, ModelRolloutWorkflow, AccountWorkflow],
         activities=(all_activities(activities) + RolloutActivities(client).all()
+                    + AccountActivities(client, settings).all()
                     + PersonalDataActivities(client, activities.store).all()),
         activity_executor=executor or ThreadPoolExecutor(ACTIVITY_THREADS),
         max_concurrent_activities=ACTIVITY_THREADS,

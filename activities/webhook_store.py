@@ -39,6 +39,7 @@ class SubscriptionKind(StrEnum):
     ESCALATION = "escalation"  # an SLA breach escalated to the team lead (outbox)
     REVIEW = "review"  # a hand-raiser kept from presales by a fit rule (outbox)
     MODEL_CHANGE = "model_change"  # another scoring model became active
+    ACCOUNT_HANDOVER = "account_handover"  # an account became marketing-qualified (outbox)
 
 
 class DeliveryStatus(StrEnum):

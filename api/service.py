@@ -35,6 +35,7 @@ from api.routes_reads import outbox, personal, reads
 from api.routes_models import models
 from api.routes_connectors import check_mapping, connectors
 from api.routes_subscriptions import subscriptions
+from api.routes_accounts import accounts
 from connectors.mapping import MappingError
 from api.ui import install_ui
 
@@ -293,7 +294,7 @@ def create_app(settings: Settings | None = None, keys: KeyRing | None = None, te
     app = FastAPI(title="Leadflow API", version="1.0", description=DESCRIPTION, lifespan=lifespan,
                   responses={500: {"model": Problem, "description": "a bug: please report it"}},
                   docs_url=None, redoc_url=None)
-    for router in (health, ingest, commands, reads, personal, outbox, models, connectors, subscriptions):
+    for router in (health, ingest, commands, reads, personal, outbox, models, connectors, subscriptions, accounts):
         app.include_router(router)
     app.include_router(codec_router)
     _install_docs(app)

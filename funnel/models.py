@@ -561,6 +561,7 @@ class OutboundKind(StrEnum):
     ESCALATION = "escalation"
     OPPORTUNITY = "opportunity"  # SQL: create the CRM opportunity, hand to sales
     REVIEW = "review"  # a hand-raiser that a fit rule keeps from presales: someone should look
+    ACCOUNT_HANDOVER = "account_handover"  # a marketing-qualified account, with its contacts (funnel/accounts.py)
 
 
 class Outbound(BaseModel):

@@ -274,6 +274,20 @@ class _FieldError(ValueError):
         self.loc = loc
 
 
+class AccountRules(_Section):
+    """Buying teams (funnel/accounts.py): when an account (company) is marketing-qualified."""
+
+    best_k: int = Field(default=3, ge=1, le=50)  # the engagement of its best k contacts counts
+    threshold: float = 120  # account fit + best contacts' engagement
+    min_roles: int = Field(default=2, ge=0)  # buying-team roles among its engaged contacts
+    roles: list[str] = Field(default_factory=lambda: [
+        "decision_maker", "champion", "user", "purchasing", "influencer", "technical"])
+    # Fit rules on these fields score the account (once), not each contact.
+    fit_fields: list[str] = Field(default_factory=lambda: ["target_account", "company_size", "industry", "country"])
+    inactive_stages: list[str] = Field(default_factory=lambda: ["disqualified", "lost"])
+    assign_to: Literal["presales", "sales"] = "sales"  # the team whose member owns an MQA
+
+
 class ScoringModel(_Section):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
     version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
@@ -290,6 +304,7 @@ class ScoringModel(_Section):
     cool_off: CoolOff = CoolOff()
     late_events: LateEvents = LateEvents()
     reasons: ReasonCodes = ReasonCodes()
+    account: AccountRules = AccountRules()
 
     @model_validator(mode="after")
     def _consistent(self) -> "ScoringModel":

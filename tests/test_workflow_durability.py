@@ -142,7 +142,7 @@ async def test_replay_detects_a_changed_workflow(converter):
 
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7])
 async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store, version):
     """Leads started by older code keep replaying their way. Version 1: the model by a
     regular activity. Version 2: by local activity (a marker, no round trip), handover and
@@ -153,12 +153,12 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
     score change reaches the store through the worker's sweeper, without a lag timer or a
     write in the lead (versions 2 and 3 start a lag timer; 1 writes at once). Version 5: a
     new lead given the active model starts on it without reading it (older ones read it
-    anyway). Version 6 (what callers start now): the lead's creation time is a search
-    attribute as well. All score alike."""
+    anyway). Version 6: the lead's creation time is a search attribute as well. Version 7
+    (what callers start now): a lead in an account feeds it (test_accounts.py). All score alike."""
     from workflows.lead_input import CURRENT_VERSION, LeadInput
 
     client, lead = ts_env.client, f"V{version}"
-    assert CURRENT_VERSION == 6
+    assert CURRENT_VERSION == 7
     given = load_model(settings.model_path)
     async with running_worker(client, settings, store):
         now = await ts_env.get_current_time()
@@ -183,10 +183,10 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
         stored = store.count_history(lead)
         total, _ = await leads.read_history(client, store, lead)
     # (v1 waits with a timeout: a timer per signal)
-    assert (quiet_timers, quiet_writes) == {1: (1, 1), 2: (1, 0), 3: (1, 0), 4: (0, 0), 5: (0, 0), 6: (0, 0)}[version]
-    assert (stored == total) == (version in (1, 4, 5, 6))  # written at once, or swept; 2 and 3 wait 30 s
+    assert (quiet_timers, quiet_writes) == {1: (1, 1), 2: (1, 0), 3: (1, 0), 4: (0, 0), 5: (0, 0), 6: (0, 0), 7: (0, 0)}[version]
+    assert (stored == total) == (version in (1, 4, 5, 6, 7))  # written at once, or swept; 2 and 3 wait 30 s
     activities = scheduled_activities(history)
-    assert ("load_scoring_model" in activities) == (version not in (2, 5, 6))
+    assert ("load_scoring_model" in activities) == (version not in (2, 5, 6, 7))
     upserted = {name for e in history.events if e.HasField("upsert_workflow_search_attributes_event_attributes")
                 for name in e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields}
     assert ("LeadCreated" in upserted) == (version >= 6)
@@ -199,7 +199,7 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
 
 
 async def test_callers_start_leads_at_the_current_version(ts_env, settings, store):
-    """A lead sent its first events by a caller behaves as version 6 (see above): it starts
+    """A lead sent its first events by a caller behaves as version 7 (see above): it starts
     on the model the caller passed, or reads the active one by a regular activity; no local
     activity at all, the owner by its own activity."""
     client, given, read = ts_env.client, "V-now-given", "V-now-read"

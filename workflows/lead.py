@@ -38,6 +38,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows import search_attributes as sa
     from workflows.audit_cadence import AuditCadence
     from workflows.deliveries import Deliveries
+    from workflows.account_feed import AccountFeed
+    from funnel.accounts import contact_snapshot
     from workflows.lead_input import CURRENT_VERSION, LeadInput, ModelChange, ShredPending, behaviour
     from workflows.wake_timer import WakeTimer
 
@@ -78,6 +80,7 @@ class LeadWorkflow:
                                    lead_id=inp.lead_id)
         self._wake = WakeTimer()
         self._deliveries = Deliveries(self._owner_assigned, assign_first=self._behaviour.decisions_and_owners)
+        self._account_feed = AccountFeed() if self._behaviour.feeds_accounts else None
         # Erasure: inputs taken and applied so far (an erasure waits for what came before it),
         # the old key generations still to destroy, and whether this run must end for a new one.
         self._taken = len(self._inbox)
@@ -101,6 +104,7 @@ class LeadWorkflow:
                 await self._continue_as_new(inp)  # returns only when the backlog is too big to carry
             await self._take_what_arrived()
             await self._carry_out_effects()
+            self._feed_account()
             if self._inbox or self._work_pending or self._model_changes:
                 continue
             self._refresh_search_attributes()
@@ -199,6 +203,15 @@ class LeadWorkflow:
         self._audit.settle()
         if not self._behaviour.audit_cadence:
             self._refresh_search_attributes(always=True)
+
+    def _feed_account(self) -> None:
+        """Tell the lead's account (if it has one) what it reads of the lead, when that changed."""
+        if self._account_feed is None or self._lead is None:
+            return
+        s = self._lead.state
+        self._account_feed.offer(contact_snapshot(
+            s.lead_id, s.profile, s.profile_seen, s.stage.value, s.score.total, s.score.engagement, s.audit_seq,
+            self._lead.model, workflow.now()))
 
     async def _continue_as_new(self, inp: LeadInput) -> None:
         """A long run ends whatever keeps arriving: input not applied yet waits in the inbox

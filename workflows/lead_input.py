@@ -19,7 +19,7 @@ from funnel.scoring_model import ScoringModel
 # How a run behaves, for replay. Runs keep the behaviour of the code that started them
 # (chosen by input rather than `workflow.patched()`: a patch upserts the
 # TemporalChangeVersion search attribute, a visibility write for every new lead).
-CURRENT_VERSION = 6
+CURRENT_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,17 @@ class RunBehaviour:
     # others, so lists filter by it. v1-v5 runs do not upsert it (a changed upsert would not
     # replay); their leads get it with their next run.
     created_attribute: bool = False
+    # v7: a lead in an account (an `account_id` fact, or a company e-mail domain) tells the
+    # account's workflow what it reads of the lead when that changes (workflows/account_feed.py,
+    # funnel/accounts.py). v1-v6 runs do not (an added activity would not replay); their
+    # leads feed their account from their next run.
+    feeds_accounts: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
     return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3, local_reads=version == 2,
-                        swept_audit=version >= 4, model_from_input=version >= 5, created_attribute=version >= 6)
+                        swept_audit=version >= 4, model_from_input=version >= 5, created_attribute=version >= 6,
+                        feeds_accounts=version >= 7)
 
 
 class ModelChange(BaseModel):

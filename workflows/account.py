@@ -1,0 +1,92 @@
+"""An account (company) as a durable workflow: its leads' snapshots in, its score, buying-team
+coverage and MQA handover out (the rules are funnel/accounts.py). Leads start it by
+signal-with-start (activities/account_activities.py), so it exists once a lead names it.
+
+Workflow code: only workflow time, activities and signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from funnel.accounts import Account, AccountView, ContactSnapshot
+    from funnel.models import Outbound
+    from funnel.scoring_model import ScoringModel
+    from workflows.account_input import AccountInput
+
+MODEL_TIMEOUT = timedelta(seconds=30)
+ASSIGN_RETRY = RetryPolicy(maximum_interval=timedelta(seconds=30))
+DELIVERY_RETRY = RetryPolicy(maximum_interval=timedelta(minutes=10))
+
+
+@workflow.defn
+class AccountWorkflow:
+    @workflow.init
+    def __init__(self, inp: AccountInput) -> None:
+        self._inbox: list[ContactSnapshot] = list(inp.pending)
+        self._account: Account | None = None
+        self._model: ScoringModel | None = None
+        self._undelivered: dict[str, Outbound] = {m.message_id: m for m in inp.undelivered}
+
+    @workflow.signal(name="contact_changed")
+    def contact_changed(self, snapshot: ContactSnapshot) -> None:
+        self._inbox.append(snapshot)
+
+    @workflow.query(name="account_view")
+    def account_view(self) -> AccountView:
+        if self._account is None or self._model is None:
+            raise ApplicationError("account is starting", type="AccountStarting")
+        return self._account.view(self._model)
+
+    @workflow.run
+    async def run(self, inp: AccountInput) -> None:
+        self._model = await workflow.execute_activity(
+            "load_scoring_model", None, result_type=ScoringModel, start_to_close_timeout=MODEL_TIMEOUT,
+            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)))
+        now = workflow.now()
+        account = self._account = (Account(inp.state) if inp.state is not None
+                                   else Account.create(inp.account_id, now))
+        account.use_model(self._model, now)
+        for message in list(self._undelivered.values()):  # carried over: they start again
+            self._deliver(message)
+        while True:
+            await workflow.wait_condition(lambda: bool(self._inbox) or self._long(inp))
+            if self._long(inp) and not self._inbox:
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(AccountInput(
+                    account_id=inp.account_id, state=account.state, pending=list(self._inbox),
+                    undelivered=list(self._undelivered.values()), max_history_events=inp.max_history_events))
+            batch, self._inbox = self._inbox, []
+            now = workflow.now()
+            for snapshot in batch:
+                account.apply(snapshot, self._model, now)
+            for message in account.take_outbound():
+                self._deliver(message)
+
+    def _long(self, inp: AccountInput) -> bool:
+        info = workflow.info()
+        return info.is_continue_as_new_suggested() or info.get_current_history_length() > inp.max_history_events
+
+    def _deliver(self, message: Outbound) -> None:
+        self._undelivered[message.message_id] = message
+        asyncio.create_task(self._hand_over(message))
+
+    async def _hand_over(self, message: Outbound) -> None:
+        """The account's owner (the next of the team in turn) and the outbox row in one short
+        store write, then the webhook, if one is configured: as a lead's handover."""
+        handed = await workflow.execute_activity(
+            "assign_owner", message, result_type=dict, start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=ASSIGN_RETRY)
+        assert self._account is not None
+        self._account.assign_owner(handed["owner"])
+        if handed["post"]:
+            named = message.model_copy(update={"payload": {**message.payload, "owner": handed["owner"]}})
+            await workflow.execute_activity("deliver", named, start_to_close_timeout=timedelta(minutes=2),
+                                            retry_policy=DELIVERY_RETRY)
+        self._undelivered.pop(message.message_id, None)
