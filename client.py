@@ -328,21 +328,40 @@ async def get_account(client: Client, account_id: str) -> AccountView:
         raise LeadStarting(f"account {account_id} is still starting; ask again in a moment ({err})") from None
 
 
-async def account_page(client: Client, cursor: str | None = None, size: int = 50) -> tuple[list[AccountView], str | None]:
-    """A page of accounts (newest first) with their state, and the next page's cursor."""
+ACCOUNT_QUERY_TIMEOUT = 5.0  # s per account in a list: one that does not answer is left out, not waited for
+
+
+def _accounts_query(task_queue: str) -> str:
+    if "'" in task_queue or "\\" in task_queue:
+        raise ValueError(f"invalid task queue {task_queue!r}")
+    return f"WorkflowType = 'AccountWorkflow' AND ExecutionStatus = 'Running' AND TaskQueue = '{task_queue}'"
+
+
+async def account_counts(client: Client, task_queue: str) -> tuple[int, int]:
+    """(accounts, marketing-qualified accounts) of this deployment, counted by visibility."""
+    base = _accounts_query(task_queue)
+    total = await client.count_workflows(base)
+    mqa = await client.count_workflows(f"{base} AND {sa.LEAD_STAGE.name} = 'mqa'")
+    return total.count, mqa.count
+
+
+async def account_page(client: Client, task_queue: str, cursor: str | None = None, size: int = 50
+                       ) -> tuple[list[AccountView], str | None]:
+    """A page of this deployment's accounts (newest first) with their state, asked of all at
+    once; the next page's cursor. An account that does not answer in time is left out."""
     token = _page_token(cursor) if cursor else None
-    executions = client.list_workflows("WorkflowType = 'AccountWorkflow' AND ExecutionStatus = 'Running'",
-                                       page_size=size, next_page_token=token)
+    executions = client.list_workflows(_accounts_query(task_queue), page_size=size, next_page_token=token)
     await executions.fetch_next_page()
-    ids = [e.id.removeprefix("account-") for e in executions.current_page or []]
-    views = []
-    for account_id in ids:
+
+    async def view(account_id: str) -> AccountView | None:
         try:
-            views.append(await get_account(client, account_id))
-        except (LeadNotFound, LeadStarting):
-            continue  # ended or starting meanwhile: the next page or the next look shows it
+            return await asyncio.wait_for(get_account(client, account_id), ACCOUNT_QUERY_TIMEOUT)
+        except (LeadNotFound, LeadStarting, TimeoutError, RPCError):
+            return None
+
+    views = await asyncio.gather(*(view(e.id.removeprefix("account-")) for e in executions.current_page or []))
     following = executions.next_page_token
-    return views, _cursor(following) if following else None
+    return [v for v in views if v is not None], _cursor(following) if following else None
 
 
 TAIL_TIMEOUT = 3.0  # s for a lead to say what it has not written yet; no worker, no answer

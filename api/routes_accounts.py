@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Path as PathParam, Query, Request
 from fastapi import APIRouter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 import client as leads
 from funnel.accounts import ACCOUNT_ID_PATTERN, AccountView
@@ -22,6 +22,8 @@ _ALL = (Role.MARKETING, Role.PRESALES, Role.SALES)
 
 
 class AccountPage(BaseModel):
+    total: int = Field(description="accounts in all (Temporal visibility, within a second or so)")
+    mqa: int = Field(description="of them marketing-qualified")
     count: int
     accounts: list[AccountView]
     next_cursor: str | None = None
@@ -53,8 +55,9 @@ async def list_accounts(
 ) -> AccountPage:
     temporal = await backends_of(request).temporal()
     try:
-        views, following = await temporal_call(leads.account_page(temporal, cursor, limit), ANSWER_TIMEOUT * 2,
+        views, following = await temporal_call(leads.account_page(temporal, backends_of(request).settings.task_queue, cursor, limit), ANSWER_TIMEOUT * 2,
                                                "query")
     except ValueError as err:
         raise invalid(("query", "cursor"), str(err)) from None
-    return AccountPage(count=len(views), accounts=views, next_cursor=following)
+    total, mqa = await temporal_call(leads.account_counts(temporal, backends_of(request).settings.task_queue), ANSWER_TIMEOUT, "query")
+    return AccountPage(total=total, mqa=mqa, count=len(views), accounts=views, next_cursor=following)

@@ -55,7 +55,8 @@ OPEN_SLAS_SHOWN = 100  # open deadlines on the SLA board, of the oldest leads, t
 # Pages by role, as the API's table says: the funnel report is for managers; every role reads leads.
 MANAGERS = frozenset({Role.MANAGER})
 READERS = frozenset({Role.MARKETING, Role.PRESALES, Role.SALES, Role.MANAGER})
-PAGES = [("funnel", "Funnel", MANAGERS), ("slas", "SLA board", MANAGERS), ("leads", "Leads", READERS)]
+PAGES = [("funnel", "Funnel", MANAGERS), ("slas", "SLA board", MANAGERS), ("leads", "Leads", READERS),
+         ("accounts", "Accounts", READERS)]
 
 # The browser may load nothing but this origin's own files: no script at all, styles from
 # /ui/static only (no inline styles), forms post here only, never framed.
@@ -340,6 +341,23 @@ async def lead_list(request: Request, principal: Annotated[Principal, Depends(si
     first_url = f"/ui/leads?{urlencode(keep)}" if query.cursor else None
     return page(request, "leads.html", principal, query=query, leads=found.leads, next_url=next_url,
                 first_url=first_url, stages=[s.value for s in Stage], form=request.query_params)
+
+
+@ui.get("/accounts")
+async def account_list(
+    request: Request, principal: Annotated[Principal, Depends(signed_in_as(READERS))],
+    cursor: Annotated[str | None, Query(max_length=4000, pattern=r"^[A-Za-z0-9_=-]+$")] = None,
+) -> Response:
+    """Buying teams: each account's score against its threshold, its roles, its contacts."""
+    temporal = await backends_of(request).temporal()
+    try:
+        accounts, following = await temporal_call(leads.account_page(temporal, backends_of(request).settings.task_queue, cursor, 50), ANSWER_TIMEOUT * 2, "query")
+    except ValueError as err:
+        raise PageError(422, str(err)) from None
+    total, mqa = await temporal_call(leads.account_counts(temporal, backends_of(request).settings.task_queue), ANSWER_TIMEOUT, "query")
+    next_url = f"/ui/accounts?{urlencode({'cursor': following})}" if following else None
+    return page(request, "accounts.html", principal, accounts=accounts, total=total, mqa=mqa, next_url=next_url,
+                first_url="/ui/accounts" if cursor else None)
 
 
 @ui.get("/leads/{lead_id}")

@@ -152,7 +152,7 @@ async def test_pages_by_role(hand_counted, browser):
     async with tab(browser, base_url) as t:
         await t.sign_in("mautic")
         assert t.page.url == base_url + "/ui/leads"
-        assert await t.page.locator("nav a").all_inner_texts() == ["Leads"]
+        assert await t.page.locator("nav a").all_inner_texts() == ["Leads", "Accounts"]
         for path in ("/ui/funnel", "/ui/slas"):
             response = await t.open(path)
             assert response.status == 403
@@ -160,7 +160,7 @@ async def test_pages_by_role(hand_counted, browser):
         t.errors = [e for e in t.errors if "403" not in e]  # the refusals themselves
     async with tab(browser, base_url) as t:
         await t.sign_in("mia")
-        assert await t.page.locator("nav a").all_inner_texts() == ["Funnel", "SLA board", "Leads"]
+        assert await t.page.locator("nav a").all_inner_texts() == ["Funnel", "SLA board", "Leads", "Accounts"]
     forms = [f for f in (ROOT / "api" / "templates").glob("*.html") if 'method="post"' in f.read_text()]
     assert sorted(f.name for f in forms) == ["base.html", "sign_in.html"]  # sign-out and sign-in only
 
@@ -333,3 +333,29 @@ async def test_lead_list_filters_and_pages_by_cursor_and_a_leads_page(live, brow
 async def http_history(base_url: str, lead: str) -> dict:
     async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {KEYS['mia'][1]}"}) as http:
         return (await http.get(f"/leads/{lead}/history", params={"limit": 1000})).json()
+
+
+async def test_accounts_page_shows_an_mqa_made_by_two_contacts(live, browser):
+    base_url = live
+    domain = f"ui-{uuid.uuid4().hex[:6]}.example"
+    t0 = datetime.now(timezone.utc) - timedelta(minutes=5)
+    async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {KEYS['mautic'][1]}"},
+                                 timeout=60) as http:
+        for lead, role, extra in ((f"{domain}-a", "decision_maker", {"target_account": True}),
+                                  (f"{domain}-b", "champion", {})):
+            answer = await http.post(f"/leads/{lead}/profile", json={"facts": {
+                "email": f"{role}@{domain}", "role": role, **extra}})
+            assert answer.status_code == 202, answer.text
+            answer = await http.post("/events", json=ev(f"{lead}-1", lead, "webinar_attended", t0))
+            assert answer.status_code == 202, answer.text
+        await until(lambda: http.get(f"/accounts/{domain}"),
+                    lambda r: r.status_code == 200 and r.json()["stage"] == "mqa" and r.json()["owner"])
+        counts = await until(lambda: http.get("/accounts"), lambda r: r.json()["mqa"] >= 1)
+    async with tab(browser, base_url) as t:
+        await t.sign_in("anna", "/ui/accounts")
+        row = t.page.locator(f"[data-testid=accounts] tr[data-account='{domain}']")
+        assert (await row.locator("[data-field=stage]").inner_text()).strip() == "mqa"
+        assert (await row.locator("[data-field=roles]").inner_text()).strip() == "champion, decision_maker (2 of 2)"
+        assert f"{domain}-a" in await row.locator("[data-field=contacts]").inner_text()
+        assert f"{counts.json()['mqa']} marketing-qualified" in await t.text("[data-testid=account-counts]")
+        await t.page.screenshot(path=str(SCREENSHOTS / "accounts.png"), full_page=True)

@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
     from funnel.accounts import Account, AccountView, ContactSnapshot
     from funnel.models import Outbound
     from funnel.scoring_model import ScoringModel
+    from workflows import search_attributes as sa
     from workflows.account_input import AccountInput
 
 MODEL_TIMEOUT = timedelta(seconds=30)
@@ -33,6 +34,7 @@ class AccountWorkflow:
         self._account: Account | None = None
         self._model: ScoringModel | None = None
         self._undelivered: dict[str, Outbound] = {m.message_id: m for m in inp.undelivered}
+        self._upserted: tuple | None = None
 
     @workflow.signal(name="contact_changed")
     def contact_changed(self, snapshot: ContactSnapshot) -> None:
@@ -53,6 +55,7 @@ class AccountWorkflow:
         account = self._account = (Account(inp.state) if inp.state is not None
                                    else Account.create(inp.account_id, now))
         account.use_model(self._model, now)
+        self._upsert()
         for message in list(self._undelivered.values()):  # carried over: they start again
             self._deliver(message)
         while True:
@@ -68,6 +71,21 @@ class AccountWorkflow:
                 account.apply(snapshot, self._model, now)
             for message in account.take_outbound():
                 self._deliver(message)
+            self._upsert()
+
+    def _upsert(self) -> None:
+        """Stage, score and owner in visibility (the lead's keys), so lists and counts find
+        accounts by them: `WorkflowType = 'AccountWorkflow' AND LeadStage = 'mqa'`."""
+        assert self._account is not None
+        s = self._account.state
+        now = (s.stage.value, s.score, s.owner)
+        if now == self._upserted:
+            return
+        self._upserted = now
+        updates = [sa.LEAD_STAGE.value_set(s.stage.value), sa.LEAD_SCORE.value_set(float(s.score))]
+        if s.owner:
+            updates.append(sa.LEAD_OWNER.value_set(s.owner))
+        workflow.upsert_search_attributes(updates)
 
     def _long(self, inp: AccountInput) -> bool:
         info = workflow.info()
@@ -85,6 +103,7 @@ class AccountWorkflow:
             retry_policy=ASSIGN_RETRY)
         assert self._account is not None
         self._account.assign_owner(handed["owner"])
+        self._upsert()
         if handed["post"]:
             named = message.model_copy(update={"payload": {**message.payload, "owner": handed["owner"]}})
             await workflow.execute_activity("deliver", named, start_to_close_timeout=timedelta(minutes=2),
