@@ -631,10 +631,11 @@ async def cmd_report(args, settings: Settings) -> int:
     store = _store(settings)
     try:
         report = store.funnel_report(utcnow(), windows)
+        accounts = store.account_summary()
     finally:
         store.dispose()
     if args.json:
-        _print_json(report.model_dump(mode="json"))
+        _print_json(report.model_dump(mode="json") | {"accounts": accounts.model_dump(mode="json")})
         return 0
     if args.csv:
         sys.stdout.write(report_csv(report, args.csv))
@@ -686,6 +687,10 @@ async def cmd_report(args, settings: Settings) -> int:
                   ", ".join(f"{k} {n}" for k, n in g.reasons.items()) or "-"]
                  for by, groups in (("", [report.presales.overall]), ("channel", report.presales.by_channel),
                                     ("owner", report.presales.by_owner)) for g in groups])
+    if accounts.accounts:
+        print_table("accounts (buying teams)", ["accounts", "with 2+ contacts", "contacts", "MQA", "MQA rate"],
+                    [[str(accounts.accounts), str(accounts.multi_contact_accounts), str(accounts.contacts),
+                      str(accounts.mqa), pct(accounts.mqa_rate)]])
     print_table("SLA compliance",
                 ["group", "set", "met", "breached", "met in time", "open", "open breaches", "median h to met",
                  "median h to contact"],

@@ -102,7 +102,7 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
         task_queue=settings.task_queue,
         workflows=[LeadWorkflow, ModelRolloutWorkflow, AccountWorkflow],
         activities=(all_activities(activities) + RolloutActivities(client).all()
-                    + AccountActivities(client, settings).all()
+                    + AccountActivities(client, settings, activities.store).all()
                     + PersonalDataActivities(client, activities.store).all()),
         activity_executor=executor or ThreadPoolExecutor(ACTIVITY_THREADS),
         max_concurrent_activities=ACTIVITY_THREADS,

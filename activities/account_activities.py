@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from temporalio import activity
 from temporalio.client import Client
+
+from activities.store import AuditStore
 
 from config import Settings
 from funnel.accounts import ContactSnapshot
@@ -11,13 +15,17 @@ from workflows.account_input import AccountInput, account_workflow_id
 
 
 class AccountActivities:
-    def __init__(self, client: Client, settings: Settings):
+    def __init__(self, client: Client, settings: Settings, store: AuditStore):
         self.client = client
         self.settings = settings
+        self.store = store
 
     @activity.defn(name="feed_account")
     async def feed_account(self, snapshot: ContactSnapshot) -> None:
-        """Signal-with-start: the account exists from its first lead on."""
+        """Note the membership (the report counts accounts from it), then signal-with-start:
+        the account exists from its first lead on."""
+        await asyncio.to_thread(self.store.note_account_member, snapshot.account_id, snapshot.lead_id,
+                                snapshot.role, snapshot.at)
         await self.client.start_workflow(
             "AccountWorkflow", AccountInput(account_id=snapshot.account_id,
                                             max_history_events=self.settings.max_history_events),

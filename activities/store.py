@@ -33,6 +33,7 @@ from activities import report_store, webhook_store
 from activities.webhook_store import SubscriptionKind
 from activities.db_types import UtcDateTime
 from activities.report_store import REPORT_KIND_VALUES, REPORT_KINDS
+from funnel.accounts import AccountSummary
 from funnel.kpis import LeadTouch, ReportWindows, SlaReport
 from funnel.models import (
     ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, ProfileUpdate, ReportEntry, Stage, event_digest,
@@ -277,6 +278,17 @@ class ConnectorLogRow(SQLModel, table=True):
     reason: str | None = None
 
 
+class AccountMemberRow(SQLModel, table=True):
+    """Which leads fed which account (funnel/accounts.py), for the report's account counts."""
+
+    __tablename__ = "account_member"
+
+    account_id: str = Field(primary_key=True)
+    lead_id: str = Field(primary_key=True)
+    role: str | None = None
+    first_at: datetime = Field(sa_column=_utc_column(nullable=False))
+
+
 # Core tables for the writes (dialect INSERT ... ON CONFLICT, bulk UPDATE).
 _AUDIT = AuditRow.__table__
 _OUTBOX = OutboxRow.__table__
@@ -290,6 +302,7 @@ _LEAD_KEYS = LeadKeyRow.__table__
 _ERASURES = ErasureRow.__table__
 _EXTERNAL_IDS = ExternalIdRow.__table__
 _CONNECTOR_LOG = ConnectorLogRow.__table__
+_ACCOUNT_MEMBERS = AccountMemberRow.__table__
 
 
 # --------------------------------------------------------------------------- conversions
@@ -388,7 +401,8 @@ class AuditStore:
             self._write_lock = contextlib.nullcontext()
         SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN, _MODELS, _EVENTS,
                                                            _LEAD_KEYS, _ERASURES, _TOUCHES, _FACTS,
-                                                           _EXTERNAL_IDS, _CONNECTOR_LOG, *webhook_store.TABLES])
+                                                           _EXTERNAL_IDS, _CONNECTOR_LOG, _ACCOUNT_MEMBERS,
+                                                           *webhook_store.TABLES])
         report_store.create_tables(self.engine)
         self._add_missing_columns()
         self.fill_lead_touches()
@@ -683,6 +697,27 @@ class AuditStore:
             if before is not None:
                 stmt = stmt.where(ConnectorLogRow.id < before)
             return list(session.exec(stmt.order_by(ConnectorLogRow.id.desc()).limit(limit)).all())
+
+    # ----------------------------------------------------------------- accounts
+
+    def note_account_member(self, account_id: str, lead_id: str, role: str | None, at: datetime) -> None:
+        """A lead fed its account (idempotent; the role is its latest)."""
+        stmt = self._insert(_ACCOUNT_MEMBERS).values(account_id=account_id, lead_id=lead_id, role=role, first_at=at)
+        with self._writing() as session:
+            session.exec(stmt.on_conflict_do_update(index_elements=["account_id", "lead_id"], set_={"role": role}))
+
+    def account_summary(self) -> AccountSummary:
+        """The report's account counts: accounts, their contacts, buying teams, MQAs."""
+        with Session(self.engine) as session:
+            per_account = select(AccountMemberRow.account_id, func.count().label("n")).group_by(
+                AccountMemberRow.account_id).subquery()
+            accounts, contacts, teams = session.exec(select(
+                func.count(), func.coalesce(func.sum(per_account.c.n), 0),
+                func.coalesce(func.sum(case((per_account.c.n >= 2, 1), else_=0)), 0))).one()
+            mqa = session.exec(select(func.count(func.distinct(OutboxRow.lead_id))).where(
+                OutboxRow.kind == OutboundKind.ACCOUNT_HANDOVER.value)).one()
+        return AccountSummary(accounts=accounts, contacts=int(contacts), mqa=mqa, multi_contact_accounts=int(teams),
+                              mqa_rate=round(mqa / accounts, 4) if accounts else None)
 
     # ----------------------------------------------------------------- the event log
 

@@ -253,6 +253,7 @@ async def funnel_page(
     windows = ReportWindows(lead_to_opportunity_days=opportunity_days, opportunity_to_won_days=won_days,
                             cohort=cohort)  # type: ignore[arg-type]
     report = await backends_of(request).in_store(lambda store: store.funnel_report(datetime.now(timezone.utc), windows))
+    accounts = await backends_of(request).in_store(lambda store: store.account_summary())
     channels = {c.channel: c for c in report.by_channel}
     shown = report.overall if channel == "all" else channels.get(channel)
     if shown is None:
@@ -263,7 +264,7 @@ async def funnel_page(
                                            float(bench["lead_to_opportunity"]["rate"]))
     rejection_bars = ui_charts.rate_bars([(row.group, row.rejection_rate) for row in report.presales.by_channel],
                                          float(bench["presales_rejection"]["rate"]))
-    return page(request, "funnel.html", principal, report=report, shown=shown, channel=channel,
+    return page(request, "funnel.html", principal, report=report, accounts=accounts, shown=shown, channel=channel,
                 channels=sorted(channels), windows=windows, funnel=ui_charts.funnel_bars(shown.stages),
                 cohorts=ui_charts.cohort_funnels(opp.by_cohort),
                 opportunity_bars=opportunity_bars, rejection_bars=rejection_bars, main_path=MAIN_PATH)

@@ -97,6 +97,17 @@ def same_for_account(a: ContactSnapshot | None, b: ContactSnapshot | None) -> bo
     return a.model_dump(include=keep) == b.model_dump(include=keep)
 
 
+class AccountSummary(BaseModel):
+    """What the funnel report counts of accounts (from the store: who fed which account, and
+    the account handovers)."""
+
+    accounts: int = 0  # accounts with at least one lead
+    contacts: int = 0  # leads in an account
+    mqa: int = 0  # accounts marketing-qualified (handed over)
+    mqa_rate: float | None = None  # of the accounts
+    multi_contact_accounts: int = 0  # with two contacts or more: buying teams
+
+
 class AccountStage(StrEnum):
     ENGAGED = "engaged"  # it has contacts, not (yet) enough of them
     MQA = "mqa"  # marketing-qualified: handed over as a whole
