@@ -124,15 +124,18 @@ def test_there_are_saved_histories_to_replay():
 @pytest.mark.parametrize("path", saved_histories(), ids=lambda p: p.stem)
 async def test_replay_saved_history(path: Path, converter):
     """Histories recorded by tests/histories/record.py from earlier code must replay, through the
-    encrypting converter too (their payloads predate encryption: it passes them through)."""
+    encrypting converter too (their payloads predate encryption: it passes them through):
+    leads (R-*, the R-acct-* ones feeding their account) and accounts (A-*)."""
+    from workflows.account import AccountWorkflow
+
     history = WorkflowHistory.from_json(path.stem, json.loads(path.read_text()))
-    replayer = Replayer(workflows=[LeadWorkflow], data_converter=converter)
+    replayer = Replayer(workflows=[LeadWorkflow, AccountWorkflow], data_converter=converter)
     await asyncio.wait_for(replayer.replay_workflow(history), timeout=60)
 
 
 async def test_replay_detects_a_changed_workflow(converter):
     """The replay test above can fail: a workflow that decides differently is caught."""
-    path = saved_histories()[0]
+    path = next(p for p in saved_histories() if p.name.startswith("R-"))
     history = WorkflowHistory.from_json(path.stem, json.loads(path.read_text()))
     from tests import changed_workflow
 

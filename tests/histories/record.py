@@ -1,9 +1,10 @@
 """Record lead workflow histories for the replay test.
 
 Run after a change to workflow code has shipped (leads are running with it):
-    .venv/bin/python tests/histories/record.py
-It drives leads through the funnel (including continue-as-new) on a throwaway
-dev server and writes one JSON history per workflow run into this folder.
+    .venv/bin/python tests/histories/record.py [--only funnel|accounts]
+It drives leads through the funnel (including continue-as-new) and two leads of one
+account to an MQA on a throwaway dev server, and writes one JSON history per workflow
+run into this folder (account workflows' as A-*.json).
 Keep the old files: they are the running leads the new code must still replay.
 """
 
@@ -42,8 +43,14 @@ async def main() -> None:
     store = AuditStore(settings.database_url)
     client = env.client
     model = load_model(settings.model_path)  # new leads start on it, as the API starts them
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     async with running_worker(client, settings, store):
         now = await env.get_current_time()
+        if only in (None, "accounts"):
+            await record_accounts(env, client, settings, model, now)
+        if only == "accounts":
+            await env.shutdown()
+            return
         won, lost, burst = "R-won", "R-disq", "R-burst"
         await leads.send_profile(client, settings, ProfileUpdate(update_id="p", lead_id=won,
                                                                   facts={"target_account": True}), model)
@@ -66,14 +73,42 @@ async def main() -> None:
         await settle(env, client, burst, lambda v: v.events_applied == 45, tries=300)
 
         for lead in (won, lost, burst):
-            async for run in client.list_workflows(f"WorkflowId = '{workflow_id(lead)}'"):
-                history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
-                if not any(e.HasField("workflow_task_completed_event_attributes") for e in history.events):
-                    continue  # a run that has not made a decision yet has nothing to replay
-                path = HERE / f"{lead}-{run.run_id[:8]}.json"
-                path.write_text(history.to_json())
-                print("wrote", path.name, len(history.events), "events")
+            await write_runs(client, workflow_id(lead), lead)
     await env.shutdown()
+
+
+async def record_accounts(env, client, settings, model, now) -> None:
+    """Two leads of one target account (version 7 feeds it) make an MQA."""
+    from workflows.account_input import account_workflow_id
+
+    domain = "acme-record.example"
+    for lead, role, extra in (("R-acct-a", "decision_maker", {"target_account": True}), ("R-acct-b", "champion", {})):
+        await leads.send_profile(client, settings, ProfileUpdate(
+            update_id="p", lead_id=lead, facts={"email": f"{role}@{domain}", "role": role, **extra}), model)
+        await leads.send_events(client, settings, [event(lead, "1", "webinar_attended", now)])
+        await settle(env, client, lead, lambda v: v.events_applied == 1)
+    for _ in range(200):
+        try:
+            view = await leads.get_account(client, domain)
+            if view.owner is not None:
+                break
+        except (leads.LeadStarting, leads.LeadNotFound):
+            pass  # the account starts with its first lead's feed
+        await asyncio.sleep(0.1)
+    assert view.stage.value == "mqa", view
+    for lead in ("R-acct-a", "R-acct-b"):
+        await write_runs(client, workflow_id(lead), lead)
+    await write_runs(client, account_workflow_id(domain), "A-acct")
+
+
+async def write_runs(client, wf_id: str, name: str) -> None:
+    async for run in client.list_workflows(f"WorkflowId = '{wf_id}'"):
+        history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
+        if not any(e.HasField("workflow_task_completed_event_attributes") for e in history.events):
+            continue  # a run that has not made a decision yet has nothing to replay
+        path = HERE / f"{name}-{run.run_id[:8]}.json"
+        path.write_text(history.to_json())
+        print("wrote", path.name, len(history.events), "events")
 
 
 if __name__ == "__main__":
