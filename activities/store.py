@@ -32,6 +32,7 @@ from sqlmodel import Field, Session, SQLModel, create_engine, select
 from activities import report_store, webhook_store
 from activities.webhook_store import SubscriptionKind
 from activities.db_types import UtcDateTime
+from activities.paging import after_key
 from activities.report_store import REPORT_KIND_VALUES, REPORT_KINDS
 from funnel.accounts import AccountSummary
 from funnel.kpis import LeadTouch, ReportWindows, SlaReport
@@ -632,10 +633,7 @@ class AuditStore:
             stmt = stmt.where(OutboxRow.created_at >= since)
         if kind is not None:
             stmt = stmt.where(OutboxRow.kind == OutboundKind(kind).value)
-        if after is not None:
-            stmt = stmt.where(or_(OutboxRow.created_at > after[0],
-                                  and_(OutboxRow.created_at == after[0], OutboxRow.message_id > after[1])))
-        stmt = stmt.order_by(OutboxRow.created_at, OutboxRow.message_id).limit(limit)
+        stmt = after_key(stmt, OutboxRow.created_at, OutboxRow.message_id, after).limit(limit)
         with Session(self.engine) as session:
             rows = list(session.exec(stmt))
         last = (rows[-1].created_at, rows[-1].message_id) if rows and len(rows) == limit else None

@@ -20,11 +20,12 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import JSON, Column, Index, and_, or_, select, update
+from sqlalchemy import JSON, Column, Index, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, Session, SQLModel
 
 from activities.db_types import UtcDateTime
+from activities.paging import after_key
 
 if TYPE_CHECKING:
     from activities.store import AuditStore
@@ -186,10 +187,7 @@ def deliveries(store: "AuditStore", subscription_id: str, status: DeliveryStatus
             stmt = stmt.where(DeliveryRow.created_at >= since)
         if status is not None:
             stmt = stmt.where(DeliveryRow.status == DeliveryStatus(status).value)
-        if after is not None:
-            stmt = stmt.where(or_(DeliveryRow.created_at > after[0],
-                                  and_(DeliveryRow.created_at == after[0], DeliveryRow.delivery_id > after[1])))
-        stmt = stmt.order_by(DeliveryRow.created_at, DeliveryRow.delivery_id).limit(limit)
+        stmt = after_key(stmt, DeliveryRow.created_at, DeliveryRow.delivery_id, after).limit(limit)
         return list(session.exec(stmt).scalars().all())
 
 

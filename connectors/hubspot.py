@@ -63,11 +63,6 @@ def _item(event: dict, mapping: VendorMapping) -> VendorItem:
     else:
         item.ignored = f"{vendor_type} is ignored by the mapping" if rule else f"no rule maps {vendor_type}" + (
             f" ({event['propertyName']})" if event.get("propertyName") else "")
-    if item.ignored is None:
-        if item.contact_id is None:
-            item.problem = "no objectId (contact) in the event"
-        elif item.vendor_id is None:
-            item.problem = "no portalId/eventId in the event"
-        elif item.occurred_at is None:
-            item.problem = "no usable occurredAt (epoch milliseconds) in the event"
+    item.require("no objectId (contact) in the event", "no portalId/eventId in the event",
+                 "no usable occurredAt (epoch milliseconds) in the event")
     return item

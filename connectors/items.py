@@ -31,6 +31,17 @@ class VendorItem:
     ignored: str | None = None
     problem: str | None = None
 
+    def require(self, no_contact: str, no_ids: str, no_time: str) -> None:
+        """An item to be applied needs a contact, its ids and a time: say which is missing."""
+        if self.ignored is not None:
+            return
+        if self.contact_id is None:
+            self.problem = no_contact
+        elif self.vendor_id is None:
+            self.problem = no_ids
+        elif self.occurred_at is None:
+            self.problem = no_time
+
 
 def stable_id(vendor: str, *parts: Any) -> str | None:
     """A Leadflow id made of the vendor's own ids (None if a part is missing)."""

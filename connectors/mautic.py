@@ -86,11 +86,6 @@ def _item(vendor_type: str, event: dict, mapping: VendorMapping) -> VendorItem:
             item.event_type, item.channel = rule.type, rule.channel
             campaign = pluck(event, rule.campaign_from) if rule.campaign_from else None
             item.campaign = str(campaign).lower() if campaign else None
-    if item.ignored is None:
-        if item.contact_id is None:
-            item.problem = "no contact id in the payload"
-        elif item.vendor_id is None:
-            item.problem = "the payload lacks the ids that identify this event"
-        elif item.occurred_at is None:
-            item.problem = "no usable timestamp (ISO 8601 with an offset) in the payload"
+    item.require("no contact id in the payload", "the payload lacks the ids that identify this event",
+                 "no usable timestamp (ISO 8601 with an offset) in the payload")
     return item

@@ -14,7 +14,7 @@ from funnel.accounts import Account, AccountStage, ContactSnapshot, account_of
 from funnel.models import OutboundKind
 from funnel.scoring_model import load_model
 from tests.conftest import running_worker
-from tests.test_api import Api, KEYRING, ev, serving, until, view_when
+from tests.test_api import api_over_worker, ev, until, view_when
 
 MODEL = load_model(DEFAULT_MODEL)  # [account]: threshold 120, 2 roles, best 3 contacts; target account +20
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
@@ -122,64 +122,57 @@ def test_order_and_repetition_of_snapshots_never_change_the_account(items, rnd):
 
 async def test_two_leads_of_one_target_account_make_an_mqa_through_the_api(dev_env, settings, store, capsys):
     domain = f"acme-{uuid.uuid4().hex[:6]}.de"
-    async with running_worker(dev_env.client, settings, store):
-        from api import create_app
-        app = create_app(settings=settings, keys=KEYRING, temporal=dev_env.client, store=store)
-        async with serving(app) as base_url:
-            api = Api(base_url)
-            mautic, ben = api.as_("mautic"), api.as_("ben")
-            try:
-                t = datetime.now(timezone.utc) - timedelta(minutes=10)
-                first, second = f"A-{uuid.uuid4().hex[:6]}", f"B-{uuid.uuid4().hex[:6]}"
-                r = await mautic.post(f"/leads/{first}/profile", json={"facts": {
-                    "email": f"erika@{domain}", "role": "decision_maker", "target_account": True}})
-                assert r.status_code == 202, r.text
-                assert (await mautic.post("/events", json=ev(f"{first}-1", first, "webinar_attended", t))
-                        ).status_code == 202
-                account = await until(lambda: ben.get(f"/accounts/{domain}"),
-                                      lambda r: r.status_code == 200 and r.json()["score"] == 70)
-                assert account.json()["stage"] == "engaged" and account.json()["roles"] == ["decision_maker"]
-                lead = await view_when(ben, first, lambda v: v["score"]["engagement"] == 50)
-                assert lead["stage"] == "iql"  # and the lead alone is no MQL either
-                r = await mautic.post(f"/leads/{second}/profile", json={"facts": {
-                    "email": f"max@{domain}", "role": "champion"}})
-                assert (await mautic.post("/events", json=ev(f"{second}-1", second, "webinar_attended", t))
-                        ).status_code == 202
-                mqa = await until(lambda: ben.get(f"/accounts/{domain}"),
-                                  lambda r: r.status_code == 200 and r.json()["stage"] == "mqa"
-                                  and r.json()["owner"] is not None)
-                body = mqa.json()
-                assert (body["score"], body["roles"]) == (120, ["champion", "decision_maker"])
-                assert body["owner"] in settings.sales_team
-                assert sorted(c["lead_id"] for c in body["contacts"]) == sorted([first, second])
-                assert "email" not in str(body)  # an account carries no personal data
-                (handover,) = [m for m in store.outbox_of(f"account-{domain}")]
-                assert handover.kind is OutboundKind.ACCOUNT_HANDOVER and handover.payload["owner"] == body["owner"]
-                summary = store.account_summary()
-                assert (summary.accounts, summary.contacts, summary.multi_contact_accounts, summary.mqa) == (1, 2, 1, 1)
-                import json
-                import subprocess
-                from tests.test_cli_process import cli_env, leadflow
-                done = subprocess.run(leadflow("report", "--json"), env=cli_env(LEADFLOW_DATABASE_URL=settings.database_url),
-                                      capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-                assert done.returncode == 0, done.stderr
-                assert json.loads(done.stdout)["accounts"] == {"accounts": 1, "contacts": 2, "mqa": 1, "mqa_rate": 1.0,
-                                                               "multi_contact_accounts": 1}
-                listed = (await ben.get("/accounts", params={"limit": 100})).json()["accounts"]
-                assert domain in [a["account_id"] for a in listed]
-                assert (await ben.get("/accounts/no-such.example")).status_code == 404
-                import starter
-                import os
-                os.environ["TEMPORAL_ADDRESS"] = dev_env.client.service_client.config.target_host
-                os.environ["LEADFLOW_TASK_QUEUE"] = settings.task_queue
-                try:
-                    code = await starter.cmd_account(type("A", (), {"account": domain, "json": False})(), settings)
-                finally:
-                    del os.environ["TEMPORAL_ADDRESS"], os.environ["LEADFLOW_TASK_QUEUE"]
-                out = capsys.readouterr().out
-                assert code == 0 and f"account {domain}: mqa" in out and "roles champion, decision_maker" in out
-            finally:
-                await api.close()
+    async with api_over_worker(dev_env, settings, store) as api:
+        mautic, ben = api.as_("mautic"), api.as_("ben")
+        t = datetime.now(timezone.utc) - timedelta(minutes=10)
+        first, second = f"A-{uuid.uuid4().hex[:6]}", f"B-{uuid.uuid4().hex[:6]}"
+        r = await mautic.post(f"/leads/{first}/profile", json={"facts": {
+            "email": f"erika@{domain}", "role": "decision_maker", "target_account": True}})
+        assert r.status_code == 202, r.text
+        assert (await mautic.post("/events", json=ev(f"{first}-1", first, "webinar_attended", t))
+                ).status_code == 202
+        account = await until(lambda: ben.get(f"/accounts/{domain}"),
+                              lambda r: r.status_code == 200 and r.json()["score"] == 70)
+        assert account.json()["stage"] == "engaged" and account.json()["roles"] == ["decision_maker"]
+        lead = await view_when(ben, first, lambda v: v["score"]["engagement"] == 50)
+        assert lead["stage"] == "iql"  # and the lead alone is no MQL either
+        r = await mautic.post(f"/leads/{second}/profile", json={"facts": {
+            "email": f"max@{domain}", "role": "champion"}})
+        assert (await mautic.post("/events", json=ev(f"{second}-1", second, "webinar_attended", t))
+                ).status_code == 202
+        mqa = await until(lambda: ben.get(f"/accounts/{domain}"),
+                          lambda r: r.status_code == 200 and r.json()["stage"] == "mqa"
+                          and r.json()["owner"] is not None)
+        body = mqa.json()
+        assert (body["score"], body["roles"]) == (120, ["champion", "decision_maker"])
+        assert body["owner"] in settings.sales_team
+        assert sorted(c["lead_id"] for c in body["contacts"]) == sorted([first, second])
+        assert "email" not in str(body)  # an account carries no personal data
+        (handover,) = [m for m in store.outbox_of(f"account-{domain}")]
+        assert handover.kind is OutboundKind.ACCOUNT_HANDOVER and handover.payload["owner"] == body["owner"]
+        summary = store.account_summary()
+        assert (summary.accounts, summary.contacts, summary.multi_contact_accounts, summary.mqa) == (1, 2, 1, 1)
+        import json
+        import subprocess
+        from tests.test_cli_process import cli_env, leadflow
+        done = subprocess.run(leadflow("report", "--json"), env=cli_env(LEADFLOW_DATABASE_URL=settings.database_url),
+                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["accounts"] == {"accounts": 1, "contacts": 2, "mqa": 1, "mqa_rate": 1.0,
+                                                       "multi_contact_accounts": 1}
+        listed = (await ben.get("/accounts", params={"limit": 100})).json()["accounts"]
+        assert domain in [a["account_id"] for a in listed]
+        assert (await ben.get("/accounts/no-such.example")).status_code == 404
+        import starter
+        import os
+        os.environ["TEMPORAL_ADDRESS"] = dev_env.client.service_client.config.target_host
+        os.environ["LEADFLOW_TASK_QUEUE"] = settings.task_queue
+        try:
+            code = await starter.cmd_account(type("A", (), {"account": domain, "json": False})(), settings)
+        finally:
+            del os.environ["TEMPORAL_ADDRESS"], os.environ["LEADFLOW_TASK_QUEUE"]
+        out = capsys.readouterr().out
+        assert code == 0 and f"account {domain}: mqa" in out and "roles champion, decision_maker" in out
 
 
 @pytest.mark.parametrize("version", [6, 7])

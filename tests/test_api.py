@@ -119,8 +119,9 @@ class Api:
             await client.aclose()
 
 
-@pytest.fixture
-async def api(dev_env, settings, store):
+@contextlib.asynccontextmanager
+async def api_over_worker(dev_env, settings, store):
+    """The API served beside a worker of `settings`, and clients for it (closed after)."""
     async with running_worker(dev_env.client, settings, store):
         app = create_app(settings=settings, keys=KEYRING, temporal=dev_env.client, store=store)
         async with serving(app) as base_url:
@@ -129,6 +130,12 @@ async def api(dev_env, settings, store):
                 yield api
             finally:
                 await api.close()
+
+
+@pytest.fixture
+async def api(dev_env, settings, store):
+    async with api_over_worker(dev_env, settings, store) as api:
+        yield api
 
 
 async def until(fetch, check, timeout: float = WAIT, every: float = 0.1):

@@ -23,8 +23,7 @@ import pytest
 
 from connectors import hubspot, mautic
 from connectors.mapping import DEFAULT_CONNECTORS, MappingError, load_connectors
-from tests.conftest import running_worker
-from tests.test_api import Api, KEYRING, serving, until, view_when
+from tests.test_api import api_over_worker, until, view_when
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "connectors"
 MAUTIC_SECRET = "mautic-webhook-secret-7f3a9c"
@@ -147,15 +146,8 @@ def test_a_broken_mapping_file_is_refused_with_its_place(tmp_path):
 @pytest.fixture
 async def api(dev_env, settings, store):
     settings = settings.model_copy(update={"mautic_secret": MAUTIC_SECRET, "hubspot_secret": HUBSPOT_SECRET})
-    async with running_worker(dev_env.client, settings, store):
-        from api import create_app
-        app = create_app(settings=settings, keys=KEYRING, temporal=dev_env.client, store=store)
-        async with serving(app) as base_url:
-            api = Api(base_url)
-            try:
-                yield api
-            finally:
-                await api.close()
+    async with api_over_worker(dev_env, settings, store) as api:
+        yield api
 
 
 async def test_a_mautic_webhook_moves_a_lead_through_the_funnel(api, store):
@@ -271,15 +263,8 @@ async def test_external_ids_link_a_lead_made_by_the_api(api, store):
 
 
 async def test_an_unconfigured_connector_is_404(dev_env, settings, store):
-    from api import create_app
-    async with running_worker(dev_env.client, settings, store):
-        app = create_app(settings=settings, keys=KEYRING, temporal=dev_env.client, store=store)
-        async with serving(app) as base_url:
-            api = Api(base_url)
-            try:
-                body = mautic_body("mautic_form_on_submit.json")
-                r = await api.as_(None).post("/connectors/mautic", content=body, headers={
-                    "Content-Type": "application/json", "Webhook-Signature": mautic_signature(body)})
-                assert r.status_code == 404 and "LEADFLOW_MAUTIC_SECRET" in r.json()["detail"]
-            finally:
-                await api.close()
+    async with api_over_worker(dev_env, settings, store) as api:
+        body = mautic_body("mautic_form_on_submit.json")
+        r = await api.as_(None).post("/connectors/mautic", content=body, headers={
+            "Content-Type": "application/json", "Webhook-Signature": mautic_signature(body)})
+        assert r.status_code == 404 and "LEADFLOW_MAUTIC_SECRET" in r.json()["detail"]

@@ -18,11 +18,11 @@ from standardwebhooks import Webhook
 
 from activities import webhook_store
 from activities.webhook_dispatcher import WebhookDispatcher
-from activities.webhook_store import DeliveryStatus, SubscriptionKind
+from activities.webhook_store import SubscriptionKind
 from funnel.models import AuditEntry, AuditKind, Outbound, OutboundKind, Role, Stage
 from funnel.personal_data import ERASED, ErasureReport
-from tests.conftest import Receiver, running_worker
-from tests.test_api import Api, KEYRING, ev, serving, until, view_when
+from tests.conftest import Receiver
+from tests.test_api import api_over_worker, ev, until, view_when
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
 
@@ -131,63 +131,56 @@ async def test_a_subscriber_receives_signed_stage_changes_of_a_real_lead(dev_env
     receiver = Receiver()
     settings = settings.model_copy(update={"webhook_retry_seconds": [0.2, 0.2]})
     try:
-        async with running_worker(dev_env.client, settings, store):
-            from api import create_app
-            app = create_app(settings=settings, keys=KEYRING, temporal=dev_env.client, store=store)
-            async with serving(app) as base_url:
-                api = Api(base_url)
-                mia, anna, mautic = api.as_("mia"), api.as_("anna"), api.as_("mautic")
-                try:
-                    r = await mia.post("/subscriptions", json={"url": receiver.url, "kinds": ["stage_change",
-                                                                                             "handover"]})
-                    assert r.status_code == 201, r.text
-                    sub = r.json()
-                    assert sub["secret"].startswith("whsec_")
-                    listed = (await mia.get("/subscriptions")).json()
-                    assert [s["subscription_id"] for s in listed] == [sub["subscription_id"]]
-                    assert listed[0]["secret"] != sub["secret"]  # shown once
-                    assert (await anna.get("/subscriptions")).status_code == 403
-                    lead = f"L-{uuid.uuid4().hex[:8]}"
-                    t = datetime.now(timezone.utc) - timedelta(minutes=5)
-                    r = await mautic.post("/events", json=ev(f"{lead}-1", lead, "demo_request", t))
-                    assert r.status_code == 202, r.text
-                    await view_when(anna, lead, lambda v: v["owner"] is not None)
-                    assert (await anna.post(f"/leads/{lead}/accept", json={})).json()["stage"] == "sal"
+        async with api_over_worker(dev_env, settings, store) as api:
+            mia, anna, mautic = api.as_("mia"), api.as_("anna"), api.as_("mautic")
+            r = await mia.post("/subscriptions", json={"url": receiver.url, "kinds": ["stage_change",
+                                                                                     "handover"]})
+            assert r.status_code == 201, r.text
+            sub = r.json()
+            assert sub["secret"].startswith("whsec_")
+            listed = (await mia.get("/subscriptions")).json()
+            assert [s["subscription_id"] for s in listed] == [sub["subscription_id"]]
+            assert listed[0]["secret"] != sub["secret"]  # shown once
+            assert (await anna.get("/subscriptions")).status_code == 403
+            lead = f"L-{uuid.uuid4().hex[:8]}"
+            t = datetime.now(timezone.utc) - timedelta(minutes=5)
+            r = await mautic.post("/events", json=ev(f"{lead}-1", lead, "demo_request", t))
+            assert r.status_code == 202, r.text
+            await view_when(anna, lead, lambda v: v["owner"] is not None)
+            assert (await anna.post(f"/leads/{lead}/accept", json={})).json()["stage"] == "sal"
 
-                    def stage_bodies():
-                        return [b for b in verified(receiver, sub["secret"]) if b["type"] == "leadflow.stage_change"]
+            def stage_bodies():
+                return [b for b in verified(receiver, sub["secret"]) if b["type"] == "leadflow.stage_change"]
 
-                    await until(lambda: asyncio.sleep(0, stage_bodies()), lambda bodies: len(bodies) >= 3)
-                    assert [(b["data"]["from_stage"], b["data"]["to_stage"]) for b in stage_bodies()] == [
-                        (None, "iql"), ("iql", "mql"), ("mql", "sal")]
-                    assert stage_bodies()[2]["data"]["actor"] == "anna"
-                    assert any(b["type"] == "leadflow.handover" for b in verified(receiver, sub["secret"]))
-                    page = (await mia.get(f"/subscriptions/{sub['subscription_id']}/deliveries",
-                                          params={"limit": 2})).json()
-                    assert len(page["deliveries"]) == 2 and page["next_cursor"]
-                    rest = (await mia.get(f"/subscriptions/{sub['subscription_id']}/deliveries",
-                                          params={"cursor": page["next_cursor"]})).json()
-                    assert {d["status"] for d in page["deliveries"] + rest["deliveries"]} == {"delivered"}
-                    # The receiver goes down: the lead goes on, deliveries retry and die, a replay delivers.
-                    receiver.mode = "down"
-                    r = await anna.post(f"/leads/{lead}/qualify", json={"bant": {"budget": True, "need": True,
-                                                                                 "authority": True}})
-                    assert r.status_code == 200 and r.json()["stage"] == "sql"
-                    dead = await until(lambda: mia.get(f"/subscriptions/{sub['subscription_id']}/deliveries",
-                                                       params={"status": "dead"}),
-                                       lambda r: len(r.json()["deliveries"]) >= 1)
-                    (letter,) = [d for d in dead.json()["deliveries"] if d["kind"] == "stage_change"]
-                    assert letter["attempts"] == 3 and "503" in letter["last_error"]
-                    receiver.mode = "up"
-                    r = await mia.post(f"/subscriptions/{sub['subscription_id']}/replay", json={})
-                    assert r.json()["replayed"] >= 1
-                    await until(lambda: asyncio.sleep(0, stage_bodies()), lambda bodies: len(bodies) >= 4)
-                    assert stage_bodies()[3]["data"]["to_stage"] == "sql"
-                    assert (await mia.delete(f"/subscriptions/{sub['subscription_id']}")).status_code == 204
-                    assert (await mia.get(f"/subscriptions/{sub['subscription_id']}")).json()["active"] is False
-                    assert (await mia.get("/subscriptions/sub_0000000000000000")).status_code == 404
-                finally:
-                    await api.close()
+            await until(lambda: asyncio.sleep(0, stage_bodies()), lambda bodies: len(bodies) >= 3)
+            assert [(b["data"]["from_stage"], b["data"]["to_stage"]) for b in stage_bodies()] == [
+                (None, "iql"), ("iql", "mql"), ("mql", "sal")]
+            assert stage_bodies()[2]["data"]["actor"] == "anna"
+            assert any(b["type"] == "leadflow.handover" for b in verified(receiver, sub["secret"]))
+            page = (await mia.get(f"/subscriptions/{sub['subscription_id']}/deliveries",
+                                  params={"limit": 2})).json()
+            assert len(page["deliveries"]) == 2 and page["next_cursor"]
+            rest = (await mia.get(f"/subscriptions/{sub['subscription_id']}/deliveries",
+                                  params={"cursor": page["next_cursor"]})).json()
+            assert {d["status"] for d in page["deliveries"] + rest["deliveries"]} == {"delivered"}
+            # The receiver goes down: the lead goes on, deliveries retry and die, a replay delivers.
+            receiver.mode = "down"
+            r = await anna.post(f"/leads/{lead}/qualify", json={"bant": {"budget": True, "need": True,
+                                                                         "authority": True}})
+            assert r.status_code == 200 and r.json()["stage"] == "sql"
+            dead = await until(lambda: mia.get(f"/subscriptions/{sub['subscription_id']}/deliveries",
+                                               params={"status": "dead"}),
+                               lambda r: len(r.json()["deliveries"]) >= 1)
+            (letter,) = [d for d in dead.json()["deliveries"] if d["kind"] == "stage_change"]
+            assert letter["attempts"] == 3 and "503" in letter["last_error"]
+            receiver.mode = "up"
+            r = await mia.post(f"/subscriptions/{sub['subscription_id']}/replay", json={})
+            assert r.json()["replayed"] >= 1
+            await until(lambda: asyncio.sleep(0, stage_bodies()), lambda bodies: len(bodies) >= 4)
+            assert stage_bodies()[3]["data"]["to_stage"] == "sql"
+            assert (await mia.delete(f"/subscriptions/{sub['subscription_id']}")).status_code == 204
+            assert (await mia.get(f"/subscriptions/{sub['subscription_id']}")).json()["active"] is False
+            assert (await mia.get("/subscriptions/sub_0000000000000000")).status_code == 404
     finally:
         receiver.close()
 
