@@ -128,7 +128,20 @@ class Replay:
 
 def replay(log: LeadLog, model: ScoringModel, until: datetime, decision_delay: timedelta = timedelta(0)) -> Replay:
     """The lead again, under `model`: its recorded inputs at their times, timers up to `until`."""
-    lead = Lead.create(log.lead_id, model, log.created_at, channel=log.channel, decision_delay=decision_delay)
+    lead, peak, refused, first_touch = play(log, model, until, decision_delay)
+    path = [(v.stage, v.entered_at, v.trigger) for v in lead.state.history]
+    mql = next(((at, trigger) for stage, at, trigger in path if stage == Stage.MQL), None)
+    return Replay(log.lead_id, log.channel, path, mql[0] if mql else None, first_touch, peak,
+                  mql is not None and mql[1] == Trigger.FAST_TRACK, lead.state.stage, refused, log.outcome)
+
+
+def play(log: LeadLog, model: ScoringModel, until: datetime, decision_delay: timedelta = timedelta(0),
+         record_effects: bool = False) -> tuple[Lead, float, int, datetime | None]:
+    """The lead after its recorded inputs and timers, with its peak score, the decisions it
+    refused and its first touch. A replay reads only the state, so by default the lead
+    writes no audit entries or messages (the state is the same: tests/test_backtest.py)."""
+    lead = Lead.create(log.lead_id, model, log.created_at, channel=log.channel, decision_delay=decision_delay,
+                       record_effects=record_effects)
     peak, refused = 0.0, 0
     first_touch = None
     for item in sorted(log.inputs, key=lambda i: (i.at, i.order)):
@@ -149,11 +162,7 @@ def replay(log: LeadLog, model: ScoringModel, until: datetime, decision_delay: t
                 refused += 1
         peak = max(peak, lead.state.score.total)
     lead.tick(until)
-    lead.take_effects()
-    path = [(v.stage, v.entered_at, v.trigger) for v in lead.state.history]
-    mql = next(((at, trigger) for stage, at, trigger in path if stage == Stage.MQL), None)
-    return Replay(log.lead_id, log.channel, path, mql[0] if mql else None, first_touch, peak,
-                  mql is not None and mql[1] == Trigger.FAST_TRACK, lead.state.stage, refused, log.outcome)
+    return lead, peak, refused, first_touch
 
 
 _MODELS: dict[str, ScoringModel] = {}  # in each worker process: the models, sent once

@@ -132,8 +132,12 @@ def _day(t: datetime) -> str:
 
 class Lead:
     def __init__(self, state: LeadState, model: ScoringModel, seen_ids_max: int = SEEN_IDS_MAX,
-                 decision_delay: timedelta = timedelta(0)):
+                 decision_delay: timedelta = timedelta(0), record_effects: bool = True):
+        """`record_effects=False`: the lead keeps no audit entries or outbound messages, only
+        its state (their sequence numbers included) moves on exactly as with them. For a
+        backtest, which reads the state alone: writing the entries' text is most of the work."""
         self.state = state
+        self.recording = record_effects
         self.model = model
         self.seen_ids_max = seen_ids_max
         self.decision_delay = decision_delay
@@ -755,6 +759,8 @@ class Lead:
 
     def _handover_content(self) -> dict[str, Any]:
         """What sales needs to act: the score and why, the facts, what the lead did and when."""
+        if not self.recording:
+            return {}  # for a message nobody keeps
         s = self.state
         consent = self.consent()
         activities = [
@@ -890,6 +896,8 @@ class Lead:
     def _audit(self, kind: AuditKind, actor: Actor, detail: str, **fields) -> None:
         s = self.state
         s.audit_seq += 1
+        if not self.recording:
+            return
         fields.setdefault("channel", s.channel)
         fields.setdefault("owner", s.owner)
         engagement = fields.pop("score_engagement", s.score.engagement)
@@ -909,6 +917,8 @@ class Lead:
         s = self.state
         n = s.outbound_seq.get(kind.value, 0) + 1
         s.outbound_seq[kind.value] = n
+        if not self.recording:
+            return
         self._effects.outbound.append(
             Outbound(message_id=f"{s.lead_id}/{kind.value}/{n}", lead_id=s.lead_id, kind=kind, at=at,
                      payload={"stage": s.stage.value, **payload}, assign_to=assign_to)
