@@ -94,14 +94,35 @@ def _models():
 def _step(lead, digest: Digest, taken: list, call, *args) -> None:
     from funnel.models import Refused
 
+    outcome = "ok"
     try:
         call(*args)
-        digest.add("ok")
     except Refused as refused:
-        digest.add("refused", str(refused))
+        outcome = f"refused: {refused}"
+    digest.add(outcome)
     effects = lead.take_effects()
     taken.append(effects)
     digest.add(effects, lead.next_wakeup(), lead.state)
+    twin = getattr(lead, "twin", None)
+    if twin is not None:  # the same call on a lead that records no effects: the same state, always
+        twin_outcome = "ok"
+        try:
+            getattr(twin, call.__name__)(*args)
+        except Refused as refused:
+            twin_outcome = f"refused: {refused}"
+        if (twin_outcome != outcome or canon(twin.state) != canon(lead.state)
+                or twin.next_wakeup() != lead.next_wakeup()):
+            raise AssertionError(f"a lead without effects differs after {call.__name__} of {lead.state.lead_id}")
+        assert not twin.take_effects().audit
+
+
+def _with_twin(lead, make):
+    """`lead` with a twin that records no effects, where the core can do that (not before)."""
+    try:
+        lead.twin = make(record_effects=False)
+    except TypeError:
+        pass
+    return lead
 
 
 def _finish(lead, digest: Digest, taken: list) -> None:
@@ -188,8 +209,10 @@ def scenario(seed: int) -> str:
     lead_id = f"r-{seed}"
     t = NOW - timedelta(days=rng.uniform(100, 400))
     digest, taken = Digest(), []
-    lead = Lead.create(lead_id, model, t, channel=rng.choice([None, "web", "email"]), seen_ids_max=seen_max,
-                       decision_delay=delay)
+    channel = rng.choice([None, "web", "email"])
+    lead = _with_twin(Lead.create(lead_id, model, t, channel=channel, seen_ids_max=seen_max, decision_delay=delay),
+                      lambda **kw: Lead.create(lead_id, model, t, channel=channel, seen_ids_max=seen_max,
+                                               decision_delay=delay, **kw))
     taken.append(lead.take_effects())
     digest.add(taken[-1], lead.state)
     ids: list[str] = []
@@ -252,7 +275,9 @@ def scenario(seed: int) -> str:
             _step(lead, digest, taken, lead.erase_personal_data, t, manager)
         else:  # continue-as-new: the state through JSON, into a new Lead
             state = LeadState.model_validate_json(lead.state.model_dump_json())
-            lead = Lead(state, model, seen_ids_max=seen_max, decision_delay=delay)
+            lead = _with_twin(Lead(state, model, seen_ids_max=seen_max, decision_delay=delay),
+                              lambda **kw: Lead(state.model_copy(deep=True), model, seen_ids_max=seen_max,
+                                                decision_delay=delay, **kw))
             _step(lead, digest, taken, lead.use_model, model, t)
     _step(lead, digest, taken, lead.tick, t + timedelta(days=rng.choice([0, 3, 60, 200])))
     _finish(lead, digest, taken)

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from funnel.lead import Lead
 from funnel.models import (
     Accept, ActivityEvent, Actor, AuditKind, Bant, Close, Command, LogContact, ProfileUpdate, Qualify, Refused,
-    Reject, Reopen, ReportEntry, Role, Stage, Trigger,
+    Reject, Reopen, ReportEntry, Role, Stage, Trigger, built,
 )
 from funnel.scoring_model import ScoringModel
 
@@ -99,15 +99,16 @@ def lead_logs(entries: Iterable[ReportEntry], logged: Iterable) -> list[LeadLog]
         log = logs.get(row.lead_id)
         if log is None:
             continue
-        if "event_id" in row._fields:
-            event = ActivityEvent.model_construct(
-                event_id=row.event_id, lead_id=row.lead_id, type=row.type, occurred_at=row.occurred_at,
-                channel=row.channel, campaign=row.campaign, attributes=dict(row.attributes or {}), source=row.source)
+        if hasattr(row, "event_id"):  # (not `in row._fields`: a database row builds that tuple each time)
+            event = built(ActivityEvent, {
+                "event_id": row.event_id, "lead_id": row.lead_id, "type": row.type, "occurred_at": row.occurred_at,
+                "channel": row.channel, "campaign": row.campaign, "attributes": dict(row.attributes or {}),
+                "source": row.source})
             log.inputs.append(Input(row.received_at, (_ORDER["event"], n), event=event))
         else:
-            update = ProfileUpdate.model_construct(
-                update_id=row.update_id, lead_id=row.lead_id, facts=dict(row.facts),
-                actor=Actor.model_construct(name=row.actor, role=Role(row.role)), observed_at=row.observed_at)
+            actor = built(Actor, {"name": row.actor, "role": Role(row.role)})
+            update = built(ProfileUpdate, {"update_id": row.update_id, "lead_id": row.lead_id, "facts": dict(row.facts),
+                                           "actor": actor, "observed_at": row.observed_at})
             log.inputs.append(Input(row.received_at, (_ORDER["facts"], n), update=update))
     return list(logs.values())
 
