@@ -167,6 +167,7 @@ def play(log: LeadLog, model: ScoringModel, until: datetime, decision_delay: tim
 
 
 _MODELS: dict[str, ScoringModel] = {}  # in each worker process: the models, sent once
+_LOGS: list[LeadLog] = []  # in each worker process: the logs, when it is forked with them
 
 
 def _take_models(models: dict[str, ScoringModel]) -> None:
@@ -177,24 +178,43 @@ def _replay_chunk(chunk: list[LeadLog], until: datetime, delay: timedelta) -> di
     return {name: [replay(log, model, until, delay) for log in chunk] for name, model in _MODELS.items()}
 
 
+def _replay_slice(start: int, stop: int, until: datetime, delay: timedelta) -> dict[str, list[Replay]]:
+    return _replay_chunk(_LOGS[start:stop], until, delay)
+
+
 def replay_all(logs: list[LeadLog], models: dict[str, ScoringModel], until: datetime,
                decision_delay: timedelta = timedelta(0), workers: int = 1) -> dict[str, list[Replay]]:
-    """Every lead under every model, in `workers` processes (the core is CPU-bound Python)."""
+    """Every lead under every model, in `workers` processes (the core is CPU-bound Python).
+    Forked workers find the logs in their copy of this module, so only slice bounds go to
+    them (pickling the logs cost the parent as much as a tenth of the replay)."""
     if workers <= 1 or len(logs) < 200:
         _take_models(models)
         try:
             return _replay_chunk(logs, until, decision_delay)
         finally:
             _MODELS.clear()
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     size = max(100, len(logs) // (workers * 8))
-    chunks = [logs[i:i + size] for i in range(0, len(logs), size)]
+    bounds = [(i, min(i + size, len(logs))) for i in range(0, len(logs), size)]
     found: dict[str, list[Replay]] = {name: [] for name in models}
-    with ProcessPoolExecutor(workers, initializer=_take_models, initargs=(models,)) as pool:
-        for part in pool.map(_replay_chunk, chunks, [until] * len(chunks), [decision_delay] * len(chunks)):
-            for name, runs in part.items():
-                found[name] += runs
+    context = multiprocessing.get_context()
+    forked = context.get_start_method() == "fork"
+    if forked:
+        _LOGS[:] = logs
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_take_models, initargs=(models,)) as pool:
+            if forked:
+                parts = pool.map(_replay_slice, *zip(*bounds), [until] * len(bounds), [decision_delay] * len(bounds))
+            else:
+                parts = pool.map(_replay_chunk, [logs[a:b] for a, b in bounds], [until] * len(bounds),
+                                 [decision_delay] * len(bounds))
+            for part in parts:
+                for name, runs in part.items():
+                    found[name] += runs
+    finally:
+        _LOGS.clear()
     return found
 
 

@@ -223,8 +223,10 @@ def next_decay_at(model: ScoringModel, state: FoldState | _Work) -> datetime | N
 
 def _decay_until(model: ScoringModel, state: _Work, t: datetime, out: list[Contribution]) -> None:
     if state.clock_from is None or state.positive <= 0:
-        return  # nothing decays (next_decay_at is None): most calls, one per item folded
+        return  # nothing decays (next_decay_at is None)
     decay = model.decay
+    if state.clock_from + decay.after + decay.every * state.decay_steps > t:
+        return  # next_decay_at is later: most calls, one per item folded
     while (due := next_decay_at(model, state)) is not None and due <= t:
         positive = state.positive
         if decay.percent is not None:

@@ -472,12 +472,14 @@ class Lead:
         previous_eval = s.evaluated_at or s.created_at
         result = eng.fold(self.model, s.engagement, now, self._fold_cache)
         new = result.work
-        old = {k: v for k, v in s.score.breakdown.items() if not k.startswith("fit:")}
+        fit, old = {}, {}
+        for k, v in s.score.breakdown.items():
+            (fit if k.startswith("fit:") else old)[k] = v
         diff = {rule: round(new.breakdown.get(rule, 0.0) - old.get(rule, 0.0), 2)
                 for rule in set(old) | set(new.breakdown)}
         s.score.engagement = new.engagement
-        s.score.breakdown = {**{k: v for k, v in s.score.breakdown.items() if k.startswith("fit:")},
-                             **new.breakdown}
+        fit.update(new.breakdown)
+        s.score.breakdown = fit
         s.evaluated_at = max(now, previous_eval)
         s.next_decay_at = eng.next_decay_at(self.model, new)
         s.event_consent = new.consent
