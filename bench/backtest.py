@@ -4,8 +4,8 @@ Generates `--leads` demo leads (funnel/demo.py: ~12 events each) into a SQLite s
 times what the backtest does: reading the store (audit decisions, event log, profile
 updates) into lead logs, and replaying every lead under two models, in one process (the
 baseline of this run) and in `--workers` processes. Prints leads and events per second,
-the wall time per event and model, the speed-up over one process, and what 100,000 leads x 20 events would take at that
-pace. Figures only: nothing here passes or fails.
+the wall time per event and model, the speed-up over one process, and what 100,000 leads
+x 20 events would take at that pace. Figures only: nothing here passes or fails.
 
     .venv/bin/python bench/backtest.py [--leads 5000] [--workers 2]
 """
