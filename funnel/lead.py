@@ -394,10 +394,13 @@ class Lead:
         self._now = now
         s = self.state
         while True:
-            due = [x for x in self._timers() if x[0] <= now]
-            if not due:
+            timers = self._timers()
+            if not timers:
                 return
-            at, kind, item = min(due, key=lambda x: (x[0], _TIMER_ORDER[x[1]]))
+            # The first timer of all, by time and order: if it is not due, none is.
+            at, kind, item = min(timers, key=lambda x: (x[0], _TIMER_ORDER[x[1]]))
+            if at > now:
+                return
             if kind == "sla":
                 self._close_sla(item, AuditKind.SLA_BREACHED, SYSTEM, at)
             elif kind == "decay":
