@@ -4,8 +4,8 @@ Generates `--leads` demo leads (funnel/demo.py: ~12 events each) into a SQLite s
 times what the backtest does: reading the store (audit decisions, event log, profile
 updates) into lead logs, and replaying every lead under two models, in one process (the
 baseline of this run) and in `--workers` processes. Prints leads and events per second,
-the speed-up over one process, and what 100,000 leads x 20 events would take at that
-pace. Figures only: nothing here passes or fails.
+the wall time per event and model, the speed-up over one process, and what 100,000 leads
+x 20 events would take at that pace. Figures only: nothing here passes or fails.
 
     .venv/bin/python bench/backtest.py [--leads 5000] [--workers 2]
 """
@@ -63,9 +63,10 @@ def main() -> None:
             backtest.replay_all(logs, models, now, timedelta(seconds=5), workers=workers)
             timings[workers] = time.monotonic() - started
         base = timings[1]
-        print(f"\n{'processes':>9} {'replay (2 models)':>18} {'events/s':>10} {'speed-up':>9}")
+        print(f"\n{'processes':>9} {'replay (2 models)':>18} {'events/s':>10} {'us/event':>9} {'speed-up':>9}")
         for workers, seconds in timings.items():
-            print(f"{workers:>9} {seconds:>16.2f} s {2 * events / seconds:>10,.0f} {base / seconds:>8.2f}x")
+            print(f"{workers:>9} {seconds:>16.2f} s {2 * events / seconds:>10,.0f} {seconds / (2 * events) * 1e6:>9.1f}"
+                  f" {base / seconds:>8.2f}x")
         best = min(timings.values())
         per_event = (read + best) / events
         print(f"\n100,000 leads x 20 events at this pace: {per_event * 2_000_000:,.0f} s "

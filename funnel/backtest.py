@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from funnel.lead import Lead
 from funnel.models import (
     Accept, ActivityEvent, Actor, AuditKind, Bant, Close, Command, LogContact, ProfileUpdate, Qualify, Refused,
-    Reject, Reopen, ReportEntry, Role, Stage, Trigger,
+    Reject, Reopen, ReportEntry, Role, Stage, Trigger, built,
 )
 from funnel.scoring_model import ScoringModel
 
@@ -99,15 +99,16 @@ def lead_logs(entries: Iterable[ReportEntry], logged: Iterable) -> list[LeadLog]
         log = logs.get(row.lead_id)
         if log is None:
             continue
-        if "event_id" in row._fields:
-            event = ActivityEvent.model_construct(
-                event_id=row.event_id, lead_id=row.lead_id, type=row.type, occurred_at=row.occurred_at,
-                channel=row.channel, campaign=row.campaign, attributes=dict(row.attributes or {}), source=row.source)
+        if hasattr(row, "event_id"):  # (not `in row._fields`: a database row builds that tuple each time)
+            event = built(ActivityEvent, {
+                "event_id": row.event_id, "lead_id": row.lead_id, "type": row.type, "occurred_at": row.occurred_at,
+                "channel": row.channel, "campaign": row.campaign, "attributes": dict(row.attributes or {}),
+                "source": row.source})
             log.inputs.append(Input(row.received_at, (_ORDER["event"], n), event=event))
         else:
-            update = ProfileUpdate.model_construct(
-                update_id=row.update_id, lead_id=row.lead_id, facts=dict(row.facts),
-                actor=Actor.model_construct(name=row.actor, role=Role(row.role)), observed_at=row.observed_at)
+            actor = built(Actor, {"name": row.actor, "role": Role(row.role)})
+            update = built(ProfileUpdate, {"update_id": row.update_id, "lead_id": row.lead_id, "facts": dict(row.facts),
+                                           "actor": actor, "observed_at": row.observed_at})
             log.inputs.append(Input(row.received_at, (_ORDER["facts"], n), update=update))
     return list(logs.values())
 
@@ -128,7 +129,20 @@ class Replay:
 
 def replay(log: LeadLog, model: ScoringModel, until: datetime, decision_delay: timedelta = timedelta(0)) -> Replay:
     """The lead again, under `model`: its recorded inputs at their times, timers up to `until`."""
-    lead = Lead.create(log.lead_id, model, log.created_at, channel=log.channel, decision_delay=decision_delay)
+    lead, peak, refused, first_touch = play(log, model, until, decision_delay)
+    path = [(v.stage, v.entered_at, v.trigger) for v in lead.state.history]
+    mql = next(((at, trigger) for stage, at, trigger in path if stage == Stage.MQL), None)
+    return Replay(log.lead_id, log.channel, path, mql[0] if mql else None, first_touch, peak,
+                  mql is not None and mql[1] == Trigger.FAST_TRACK, lead.state.stage, refused, log.outcome)
+
+
+def play(log: LeadLog, model: ScoringModel, until: datetime, decision_delay: timedelta = timedelta(0),
+         record_effects: bool = False) -> tuple[Lead, float, int, datetime | None]:
+    """The lead after its recorded inputs and timers, with its peak score, the decisions it
+    refused and its first touch. A replay reads only the state, so by default the lead
+    writes no audit entries or messages (the state is the same: tests/test_backtest.py)."""
+    lead = Lead.create(log.lead_id, model, log.created_at, channel=log.channel, decision_delay=decision_delay,
+                       record_effects=record_effects)
     peak, refused = 0.0, 0
     first_touch = None
     for item in sorted(log.inputs, key=lambda i: (i.at, i.order)):
@@ -149,14 +163,11 @@ def replay(log: LeadLog, model: ScoringModel, until: datetime, decision_delay: t
                 refused += 1
         peak = max(peak, lead.state.score.total)
     lead.tick(until)
-    lead.take_effects()
-    path = [(v.stage, v.entered_at, v.trigger) for v in lead.state.history]
-    mql = next(((at, trigger) for stage, at, trigger in path if stage == Stage.MQL), None)
-    return Replay(log.lead_id, log.channel, path, mql[0] if mql else None, first_touch, peak,
-                  mql is not None and mql[1] == Trigger.FAST_TRACK, lead.state.stage, refused, log.outcome)
+    return lead, peak, refused, first_touch
 
 
 _MODELS: dict[str, ScoringModel] = {}  # in each worker process: the models, sent once
+_LOGS: list[LeadLog] = []  # in each worker process: the logs, when it is forked with them
 
 
 def _take_models(models: dict[str, ScoringModel]) -> None:
@@ -167,24 +178,43 @@ def _replay_chunk(chunk: list[LeadLog], until: datetime, delay: timedelta) -> di
     return {name: [replay(log, model, until, delay) for log in chunk] for name, model in _MODELS.items()}
 
 
+def _replay_slice(start: int, stop: int, until: datetime, delay: timedelta) -> dict[str, list[Replay]]:
+    return _replay_chunk(_LOGS[start:stop], until, delay)
+
+
 def replay_all(logs: list[LeadLog], models: dict[str, ScoringModel], until: datetime,
                decision_delay: timedelta = timedelta(0), workers: int = 1) -> dict[str, list[Replay]]:
-    """Every lead under every model, in `workers` processes (the core is CPU-bound Python)."""
+    """Every lead under every model, in `workers` processes (the core is CPU-bound Python).
+    Forked workers find the logs in their copy of this module, so only slice bounds go to
+    them (pickling the logs cost the parent as much as a tenth of the replay)."""
     if workers <= 1 or len(logs) < 200:
         _take_models(models)
         try:
             return _replay_chunk(logs, until, decision_delay)
         finally:
             _MODELS.clear()
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     size = max(100, len(logs) // (workers * 8))
-    chunks = [logs[i:i + size] for i in range(0, len(logs), size)]
+    bounds = [(i, min(i + size, len(logs))) for i in range(0, len(logs), size)]
     found: dict[str, list[Replay]] = {name: [] for name in models}
-    with ProcessPoolExecutor(workers, initializer=_take_models, initargs=(models,)) as pool:
-        for part in pool.map(_replay_chunk, chunks, [until] * len(chunks), [decision_delay] * len(chunks)):
-            for name, runs in part.items():
-                found[name] += runs
+    context = multiprocessing.get_context()
+    forked = context.get_start_method() == "fork"
+    if forked:
+        _LOGS[:] = logs
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_take_models, initargs=(models,)) as pool:
+            if forked:
+                parts = pool.map(_replay_slice, *zip(*bounds), [until] * len(bounds), [decision_delay] * len(bounds))
+            else:
+                parts = pool.map(_replay_chunk, [logs[a:b] for a, b in bounds], [until] * len(bounds),
+                                 [decision_delay] * len(bounds))
+            for part in parts:
+                for name, runs in part.items():
+                    found[name] += runs
+    finally:
+        _LOGS.clear()
     return found
 
 

@@ -24,7 +24,7 @@ Pure: no clock, no I/O; every time is an argument.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from funnel.models import Anchor, ConsentRecord, EngagementLog, FoldState, TypeTally, WindowEvent
@@ -116,9 +116,12 @@ class _Work:
         return FoldState.model_construct(**values, tallies=tallies, breakdown=dict(self.breakdown))
 
     def copy(self) -> "_Work":
+        # Spelled out: dataclasses.replace costs as much again, and the fold copies often.
         tallies = {name: _Tally(t.counted, t.last_at, t.cancelled_at, t.cap_from, t.cap_points, list(t.recent))
                    for name, t in self.tallies.items()}
-        return replace(self, tallies=tallies, breakdown=dict(self.breakdown))
+        return _Work(self.at, self.after_id, self.positive, self.negative, self.clock_from, self.last_activity,
+                     self.decay_steps, tallies, dict(self.breakdown), self.consent, self.first_touch,
+                     self.newest_activity)
 
 
 # --------------------------------------------------------------------------- the fold
@@ -128,7 +131,12 @@ class FoldCache:
     """The folded state just after a lead's newest event, so events in time order continue
     from there (re-applying the stage anchors after it) instead of refolding the window.
     Valid while nothing before that point changes: an event that sorts before it folds
-    everything again, and the lead drops the cache when the checkpoint changes."""
+    everything again, and the lead drops the cache when the checkpoint changes.
+
+    The cached state is shared, not copied, with the fold that kept it (`fold` copies it
+    before it changes it further) and with the next fold that continues it with new events
+    (that fold keeps a later point, so this one is not needed again): most events in order
+    then cost no copy at all."""
 
     def __init__(self) -> None:
         self.clear()
@@ -138,6 +146,7 @@ class FoldCache:
         self.events = self.anchors = 0  # how many of each are folded in `work`
         self.last: tuple | None = None  # the key of the last event folded
         self.work: _Work | None = None
+        self.at: datetime | None = None  # work.at when kept (the fold that shares it moves its own on)
 
     def tail(self, model: ScoringModel, log: EngagementLog) -> tuple[_Work, list] | None:
         """(the cached state, the items after it), if nothing before it changed."""
@@ -151,10 +160,14 @@ class FoldCache:
         if self.anchors and _item_key(anchors[self.anchors - 1]) > self.last:  # type: ignore[operator]
             return None
         new = [*window[self.events:], *anchors[self.anchors:]]
-        return self.work.copy(), sorted(new, key=_item_key)
+        # Without a new event the cache stays where it is: the fold gets a copy to change.
+        work = self.work if len(window) > self.events else self.work.copy()
+        work.at = self.at
+        return work, sorted(new, key=_item_key) if len(new) > 1 else new
 
     def keep(self, model: ScoringModel, events: int, anchors: int, work: _Work, last: tuple) -> None:
-        self.ref, self.events, self.anchors, self.last, self.work = model.ref, events, anchors, last, work.copy()
+        self.ref, self.events, self.anchors, self.last, self.work, self.at = (
+            model.ref, events, anchors, last, work, work.at)
 
 
 def _item_key(item: WindowEvent | Anchor) -> tuple:
@@ -176,7 +189,10 @@ def fold(model: ScoringModel, log: EngagementLog, until: datetime, cache: FoldCa
         events = anchors = 0
     last_event = max((i for i, item in enumerate(items) if isinstance(item, WindowEvent)), default=-1)
     out: list[Contribution] = []
+    shared = False  # `work` is the cache's: copy it before changing it any further
     for i, item in enumerate(items):  # an event may be a little ahead of `until` (clock skew): it counts
+        if shared:
+            work, shared = work.copy(), False
         if isinstance(item, WindowEvent):
             _decay_until(model, work, min(item.occurred_at, until), out)
             _apply_event(model, work, item, out)
@@ -189,6 +205,9 @@ def fold(model: ScoringModel, log: EngagementLog, until: datetime, cache: FoldCa
             anchors += 1
         if i == last_event and cache is not None:
             cache.keep(model, events, anchors, work, _item_key(item))
+            shared = True
+    if shared and (due := next_decay_at(model, work)) is not None and due <= until:
+        work = work.copy()  # decay is due: the cache keeps the state before it
     _decay_until(model, work, until, out)
     if work.at is None or until > work.at:
         work.at = until
@@ -203,7 +222,11 @@ def next_decay_at(model: ScoringModel, state: FoldState | _Work) -> datetime | N
 
 
 def _decay_until(model: ScoringModel, state: _Work, t: datetime, out: list[Contribution]) -> None:
+    if state.clock_from is None or state.positive <= 0:
+        return  # nothing decays (next_decay_at is None)
     decay = model.decay
+    if state.clock_from + decay.after + decay.every * state.decay_steps > t:
+        return  # next_decay_at is later: most calls, one per item folded
     while (due := next_decay_at(model, state)) is not None and due <= t:
         positive = state.positive
         if decay.percent is not None:

@@ -59,6 +59,7 @@ from funnel.models import (
     StageVisit,
     Trigger,
     WindowEvent,
+    built,
     parse_fact_time,
 )
 from funnel.scoring_model import ScoringModel, format_duration, humanize
@@ -130,10 +131,31 @@ def _day(t: datetime) -> str:
     return t.date().isoformat() if (t.hour, t.minute, t.second) == (0, 0, 0) else t.isoformat()
 
 
+def _why_rescored(late: list[ActivityEvent], cause: str | None, added: list[ActivityEvent]) -> str:
+    """What re-scored the rules a rescoring changed beyond its own entries."""
+    if late:
+        first = late[0]
+        who = (f"late event {first.event_id} of {_day(first.occurred_at)}" if len(late) == 1 else
+               f"{len(late)} late events ({', '.join(e.event_id for e in late[:3])}{', ...' if len(late) > 3 else ''}"
+               f" of {_day(late[0].occurred_at)} to {_day(late[-1].occurred_at)})")
+        return f"{who} re-scored the window"
+    if cause:
+        return f"{cause} re-scored the window"
+    if added:
+        # an event newer than all others, but received after a decay it would have prevented
+        return (f"event {added[0].event_id} of {_day(added[0].occurred_at)}, received after the decay it"
+                " prevents, re-scored the window")
+    return "re-scored"
+
+
 class Lead:
     def __init__(self, state: LeadState, model: ScoringModel, seen_ids_max: int = SEEN_IDS_MAX,
-                 decision_delay: timedelta = timedelta(0)):
+                 decision_delay: timedelta = timedelta(0), record_effects: bool = True):
+        """`record_effects=False`: the lead keeps no audit entries or outbound messages, only
+        its state (their sequence numbers included) moves on exactly as with them. For a
+        backtest, which reads the state alone: writing the entries' text is most of the work."""
         self.state = state
+        self.recording = record_effects
         self.model = model
         self.seen_ids_max = seen_ids_max
         self.decision_delay = decision_delay
@@ -225,9 +247,9 @@ class Lead:
             if self._is_duplicate(event.event_id, kind="event", channel=event.channel, known=event.event_id in applied):
                 continue
             s.events_applied += 1
-            item = WindowEvent.model_construct(  # validated as an ActivityEvent already
-                event_id=event.event_id, type=event.type, occurred_at=event.occurred_at, channel=event.channel,
-                attributes=dict(event.attributes))
+            item = built(WindowEvent, {  # validated as an ActivityEvent already
+                "event_id": event.event_id, "type": event.type, "occurred_at": event.occurred_at,
+                "channel": event.channel, "attributes": dict(event.attributes)})
             if s.engagement.beyond_horizon(event.occurred_at, event.event_id):
                 points, why = eng.apply_beyond_horizon(self.model, s.engagement, item)
                 self._fold_cache.clear()  # the checkpoint changed under it
@@ -372,10 +394,13 @@ class Lead:
         self._now = now
         s = self.state
         while True:
-            due = [x for x in self._timers() if x[0] <= now]
-            if not due:
+            timers = self._timers()
+            if not timers:
                 return
-            at, kind, item = min(due, key=lambda x: (x[0], _TIMER_ORDER[x[1]]))
+            # The first timer of all, by time and order: if it is not due, none is.
+            at, kind, item = min(timers, key=lambda x: (x[0], _TIMER_ORDER[x[1]]))
+            if at > now:
+                return
             if kind == "sla":
                 self._close_sla(item, AuditKind.SLA_BREACHED, SYSTEM, at)
             elif kind == "decay":
@@ -450,63 +475,64 @@ class Lead:
         previous_eval = s.evaluated_at or s.created_at
         result = eng.fold(self.model, s.engagement, now, self._fold_cache)
         new = result.work
-        old = {k: v for k, v in s.score.breakdown.items() if not k.startswith("fit:")}
+        fit, old = {}, {}
+        for k, v in s.score.breakdown.items():
+            (fit if k.startswith("fit:") else old)[k] = v
         diff = {rule: round(new.breakdown.get(rule, 0.0) - old.get(rule, 0.0), 2)
                 for rule in set(old) | set(new.breakdown)}
         s.score.engagement = new.engagement
-        s.score.breakdown = {**{k: v for k, v in s.score.breakdown.items() if k.startswith("fit:")},
-                             **new.breakdown}
+        fit.update(new.breakdown)
+        s.score.breakdown = fit
         s.evaluated_at = max(now, previous_eval)
         s.next_decay_at = eng.next_decay_at(self.model, new)
         s.event_consent = new.consent
         if new.first_touch is not None:
             s.channel = new.first_touch[1]
+        # One entry per change, as below; a lead that records no effects only counts them
+        # (audit_seq is state), so it skips writing their text.
+        rec = self.recording
         entries: list[tuple[str, float, str, str | None, datetime | None, str | None, str | None]] = []
         contributions = result.by_key()
         for event, points, why in beyond:
             diff[event.type] = round(diff.get(event.type, 0.0) - points, 2)
             entries.append((event.type, points,
-                            f"{_fmt(points)} {event.type}: late event {event.event_id} of {_day(event.occurred_at)}{why}",
-                            event.event_id, event.occurred_at, event.channel, event.source))
+                            f"{_fmt(points)} {event.type}: late event {event.event_id} of {_day(event.occurred_at)}{why}"
+                            if rec else "", event.event_id, event.occurred_at, event.channel, event.source))
         late = [e for e in added if prior_newest is not None and (e.occurred_at, e.event_id) < prior_newest]
         for event in added:  # one entry per applied event, with what it scored itself
             c = contributions.get(f"e:{event.event_id}")
             if c is None:
                 continue
             diff[c.rule] = round(diff.get(c.rule, 0.0) - c.points, 2)
-            name = f"late event {event.event_id} of {_day(event.occurred_at)}" if event in late else f"event {event.event_id}"
-            entries.append((c.rule, c.points, f"{_fmt(c.points)} {event.type} ({name}{c.why})", event.event_id,
-                            event.occurred_at, event.channel, event.source))
+            if rec:
+                name = (f"late event {event.event_id} of {_day(event.occurred_at)}" if event in late else
+                        f"event {event.event_id}")
+            entries.append((c.rule, c.points, f"{_fmt(c.points)} {event.type} ({name}{c.why})" if rec else "",
+                            event.event_id, event.occurred_at, event.channel, event.source))
             for key in (k for k in contributions if k.startswith(f"c:{event.event_id}:")):
                 taken = contributions[key]
                 diff[taken.rule] = round(diff.get(taken.rule, 0.0) - taken.points, 2)
-                entries.append((taken.rule, taken.points, f"{_fmt(taken.points)} {taken.rule}{taken.why}", None,
-                                event.occurred_at, event.channel, event.source))
+                entries.append((taken.rule, taken.points, f"{_fmt(taken.points)} {taken.rule}{taken.why}" if rec else "",
+                                None, event.occurred_at, event.channel, event.source))
         reset_key = f"r:{new_anchor.at.isoformat()}" if new_anchor is not None else None
         # Decay steps after the last evaluation are new; so is all decay of a lead's first events.
         first_events = bool(added) and prior_newest is None
         for c in result.contributions:
             if (c.key[0] == "d" and (first_events or c.at > previous_eval)) or c.key == reset_key:
                 diff[c.rule] = round(diff.get(c.rule, 0.0) - c.points, 2)
-                text = f"{_fmt(c.points)} inactivity decay ({c.why})" if c.rule == "decay" else f"{_fmt(c.points)} {c.why}"
+                text = ("" if not rec else f"{_fmt(c.points)} inactivity decay ({c.why})" if c.rule == "decay" else
+                        f"{_fmt(c.points)} {c.why}")
                 entries.append((c.rule, c.points, text, None, c.at, None, None))
-        if late:
-            first = late[0]
-            who = (f"late event {first.event_id} of {_day(first.occurred_at)}" if len(late) == 1 else
-                   f"{len(late)} late events ({', '.join(e.event_id for e in late[:3])}{', ...' if len(late) > 3 else ''}"
-                   f" of {_day(late[0].occurred_at)} to {_day(late[-1].occurred_at)})")
-            why_rescored = f"{who} re-scored the window"
-        elif cause:
-            why_rescored = f"{cause} re-scored the window"
-        elif added:
-            # an event newer than all others, but received after a decay it would have prevented
-            why_rescored = (f"event {added[0].event_id} of {_day(added[0].occurred_at)}, received after the decay it"
-                            " prevents, re-scored the window")
-        else:
-            why_rescored = "re-scored"
-        cause_at = late[0].occurred_at if late else (added[0].occurred_at if added else None)
-        for rule in sorted(r for r, d in diff.items() if d):
-            entries.append((rule, diff[rule], f"{_fmt(diff[rule])} {rule}: {why_rescored}", None, cause_at, None, None))
+        changed = sorted(r for r, d in diff.items() if d)  # what the entries so far do not explain
+        if not rec:
+            s.audit_seq += len(entries) + len(changed)  # as _audit counts them
+            return
+        if changed:
+            why_rescored = _why_rescored(late, cause, added)  # (only now: it formats dates)
+            cause_at = late[0].occurred_at if late else (added[0].occurred_at if added else None)
+            for rule in changed:
+                entries.append((rule, diff[rule], f"{_fmt(diff[rule])} {rule}: {why_rescored}", None, cause_at, None,
+                                None))
         # Entries show the score they leave behind, in order: replay the totals.
         running = {k: v for k, v in old.items()}
         for rule, points, text, event_id, occurred, channel, source in entries:
@@ -755,6 +781,8 @@ class Lead:
 
     def _handover_content(self) -> dict[str, Any]:
         """What sales needs to act: the score and why, the facts, what the lead did and when."""
+        if not self.recording:
+            return {}  # for a message nobody keeps
         s = self.state
         consent = self.consent()
         activities = [
@@ -890,6 +918,8 @@ class Lead:
     def _audit(self, kind: AuditKind, actor: Actor, detail: str, **fields) -> None:
         s = self.state
         s.audit_seq += 1
+        if not self.recording:
+            return
         fields.setdefault("channel", s.channel)
         fields.setdefault("owner", s.owner)
         engagement = fields.pop("score_engagement", s.score.engagement)
@@ -909,6 +939,8 @@ class Lead:
         s = self.state
         n = s.outbound_seq.get(kind.value, 0) + 1
         s.outbound_seq[kind.value] = n
+        if not self.recording:
+            return
         self._effects.outbound.append(
             Outbound(message_id=f"{s.lead_id}/{kind.value}/{n}", lead_id=s.lead_id, kind=kind, at=at,
                      payload={"stage": s.stage.value, **payload}, assign_to=assign_to)

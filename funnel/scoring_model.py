@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import tomllib
 from datetime import timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -38,6 +39,7 @@ def parse_duration(value: object) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+@lru_cache(maxsize=1024)  # pure, and the fold writes the same few model durations over and over
 def format_duration(value: timedelta) -> str:
     """A model duration as the model file writes it: '30d', '12h', '90s'."""
     seconds = int(value.total_seconds())
@@ -47,6 +49,7 @@ def format_duration(value: timedelta) -> str:
     return f"{seconds}s"
 
 
+@lru_cache(maxsize=4096)  # pure; decay steps come back to the same idle times
 def humanize(value: timedelta) -> str:
     """A measured duration as people read it: '13h 0m', '2d 3h', '4m 10s', '0s'."""
     seconds = max(int(value.total_seconds()), 0)

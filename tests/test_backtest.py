@@ -97,6 +97,23 @@ def test_processes_give_what_one_process_gives(demo_store):
     assert [(r.lead_id, r.path, r.peak_score) for r in one] == [(r.lead_id, r.path, r.peak_score) for r in two]
 
 
+def test_a_replay_without_effects_ends_in_the_same_state_as_one_that_records_them(demo_store):
+    """The backtest's lead writes no audit entries or messages (`record_effects=False`, for
+    speed); what it reads, the state, must be what the recording lead has, field by field."""
+    _, store = demo_store
+    logs = backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
+    lower = MODEL.model_copy(update={"thresholds": MODEL.thresholds.model_copy(update={"mql": 70.0})})
+    delay = timedelta(seconds=Settings().decision_delay_seconds)
+    for model in (MODEL, lower):
+        for log in logs:
+            quiet, *figures = backtest.play(log, model, NOW, delay)
+            loud, *recorded = backtest.play(log, model, NOW, delay, record_effects=True)
+            assert quiet.take_effects().audit == [] and loud.take_effects().audit
+            assert figures == recorded
+            assert quiet.state.model_dump() == loud.state.model_dump(), log.lead_id
+            assert quiet.state.model_fields_set == loud.state.model_fields_set
+
+
 def backtest_json(capsys, monkeypatch, url: str, *args: str) -> dict:
     monkeypatch.setenv("LEADFLOW_DATABASE_URL", url)
     with freeze_time(NOW):
