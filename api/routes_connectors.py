@@ -10,6 +10,7 @@ before, `PUT /leads/{id}/external/{system}/{external id}`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -235,8 +236,12 @@ async def _take(request: Request, vendor: str, items: list[VendorItem]) -> Conne
 
 
 def _lead_id(vendor: str, contact_id: str) -> str:
-    lead_id = f"{vendor}-{re.sub(r'[^A-Za-z0-9_.:-]', '_', contact_id)}"[:128]
-    return lead_id if _LEAD_ID.match(lead_id) else f"{vendor}-{abs(hash(contact_id))}"
+    """The lead a new contact gets: `<vendor>-<contact id>`; an id too long for a lead id gets
+    a digest of it instead (the same in every process, so concurrent first webhooks agree)."""
+    lead_id = f"{vendor}-{re.sub(r'[^A-Za-z0-9_.:-]', '_', contact_id)}"
+    if len(lead_id) <= 128 and _LEAD_ID.match(lead_id):
+        return lead_id
+    return f"{vendor}-{hashlib.sha256(contact_id.encode()).hexdigest()[:32]}"
 
 
 def _campaign(campaign: str | None) -> str | None:

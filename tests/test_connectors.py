@@ -128,6 +128,21 @@ def test_unusable_vendor_items_say_why():
     assert bad_time.problem.startswith("no usable timestamp")
 
 
+def test_a_contact_becomes_a_lead_id_the_same_in_every_process():
+    import subprocess
+    import sys
+    from api.routes_connectors import _lead_id
+
+    assert _lead_id("mautic", "4711") == "mautic-4711"
+    assert _lead_id("hubspot", "a b/c") == "hubspot-a_b_c"
+    long = "x" * 200  # too long for a lead id: a digest, not Python's per-process hash
+    here = _lead_id("hubspot", long)
+    there = subprocess.run([sys.executable, "-c", "from api.routes_connectors import _lead_id; "
+                            f"print(_lead_id('hubspot', {long!r}))"], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parent.parent, check=True).stdout.strip()
+    assert here == there and len(here) <= 128
+
+
 def test_a_broken_mapping_file_is_refused_with_its_place(tmp_path):
     broken = tmp_path / "c.toml"
     broken.write_text(DEFAULT_CONNECTORS.read_text().replace('type = "email_open"', 'type = "Email Open"'))
