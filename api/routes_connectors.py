@@ -32,8 +32,7 @@ from funnel.models import LEAD_ID_PATTERN, ActivityEvent, Actor, ProfileUpdate, 
 
 from api.backends import backends_of, edge_model, Unavailable
 from api.keys import allow, failed_authentication, Principal
-from api.limits import EARLIEST_EVENT
-from api.routes_ingest import take_events, take_profile
+from api.routes_ingest import event_problem, take_events, take_profile, time_problem
 from api.schemas import ERRORS, invalid, PathLeadId, Problem, problem_response
 
 log = logging.getLogger("leadflow.connectors")
@@ -192,11 +191,8 @@ async def _take(request: Request, vendor: str, items: list[VendorItem]) -> Conne
             result.outcome, result.reason = "ignored", item.ignored
         elif item.problem:
             result.outcome, result.reason = "rejected", item.problem
-        elif item.event_type is not None and item.event_type not in model.events:
-            result.outcome, result.reason = "rejected", (
-                f"the mapping names event type {item.event_type!r}, which scoring model {model.ref} does not know")
-        elif item.occurred_at > now + FUTURE_TOLERANCE or item.occurred_at < EARLIEST_EVENT:
-            result.outcome, result.reason = "rejected", f"occurred_at {item.occurred_at.isoformat()} is out of range"
+        elif (problem := _edge_problem(item, model, now)) is not None:
+            result.outcome, result.reason = "rejected", problem
         else:
             usable.append((item, result))
     contacts = sorted({item.contact_id for item, _ in usable})
@@ -233,6 +229,15 @@ async def _take(request: Request, vendor: str, items: list[VendorItem]) -> Conne
     counts = {o: sum(1 for r in results if r.outcome == o) for o in ("accepted", "duplicate", "ignored", "rejected")}
     return ConnectorResult(connector=vendor, accepted=counts["accepted"], duplicates=counts["duplicate"],
                            ignored=counts["ignored"], rejected=counts["rejected"], results=results)
+
+
+def _edge_problem(item: VendorItem, model, now: datetime) -> str | None:
+    """The API's own edge checks (routes_ingest): an event's type and time, facts' time."""
+    if item.event_type is not None:
+        problem = event_problem(item.event_type, item.occurred_at, model, now)
+        return None if problem is None else f"{problem[0]}: {problem[1]}"
+    problem = time_problem(item.occurred_at, now)
+    return None if problem is None else f"occurred_at: {problem}"
 
 
 def _lead_id(vendor: str, contact_id: str) -> str:

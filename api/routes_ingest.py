@@ -38,21 +38,27 @@ ingest = APIRouter(tags=["events and profile facts"], responses=ERRORS)
 # =========================================================================== edge checks
 
 
-def _event_problem(event: EventIn, model: ScoringModel, now: datetime) -> tuple[str, str] | None:
-    """(field, message) if the event cannot be applied, as the CLI checks it."""
-    if event.type not in model.events:
+def event_problem(event_type: str, occurred_at: datetime, model: ScoringModel, now: datetime
+                  ) -> tuple[str, str] | None:
+    """(field, message) if an event of this type and time cannot be applied, as the CLI
+    checks it (the API's events and the vendor connectors' alike)."""
+    if event_type not in model.events:
         return "type", (
-            f"unknown event type {event.type!r} in scoring model {model.ref}; known types: "
+            f"unknown event type {event_type!r} in scoring model {model.ref}; known types: "
             + ", ".join(sorted(model.events))
         )
-    if event.occurred_at > now + FUTURE_TOLERANCE:
+    problem = time_problem(occurred_at, now)
+    return ("occurred_at", problem) if problem is not None else None
+
+
+def time_problem(at: datetime, now: datetime) -> str | None:
+    """Why a time is out of range for input (too far in the future, before the earliest)."""
+    if at > now + FUTURE_TOLERANCE:
         minutes = int(FUTURE_TOLERANCE.total_seconds() // 60)
-        return "occurred_at", (
-            f"{event.occurred_at.isoformat()} is more than {minutes} minutes in the future "
-            f"(now {now.replace(microsecond=0).isoformat()})"
-        )
-    if event.occurred_at < EARLIEST_EVENT:
-        return "occurred_at", f"{event.occurred_at.isoformat()} is before {EARLIEST_EVENT.date().isoformat()}"
+        return (f"{at.isoformat()} is more than {minutes} minutes in the future "
+                f"(now {now.replace(microsecond=0).isoformat()})")
+    if at < EARLIEST_EVENT:
+        return f"{at.isoformat()} is before {EARLIEST_EVENT.date().isoformat()}"
     return None
 
 
@@ -191,7 +197,7 @@ _INGEST_ROLES = "Roles: marketing, manager."
 async def post_event(
     event: EventIn, request: Request, caller: Annotated[Principal, Depends(allow(Role.MARKETING))]
 ) -> EventAccepted:
-    problem = _event_problem(event, await edge_model(request), datetime.now(timezone.utc))
+    problem = event_problem(event.type, event.occurred_at, await edge_model(request), datetime.now(timezone.utc))
     if problem is not None:
         field, msg = problem
         raise RequestValidationError([{"loc": ("body", field), "msg": msg, "type": "value_error"}])
@@ -239,7 +245,7 @@ async def post_events(
             continue
         result = EventResult(index=index, event_id=item.event_id, lead_id=item.lead_id, outcome="accepted")
         results.append(result)
-        if (problem := _event_problem(item, model, now)) is not None:
+        if (problem := event_problem(item.type, item.occurred_at, model, now)) is not None:
             result.outcome, result.reason = "rejected", f"events.{index}.{problem[0]}: {problem[1]}"
         else:
             valid[index] = item

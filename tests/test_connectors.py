@@ -283,3 +283,17 @@ async def test_an_unconfigured_connector_is_404(dev_env, settings, store):
         r = await api.as_(None).post("/connectors/mautic", content=body, headers={
             "Content-Type": "application/json", "Webhook-Signature": mautic_signature(body)})
         assert r.status_code == 404 and "LEADFLOW_MAUTIC_SECRET" in r.json()["detail"]
+
+
+async def test_vendor_events_pass_the_same_edge_checks_as_the_api(api, store):
+    """A vendor event with a time the API would refuse is rejected on its own, saying why."""
+    future = int((datetime.now(timezone.utc) + timedelta(days=1)).timestamp() * 1000)
+    body = json.dumps([{"eventId": 77, "subscriptionId": 1, "portalId": 62515, "appId": 1, "occurredAt": future,
+                        "subscriptionType": "contact.propertyChange", "attemptNumber": 0, "objectId": 5150,
+                        "propertyName": "hs_email_last_open_date", "propertyValue": str(future)}]).encode()
+    url = f"{api.base_url}/connectors/hubspot"
+    r = await api.as_(None).post("/connectors/hubspot", content=body, headers=hubspot_headers(url, body))
+    assert r.status_code == 200, r.text
+    (result,) = r.json()["results"]
+    assert result["outcome"] == "rejected" and result["reason"].startswith("occurred_at: ")
+    assert "minutes in the future" in result["reason"]
