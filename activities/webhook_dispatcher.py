@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import nullcontext
 import logging
 from datetime import datetime, timedelta, timezone
 
@@ -46,7 +47,8 @@ class WebhookDispatcher:
 
     async def run(self) -> None:
         """Every `interval`, post what is due (at once again while there was a full batch)."""
-        async with httpx.AsyncClient(timeout=POST_TIMEOUT) if self._http is None else _borrowed(self._http) as http:
+        # A caller's client is used as it is, not closed here.
+        async with httpx.AsyncClient(timeout=POST_TIMEOUT) if self._http is None else nullcontext(self._http) as http:
             while not self._stopping.is_set():
                 try:
                     busy = await self.dispatch(http)
@@ -94,15 +96,3 @@ class WebhookDispatcher:
         await asyncio.to_thread(webhook_store.record_attempt, self.store, delivery.delivery_id,
                                 datetime.now(timezone.utc), error is None, status, error, retry_in)
 
-
-class _borrowed:
-    """A caller's client, not closed here."""
-
-    def __init__(self, http: httpx.AsyncClient):
-        self.http = http
-
-    async def __aenter__(self) -> httpx.AsyncClient:
-        return self.http
-
-    async def __aexit__(self, *exc) -> None:
-        return None
