@@ -104,6 +104,7 @@ _ADDED_COLUMNS = [
     ("audit_entry", "source", {"sqlite": "VARCHAR", "postgresql": "VARCHAR"}),
     ("audit_entry", "command_id", {"sqlite": "VARCHAR", "postgresql": "VARCHAR"}),
     ("audit_entry", "owner", {"sqlite": "VARCHAR", "postgresql": "VARCHAR"}),
+    ("webhook_delivery", "ordinal", {"sqlite": "INTEGER NOT NULL DEFAULT 0", "postgresql": "INTEGER NOT NULL DEFAULT 0"}),
 ]
 
 

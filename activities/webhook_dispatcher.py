@@ -10,6 +10,11 @@ attempt left in the dead letter (status `dead`) for a manager to replay.
 Several workers may share a store: a delivery is leased to one dispatcher while it posts.
 A delivery can still reach its receiver twice (a post whose answer was lost), which the
 stable `webhook-id` lets the receiver recognise.
+
+A lead's deliveries to one subscription arrive in the order they were recorded (a CRM that
+sets the stage from them never goes back from SAL to MQL): the dispatcher posts them one
+after another, and a failed one holds the later ones back until it is delivered or dead.
+Different leads' deliveries go out concurrently.
 """
 
 from __future__ import annotations
@@ -65,14 +70,26 @@ class WebhookDispatcher:
         self._stopping.set()
 
     async def dispatch(self, http: httpx.AsyncClient) -> bool:
-        """One round: claim due deliveries, post them concurrently, record each outcome.
-        True if the batch was full (more may be due)."""
+        """One round: claim due deliveries, post each lead's in order (leads concurrently),
+        record each outcome. True if the batch was full (more may be due)."""
         now = datetime.now(timezone.utc)
         claimed = await asyncio.to_thread(webhook_store.claim_due, self.store, now, LEASE, BATCH)
-        await asyncio.gather(*(self._attempt(http, delivery, sub) for delivery, sub in claimed))
+        in_order: dict[tuple[str, str], list] = {}
+        for delivery, sub in claimed:
+            in_order.setdefault((delivery.subscription_id, delivery.lead_id or delivery.delivery_id), []).append(
+                (delivery, sub))
+        await asyncio.gather(*(self._post_in_order(http, queue) for queue in in_order.values()))
         return len(claimed) == BATCH
 
-    async def _attempt(self, http: httpx.AsyncClient, delivery, sub) -> None:
+    async def _post_in_order(self, http: httpx.AsyncClient, queue: list) -> None:
+        for done, (delivery, sub) in enumerate(queue):
+            if not await self._attempt(http, delivery, sub):
+                await asyncio.to_thread(webhook_store.release, self.store,
+                                        [later.delivery_id for later, _ in queue[done + 1:]])
+                return
+
+    async def _attempt(self, http: httpx.AsyncClient, delivery, sub) -> bool:
+        """Post one delivery and record the outcome; True if it was delivered."""
         body = json.dumps(delivery.body, separators=(",", ":"))
         sent_at = datetime.now(timezone.utc).replace(microsecond=0)
         headers = {"content-type": "application/json", "webhook-id": delivery.delivery_id,
@@ -95,4 +112,5 @@ class WebhookDispatcher:
                      "" if retry_in else "; dead letter")
         await asyncio.to_thread(webhook_store.record_attempt, self.store, delivery.delivery_id,
                                 datetime.now(timezone.utc), error is None, status, error, retry_in)
+        return error is None
 

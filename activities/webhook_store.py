@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import JSON, Column, Index, or_, select, update
+from sqlalchemy import JSON, Column, Index, and_, exists, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Field, Session, SQLModel
 
@@ -86,6 +86,7 @@ class DeliveryRow(SQLModel, table=True):
     last_status_code: int | None = None
     last_error: str | None = None
     created_at: datetime = Field(sa_column=_utc(nullable=False))
+    ordinal: int = 0  # place among the messages recorded together: (created_at, ordinal) is the order
     delivered_at: datetime | None = Field(default=None, sa_column=_utc(nullable=True))
     replays: int = 0
 
@@ -107,8 +108,9 @@ def fan_out(conn: Connection, insert, now: datetime, messages: list[tuple[Subscr
                         .where(SUBSCRIPTIONS.c.active.is_(True))).all()
     rows = [{"delivery_id": f"{sub_id}.{key}", "subscription_id": sub_id, "kind": kind.value, "lead_id": lead_id,
              "body": body, "status": DeliveryStatus.PENDING.value, "attempts": 0, "next_attempt_at": now,
-             "created_at": now, "replays": 0}
-            for kind, key, lead_id, body in messages for sub_id, kinds in subs if kind.value in kinds]
+             "created_at": now, "ordinal": ordinal, "replays": 0}
+            for ordinal, (kind, key, lead_id, body) in enumerate(messages)
+            for sub_id, kinds in subs if kind.value in kinds]
     if rows:
         conn.execute(insert(DELIVERIES).on_conflict_do_nothing(), rows)
     return len(rows)
@@ -206,31 +208,60 @@ def replay(store: "AuditStore", subscription_id: str, delivery_ids: list[str] | 
 
 # --------------------------------------------------------------------------- the dispatcher's side
 
-def claim_due(store: "AuditStore", now: datetime, lease: timedelta, limit: int = 50
+def claim_due(store: "AuditStore", now: datetime, lease: timedelta, limit: int = 50, per_lead: int = 5
               ) -> list[tuple[DeliveryRow, SubscriptionRow]]:
-    """Deliveries due now for active subscriptions, leased to this dispatcher (another
-    process sharing the store skips them until the lease ends)."""
+    """Deliveries due now for active subscriptions, oldest first, leased to this dispatcher
+    (another process sharing the store skips them until the lease ends).
+
+    A lead's deliveries to one subscription go out in the order they were recorded: one
+    waits while an earlier one is pending and not claimable now (waiting for its retry, or
+    leased elsewhere). A dead letter no longer holds the later ones back. At most
+    `per_lead` of a lead are claimed in a round, so a round's posts fit in the lease."""
+    earlier = DELIVERIES.alias("earlier")
+    held_back = exists().where(
+        earlier.c.subscription_id == DeliveryRow.subscription_id, earlier.c.lead_id == DeliveryRow.lead_id,
+        earlier.c.status == DeliveryStatus.PENDING.value,
+        or_(earlier.c.created_at < DeliveryRow.created_at,
+            and_(earlier.c.created_at == DeliveryRow.created_at, earlier.c.ordinal < DeliveryRow.ordinal)),
+        or_(earlier.c.next_attempt_at > now, earlier.c.lease_until >= now))
     with Session(store.engine) as session:  # a read first: most rounds find nothing, and take no write lock
         due = session.exec(
             select(DeliveryRow, SubscriptionRow)
             .join(SubscriptionRow, SubscriptionRow.subscription_id == DeliveryRow.subscription_id)
             .where(DeliveryRow.status == DeliveryStatus.PENDING.value, DeliveryRow.next_attempt_at <= now,
                    or_(DeliveryRow.lease_until.is_(None), DeliveryRow.lease_until < now),
-                   SubscriptionRow.active.is_(True))
-            .order_by(DeliveryRow.next_attempt_at, DeliveryRow.delivery_id).limit(limit)).all()
+                   SubscriptionRow.active.is_(True), ~held_back)
+            .order_by(DeliveryRow.created_at, DeliveryRow.ordinal, DeliveryRow.delivery_id).limit(limit)).all()
         session.expunge_all()
     if not due:
         return []
     claimed = []
+    skipped: set[tuple[str, str]] = set()  # (subscription, lead) whose next one was not ours to take
+    taken_per_lead: dict[tuple[str, str], int] = {}
     with store._writing() as session:
         for delivery, sub in due:
+            order = (delivery.subscription_id, delivery.lead_id) if delivery.lead_id is not None else None
+            if order is not None and (order in skipped or taken_per_lead.get(order, 0) >= per_lead):
+                skipped.add(order)
+                continue
             taken = session.exec(update(DELIVERIES).where(
                 DELIVERIES.c.delivery_id == delivery.delivery_id, DELIVERIES.c.status == DeliveryStatus.PENDING.value,
                 or_(DELIVERIES.c.lease_until.is_(None), DELIVERIES.c.lease_until < now),
             ).values(lease_until=now + lease))
             if taken.rowcount:
                 claimed.append((delivery, sub))
+                if order is not None:
+                    taken_per_lead[order] = taken_per_lead.get(order, 0) + 1
+            elif order is not None:
+                skipped.add(order)
     return claimed
+
+
+def release(store: "AuditStore", delivery_ids: list[str]) -> None:
+    """Give back claimed deliveries not attempted (an earlier one of their lead failed)."""
+    if delivery_ids:
+        with store._writing() as session:
+            session.exec(update(DELIVERIES).where(DELIVERIES.c.delivery_id.in_(delivery_ids)).values(lease_until=None))
 
 
 def record_attempt(store: "AuditStore", delivery_id: str, now: datetime, ok: bool, status_code: int | None,

@@ -185,6 +185,7 @@ class Receiver:
         self.taken: list[tuple[str, dict]] = []  # (Idempotency-Key, body) of every POST it took
         self.answers: Counter = Counter()
         self.raw: list[tuple[dict[str, str], bytes]] = []  # (headers, body) as sent, of every POST it took
+        self.refused_leads: set[str] = set()  # answered 503 (and not taken) whatever the mode
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -192,6 +193,9 @@ class Receiver:
                 raw = self.rfile.read(int(self.headers["Content-Length"]))
                 body = json.loads(raw)
                 mode = receiver.mode
+                lead = body.get("data", {}).get("lead_id") if isinstance(body, dict) else None
+                if lead is not None and lead in receiver.refused_leads:
+                    mode = "down"
                 with receiver.lock:
                     receiver.answers[mode] += 1
                     if mode != "down":

@@ -89,6 +89,11 @@ async def test_deliveries_are_signed_retried_dead_lettered_and_replayed(store):
         for _ in range(3):
             await settle(dispatcher)
         log = webhook_store.deliveries(store, sub.subscription_id)
+        # The stage change to MQL waits behind the lead's earlier one until that is dead ...
+        assert [(d.status, d.attempts) for d in log] == [("dead", 3), ("pending", 0)]
+        for _ in range(3):  # ... and then has attempts of its own
+            await settle(dispatcher)
+        log = webhook_store.deliveries(store, sub.subscription_id)
         assert [(d.status, d.attempts, d.last_status_code) for d in log] == [("dead", 3, 503)] * 2
         assert "answered 503" in log[0].last_error
         await settle(dispatcher)
@@ -107,6 +112,28 @@ async def test_deliveries_are_signed_retried_dead_lettered_and_replayed(store):
         with pytest.raises(Exception):
             Webhook(webhook_store.add_subscription(store, "http://x", ["handover"], "m").secret).verify(
                 receiver.raw[0][1], receiver.raw[0][0])
+    finally:
+        receiver.close()
+
+
+async def test_a_leads_deliveries_arrive_in_the_order_recorded_and_other_leads_go_on(store):
+    receiver = Receiver()
+    try:
+        sub = webhook_store.add_subscription(store, receiver.url, [SubscriptionKind.STAGE_CHANGE], "mia")
+        store.write_audit([stage_entry("L4", 1, Stage.IQL), stage_entry("L4", 2, Stage.MQL, Stage.IQL),
+                           stage_entry("L5", 1, Stage.IQL)])
+        store.write_audit([stage_entry("L4", 3, Stage.SAL, Stage.MQL)])
+        dispatcher = WebhookDispatcher(store, schedule=[0.0])
+        receiver.refused_leads = {"L4"}  # L4's receiver-side record is briefly unavailable
+        await settle(dispatcher)
+        assert dispatcher.attempts == 2  # L4's first failed, its later ones waited; L5 went on
+        assert [(b["data"]["lead_id"], b["data"]["to_stage"]) for b in verified(receiver, sub.secret)] == [
+            ("L5", "iql")]
+        receiver.refused_leads = set()
+        await settle(dispatcher)
+        assert [(b["data"]["lead_id"], b["data"]["to_stage"]) for b in verified(receiver, sub.secret)] == [
+            ("L5", "iql"), ("L4", "iql"), ("L4", "mql"), ("L4", "sal")]
+        assert {d.status for d in webhook_store.deliveries(store, sub.subscription_id)} == {"delivered"}
     finally:
         receiver.close()
 
@@ -219,3 +246,21 @@ def test_the_cli_manages_subscriptions_and_their_dead_letter(tmp_path, monkeypat
     assert run("subscriptions", "remove", "sub_0000000000000000")[0] == 2
     code, out, _ = run("subscriptions", "list", "--all")
     assert "(removed)" in out
+
+
+def test_a_store_made_before_ordered_deliveries_gets_the_order_column(tmp_path):
+    from activities.store import AuditStore
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = AuditStore(url)
+    sub = webhook_store.add_subscription(old, "http://127.0.0.1:9/a", [SubscriptionKind.STAGE_CHANGE], "mia")
+    old.write_audit([stage_entry("L6", 1, Stage.IQL)])
+    with old.engine.begin() as conn:  # as older code left it
+        conn.exec_driver_sql("ALTER TABLE webhook_delivery DROP COLUMN ordinal")
+    old.dispose()
+    store = AuditStore(url)
+    store.write_audit([stage_entry("L6", 2, Stage.MQL, Stage.IQL)])
+    claimed = webhook_store.claim_due(store, datetime.now(timezone.utc), timedelta(seconds=60))
+    assert [(d.body["data"]["to_stage"], d.ordinal) for d, _ in claimed] == [("iql", 0), ("mql", 0)]
+    assert {s.subscription_id for _, s in claimed} == {sub.subscription_id}
+    store.dispose()
