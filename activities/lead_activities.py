@@ -22,7 +22,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.store import AuditStore, ModelConflict
 from config import Settings
-from funnel.models import AuditEntry, AuditKind, Outbound
+from funnel.models import AuditBatch, AuditEntry, AuditKind, Outbound
 from funnel.scoring_model import ModelError, ScoringModel, load_model, parse_model
 
 WEBHOOK_TIMEOUT_SECONDS = 10.0
@@ -105,9 +105,12 @@ class LeadActivities:
     # ------------------------------------------------------------------ the audit
 
     @activity.defn(name="record_audit")
-    def record_audit(self, entries: list[AuditEntry]) -> int:
-        """Write audit entries; returns how many were new (0 on a retry of a written batch)."""
-        return self.store.write_audit(entries)
+    def record_audit(self, batch: list[AuditEntry] | AuditBatch) -> int:
+        """Write audit entries, and (version 8 runs) log the input the lead took; returns
+        how many entries were new (0 on a retry of a written batch)."""
+        if isinstance(batch, AuditBatch):
+            return self.store.write_audit(batch.entries, batch.taken)
+        return self.store.write_audit(batch)
 
     @activity.defn(name="applied_event_ids")
     def applied_event_ids(self, lead_id: str, event_ids: list[str]) -> list[str]:

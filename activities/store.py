@@ -37,7 +37,8 @@ from activities.report_store import REPORT_KIND_VALUES, REPORT_KINDS
 from funnel.accounts import AccountSummary
 from funnel.kpis import LeadTouch, ReportWindows, SlaReport
 from funnel.models import (
-    ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, ProfileUpdate, ReportEntry, Stage, event_digest,
+    ActivityEvent, AuditEntry, AuditKind, Outbound, OutboundKind, ProfileUpdate, ReportEntry, Stage, TakenInput,
+    event_digest,
 )
 from funnel.personal_data import ERASED, ErasureReport, scrub_entry, scrub_payload
 from funnel.report import FunnelReport
@@ -439,12 +440,28 @@ class AuditStore:
 
     # ----------------------------------------------------------------- audit
 
-    def write_audit(self, entries: list[AuditEntry]) -> int:
+    def write_audit(self, entries: list[AuditEntry], taken: list[TakenInput] | None = None) -> int:
         """Insert the entries in one transaction; returns how many were new.
 
         Entries already stored (same lead and seq) are skipped, so an activity
-        retry after a lost response writes nothing twice.
+        retry after a lost response writes nothing twice. `taken`: the input the
+        lead took since its last write, logged (once per id) in the same transaction,
+        so the event log holds everything a lead applied even when the edge could
+        not log it.
         """
+        if not entries and not taken:
+            return 0
+        with self._writing() as session:
+            if taken:
+                events = [(item, t.received_at) for t in taken for item in t.items if isinstance(item, ActivityEvent)]
+                updates = [(item, t.received_at) for t in taken for item in t.items if isinstance(item, ProfileUpdate)]
+                if events:
+                    self._log_events(session, [e for e, _ in events], [at for _, at in events])
+                if updates:
+                    self._log_facts(session, [u for u, _ in updates], [at for _, at in updates])
+            return self._write_audit(session, entries)
+
+    def _write_audit(self, session: Session, entries: list[AuditEntry]) -> int:
         if not entries:
             return 0
         # Sorted by key, so concurrent batches that overlap take their row locks
@@ -458,14 +475,13 @@ class AuditStore:
         # report entry get their report rows derived again, in the same transaction.
         stmt = self._insert(_AUDIT).on_conflict_do_nothing().returning(_AUDIT.c.lead_id, _AUDIT.c.seq,
                                                                        _AUDIT.c.kind)
-        with self._writing() as session:
-            inserted = session.exec(stmt, params=rows).all()
-            report_store.refresh_leads(session.connection(),
-                                       {lead_id for lead_id, _, kind in inserted if kind in REPORT_KIND_VALUES})
-            announced = {(lead_id, seq) for lead_id, seq, kind in inserted if kind in _ANNOUNCED}
-            if announced:  # subscribers learn of it in the same transaction that records it
-                webhook_store.fan_out(session.connection(), self._insert, utcnow(), [
-                    _announcement(row) for row in rows if (row["lead_id"], row["seq"]) in announced])
+        inserted = session.exec(stmt, params=rows).all()
+        report_store.refresh_leads(session.connection(),
+                                   {lead_id for lead_id, _, kind in inserted if kind in REPORT_KIND_VALUES})
+        announced = {(lead_id, seq) for lead_id, seq, kind in inserted if kind in _ANNOUNCED}
+        if announced:  # subscribers learn of it in the same transaction that records it
+            webhook_store.fan_out(session.connection(), self._insert, utcnow(), [
+                _announcement(row) for row in rows if (row["lead_id"], row["seq"]) in announced])
         return len(inserted)
 
     def changed_leads(self, since: datetime, limit: int = 100, after: tuple[datetime, str] | None = None
@@ -739,33 +755,44 @@ class AuditStore:
         received at one time or each at its own; returns how many were new."""
         if not events:
             return 0
-        times = received_at if isinstance(received_at, list) else [received_at] * len(events)
-        rows = sorted(({
-            "lead_id": e.lead_id, "event_id": e.event_id, "type": e.type, "occurred_at": e.occurred_at,
-            "received_at": at, "channel": e.channel, "campaign": e.campaign, "source": e.source,
-            "attributes": dict(e.attributes), "digest": event_digest(e),
-        } for e, at in zip(events, times, strict=True)), key=lambda row: (row["lead_id"], row["event_id"]))
-        stmt = self._insert(_EVENTS).on_conflict_do_nothing().returning(_EVENTS.c.event_id)
         with self._writing() as session:
-            new = len(session.exec(stmt, params=rows).all())
-            self._touch(session, rows)
-            report_store.resolve_touches(session.connection(), sorted({
-                row["lead_id"] for row in rows if row["channel"] or row["campaign"]}))
-            return new
+            return self._log_events(session, events, received_at)
 
     def log_facts(self, updates: list[ProfileUpdate], received_at: datetime | list[datetime]) -> int:
         """Log profile updates Temporal has taken (an id already logged keeps its first
         version), as `log_events`; returns how many were new."""
         if not updates:
             return 0
+        with self._writing() as session:
+            return self._log_facts(session, updates, received_at)
+
+    def _log_events(self, session: Session, events: list[ActivityEvent], received_at: datetime | list[datetime]
+                    ) -> int:
+        times = received_at if isinstance(received_at, list) else [received_at] * len(events)
+        rows = sorted(({
+            "lead_id": e.lead_id, "event_id": e.event_id, "type": e.type, "occurred_at": e.occurred_at,
+            "received_at": at, "channel": e.channel, "campaign": e.campaign, "source": e.source,
+            "attributes": dict(e.attributes), "digest": event_digest(e),
+        } for e, at in zip(events, times, strict=True)), key=lambda row: (row["lead_id"], row["event_id"]))
+        stmt = self._insert(_EVENTS).on_conflict_do_nothing().returning(_EVENTS.c.lead_id, _EVENTS.c.event_id)
+        new = set(session.exec(stmt, params=rows).all())
+        # Only new rows touch: a logged event merged its touch when it was logged.
+        rows = [row for row in rows if (row["lead_id"], row["event_id"]) in new]
+        if rows:
+            self._touch(session, rows)
+            report_store.resolve_touches(session.connection(), sorted({
+                row["lead_id"] for row in rows if row["channel"] or row["campaign"]}))
+        return len(new)
+
+    def _log_facts(self, session: Session, updates: list[ProfileUpdate], received_at: datetime | list[datetime]
+                   ) -> int:
         times = received_at if isinstance(received_at, list) else [received_at] * len(updates)
         rows = sorted(({
             "lead_id": u.lead_id, "update_id": u.update_id, "observed_at": u.observed_at, "received_at": at,
             "actor": u.actor.name, "role": u.actor.role.value, "facts": dict(u.facts),
         } for u, at in zip(updates, times, strict=True)), key=lambda row: (row["lead_id"], row["update_id"]))
         stmt = self._insert(_FACTS).on_conflict_do_nothing().returning(_FACTS.c.update_id)
-        with self._writing() as session:
-            return len(session.exec(stmt, params=rows).all())
+        return len(session.exec(stmt, params=rows).all())
 
     def replay_log(self, lead_id: str | None = None, since: datetime | None = None,
                    until: datetime | None = None) -> Iterator[Any]:

@@ -209,6 +209,14 @@ class ProfileUpdate(Strict):
         return self
 
 
+class TakenInput(BaseModel):
+    """Input a lead took in one round, and when: what it writes to the store's event log
+    with its audit (the log a backtest replays holds what the lead applied)."""
+
+    received_at: datetime
+    items: list[ActivityEvent | ProfileUpdate]
+
+
 class Accept(Strict):
     kind: Literal["accept"] = "accept"
     by: Actor
@@ -545,6 +553,14 @@ class AuditEntry(BaseModel):
     @property
     def entry_id(self) -> str:
         return f"{self.lead_id}/{self.seq}"
+
+
+class AuditBatch(BaseModel):
+    """One write of a lead (version 8): its new audit entries and the input it took since
+    its last write, for the store's event log. Older runs write a bare list of entries."""
+
+    entries: list[AuditEntry]
+    taken: list[TakenInput] = Field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

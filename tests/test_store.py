@@ -615,3 +615,28 @@ def test_a_store_from_before_lead_touches_derives_them_from_its_event_log(tmp_pa
                                                              "last_campaign_before_mql": None}
     finally:
         again.dispose()
+
+
+def test_a_leads_write_logs_the_input_it_took_with_its_entries_once(store):
+    """Version 8 leads hand the input they took to their audit write: it reaches the event
+    log in the same transaction, once per id, and an edge that logged it first keeps its
+    version (and time)."""
+    from funnel.models import ProfileUpdate, TakenInput
+
+    edge = ActivityEvent(event_id="t-1", lead_id="TK-1", type="website_visit", occurred_at=T0, channel="web")
+    store.log_events([edge], T0 + timedelta(seconds=1))
+    late = ActivityEvent(event_id="t-2", lead_id="TK-1", type="webinar_attended", occurred_at=T0 + timedelta(hours=1),
+                         channel="email", campaign="summit", attributes={"webinar": "w-9"})
+    facts = ProfileUpdate(update_id="f-1", lead_id="TK-1", facts={"title": "CEO"})
+    taken = [TakenInput(received_at=T0 + timedelta(seconds=5), items=[edge, late]),
+             TakenInput(received_at=T0 + timedelta(seconds=9), items=[facts])]
+    assert store.write_audit([entry("TK-1", 1)], taken) == 1
+    assert store.write_audit([entry("TK-1", 1)], taken) == 0  # a retried write logs nothing twice
+    assert store.write_audit([], taken) == 0  # taken input alone is a write too
+    logged = store.event_log("TK-1")
+    assert [(row.event_id, row.received_at, row.attributes) for row in logged] == [
+        ("t-1", T0 + timedelta(seconds=1), {}), ("t-2", T0 + timedelta(seconds=5), {"webinar": "w-9"})]
+    rows = list(store.replay_log("TK-1"))
+    # the update (taken at T0 + 9 s, no time of its own) between the events, in time order
+    assert [getattr(row, "update_id", None) or row.event_id for row in rows] == ["t-1", "f-1", "t-2"]
+    assert store.lead_touches()["TK-1"].channel == "web"

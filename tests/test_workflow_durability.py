@@ -18,7 +18,7 @@ from temporalio.worker import Replayer
 import client as leads
 from activities.lead_activities import LeadActivities
 from config import DEFAULT_MODEL, Settings
-from funnel.models import Accept, AuditEntry, AuditKind, Outbound, ProfileUpdate, Stage
+from funnel.models import Accept, AuditBatch, AuditEntry, AuditKind, Outbound, ProfileUpdate, Stage
 from funnel.scoring_model import load_model
 from tests.conftest import (
     ANNA,
@@ -145,7 +145,7 @@ async def test_replay_detects_a_changed_workflow(converter):
 
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7, 8])
 async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store, version):
     """Leads started by older code keep replaying their way. Version 1: the model by a
     regular activity. Version 2: by local activity (a marker, no round trip), handover and
@@ -156,12 +156,15 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
     score change reaches the store through the worker's sweeper, without a lag timer or a
     write in the lead (versions 2 and 3 start a lag timer; 1 writes at once). Version 5: a
     new lead given the active model starts on it without reading it (older ones read it
-    anyway). Version 6: the lead's creation time is a search attribute as well. Version 7
-    (what callers start now): a lead in an account feeds it (test_accounts.py). All score alike."""
+    anyway). Version 6: the lead's creation time is a search attribute as well. Version 7: a
+    lead in an account feeds it (test_accounts.py). Version 8 (what callers start now): the
+    lead writes the input it took to the store's event log with its audit, so the log is
+    whole though nobody else logged it (these events come straight from the client, as
+    when the API's own log write fails); without holding a write back for it. All score alike."""
     from workflows.lead_input import CURRENT_VERSION, LeadInput
 
     client, lead = ts_env.client, f"V{version}"
-    assert CURRENT_VERSION == 7
+    assert CURRENT_VERSION == 8
     given = load_model(settings.model_path)
     async with running_worker(client, settings, store):
         now = await ts_env.get_current_time()
@@ -185,11 +188,15 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
                         - scheduled_activities(before).count("record_audit"))
         stored = store.count_history(lead)
         total, _ = await leads.read_history(client, store, lead)
+        await leads.flush_audit(client, lead)
+        logged = [row.event_id for row in store.event_log(lead)]
     # (v1 waits with a timeout: a timer per signal)
-    assert (quiet_timers, quiet_writes) == {1: (1, 1), 2: (1, 0), 3: (1, 0), 4: (0, 0), 5: (0, 0), 6: (0, 0), 7: (0, 0)}[version]
-    assert (stored == total) == (version in (1, 4, 5, 6, 7))  # written at once, or swept; 2 and 3 wait 30 s
+    assert (quiet_timers, quiet_writes) == {1: (1, 1), 2: (1, 0), 3: (1, 0), 4: (0, 0), 5: (0, 0), 6: (0, 0), 7: (0, 0),
+                                            8: (0, 0)}[version]
+    assert (stored == total) == (version in (1, 4, 5, 6, 7, 8))  # written at once, or swept; 2 and 3 wait 30 s
+    assert sorted(logged) == ([f"{lead}-1", f"{lead}-2", f"{lead}-3"] if version >= 8 else [])
     activities = scheduled_activities(history)
-    assert ("load_scoring_model" in activities) == (version not in (2, 5, 6, 7))
+    assert ("load_scoring_model" in activities) == (version not in (2, 5, 6, 7, 8))
     upserted = {name for e in history.events if e.HasField("upsert_workflow_search_attributes_event_attributes")
                 for name in e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields}
     assert ("LeadCreated" in upserted) == (version >= 6)
@@ -283,11 +290,11 @@ class HeldActivities(LeadActivities):
         self.owner_open.set()
 
     @activity.defn(name="record_audit")
-    def record_audit(self, entries: list[AuditEntry]) -> int:
+    def record_audit(self, batch: list[AuditEntry] | AuditBatch) -> int:
         if not self.audit_open.is_set():
             self.audit_held.set()
             self.audit_open.wait(60)
-        return super().record_audit(entries)
+        return super().record_audit(batch)
 
     @activity.defn(name="assign_owner")
     def assign_owner(self, message: Outbound) -> dict:

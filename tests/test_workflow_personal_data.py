@@ -20,6 +20,7 @@ from temporalio.worker import Replayer
 import client as leads
 from activities.store import AuditStore
 from config import Settings, data_converter
+from funnel.personal_data import ERASED
 from funnel.models import Accept, ActivityEvent, AuditEntry, AuditKind, Close, LogContact, ProfileUpdate, Qualify, Bant, Stage
 from funnel.report import funnel_report
 from payload_codec import ENCODING, KeyUnavailable, PayloadKeyring, key_ids_in, new_key
@@ -286,12 +287,31 @@ async def test_erasure_leaves_nothing_of_the_person_and_keeps_the_funnel(dev_env
     everything += json.dumps([r.model_dump(mode="json") for r in store.event_log(lead)])
     everything += json.dumps([r.facts for r in store.replay_log(lead) if "update_id" in r._fields], default=str)
     assert [value for value in PII if value in everything] == []
-    assert len(store.event_log(lead)) == 2  # the events stay logged, without attributes
+    assert len(store.event_log(lead)) == 3  # the events stay logged (without attributes), the later one too
     erased = [e for e in store.history(lead, limit=1000) if e.kind == AuditKind.PERSONAL_DATA_ERASED]
     assert len(erased) == 1 and erased[0].actor == "mia"
     assert "3 profile fact value(s), attributes of 2 event(s)" in erased[0].detail
     after = funnel_report([e for e in store.stage_changes() if e.to_stage != Stage.SQL], now=before.stage_since)
     assert after == report_before
+
+
+async def test_input_only_the_lead_logged_is_erased_from_the_event_log_too(dev_env, settings, store):
+    """Input the edge did not log (the store was down for it) reaches the event log with
+    the lead's own write, which an erasure makes before it scrubs the store: none of the
+    person's data comes back into the log afterwards."""
+    lead = f"ERL-{uuid.uuid4().hex[:6]}"
+    client = dev_env.client
+    async with running_worker(client, settings, store):
+        await a_lead_with_personal_data(dev_env, settings, lead, accept=False)  # no store: the edge logged nothing
+        await leads.erase_person(client, store, lead, MIA)
+        await settle(dev_env, client, lead, lambda v: True)
+        await leads.flush_audit(client, lead)
+    logged = store.event_log(lead)
+    assert [row.event_id for row in logged] == [f"{lead}-e1", f"{lead}-e2"]
+    assert all(row.attributes == {} for row in logged)
+    (facts,) = [row.facts for row in store.replay_log(lead) if "update_id" in row._fields]
+    assert facts["email"] == facts["phone"] == facts["name"] == ERASED
+    assert [value for value in PII if value in json.dumps(facts, default=str)] == []
 
 
 async def test_erasure_of_a_lead_whose_workflow_has_ended(dev_env, settings, store):

@@ -17,6 +17,12 @@ ends, and the store keeps the first copy of each (lead, seq). A query sees only 
 completed workflow tasks, which a replay rebuilds exactly, so what the sweeper writes is
 what the lead would have written.
 
+From version 8, each write also carries the input the lead took since the last one
+(`TakenInput`), for the store's event log: the edge logs input at once but best effort,
+and the lead's write makes the log complete. Taken input does not make a write due by
+itself (it rides along with the next one, at the latest before the run ends), unless
+UNLOGGED_MAX items wait.
+
 Workflow code: only workflow time, timers and activities.
 """
 
@@ -29,10 +35,11 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from funnel.models import AuditEntry, AuditKind
+    from funnel.models import ActivityEvent, AuditBatch, AuditEntry, AuditKind, ProfileUpdate, TakenInput
 
 AUDIT_TIMEOUT = timedelta(seconds=30)
 BATCH_MAX = 200  # write when this many entries wait, whatever their age
+UNLOGGED_MAX = 500  # ... or this many taken events and profile updates (~500 bytes each)
 # Entries that may wait for the next write; any other kind writes at once. The owner
 # comes back from the handover, which has told presales already (webhook and outbox
 # carry it), so it need not cost a write of its own.
@@ -70,6 +77,9 @@ class AuditCadence:
         self.written_seq = written_seq
         self.unwritten: list[AuditEntry] = []  # produced, not yet sent to the store
         self.writing: list[AuditEntry] = []  # sent, not yet confirmed
+        self.unlogged: list[TakenInput] = []  # input taken since the last write (version 8)
+        self.to_log = 0  # items handed to `log` in this run ...
+        self.logged = 0  # ... and of them, written
         self.flush_requested = False  # a command, the lag timer or flush_audit wants it now
         self.wrote = False  # set by each write; the workflow refreshes search attributes
         self._lag_timer: asyncio.Task | None = None
@@ -85,13 +95,24 @@ class AuditCadence:
     def add(self, entries: list[AuditEntry]) -> None:
         self.unwritten += entries
 
+    def log(self, items: list[ActivityEvent | ProfileUpdate], at) -> None:
+        """Input the lead took at `at`, for the event log with the next write."""
+        if items:
+            self.unlogged.append(TakenInput(received_at=at, items=items))
+            self.to_log += len(items)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether anything waits for a write (the run must not end before it)."""
+        return bool(self.unwritten or self.unlogged)
+
     def due(self, outbound: bool) -> bool:
         """Whether what waits must be written now."""
-        if not self.unwritten:
+        if not self.waiting:
             return False
         if not self.enabled or self.flush_requested or outbound or self.max_lag == timedelta(0):
             return True
-        if len(self.unwritten) >= BATCH_MAX:
+        if len(self.unwritten) >= BATCH_MAX or sum(len(t.items) for t in self.unlogged) >= UNLOGGED_MAX:
             return True
         return any(entry.kind not in DEFERRABLE for entry in self.unwritten)
 
@@ -102,22 +123,25 @@ class AuditCadence:
         # refused because signals came in, its retry decides anew under the same
         # `lead/seq` ids and the store would keep stale rows.)
         self.writing, self.unwritten = self.unwritten, []
+        taken, self.unlogged = self.unlogged, []
         self.flush_requested = False
         await workflow.execute_activity(
             "record_audit",
-            self.writing,
+            AuditBatch(entries=self.writing, taken=taken) if taken else self.writing,
             result_type=int,
             start_to_close_timeout=AUDIT_TIMEOUT,
             retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
         )
-        self.written_seq = self.writing[-1].seq
+        if self.writing:
+            self.written_seq = self.writing[-1].seq
+        self.logged += sum(len(t.items) for t in taken)
         self.writing = []
         self.wrote = True
 
     def settle(self) -> None:
         """After a round of effects: keep one lag timer while entries wait, none otherwise.
         One timer per write cycle, never restarted per event (a timer per event would cost
-        as much as the writes it saves)."""
+        as much as the writes it saves). (Taken input alone waits for the next write.)"""
         if not self.unwritten:
             self.flush_requested = False
             if self._lag_timer is not None:  # nothing waits: a firing timer would wake us for nothing

@@ -109,7 +109,7 @@ class LeadWorkflow:
                 continue
             self._refresh_search_attributes()
             if lead.state.stage == Stage.WON or self._history_is_long(inp.max_history_events):
-                if self._audit.unwritten:
+                if self._audit.waiting:
                     self._audit.flush_requested = True  # nothing stays unwritten past a run
                     continue
                 if lead.state.stage == Stage.WON:
@@ -164,6 +164,8 @@ class LeadWorkflow:
         for item in batch:
             if isinstance(item, ProfileUpdate):
                 self._lead.update_profile(item, now)
+        if self._behaviour.logs_input:
+            self._audit.log(batch, now)
         self._applied += len(batch)
         self._lead.tick(now)
         self._work_pending = False
@@ -229,7 +231,7 @@ class LeadWorkflow:
             await self._carry_out_effects()
             await workflow.wait_condition(
                 lambda: workflow.all_handlers_finished() or self._work_pending or bool(self._model_changes))
-            if not (self._work_pending or self._model_changes or self._audit.unwritten):
+            if not (self._work_pending or self._model_changes or self._audit.waiting):
                 break
         # Deliveries still retrying are carried over and restarted by the next run.
         workflow.continue_as_new(self._next_run(inp))
@@ -249,7 +251,7 @@ class LeadWorkflow:
             pass  # a timer is due: the loop's tick fires it
 
     def _has_work(self) -> bool:
-        return bool(self._inbox or self._work_pending or self._audit.unwritten or self._model_changes
+        return bool(self._inbox or self._work_pending or self._audit.waiting or self._model_changes
                     or self._restart)
 
     def _next_run(self, inp: LeadInput) -> LeadInput:
@@ -434,9 +436,11 @@ class LeadWorkflow:
         return self._audit.written_seq
 
     async def _written(self, seq: int) -> None:
+        """Until the entries up to `seq`, and the input taken so far, are in the store."""
+        taken = self._audit.to_log
         self._audit.flush_requested = True
         self._work_pending = True
-        await workflow.wait_condition(lambda: self._audit.written_seq >= seq)
+        await workflow.wait_condition(lambda: self._audit.written_seq >= seq and self._audit.logged >= taken)
 
     async def _execute(self, command) -> LeadView:
         """Carry out a command once per idempotency key (the update's id): a retry of a key

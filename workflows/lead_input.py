@@ -19,7 +19,7 @@ from funnel.scoring_model import ScoringModel
 # How a run behaves, for replay. Runs keep the behaviour of the code that started them
 # (chosen by input rather than `workflow.patched()`: a patch upserts the
 # TemporalChangeVersion search attribute, a visibility write for every new lead).
-CURRENT_VERSION = 7
+CURRENT_VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -66,12 +66,17 @@ class RunBehaviour:
     # funnel/accounts.py). v1-v6 runs do not (an added activity would not replay); their
     # leads feed their account from their next run.
     feeds_accounts: bool = False
+    # v8: the lead writes the input it took (events and profile updates, with the time it
+    # took them) to the store's event log with its own audit writes, so the log holds
+    # everything it applied even when the edge's log write failed (the store down). v1-v7
+    # runs do not (an added write would not replay); the edge's log is all they have.
+    logs_input: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
     return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3, local_reads=version == 2,
                         swept_audit=version >= 4, model_from_input=version >= 5, created_attribute=version >= 6,
-                        feeds_accounts=version >= 7)
+                        feeds_accounts=version >= 7, logs_input=version >= 8)
 
 
 class ModelChange(BaseModel):
