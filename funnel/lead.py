@@ -150,10 +150,14 @@ def _why_rescored(late: list[ActivityEvent], cause: str | None, added: list[Acti
 
 class Lead:
     def __init__(self, state: LeadState, model: ScoringModel, seen_ids_max: int = SEEN_IDS_MAX,
-                 decision_delay: timedelta = timedelta(0), record_effects: bool = True):
+                 decision_delay: timedelta = timedelta(0), record_effects: bool = True,
+                 explain_withheld: bool = True):
         """`record_effects=False`: the lead keeps no audit entries or outbound messages, only
         its state (their sequence numbers included) moves on exactly as with them. For a
-        backtest, which reads the state alone: writing the entries' text is most of the work."""
+        backtest, which reads the state alone: writing the entries' text is most of the work.
+        `explain_withheld`: audit a threshold handover held back because the lead's newest
+        activity is too old (workflow runs of version 8 on; older runs replay without it)."""
+        self.explain_withheld = explain_withheld
         self.state = state
         self.recording = record_effects
         self.model = model
@@ -572,6 +576,8 @@ class Lead:
         when there is none): input arriving within the delay is decided together."""
         s = self.state
         if s.decision_due_at is not None or self._wanted(now) is None:
+            if self.explain_withheld:
+                self._note_withheld(now)
             return
         if self.decision_delay:
             s.decision_due_at = now + self.decision_delay
@@ -644,6 +650,24 @@ class Lead:
             if not s.mql_hand_raised:  # a hand-raiser stays with presales whatever else it did
                 return Move(Trigger.NEGATIVE_CRITERIA, "negative_criteria")
         return None
+
+    def _note_withheld(self, at: datetime) -> None:
+        """A lead over the threshold that stays where it is because its newest activity is
+        older than `max_age.score_threshold` (backfill is not news) says so in its history,
+        once per newest activity: a manager sees why 108 points sit in IQL."""
+        s, th = self.state, self.model.thresholds
+        if s.stage not in (Stage.IQL, Stage.RECYCLED) or s.score.total < th.mql or self._fresh(at):
+            return
+        if s.stage == Stage.RECYCLED and self._cooling_off(at):
+            return
+        newest = self._newest_activity()
+        if newest is None or newest == s.withheld_noted_for:
+            return
+        s.withheld_noted_for = newest
+        self._audit(AuditKind.NOT_HANDED_OVER, SYSTEM,
+                    f"score {s.score.total:g} reaches the threshold ({th.mql:g}), but the newest activity"
+                    f" ({_day(newest)}) is older than {format_duration(th.max_age.score_threshold)}: not handed"
+                    f" over; it is when the lead is active again", occurred_at=newest, reason="backfill")
 
     def _cooling_off(self, now: datetime) -> bool:
         return self.state.cool_off_until is not None and now < self.state.cool_off_until

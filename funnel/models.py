@@ -457,6 +457,9 @@ class LeadState(BaseModel):
     below_threshold_by: list[Literal["decay", "negative"]] = Field(default_factory=list)
     mql_hand_raised: bool = False  # the current MQL came from a hand-raise (fast track)
     fast_track_used_until: datetime | None = None  # fast-track events up to here have been decided on
+    # The newest activity for which a threshold handover held back as backfill was audited
+    # (once per newest activity, not at every tick).
+    withheld_noted_for: datetime | None = None
     audit_seq: int = 0
     outbound_seq: dict[str, int] = Field(default_factory=dict)  # per kind, for message ids
     # Outcome of each command by its idempotency key ("applied", or "refused: <why>"), the

@@ -224,6 +224,57 @@ def test_meddic_needs_five_of_six_by_default():
         "meddic 5/6: metrics, economic_buyer, decision_criteria, decision_process, identify_pain")
 
 
+MEDDIC_REQUIRED = ("meddic_required = []", 'meddic_required = ["economic_buyer", "champion"]')
+
+
+@pytest.mark.parametrize(
+    "meddic,message",
+    [
+        (Meddic(metrics=True, decision_criteria=True, decision_process=True, identify_pain=True, champion=True),
+         "MEDDIC economic_buyer is required (met: metrics, decision_criteria, decision_process, identify_pain,"
+         " champion)"),
+        (MEDDIC_5, "MEDDIC champion is required (met: metrics, economic_buyer, decision_criteria, decision_process,"
+                   " identify_pain)"),
+        (Meddic(metrics=True), "MEDDIC economic_buyer and champion are required (met: metrics)"),
+        (Meddic(), "MEDDIC economic_buyer and champion are required (met: none)"),
+        (Meddic(economic_buyer=True, champion=True, metrics=True),
+         "MEDDIC 3 of 6 met (metrics, economic_buyer, champion); at least 5 needed"),
+    ],
+)
+def test_meddic_refusals_name_the_missing_required_criterion(meddic, message):
+    """`meddic_required` in the model: those criteria must be among the ones met, on top of "5 of 6"."""
+    lead = sal_lead(variant(MEDDIC_REQUIRED))
+    with pytest.raises(Refused) as err:
+        lead.execute(Qualify(by=PRESALES, framework="meddic", meddic=meddic), LATER)
+    assert str(err.value) == f"cannot qualify lead L-7: {message}"
+    assert lead.state.stage == Stage.SAL and lead.state.qualified_by is None
+    assert lead.take_effects().audit == []  # a refusal changes nothing
+
+
+def test_meddic_with_its_required_criteria_qualifies():
+    lead = sal_lead(variant(MEDDIC_REQUIRED))
+    met = Meddic(metrics=True, economic_buyer=True, decision_criteria=True, identify_pain=True, champion=True)
+    lead.execute(Qualify(by=PRESALES, framework="meddic", meddic=met), LATER)
+    s = lead.state
+    assert s.stage == Stage.SQL
+    assert s.qualified_by == "meddic 5/6: metrics, economic_buyer, decision_criteria, identify_pain, champion"
+    [change] = of_kind(lead.take_effects(), AuditKind.STAGE_CHANGED)
+    assert change.reason == s.qualified_by
+    # the same five without the champion qualify under the default model (nothing required there)
+    other = sal_lead(lead_id="L-9")
+    other.execute(Qualify(by=PRESALES, framework="meddic", meddic=MEDDIC_5), LATER)
+    assert other.state.stage == Stage.SQL
+
+
+def test_meddic_required_names_only_meddic_criteria():
+    from funnel.scoring_model import ModelError, parse_model
+    from tests.funnel_helpers import model_text
+
+    with pytest.raises(ModelError) as err:
+        parse_model(model_text(("meddic_required = []", 'meddic_required = ["budget"]')), "bad.toml")
+    assert "qualification.meddic_required" in str(err.value)
+
+
 def test_the_framework_needs_its_criteria():
     lead = sal_lead()
     with pytest.raises(Refused, match="^cannot qualify lead L-7: no BANT criteria given$"):

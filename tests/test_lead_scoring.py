@@ -713,3 +713,62 @@ def test_switching_model_keeps_points_and_refits():
     assert lead.state.score.total == 80
     lead.use_model(v2, T0 + days(2))  # same ref: nothing to record
     assert lead.take_effects().audit == []
+
+
+# --------------------------------------------------------------------------- backfill: old activity over the threshold
+
+
+def _strong_history_of_last_year(lead: Lead, now) -> None:
+    """A good fit (60) and a year-old burst of attendance and sample requests, imported at `now`:
+    even after 13 decay steps it is worth over 100 points."""
+    lead.update_profile(facts("p-1", target_account=True, company_size=100, industry="software", seniority="vp",
+                              country="DE"), now)
+    old = now - days(400)
+    burst = ([event(f"ea-{i}", "event_attended", old + hours(i)) for i in range(10)]
+             + [event(f"sr-{i}", "sample_request", old + hours(i)) for i in range(10)])
+    lead.ingest_many(burst, now)
+
+
+def test_an_old_history_over_the_threshold_scores_but_is_not_handed_over():
+    now = T0 + days(400)
+    lead = new_lead(now=now)
+    _strong_history_of_last_year(lead, now)
+    lead.tick(now + hours(1))
+    fx = lead.take_effects()
+    s = lead.state
+    assert s.score.total >= DEFAULT.thresholds.mql  # it scored (decayed) ...
+    assert s.score.breakdown["decay"] < 0 and {"event_attended", "sample_request"} <= set(s.score.breakdown)
+    assert s.stage == Stage.IQL  # ... but its newest activity is older than max_age.score_threshold (30d)
+    assert stage_changes(fx) == [] and outbound_of(fx, OutboundKind.HANDOVER) == []
+    feed(lead, "website_visit", now + hours(2))  # active again: now presales should hear of it
+    assert lead.state.stage == Stage.MQL
+    assert lead.state.history[-1].trigger == Trigger.SCORE_THRESHOLD
+
+
+def test_an_old_history_over_the_threshold_says_in_the_history_why_it_was_not_handed_over():
+    """A lead shown at 108 points in IQL must not leave a manager guessing: like a stale demo
+    request ("scored, not fast-tracked"), the withheld threshold handover is audited."""
+    now = T0 + days(400)
+    lead = new_lead(now=now)
+    _strong_history_of_last_year(lead, now)
+    fx = lead.take_effects()
+    assert lead.state.score.total >= DEFAULT.thresholds.mql and lead.state.stage == Stage.IQL
+    notes = [a for a in of_kind(fx, AuditKind.NOT_HANDED_OVER) if a.reason == "backfill"]
+    assert len(notes) == 1, [a.detail for a in fx.audit if a.kind != AuditKind.SCORE_CHANGED]
+    assert "30d" in notes[0].detail
+
+
+def test_a_withheld_threshold_handover_is_noted_once_per_newest_activity_and_not_by_older_runs():
+    now = T0 + days(400)
+    lead = new_lead(now=now)
+    _strong_history_of_last_year(lead, now)
+    lead.take_effects()
+    lead.tick(now + days(1))  # still over the threshold, same newest activity: nothing new to say
+    assert of_kind(lead.take_effects(), AuditKind.NOT_HANDED_OVER) == []
+    lead.ingest_many([event("late-1", "event_attended", now - days(300))], now + days(2))  # newer, still old
+    (note,) = of_kind(lead.take_effects(), AuditKind.NOT_HANDED_OVER)
+    assert note.occurred_at == now - days(300) and lead.state.stage == Stage.IQL
+    quiet = new_lead(now=now, explain_withheld=False)  # a workflow run of version 1-7
+    _strong_history_of_last_year(quiet, now)
+    assert of_kind(quiet.take_effects(), AuditKind.NOT_HANDED_OVER) == []
+    assert quiet.state.stage == Stage.IQL and quiet.state.score.total >= DEFAULT.thresholds.mql

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 
 from funnel.lead import Lead
 from funnel.models import AuditKind, OutboundKind, Stage, Trigger
+from funnel.scoring_model import humanize
 from tests.funnel_helpers import (
+    BANT_3,
     MANAGER,
     PRESALES,
     SALES,
     T0,
     Accept,
     LogContact,
+    Qualify,
     Reject,
     Reopen,
     days,
@@ -28,6 +31,7 @@ from tests.funnel_helpers import (
     of_kind,
     outbound_of,
     recycled_lead,
+    sal_lead,
     sql_lead,
     stage_changes,
     variant,
@@ -484,3 +488,116 @@ def test_recycling_resets_interest_but_not_negative_criteria():
         "unsubscribe": -20, "webinar_attended": 50, "demo_request": 100}
     feed(lead, "unsubscribe", T0 + hours(1))
     assert lead.state.score.engagement == -20, "count_once is still remembered"
+
+
+# --------------------------------------------------------------------------- SAL: presales qualification SLA
+
+
+def test_presales_qualification_sla_is_set_on_acceptance_and_met_when_qualified_in_time():
+    lead = mql_lead()
+    lead.execute(Accept(by=PRESALES), T0 + hours(2))
+    [sla] = lead.state.slas
+    assert (sla.name, sla.started_at, sla.due_at, sla.met_by, sla.stage, sla.escalate_to) == (
+        "presales_qualification", T0 + hours(2), T0 + hours(2) + days(5), "stage_exit", Stage.SAL, "presales-lead")
+    [sla_set] = of_kind(lead.take_effects(), AuditKind.SLA_SET)
+    assert sla_set.detail == f"SLA presales_qualification due {iso(T0 + hours(2) + days(5))} (5d after stage sal)"
+    assert lead.next_wakeup() == T0 + hours(2) + days(5)
+    lead.tick(T0 + days(4))
+    assert of_kind(lead.take_effects(), AuditKind.SLA_BREACHED) == []
+    lead.execute(Qualify(by=PRESALES, bant=BANT_3), T0 + days(4))
+    fx = lead.take_effects()
+    [met] = of_kind(fx, AuditKind.SLA_MET)
+    assert met.detail == (f"SLA presales_qualification met after 3d 22h (due {iso(T0 + hours(2) + days(5))})")
+    assert (met.rule, met.actor) == ("presales_qualification", "pia")
+    assert outbound_of(fx, OutboundKind.ESCALATION) == []
+    assert [x.name for x in lead.state.slas] == ["first_sales_contact"]
+    lead.execute(LogContact(by=SALES), T0 + days(4))  # sales meets its own SLA
+    lead.tick(T0 + days(10))
+    fx = lead.take_effects()
+    assert of_kind(fx, AuditKind.SLA_BREACHED) == [] and outbound_of(fx, OutboundKind.ESCALATION) == []
+    assert lead.state.escalations == 0
+
+
+def test_a_rejection_of_an_accepted_lead_in_time_also_meets_the_qualification_sla():
+    lead = sal_lead()
+    lead.execute(Reject(by=PRESALES, reason="no_budget"), T0 + days(1))
+    fx = lead.take_effects()
+    assert [(a.rule, a.actor) for a in of_kind(fx, AuditKind.SLA_MET)] == [("presales_qualification", "pia")]
+    assert lead.state.slas == []
+    lead.tick(T0 + days(6))
+    assert outbound_of(lead.take_effects(), OutboundKind.ESCALATION) == []
+
+
+def test_presales_qualification_sla_is_breached_and_escalated_when_nobody_qualifies():
+    lead = sal_lead()
+    lead.tick(T0 + days(5) - hours(1))
+    assert lead.take_effects().outbound == []
+    lead.tick(T0 + days(5))
+    fx = lead.take_effects()
+    [breach] = of_kind(fx, AuditKind.SLA_BREACHED)
+    assert breach.detail == f"SLA presales_qualification breached after 5d (due {iso(T0 + days(5))})"
+    assert (breach.rule, breach.actor) == ("presales_qualification", "leadflow")
+    [escalation] = outbound_of(fx, OutboundKind.ESCALATION)
+    assert escalation.payload == {"stage": "sal", "sla": "presales_qualification", "escalate_to": "presales-lead",
+                                  "due_at": iso(T0 + days(5)), "owner": None}
+    assert escalation.at == T0 + days(5)
+    assert lead.state.escalations == 1 and lead.state.slas == []
+    assert lead.state.stage == Stage.SAL  # a breach escalates; it does not move the lead
+    lead.tick(T0 + days(6))  # once only
+    assert outbound_of(lead.take_effects(), OutboundKind.ESCALATION) == []
+    lead.execute(Qualify(by=PRESALES, bant=BANT_3), T0 + days(7))  # a late qualification does not "meet" it
+    assert [a.rule for a in of_kind(lead.take_effects(), AuditKind.SLA_MET)] == []
+
+
+def test_presales_qualification_sla_escalates_to_whom_and_when_the_model_says():
+    model = variant(('name = "presales_qualification"   # an accepted lead gets qualified or rejected\n'
+                     'on_stage = "sal"\ndue = "5d"\nmet_by = "stage_exit"\nescalate_to = "presales-lead"',
+                     'name = "presales_qualification"\non_stage = "sal"\ndue = "3d"\nmet_by = "stage_exit"\n'
+                     'escalate_to = "head-of-presales"'))
+    lead = sal_lead(model)
+    [sla] = lead.state.slas
+    assert (sla.due_at, sla.escalate_to) == (T0 + days(3), "head-of-presales")
+    lead.tick(T0 + days(3))
+    [escalation] = outbound_of(lead.take_effects(), OutboundKind.ESCALATION)
+    assert (escalation.payload["sla"], escalation.payload["escalate_to"]) == ("presales_qualification",
+                                                                              "head-of-presales")
+
+
+def test_a_late_tick_breaches_the_qualification_sla_at_its_own_due_time():
+    """The worker was down: the breach is stamped when it was due, and the lead stays accepted."""
+    lead = sal_lead()
+    lead.tick(T0 + days(40))
+    fx = lead.take_effects()
+    [breach] = of_kind(fx, AuditKind.SLA_BREACHED)
+    assert breach.rule == "presales_qualification" and breach.occurred_at == T0 + days(5)
+    [escalation] = outbound_of(fx, OutboundKind.ESCALATION)
+    assert escalation.at == T0 + days(5)
+    assert lead.state.stage == Stage.SAL
+
+
+# --------------------------------------------------------------------------- durations people read
+
+
+@pytest.mark.parametrize("value,text", [
+    (timedelta(0), "0s"),
+    (timedelta(seconds=-5), "0s"),  # a clock behind: never a negative duration
+    (timedelta(seconds=59), "59s"),
+    (timedelta(minutes=4, seconds=10), "4m 10s"),
+    (timedelta(hours=13), "13h 0m"),
+    (timedelta(days=2, hours=3), "2d 3h"),
+    (timedelta(days=7), "7d"),
+    (timedelta(days=14, minutes=30), "14d"),
+])
+def test_humanize_reads_as_people_write_durations(value, text):
+    assert humanize(value) == text
+
+
+def test_an_sla_met_at_once_says_0s_not_0w():
+    """The complaint was "met after 0w": a zero duration is "0s"."""
+    lead = mql_lead()
+    lead.execute(Accept(by=PRESALES), T0)  # accepted the moment it became an MQL
+    [met] = of_kind(lead.take_effects(), AuditKind.SLA_MET)
+    assert met.detail == f"SLA presales_decision met after 0s (due {iso(T0 + days(2))})"
+    lead.execute(Qualify(by=PRESALES, bant=BANT_3), T0)
+    [met] = of_kind(lead.take_effects(), AuditKind.SLA_MET)
+    assert met.detail == f"SLA presales_qualification met after 0s (due {iso(T0 + days(5))})"

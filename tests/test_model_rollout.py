@@ -101,3 +101,82 @@ async def test_a_bad_or_reused_version_is_refused_before_anything_changes(dev_en
     with pytest.raises(ModelConflict, match="new version"):
         await leads.apply_model(dev_env.client, settings, store, V2 + "\n# edited\n", "v2.toml", by=manager)
     assert store.active_model().ref == "default@2"
+
+
+class Population:
+    """Running leads as the rollout's activities see them, without Temporal visibility: a
+    page is the next ids in order that are still on another version, at most 10."""
+
+    def __init__(self, env, size: int) -> None:
+        self.env = env
+        self.everyone = [f"lead-R{i:04d}" for i in range(size)]  # visibility's order
+        self.behind = set(self.everyone)
+        self.told: list[str] = []
+        self.calls: list[tuple[object, int]] = []  # (server time, leads told) of every signalling
+        self.halfway = asyncio.Event()
+
+    def activities(self) -> list:
+        from temporalio import activity
+
+        everyone = self.everyone
+
+        @activity.defn(name="leads_behind")
+        async def leads_behind(ref: str, page_token: str | None, page_size: int) -> dict:
+            start = int(page_token or 0)
+            ids = [i for i in everyone[start:start + 10] if i in self.behind]
+            following = start + 10
+            return {"workflow_ids": ids, "next_page_token": str(following) if following < len(everyone) else None}
+
+        @activity.defn(name="count_leads_behind")
+        async def count_leads_behind(ref: str) -> int:
+            return len(self.behind)
+
+        @activity.defn(name="signal_model_change")
+        async def signal_model_change(workflow_ids: list[str], ref: str, by) -> int:
+            self.calls.append((await self.env.get_current_time(), len(workflow_ids)))
+            self.told += workflow_ids
+            self.behind -= set(workflow_ids)
+            if len(self.told) >= len(everyone) // 2:
+                self.halfway.set()
+            return len(workflow_ids)
+
+        return [leads_behind, count_leads_behind, signal_model_change]
+
+
+async def test_a_rollout_keeps_its_rate_survives_a_worker_restart_and_continues_as_new(ts_env):
+    """600 leads at 200 a second: each is told once, though the worker stops halfway and
+    another takes over (the rollout is durable); signalling is spaced by the rate (workflow
+    time); after 50 pages the run continues as new, and applying the version again joins
+    the rollout under way instead of starting another."""
+    from temporalio.common import WorkflowIDConflictPolicy
+    from temporalio.worker import Worker
+
+    from workflows.rollout import PAGES_PER_RUN, ModelRolloutWorkflow, RolloutInput, rollout_id
+
+    client, population = ts_env.client, Population(ts_env, 600)
+    start = dict(id=rollout_id("default@2", "rollout-q"), task_queue="rollout-q",
+                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
+    rollout = RolloutInput(ref="default@2", by=MIA, rate_per_second=200)
+    async with Worker(client, task_queue="rollout-q", workflows=[ModelRolloutWorkflow],
+                      activities=population.activities()):
+        handle = await client.start_workflow(ModelRolloutWorkflow.run, rollout, **start)
+        first_run = handle.result_run_id
+        await asyncio.wait_for(population.halfway.wait(), 60)  # (the test server's time runs as the clock's)
+    told_by_first_worker = len(population.told)
+    assert 300 <= told_by_first_worker < 600
+    again = await client.start_workflow(ModelRolloutWorkflow.run, rollout, **start)  # `model apply` again
+    assert again.first_execution_run_id == first_run
+    async with Worker(client, task_queue="rollout-q", workflows=[ModelRolloutWorkflow],
+                      activities=population.activities()):
+        await until(lambda: asyncio.sleep(0.2, len(population.told) == 600))
+        progress = await asyncio.wait_for(handle.result(), 60)
+    assert sorted(population.told) == sorted(f"lead-R{i:04d}" for i in range(600))  # each once
+    assert progress.done and progress.signalled == 600 and progress.behind == 0 and progress.passes == 1
+    # the rate: after telling n leads, the next telling waits n / 200 seconds of workflow time
+    for (at, n), (next_at, _) in zip(population.calls, population.calls[1:]):
+        assert (next_at - at).total_seconds() >= n / 200 - 0.005
+    assert (population.calls[-1][0] - population.calls[0][0]).total_seconds() >= (600 - 10) / 200
+    # 60 pages: the first run ended in a continue-as-new after PAGES_PER_RUN of them
+    history = await client.get_workflow_handle(start["id"], run_id=first_run).fetch_history()
+    assert history.events[-1].HasField("workflow_execution_continued_as_new_event_attributes")
+    assert PAGES_PER_RUN < 60

@@ -139,8 +139,10 @@ class LeadWorkflow:
             events = sorted((i for i in self._inbox if isinstance(i, ActivityEvent) and i.channel),
                             key=lambda e: e.occurred_at)
             return Lead.create(inp.lead_id, model, now, channel=events[0].channel if events else None,
-                               seen_ids_max=inp.seen_ids_max, decision_delay=delay)
-        lead = Lead(inp.state, model, seen_ids_max=inp.seen_ids_max, decision_delay=delay)
+                               seen_ids_max=inp.seen_ids_max, decision_delay=delay,
+                               explain_withheld=self._behaviour.explains_withheld)
+        lead = Lead(inp.state, model, seen_ids_max=inp.seen_ids_max, decision_delay=delay,
+                    explain_withheld=self._behaviour.explains_withheld)
         lead.use_model(model, now)
         return lead
 
