@@ -151,13 +151,14 @@ def _why_rescored(late: list[ActivityEvent], cause: str | None, added: list[Acti
 class Lead:
     def __init__(self, state: LeadState, model: ScoringModel, seen_ids_max: int = SEEN_IDS_MAX,
                  decision_delay: timedelta = timedelta(0), record_effects: bool = True,
-                 explain_withheld: bool = True):
+                 explain: bool = True):
         """`record_effects=False`: the lead keeps no audit entries or outbound messages, only
         its state (their sequence numbers included) moves on exactly as with them. For a
         backtest, which reads the state alone: writing the entries' text is most of the work.
-        `explain_withheld`: audit a threshold handover held back because the lead's newest
-        activity is too old (workflow runs of version 8 on; older runs replay without it)."""
-        self.explain_withheld = explain_withheld
+        `explain`: audit what a manager would otherwise guess at: a threshold handover held
+        back because the lead's newest activity is too old, and every change of email
+        consent (workflow runs of version 8 on; older runs replay without these entries)."""
+        self.explain = explain
         self.state = state
         self.recording = record_effects
         self.model = model
@@ -430,8 +431,11 @@ class Lead:
         s = self.state
         known = [c for c in (s.event_consent, s.consent_fact) if c is not None]
         if not known:
-            return ConsentRecord(email=True, since=s.created_at, source="opt-in when the lead was created")
+            return self._initial_consent()
         return max(known, key=lambda c: c.since)
+
+    def _initial_consent(self) -> ConsentRecord:
+        return ConsentRecord(email=True, since=self.state.created_at, source="opt-in when the lead was created")
 
     def view(self) -> LeadView:
         s = self.state
@@ -575,8 +579,10 @@ class Lead:
         """If the lead wants to move by itself, decide after the decision delay (at once
         when there is none): input arriving within the delay is decided together."""
         s = self.state
+        if self.explain:
+            self._note_consent(now)
         if s.decision_due_at is not None or self._wanted(now) is None:
-            if self.explain_withheld:
+            if self.explain:
                 self._note_withheld(now)
             return
         if self.decision_delay:
@@ -650,6 +656,20 @@ class Lead:
             if not s.mql_hand_raised:  # a hand-raiser stays with presales whatever else it did
                 return Move(Trigger.NEGATIVE_CRITERIA, "negative_criteria")
         return None
+
+    def _note_consent(self, at: datetime) -> None:
+        """Email consent in the history whenever it is withdrawn or given again (an
+        unsubscribe, a bounce, a confirmed resubscribe, a consent fact), with its source and
+        since when; a second unsubscribe changes nothing worth an entry."""
+        s = self.state
+        consent = self.consent()
+        if consent.email == (s.consent_noted or self._initial_consent()).email:
+            return
+        s.consent_noted = consent
+        verb = "may be mailed again" if consent.email else "may not be mailed"
+        self._audit(AuditKind.CONSENT_CHANGED, SYSTEM,
+                    f"email consent: {verb} since {_day(consent.since)} ({consent.source})",
+                    occurred_at=consent.since, reason="email_consent" if consent.email else "no_consent")
 
     def _note_withheld(self, at: datetime) -> None:
         """A lead over the threshold that stays where it is because its newest activity is

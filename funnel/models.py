@@ -460,6 +460,7 @@ class LeadState(BaseModel):
     # The newest activity for which a threshold handover held back as backfill was audited
     # (once per newest activity, not at every tick).
     withheld_noted_for: datetime | None = None
+    consent_noted: ConsentRecord | None = None  # the email consent the history last stated
     audit_seq: int = 0
     outbound_seq: dict[str, int] = Field(default_factory=dict)  # per kind, for message ids
     # Outcome of each command by its idempotency key ("applied", or "refused: <why>"), the
@@ -518,6 +519,7 @@ class AuditKind(StrEnum):
     SLA_LATE_DATA = "sla_late_data"
     FAST_TRACK_BLOCKED = "fast_track_blocked"
     NOT_HANDED_OVER = "not_handed_over"  # backfill: old events scored but are not news
+    CONSENT_CHANGED = "consent_changed"  # email consent withdrawn or given again: source and since when
     MODEL_CHANGED = "model_changed"
     PERSONAL_DATA_ERASED = "personal_data_erased"  # GDPR Art. 17: who, when, what (counts only)
 

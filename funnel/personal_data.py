@@ -72,6 +72,8 @@ def scrub_detail(kind: AuditKind, detail: str, actor: str, replacement: str = MA
         return detail if at < 0 else detail[: at + len(prefix)] + replacement
     if kind == AuditKind.NURTURE_STEP_SKIPPED:
         return _NURTURE_CONSENT.sub(lambda m: f"{m.group(1)} ({replacement}))", detail)
+    if kind == AuditKind.CONSENT_CHANGED:  # "email consent: ... since DAY (profile update p-3 (form-7))"
+        return _NURTURE_CONSENT.sub(lambda m: f"{m.group(1)} ({replacement}))", detail)
     return detail
 
 
@@ -174,7 +176,7 @@ def erase_from_state(state: LeadState, fit_rules, at: datetime) -> ErasedCounts:
         if event.attributes:
             counts.events += 1
             event.attributes = {}
-    for name in ("consent_fact", "event_consent"):
+    for name in ("consent_fact", "event_consent", "consent_noted"):
         record: ConsentRecord | None = getattr(state, name)
         if record is not None:
             setattr(state, name, record.model_copy(update={"source": scrub_consent_source(record.source, ERASED)}))

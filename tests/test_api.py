@@ -274,6 +274,29 @@ async def test_lead_from_first_webhook_to_won(api, store, settings):
 # --------------------------------------------------------------------------- duplicates and order
 
 
+async def test_consent_withdrawn_shows_on_the_lead_and_in_its_history(api):
+    """An unsubscribe: the lead's view says it may not be mailed, since when and why, and
+    its history has an entry saying so; a confirmed resubscribe gives consent back."""
+    lead = f"L-{uuid.uuid4().hex[:8]}"
+    mautic, anna = api.as_("mautic"), api.as_("anna")
+    t0 = now() - timedelta(minutes=30)
+    r = await mautic.post("/events/batch", json={"events": [
+        ev(f"{lead}-1", lead, "newsletter_signup", t0), ev(f"{lead}-2", lead, "unsubscribe", t0 + timedelta(minutes=5))]})
+    assert r.status_code == 202 and r.json()["accepted"] == 2, r.text
+    view = await view_when(anna, lead, lambda v: v["consent"]["email"] is False)
+    assert view["consent"] == {"email": False, "since": (t0 + timedelta(minutes=5)).isoformat(),
+                               "source": f"unsubscribe {lead}-2"}
+    r = await mautic.post("/events", json=ev(f"{lead}-3", lead, "resubscribe", t0 + timedelta(minutes=9)))
+    assert r.status_code == 202, r.text
+    await view_when(anna, lead, lambda v: v["consent"]["email"] is True)
+    history = await until(lambda: anna.get(f"/leads/{lead}/history"),
+                          lambda r: r.status_code == 200 and sum(
+                              e["kind"] == "consent_changed" for e in r.json()["entries"]) == 2)
+    assert [e["detail"] for e in history.json()["entries"] if e["kind"] == "consent_changed"] == [
+        f"email consent: may not be mailed since {(t0 + timedelta(minutes=5)).isoformat()} (unsubscribe {lead}-2)",
+        f"email consent: may be mailed again since {(t0 + timedelta(minutes=9)).isoformat()} (resubscribe {lead}-3)"]
+
+
 async def test_duplicate_and_out_of_order_webhooks(api, store, dev_env):
     mautic = api.as_("mautic")
     lead = f"D-{uuid.uuid4().hex[:8]}"

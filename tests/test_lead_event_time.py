@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from funnel.lead import Lead
-from funnel.models import AuditKind, LeadState, OutboundKind, Stage, Trigger
+from funnel.models import AuditKind, LeadState, OutboundKind, ProfileUpdate, Stage, Trigger
 from tests.funnel_helpers import (
     LEAD,
     PRESALES,
@@ -201,6 +201,28 @@ def test_nobody_is_mailed_after_an_unsubscribe_and_the_history_says_why():
     ]
     view = lead.view()
     assert view.consent == {"email": False, "since": "2026-01-01T02:00:00+00:00", "source": "unsubscribe u-1"}
+
+
+def test_every_change_of_email_consent_is_in_the_history_with_its_source_and_time():
+    lead = new_lead()
+    feed(lead, "newsletter_signup", T0)  # consent as it was: nothing to say
+    assert details(lead.take_effects(), AuditKind.CONSENT_CHANGED) == []
+    lead.ingest(event("u-1", "unsubscribe", T0 + hours(2)), T0 + hours(2))
+    lead.ingest(event("u-2", "unsubscribe", T0 + hours(3)), T0 + hours(3))  # no change: no second entry
+    lead.ingest(event("r-1", "resubscribe", T0 + hours(5)), T0 + hours(5))
+    lead.update_profile(ProfileUpdate(update_id="p-1", lead_id=LEAD, observed_at=T0 + hours(6), facts={
+        "email_consent": False, "email_consent_source": "preference centre"}), T0 + hours(6))
+    fx = lead.take_effects()
+    assert details(fx, AuditKind.CONSENT_CHANGED) == [
+        "email consent: may not be mailed since 2026-01-01T02:00:00+00:00 (unsubscribe u-1)",
+        "email consent: may be mailed again since 2026-01-01T05:00:00+00:00 (resubscribe r-1)",
+        "email consent: may not be mailed since 2026-01-01T06:00:00+00:00 (profile update p-1 (preference centre))",
+    ]
+    assert [e.happened_at for e in of_kind(fx, AuditKind.CONSENT_CHANGED)] == [
+        T0 + hours(2), T0 + hours(5), T0 + hours(6)]
+    quiet = new_lead(explain=False)  # a workflow run of version 1-7 replays without these entries
+    quiet.ingest(event("u-1", "unsubscribe", T0 + hours(2)), T0 + hours(2))
+    assert details(quiet.take_effects(), AuditKind.CONSENT_CHANGED) == [] and quiet.consent().email is False
 
 
 def test_a_bounce_or_spam_complaint_also_stops_mail_and_a_confirmed_resubscribe_restores_it():

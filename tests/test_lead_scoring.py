@@ -768,7 +768,7 @@ def test_a_withheld_threshold_handover_is_noted_once_per_newest_activity_and_not
     lead.ingest_many([event("late-1", "event_attended", now - days(300))], now + days(2))  # newer, still old
     (note,) = of_kind(lead.take_effects(), AuditKind.NOT_HANDED_OVER)
     assert note.occurred_at == now - days(300) and lead.state.stage == Stage.IQL
-    quiet = new_lead(now=now, explain_withheld=False)  # a workflow run of version 1-7
+    quiet = new_lead(now=now, explain=False)  # a workflow run of version 1-7
     _strong_history_of_last_year(quiet, now)
     assert of_kind(quiet.take_effects(), AuditKind.NOT_HANDED_OVER) == []
     assert quiet.state.stage == Stage.IQL and quiet.state.score.total >= DEFAULT.thresholds.mql

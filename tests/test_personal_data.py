@@ -130,7 +130,8 @@ def test_every_detail_with_personal_data_is_scrubbed_and_only_that():
     entries = entries_with_personal_data()
     carrying = [e for e in entries if any(value in e.detail for value in PII)]
     assert {e.kind for e in carrying} == {AuditKind.PROFILE_UPDATED, AuditKind.STAGE_CHANGED,
-                                          AuditKind.CONTACT_LOGGED, AuditKind.NURTURE_STEP_SKIPPED}
+                                          AuditKind.CONTACT_LOGGED, AuditKind.NURTURE_STEP_SKIPPED,
+                                          AuditKind.CONSENT_CHANGED}
     for replacement in (MASK, ERASED):
         scrubbed = [scrub_entry(e, replacement) for e in entries]
         assert [e.detail for e in scrubbed if any(v in e.detail for v in PII)] == []

@@ -45,7 +45,7 @@ UNLOGGED_MAX = 500  # ... or this many taken events and profile updates (~500 by
 # carry it), so it need not cost a write of its own.
 DEFERRABLE = frozenset({
     AuditKind.LEAD_CREATED, AuditKind.SCORE_CHANGED, AuditKind.PROFILE_UPDATED,
-    AuditKind.DUPLICATE_IGNORED, AuditKind.EVENT_IGNORED, AuditKind.OWNER_ASSIGNED,
+    AuditKind.DUPLICATE_IGNORED, AuditKind.EVENT_IGNORED, AuditKind.OWNER_ASSIGNED, AuditKind.CONSENT_CHANGED,
 })
 
 

@@ -140,9 +140,9 @@ class LeadWorkflow:
                             key=lambda e: e.occurred_at)
             return Lead.create(inp.lead_id, model, now, channel=events[0].channel if events else None,
                                seen_ids_max=inp.seen_ids_max, decision_delay=delay,
-                               explain_withheld=self._behaviour.explains_withheld)
+                               explain=self._behaviour.explains)
         lead = Lead(inp.state, model, seen_ids_max=inp.seen_ids_max, decision_delay=delay,
-                    explain_withheld=self._behaviour.explains_withheld)
+                    explain=self._behaviour.explains)
         lead.use_model(model, now)
         return lead
 

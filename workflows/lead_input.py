@@ -71,17 +71,17 @@ class RunBehaviour:
     # everything it applied even when the edge's log write failed (the store down). v1-v7
     # runs do not (an added write would not replay); the edge's log is all they have.
     logs_input: bool = False
-    # v8: a lead over the threshold whose newest activity is too old to hand over (backfill)
-    # says so in its history (funnel.lead.Lead explain_withheld); v1-v7 runs stay silent
-    # (an entry that must be written at once would add a write that does not replay).
-    explains_withheld: bool = False
+    # v8: the history says what a manager would otherwise guess at (funnel.lead.Lead
+    # `explain`): a threshold handover held back as backfill, every change of email consent.
+    # v1-v7 runs stay silent (an entry written at once would add a write that does not replay).
+    explains: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
     return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3, local_reads=version == 2,
                         swept_audit=version >= 4, model_from_input=version >= 5, created_attribute=version >= 6,
                         feeds_accounts=version >= 7, logs_input=version >= 8,
-                        explains_withheld=version >= 8)
+                        explains=version >= 8)
 
 
 class ModelChange(BaseModel):
