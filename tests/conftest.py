@@ -21,6 +21,8 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import asyncio
+
 import pytest
 from temporalio.api.enums.v1 import EventType, IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
@@ -222,3 +224,26 @@ class Receiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.fixture
+def cli(dev_env, settings, monkeypatch, capsys):
+    """Run `leadflow ARGS` against the dev server in a thread (its own event loop, as the
+    command would have): (exit code, stdout, stderr)."""
+    import starter
+
+    monkeypatch.setenv("LEADFLOW_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("LEADFLOW_TASK_QUEUE", settings.task_queue)
+    target, converter = dev_env.client.service_client.config.target_host, dev_env.client.data_converter
+
+    async def connect(_settings=None):
+        return await Client.connect(target, namespace=dev_env.client.namespace, data_converter=converter)
+
+    monkeypatch.setattr(starter, "connect", connect)
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(starter.main, list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -1,7 +1,7 @@
 """`leadflow import` of last year's history against the dev server: it scores, but pages nobody.
 
 The CLI runs in a thread with its own event loop (as the command would), the worker in the
-test's (the `cli` fixture of tests/test_cli_personal_data.py). A lead in the same file with a
+test's (the `cli` fixture of tests/conftest.py). A lead in the same file with a
 fresh demo request is the control: it is handed over, so the absence of messages for the old
 history is not just messages not written yet.
 """
@@ -13,33 +13,9 @@ import json
 import uuid
 from datetime import timedelta
 
-import pytest
-from temporalio.client import Client
-
 import client as leads
-import starter
 from funnel.models import OutboundKind, Stage
 from tests.conftest import running_worker, settle
-
-
-@pytest.fixture
-def cli(dev_env, settings, monkeypatch, capsys):
-    """Run `leadflow ARGS` in a thread: (exit code, stdout, stderr)."""
-    monkeypatch.setenv("LEADFLOW_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("LEADFLOW_TASK_QUEUE", settings.task_queue)
-    target, converter = dev_env.client.service_client.config.target_host, dev_env.client.data_converter
-
-    async def connect(_settings=None):
-        return await Client.connect(target, namespace=dev_env.client.namespace, data_converter=converter)
-
-    monkeypatch.setattr(starter, "connect", connect)
-
-    async def run(*argv: str) -> tuple[int, str, str]:
-        code = await asyncio.to_thread(starter.main, list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def line(event_id: str, lead_id: str, type_: str, at, **more) -> str:

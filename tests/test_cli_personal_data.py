@@ -3,13 +3,9 @@ runs in a thread with its own event loop (as the command would), the worker in t
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import uuid
-
-import pytest
-from temporalio.client import Client
 
 import client as leads
 import starter
@@ -19,26 +15,6 @@ from payload_codec import LeadKeys, PayloadKeyring
 from tests.conftest import running_worker, settle
 
 EMAIL, FORM = "ann.example@mail.test", "form of Ann Beispiel"
-
-
-@pytest.fixture
-def cli(dev_env, settings, monkeypatch, capsys):
-    """Run `leadflow ARGS` in a thread: (exit code, stdout, stderr)."""
-    monkeypatch.setenv("LEADFLOW_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("LEADFLOW_TASK_QUEUE", settings.task_queue)
-    target, converter = dev_env.client.service_client.config.target_host, dev_env.client.data_converter
-
-    async def connect(_settings=None):
-        return await Client.connect(target, namespace=dev_env.client.namespace, data_converter=converter)
-
-    monkeypatch.setattr(starter, "connect", connect)
-
-    async def run(*argv: str) -> tuple[int, str, str]:
-        code = await asyncio.to_thread(starter.main, list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 async def test_export_person_then_erase_from_the_command_line(dev_env, settings, store, cli):

@@ -5,6 +5,7 @@ behind in Temporal visibility)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -143,7 +144,7 @@ class Population:
         return [leads_behind, count_leads_behind, signal_model_change]
 
 
-async def test_a_rollout_keeps_its_rate_survives_a_worker_restart_and_continues_as_new(ts_env):
+async def test_a_rollout_keeps_its_rate_survives_a_worker_restart_and_continues_as_new(dev_env):
     """600 leads at 200 a second: each is told once, though the worker stops halfway and
     another takes over (the rollout is durable); signalling is spaced by the rate (workflow
     time); after 50 pages the run continues as new, and applying the version again joins
@@ -153,22 +154,27 @@ async def test_a_rollout_keeps_its_rate_survives_a_worker_restart_and_continues_
 
     from workflows.rollout import PAGES_PER_RUN, ModelRolloutWorkflow, RolloutInput, rollout_id
 
-    client, population = ts_env.client, Population(ts_env, 600)
-    start = dict(id=rollout_id("default@2", "rollout-q"), task_queue="rollout-q",
+    # The dev server, not the time-skipping one: that one sometimes never hands the rollout
+    # to the second worker (its task stays with the stopped worker's sticky queue).
+    client, population, queue = dev_env.client, Population(dev_env, 600), f"rollout-{uuid.uuid4().hex[:8]}"
+    start = dict(id=rollout_id("default@2", queue), task_queue=queue,
                  id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
     rollout = RolloutInput(ref="default@2", by=MIA, rate_per_second=200)
-    async with Worker(client, task_queue="rollout-q", workflows=[ModelRolloutWorkflow],
-                      activities=population.activities()):
+    # The first worker lets a signalling under way finish as it stops (else the task is
+    # lost to the server until its 2 min timeout).
+    async with Worker(client, task_queue=queue, workflows=[ModelRolloutWorkflow],
+                      activities=population.activities(), graceful_shutdown_timeout=timedelta(seconds=10)):
         handle = await client.start_workflow(ModelRolloutWorkflow.run, rollout, **start)
         first_run = handle.result_run_id
-        await asyncio.wait_for(population.halfway.wait(), 60)  # (the test server's time runs as the clock's)
+        await asyncio.wait_for(population.halfway.wait(), 60)
     told_by_first_worker = len(population.told)
     assert 300 <= told_by_first_worker < 600
     again = await client.start_workflow(ModelRolloutWorkflow.run, rollout, **start)  # `model apply` again
     assert again.first_execution_run_id == first_run
-    async with Worker(client, task_queue="rollout-q", workflows=[ModelRolloutWorkflow],
+    async with Worker(client, task_queue=queue, workflows=[ModelRolloutWorkflow],
                       activities=population.activities()):
-        await until(lambda: asyncio.sleep(0.2, len(population.told) == 600))
+        # (the new worker goes on once what the stopped one had taken times out: up to 2 min)
+        await until(lambda: asyncio.sleep(0.2, len(population.told) == 600), timeout=200)
         progress = await asyncio.wait_for(handle.result(), 60)
     assert sorted(population.told) == sorted(f"lead-R{i:04d}" for i in range(600))  # each once
     assert progress.done and progress.signalled == 600 and progress.behind == 0 and progress.passes == 1
