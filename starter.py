@@ -564,6 +564,37 @@ async def cmd_account(args, settings: Settings) -> int:
     return 0
 
 
+async def cmd_accounts(args, settings: Settings) -> int:
+    """Accounts of this deployment, newest first (as GET /accounts), up to --limit."""
+    if args.limit < 1:
+        raise BadInput(f"--limit {args.limit}: show at least 1 account")
+    tc = await _connect(settings)
+    views, cursor = [], None
+    while len(views) < args.limit:
+        page, cursor = await api.account_page(tc, settings.task_queue, cursor, min(100, args.limit - len(views)))
+        views += page
+        if cursor is None:
+            break
+    total, mqa = await api.account_counts(tc, settings.task_queue)
+    if args.json:
+        _print_json({"total": total, "mqa": mqa, "accounts": [v.model_dump(mode="json", exclude={"history"})
+                                                                for v in views]})
+        return 0
+    from rich.table import Table
+
+    table = Table(title_justify="left")
+    for name in ("account", "stage", "score", "roles", "contacts", "owner"):
+        table.add_column(name, justify="right" if name in ("score", "contacts") else "left")
+    for v in views:
+        table.add_row(v.account_id, v.stage.value, f"{v.score:g}", ", ".join(v.roles) or "-", str(len(v.contacts)),
+                      v.owner or "-")
+    console = _console()
+    console.print(table)
+    console.print(f"{total} account(s), {mqa} marketing-qualified" + (
+        f"; {len(views)} shown (--limit)" if len(views) < total else ""))
+    return 0
+
+
 async def cmd_history(args, settings: Settings) -> int:
     store = _store(settings)
     try:
@@ -1523,6 +1554,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("account", metavar="ACCOUNT_ID", help="e.g. acme-gmbh.de")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_account)
+
+    p = sub.add_parser("accounts", help="the accounts (buying teams), newest first: stage, score, roles",
+                       description="the accounts of this deployment, newest first, with how many are MQAs")
+    p.add_argument("--limit", type=int, default=100, help="show at most this many (default 100)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_accounts)
 
     p = sub.add_parser("subscriptions", help="webhook subscriptions: add, list, remove, deliveries, replay",
                        description="webhook subscriptions (managers): who gets which messages, signed per "

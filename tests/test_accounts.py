@@ -173,6 +173,15 @@ async def test_two_leads_of_one_target_account_make_an_mqa_through_the_api(dev_e
             del os.environ["TEMPORAL_ADDRESS"], os.environ["LEADFLOW_TASK_QUEUE"]
         out = capsys.readouterr().out
         assert code == 0 and f"account {domain}: mqa" in out and "roles champion, decision_maker" in out
+        os.environ["TEMPORAL_ADDRESS"] = dev_env.client.service_client.config.target_host
+        try:  # the list, as GET /accounts
+            code = await starter.cmd_accounts(type("A", (), {"limit": 100, "json": True})(), settings)
+        finally:
+            del os.environ["TEMPORAL_ADDRESS"]
+        listing = json.loads(capsys.readouterr().out)
+        assert code == 0 and listing["total"] >= 1 and listing["mqa"] >= 1
+        (mine,) = [a for a in listing["accounts"] if a["account_id"] == domain]
+        assert mine["stage"] == "mqa" and len(mine["contacts"]) == 2 and "history" not in mine
 
 
 @pytest.mark.parametrize("version", [6, 7])
