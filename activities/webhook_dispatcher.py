@@ -76,8 +76,7 @@ class WebhookDispatcher:
         claimed = await asyncio.to_thread(webhook_store.claim_due, self.store, now, LEASE, BATCH)
         in_order: dict[tuple[str, str], list] = {}
         for delivery, sub in claimed:
-            in_order.setdefault((delivery.subscription_id, delivery.lead_id or delivery.delivery_id), []).append(
-                (delivery, sub))
+            in_order.setdefault(webhook_store.in_order_of(delivery), []).append((delivery, sub))
         await asyncio.gather(*(self._post_in_order(http, queue) for queue in in_order.values()))
         return len(claimed) == BATCH
 

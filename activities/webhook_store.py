@@ -208,6 +208,12 @@ def replay(store: "AuditStore", subscription_id: str, delivery_ids: list[str] | 
 
 # --------------------------------------------------------------------------- the dispatcher's side
 
+def in_order_of(delivery: DeliveryRow) -> tuple[str, str]:
+    """What a delivery keeps its order within: its subscription and lead (a delivery of no
+    lead, e.g. a model change, is on its own)."""
+    return delivery.subscription_id, delivery.lead_id or delivery.delivery_id
+
+
 def claim_due(store: "AuditStore", now: datetime, lease: timedelta, limit: int = 50, per_lead: int = 5
               ) -> list[tuple[DeliveryRow, SubscriptionRow]]:
     """Deliveries due now for active subscriptions, oldest first, leased to this dispatcher
@@ -240,8 +246,8 @@ def claim_due(store: "AuditStore", now: datetime, lease: timedelta, limit: int =
     taken_per_lead: dict[tuple[str, str], int] = {}
     with store._writing() as session:
         for delivery, sub in due:
-            order = (delivery.subscription_id, delivery.lead_id) if delivery.lead_id is not None else None
-            if order is not None and (order in skipped or taken_per_lead.get(order, 0) >= per_lead):
+            order = in_order_of(delivery)
+            if order in skipped or taken_per_lead.get(order, 0) >= per_lead:
                 skipped.add(order)
                 continue
             taken = session.exec(update(DELIVERIES).where(
@@ -250,9 +256,8 @@ def claim_due(store: "AuditStore", now: datetime, lease: timedelta, limit: int =
             ).values(lease_until=now + lease))
             if taken.rowcount:
                 claimed.append((delivery, sub))
-                if order is not None:
-                    taken_per_lead[order] = taken_per_lead.get(order, 0) + 1
-            elif order is not None:
+                taken_per_lead[order] = taken_per_lead.get(order, 0) + 1
+            else:
                 skipped.add(order)
     return claimed
 
