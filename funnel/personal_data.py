@@ -70,9 +70,8 @@ def scrub_detail(kind: AuditKind, detail: str, actor: str, replacement: str = MA
         prefix = f" contact by {actor}: "
         at = detail.find(prefix)
         return detail if at < 0 else detail[: at + len(prefix)] + replacement
-    if kind == AuditKind.NURTURE_STEP_SKIPPED:
-        return _NURTURE_CONSENT.sub(lambda m: f"{m.group(1)} ({replacement}))", detail)
-    if kind == AuditKind.CONSENT_CHANGED:  # "email consent: ... since DAY (profile update p-3 (form-7))"
+    if kind in (AuditKind.NURTURE_STEP_SKIPPED, AuditKind.CONSENT_CHANGED):
+        # "... no consent since DAY (profile update p-3 (form-7))": the source fact is free text
         return _NURTURE_CONSENT.sub(lambda m: f"{m.group(1)} ({replacement}))", detail)
     return detail
 
