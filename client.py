@@ -33,7 +33,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 
 from activities.store import AuditStore, ModelVersion
 from config import Settings
-from funnel.accounts import AccountView
+from funnel.accounts import ACCOUNT_KEY_PREFIX, AccountView
 from workflows.account_input import account_workflow_id
 from funnel.lead import Lead, LeadView
 from funnel.models import (
@@ -359,7 +359,7 @@ async def account_page(client: Client, task_queue: str, cursor: str | None = Non
         except (LeadNotFound, LeadStarting, TimeoutError, RPCError):
             return None
 
-    views = await asyncio.gather(*(view(e.id.removeprefix("account-")) for e in executions.current_page or []))
+    views = await asyncio.gather(*(view(e.id.removeprefix(ACCOUNT_KEY_PREFIX)) for e in executions.current_page or []))
     following = executions.next_page_token
     return [v for v in views if v is not None], _cursor(following) if following else None
 

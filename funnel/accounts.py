@@ -33,6 +33,8 @@ ROLE_FACT = "role"
 ACCOUNT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
 _ACCOUNT_ID = re.compile(ACCOUNT_ID_PATTERN)
 HISTORY_MAX = 200  # an account keeps its latest entries; the count of earlier ones stays
+# What an account's id is prefixed with where leads' ids go: its workflow id, its outbox rows.
+ACCOUNT_KEY_PREFIX = "account-"
 
 # Mail providers anyone can use: their domain names no company.
 PUBLIC_MAIL_DOMAINS = frozenset({
@@ -226,8 +228,9 @@ class Account:
         self._note(now, "mqa", f"marketing-qualified account: score {s.score:g} >= {rules.threshold:g}, "
                                f"roles {', '.join(s.roles)} ({len(s.roles)} >= {rules.min_roles})")
         contacts = sorted(s.contacts.values(), key=lambda c: (-c.engagement, c.lead_id))
+        key = ACCOUNT_KEY_PREFIX + s.account_id
         self._outbound.append(Outbound(
-            message_id=f"account-{s.account_id}/account_handover/{s.handovers}", lead_id=f"account-{s.account_id}",
+            message_id=f"{key}/account_handover/{s.handovers}", lead_id=key,
             kind=OutboundKind.ACCOUNT_HANDOVER, at=now, assign_to=rules.assign_to,
             payload=_handover(s, contacts)))
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from funnel.accounts import AccountState, ContactSnapshot
+from funnel.accounts import ACCOUNT_KEY_PREFIX, AccountState, ContactSnapshot
 from funnel.models import Outbound
 
 
 def account_workflow_id(account_id: str) -> str:
-    return f"account-{account_id}"
+    return ACCOUNT_KEY_PREFIX + account_id
 
 
 class AccountInput(BaseModel):
