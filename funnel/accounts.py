@@ -199,10 +199,9 @@ class Account:
 
     def view(self, model: ScoringModel) -> AccountView:
         s = self.state
-        contacts = sorted(s.contacts.values(), key=lambda c: (-c.engagement, c.lead_id))
         return AccountView(account_id=s.account_id, stage=s.stage, stage_since=s.stage_since, score=s.score, fit=s.fit,
                            engagement=s.engagement, roles=s.roles, roles_needed=model.account.min_roles,
-                           threshold=model.account.threshold, owner=s.owner, contacts=contacts, history=s.history)
+                           threshold=model.account.threshold, owner=s.owner, contacts=_ranked(s), history=s.history)
 
     # ------------------------------------------------------------------ rules
 
@@ -227,12 +226,11 @@ class Account:
         s.handovers += 1
         self._note(now, "mqa", f"marketing-qualified account: score {s.score:g} >= {rules.threshold:g}, "
                                f"roles {', '.join(s.roles)} ({len(s.roles)} >= {rules.min_roles})")
-        contacts = sorted(s.contacts.values(), key=lambda c: (-c.engagement, c.lead_id))
         key = ACCOUNT_KEY_PREFIX + s.account_id
         self._outbound.append(Outbound(
             message_id=f"{key}/account_handover/{s.handovers}", lead_id=key,
             kind=OutboundKind.ACCOUNT_HANDOVER, at=now, assign_to=rules.assign_to,
-            payload=_handover(s, contacts)))
+            payload=_handover(s)))
 
     def _note(self, now: datetime, kind: str, detail: str, lead_id: str | None = None) -> None:
         s = self.state
@@ -242,7 +240,12 @@ class Account:
         del s.history[:-HISTORY_MAX]
 
 
-def _handover(s: AccountState, contacts: list[ContactSnapshot]) -> dict[str, Any]:
+def _ranked(s: AccountState) -> list[ContactSnapshot]:
+    """The account's contacts, most engaged first (the view and the handover list them so)."""
+    return sorted(s.contacts.values(), key=lambda c: (-c.engagement, c.lead_id))
+
+
+def _handover(s: AccountState) -> dict[str, Any]:
     return {"account_id": s.account_id, "score": s.score, "fit": s.fit, "engagement": s.engagement,
             "roles": s.roles, "contacts": [{"lead_id": c.lead_id, "stage": c.stage, "score": c.score,
-                                            "engagement": c.engagement, "role": c.role} for c in contacts]}
+                                            "engagement": c.engagement, "role": c.role} for c in _ranked(s)]}
