@@ -14,18 +14,27 @@ from funnel.accounts import ContactSnapshot
 from workflows.account_input import AccountInput, account_workflow_id
 
 
+NOTED_MAX = 100_000  # memberships a process remembers having written (then it forgets them all)
+
+
 class AccountActivities:
     def __init__(self, client: Client, settings: Settings, store: AuditStore):
         self.client = client
         self.settings = settings
         self.store = store
+        self._noted: dict[tuple[str, str], str | None] = {}  # (account, lead) -> role written
 
     @activity.defn(name="feed_account")
     async def feed_account(self, snapshot: ContactSnapshot) -> None:
-        """Note the membership (the report counts accounts from it), then signal-with-start:
-        the account exists from its first lead on."""
-        await asyncio.to_thread(self.store.note_account_member, snapshot.account_id, snapshot.lead_id,
-                                snapshot.role, snapshot.at)
+        """Note the membership (the report counts accounts from it) when it is new or its
+        role changed, then signal-with-start: the account exists from its first lead on."""
+        member = (snapshot.account_id, snapshot.lead_id)
+        if member not in self._noted or self._noted[member] != snapshot.role:
+            await asyncio.to_thread(self.store.note_account_member, snapshot.account_id, snapshot.lead_id,
+                                    snapshot.role, snapshot.at)
+            if len(self._noted) >= NOTED_MAX:
+                self._noted.clear()
+            self._noted[member] = snapshot.role
         await self.client.start_workflow(
             "AccountWorkflow", AccountInput(account_id=snapshot.account_id,
                                             max_history_events=self.settings.max_history_events),

@@ -210,3 +210,31 @@ async def test_leads_feed_their_account_from_version_7(ts_env, settings, store, 
     fed = {lead: scheduled_activities(h).count("feed_account") for lead, h in histories.items()}
     assert fed[f"N{version}"] == 0
     assert (fed[f"F{version}"] >= 1) == (version >= 7)
+
+
+async def test_feeding_an_account_writes_its_membership_only_when_new_or_its_role_changed(ts_env, settings, store):
+    """A busy account member feeds its account often; the membership row (for the report)
+    is written once, and again only when the lead's role changes."""
+    from datetime import datetime, timezone
+
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.account_activities import AccountActivities
+    from funnel.accounts import ContactSnapshot
+
+    writes = []
+    note = store.note_account_member
+    store.note_account_member = lambda *args: (writes.append(args[:3]), note(*args))[1]
+    acts = AccountActivities(ts_env.client, settings, store)
+    at = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
+
+    def snapshot(seq: int, role: str | None) -> ContactSnapshot:
+        return ContactSnapshot(lead_id="L-feed", account_id="feed.example", seq=seq, at=at, stage="iql",
+                               score=10.0 * seq, engagement=10.0 * seq, role=role)
+
+    env = ActivityEnvironment()
+    for seq, role in [(1, "user"), (2, "user"), (3, "user"), (4, "champion"), (5, "champion")]:
+        await env.run(acts.feed_account, snapshot(seq, role))
+    assert writes == [("feed.example", "L-feed", "user"), ("feed.example", "L-feed", "champion")]
+    summary = store.account_summary()
+    assert (summary.accounts, summary.contacts) == (1, 1)
