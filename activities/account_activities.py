@@ -27,9 +27,13 @@ class AccountActivities:
     @activity.defn(name="feed_account")
     async def feed_account(self, snapshot: ContactSnapshot) -> None:
         """Note the membership (the report counts accounts from it) when it is new or its
-        role changed, then signal-with-start: the account exists from its first lead on."""
+        role changed, or drop it when the lead left, then signal-with-start: the account
+        exists from its first lead on."""
         member = (snapshot.account_id, snapshot.lead_id)
-        if member not in self._noted or self._noted[member] != snapshot.role:
+        if snapshot.left:
+            await asyncio.to_thread(self.store.forget_account_member, snapshot.account_id, snapshot.lead_id)
+            self._noted.pop(member, None)
+        elif member not in self._noted or self._noted[member] != snapshot.role:
             await asyncio.to_thread(self.store.note_account_member, snapshot.account_id, snapshot.lead_id,
                                     snapshot.role, snapshot.at)
             if len(self._noted) >= NOTED_MAX:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from sqlalchemy import (
-    JSON, Column, Index, LargeBinary, Text, and_, case, event, func, insert, inspect, or_, text, update,
+    JSON, Column, Index, LargeBinary, Text, and_, case, delete, event, func, insert, inspect, or_, text, update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
@@ -720,6 +720,12 @@ class AuditStore:
         stmt = self._insert(_ACCOUNT_MEMBERS).values(account_id=account_id, lead_id=lead_id, role=role, first_at=at)
         with self._writing() as session:
             session.exec(stmt.on_conflict_do_update(index_elements=["account_id", "lead_id"], set_={"role": role}))
+
+    def forget_account_member(self, account_id: str, lead_id: str) -> None:
+        """A lead left its account (idempotent): the report no longer counts it there."""
+        with self._writing() as session:
+            session.exec(delete(AccountMemberRow).where(AccountMemberRow.account_id == account_id,
+                                                        AccountMemberRow.lead_id == lead_id))
 
     def account_summary(self) -> AccountSummary:
         """The report's account counts: accounts, their contacts, buying teams, MQAs."""

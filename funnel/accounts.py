@@ -61,7 +61,9 @@ def account_of(profile: dict[str, FactValue]) -> str | None:
 
 class ContactSnapshot(BaseModel):
     """What an account reads of one of its leads; `seq` orders a lead's snapshots (the lead's
-    audit sequence when it was taken), so the newest wins whatever order they arrive in."""
+    audit sequence when it was taken), so the newest wins whatever order they arrive in. A
+    snapshot with `left` says the lead is no longer the account's contact (its facts now name
+    another account or none): at the same seq it is newer than a membership."""
 
     lead_id: str
     account_id: str = Field(pattern=ACCOUNT_ID_PATTERN)
@@ -73,6 +75,7 @@ class ContactSnapshot(BaseModel):
     role: str | None = None
     facts: dict[str, FactValue] = Field(default_factory=dict)  # the account-level facts the lead knows
     facts_at: datetime | None = None  # when those were observed (the newest of them)
+    left: bool = False  # the lead has left this account (lead version 9+)
 
 
 def contact_snapshot(lead_id: str, profile: dict[str, FactValue], profile_seen: dict[str, tuple[datetime, str]],
@@ -91,11 +94,26 @@ def contact_snapshot(lead_id: str, profile: dict[str, FactValue], profile_seen: 
                            facts=dict(sorted(facts.items())), facts_at=max(seen) if seen else None)
 
 
+def contact_snapshots(lead_id: str, profile: dict[str, FactValue], profile_seen: dict[str, tuple[datetime, str]],
+                      stage: str, score: float, engagement: float, seq: int, model: ScoringModel, now: datetime,
+                      fed_account: str | None) -> list[ContactSnapshot]:
+    """What a lead tells accounts now, given the account it last fed: its departure from that
+    account if its facts no longer put it there, then its snapshot for the account they name."""
+    current = contact_snapshot(lead_id, profile, profile_seen, stage, score, engagement, seq, model, now)
+    told = []
+    if fed_account is not None and (current is None or current.account_id != fed_account):
+        told.append(ContactSnapshot(lead_id=lead_id, account_id=fed_account, seq=seq, at=now, stage=stage,
+                                    score=round(score, 2), engagement=round(engagement, 2), left=True))
+    if current is not None:
+        told.append(current)
+    return told
+
+
 def same_for_account(a: ContactSnapshot | None, b: ContactSnapshot | None) -> bool:
     """Whether the account would learn nothing new (ignoring seq and time)."""
     if a is None or b is None:
         return a is b
-    keep = {"lead_id", "account_id", "stage", "score", "engagement", "role", "facts"}
+    keep = {"lead_id", "account_id", "stage", "score", "engagement", "role", "facts", "left"}
     return a.model_dump(include=keep) == b.model_dump(include=keep)
 
 
@@ -133,6 +151,7 @@ class AccountState(BaseModel):
     stage: AccountStage = AccountStage.ENGAGED
     stage_since: datetime
     contacts: dict[str, ContactSnapshot] = Field(default_factory=dict)
+    departed: dict[str, int] = Field(default_factory=dict)  # lead -> seq of its departure (older news is stale)
     score: float = 0.0
     fit: float = 0.0
     engagement: float = 0.0
@@ -176,17 +195,29 @@ class Account:
 
     def apply(self, snapshot: ContactSnapshot, model: ScoringModel, now: datetime) -> bool:
         """Take a contact's snapshot (an older one than known for that lead changes nothing);
-        True if the account changed."""
+        True if the account changed. A departure removes the contact: its engagement and role
+        no longer count, and a handover already made stays made."""
         s = self.state
-        known = s.contacts.get(snapshot.lead_id)
-        if known is not None and known.seq >= snapshot.seq:
+        lead = snapshot.lead_id
+        known = s.contacts.get(lead)
+        newest = known.seq if known is not None else s.departed.get(lead)
+        if newest is not None and (newest > snapshot.seq or (newest == snapshot.seq and not snapshot.left)):
             return False
-        s.contacts[snapshot.lead_id] = snapshot
+        if snapshot.left:
+            s.departed[lead] = snapshot.seq
+            if known is None:
+                return False
+            del s.contacts[lead]
+        else:
+            s.departed.pop(lead, None)
+            s.contacts[lead] = snapshot
         before = (s.score, tuple(s.roles))
         self._rescore(model)
-        if (s.score, tuple(s.roles)) != before:
-            self._note(now, "contact", f"{snapshot.lead_id}: {snapshot.stage}, engagement {snapshot.engagement:g}"
-                                       + (f", {snapshot.role}" if snapshot.role else ""), snapshot.lead_id)
+        if snapshot.left:
+            self._note(now, "contact", f"{lead} left the account", lead)
+        elif (s.score, tuple(s.roles)) != before:
+            self._note(now, "contact", f"{lead}: {snapshot.stage}, engagement {snapshot.engagement:g}"
+                                       + (f", {snapshot.role}" if snapshot.role else ""), lead)
         self._consider(model, now)
         return True
 

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
 from config import DEFAULT_MODEL
-from funnel.accounts import Account, AccountStage, ContactSnapshot, account_of
+from funnel.accounts import Account, AccountStage, ContactSnapshot, account_of, contact_snapshots
 from funnel.models import OutboundKind
 from funnel.scoring_model import load_model
+import client as leads
 from tests.conftest import running_worker
 from tests.test_api import api_over_worker, ev, until, view_when
 
@@ -21,10 +22,10 @@ T0 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
 
 
 def snap(lead: str, seq: int, engagement: float, role: str | None = None, stage: str = "iql",
-         facts: dict | None = None, account: str = "acme-gmbh.de") -> ContactSnapshot:
+         facts: dict | None = None, account: str = "acme-gmbh.de", left: bool = False) -> ContactSnapshot:
     return ContactSnapshot(lead_id=lead, account_id=account, seq=seq, at=T0 + timedelta(minutes=seq),
                            stage=stage, score=engagement, engagement=engagement, role=role, facts=facts or {},
-                           facts_at=T0 + timedelta(minutes=seq) if facts else None)
+                           facts_at=T0 + timedelta(minutes=seq) if facts else None, left=left)
 
 
 # --------------------------------------------------------------------------- membership
@@ -80,22 +81,58 @@ def test_only_the_best_contacts_and_active_engaged_roles_count():
     assert account.state.stage is AccountStage.ENGAGED
 
 
+def test_a_contact_that_leaves_no_longer_counts_and_late_news_of_it_changes_nothing():
+    """A lead whose facts now name another company (or none) tells its old account it left:
+    its engagement and role stop counting there, a handover already made stays made, and a
+    snapshot older than the departure (a retry delivered late) does not bring it back."""
+    account = Account.create("acme-gmbh.de", T0)
+    account.apply(snap("L-a", 3, 50, "decision_maker", facts={"target_account": True}), MODEL, T0)
+    account.apply(snap("L-b", 4, 50, "champion"), MODEL, T0)
+    assert account.state.stage is AccountStage.MQA
+    assert account.apply(snap("L-b", 6, 50, "champion", left=True), MODEL, T0)
+    s = account.state
+    assert (s.score, s.engagement, s.roles, sorted(s.contacts)) == (70, 50, ["decision_maker"], ["L-a"])
+    assert s.stage is AccountStage.MQA  # handed over once: leaving does not take it back
+    assert s.history[-1].detail == "L-b left the account" and s.history[-1].lead_id == "L-b"
+    assert not account.apply(snap("L-b", 5, 80, "champion"), MODEL, T0)  # older than its departure
+    assert not account.apply(snap("L-b", 6, 80, "champion"), MODEL, T0)  # as old: the departure is newer
+    assert not account.apply(snap("L-c", 2, 10, left=True), MODEL, T0)  # never a contact: nothing to drop
+    assert "L-c" not in s.contacts and s.score == 70
+    assert account.apply(snap("L-b", 9, 30, "champion"), MODEL, T0)  # back, later: counts again
+    assert (s.score, s.roles, s.departed) == (100, ["champion", "decision_maker"], {"L-c": 2})
+
+
+@pytest.mark.parametrize("fed, email, told", [
+    (None, "erika@acme-gmbh.de", [("acme-gmbh.de", False)]),  # a first snapshot
+    ("acme-gmbh.de", "erika@acme-gmbh.de", [("acme-gmbh.de", False)]),  # stays
+    ("acme-gmbh.de", "erika@globex.com", [("acme-gmbh.de", True), ("globex.com", False)]),  # moved
+    ("acme-gmbh.de", "erika@gmail.com", [("acme-gmbh.de", True)]),  # no company any more
+    (None, "erika@gmail.com", []),  # never in one
+])
+def test_a_lead_tells_the_account_it_left_before_the_one_it_joined(fed, email, told):
+    out = contact_snapshots("L-1", {"email": email}, {}, "iql", 40.0, 30.0, 7, MODEL, T0, fed)
+    assert [(s.account_id, s.left) for s in out] == told
+    assert all(s.seq == 7 and s.lead_id == "L-1" for s in out)
+
+
 @hsettings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["L-a", "L-b", "L-c", "L-d"]), st.integers(1, 6),
                           st.floats(0, 80, allow_nan=False).map(lambda x: round(x, 1)),
                           st.sampled_from([None, "decision_maker", "champion", "user"]),
-                          st.sampled_from(["iql", "mql", "disqualified"]), st.booleans()),
+                          st.sampled_from(["iql", "mql", "disqualified"]), st.booleans(),
+                          st.sampled_from([False, False, False, True])),
                 min_size=1, max_size=12),
        st.randoms(use_true_random=False))
 def test_order_and_repetition_of_snapshots_never_change_the_account(items, rnd):
     """Each lead's newest snapshot (by seq) is what counts, whatever order or how often they
-    arrive: the account's score, roles and stage are a function of its contacts' latest state."""
+    arrive: the account's score, roles and stage are a function of its contacts' latest state.
+    A lead whose newest word is that it left is no contact at all."""
     snaps, seen = [], set()
-    for lead, seq, engagement, role, stage, target in items:
+    for lead, seq, engagement, role, stage, target, left in items:
         if (lead, seq) in seen:
             continue  # one snapshot per (lead, seq), as a lead sends them
         seen.add((lead, seq))
-        snaps.append(snap(lead, seq, engagement, role, stage, facts={"target_account": target}))
+        snaps.append(snap(lead, seq, engagement, role, stage, facts={"target_account": target}, left=left))
 
     def final(order):
         account = Account.create("acme-gmbh.de", T0)
@@ -110,12 +147,13 @@ def test_order_and_repetition_of_snapshots_never_change_the_account(items, rnd):
     for s in sorted(snaps, key=lambda s: s.seq):
         newest[s.lead_id] = s
     in_order = final(sorted(snaps, key=lambda s: s.seq))
-    assert final(shuffled)[:3] == in_order[:3] == final(newest.values())[:3]
+    members = [s for s in newest.values() if not s.left]
+    assert final(shuffled)[:3] == in_order[:3] == final(members)[:3]
     # The stage may differ only where a path went through an MQA (kept once reached) that the
     # final contacts do not make; when the final contacts make one, every order ends in one.
     score, _, roles, _ = in_order
     if score >= MODEL.account.threshold and len(roles) >= MODEL.account.min_roles:
-        assert final(shuffled)[3] is final(newest.values())[3] is in_order[3] is AccountStage.MQA
+        assert final(shuffled)[3] is final(members)[3] is in_order[3] is AccountStage.MQA
 
 
 # --------------------------------------------------------------------------- through the workflows and the API
@@ -228,9 +266,9 @@ async def test_feeding_an_account_writes_its_membership_only_when_new_or_its_rol
     acts = AccountActivities(ts_env.client, settings, store)
     at = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
 
-    def snapshot(seq: int, role: str | None) -> ContactSnapshot:
+    def snapshot(seq: int, role: str | None, left: bool = False) -> ContactSnapshot:
         return ContactSnapshot(lead_id="L-feed", account_id="feed.example", seq=seq, at=at, stage="iql",
-                               score=10.0 * seq, engagement=10.0 * seq, role=role)
+                               score=10.0 * seq, engagement=10.0 * seq, role=role, left=left)
 
     env = ActivityEnvironment()
     for seq, role in [(1, "user"), (2, "user"), (3, "user"), (4, "champion"), (5, "champion")]:
@@ -238,3 +276,71 @@ async def test_feeding_an_account_writes_its_membership_only_when_new_or_its_rol
     assert writes == [("feed.example", "L-feed", "user"), ("feed.example", "L-feed", "champion")]
     summary = store.account_summary()
     assert (summary.accounts, summary.contacts) == (1, 1)
+    # It left (twice: a retried departure), then came back: the row goes, and comes again.
+    await env.run(acts.feed_account, snapshot(6, "champion", left=True))
+    await env.run(acts.feed_account, snapshot(6, "champion", left=True))
+    assert (store.account_summary().accounts, store.account_summary().contacts) == (0, 0)
+    await env.run(acts.feed_account, snapshot(7, "champion"))
+    assert writes[-1] == ("feed.example", "L-feed", "champion") and len(writes) == 3
+    assert store.account_summary().contacts == 1
+
+
+async def test_a_lead_that_changes_company_leaves_its_old_account_and_a_won_lead_tells_its_account(
+        dev_env, settings, store):
+    """Version 9: a lead whose e-mail names another company (or none) is dropped by its old
+    account and its membership row goes (the report no longer counts it there), after a
+    continue-as-new too; a won lead ends only once its account has heard that it was won."""
+    from funnel.models import Accept, Bant, Close, LogContact, ProfileUpdate, Qualify
+    from tests.conftest import ANNA, BEN, event, settle
+    from workflows.lead import workflow_id
+
+    client, model = dev_env.client, MODEL
+    tag = uuid.uuid4().hex[:6]
+    acme, globex = f"acme-{tag}.de", f"globex-{tag}.com"
+    mover, stayer = f"MV-{tag}", f"ST-{tag}"
+    t = datetime.now(timezone.utc) - timedelta(minutes=10)
+
+    async def profile(lead: str, n: int, **facts) -> None:
+        await leads.send_profile(client, settings, ProfileUpdate(update_id=f"p{n}", lead_id=lead, facts=facts), model)
+
+    async def account_when(account_id: str, check):
+        async def fetch():
+            try:
+                return await leads.get_account(client, account_id)
+            except (leads.LeadStarting, leads.LeadNotFound):
+                return None
+        return await until(fetch, lambda v: v is not None and check(v))
+
+    def contacts(view) -> dict[str, str]:
+        return {c.lead_id: c.stage for c in view.contacts}
+
+    async with running_worker(client, settings, store):
+        await profile(mover, 1, email=f"erika@{acme}", role="decision_maker")
+        await profile(stayer, 1, email=f"max@{acme}", role="champion")
+        await leads.send_events(client, settings, [event(stayer, "1", "webinar_attended", t)], model)
+        handle = client.get_workflow_handle(workflow_id(mover))
+        first_run = (await handle.describe()).run_id
+        for i in range(12):  # the dev server suggests continue-as-new after 40 history events
+            await leads.send_events(client, settings, [event(mover, str(i), "website_visit", t)], model)
+            await settle(dev_env, client, mover, lambda v, n=i + 1: v.events_applied == n)
+        assert (await handle.describe()).run_id != first_run  # it moves in a later run
+        await account_when(acme, lambda v: set(contacts(v)) == {mover, stayer})
+
+        await profile(mover, 2, email=f"erika@{globex}", role="decision_maker")
+        view = await account_when(acme, lambda v: set(contacts(v)) == {stayer})
+        assert view.history[-1].detail == f"{mover} left the account" and view.roles == ["champion"]
+        await account_when(globex, lambda v: set(contacts(v)) == {mover})
+        assert store.account_summary().contacts == 2  # one in each: the acme row went
+
+        await profile(mover, 3, email="erika@gmail.com")  # no company any more
+        await account_when(globex, lambda v: contacts(v) == {})
+        assert store.account_summary().contacts == 1
+
+        await leads.send_events(client, settings, [event(stayer, "2", "demo_request", t)], model)
+        await settle(dev_env, client, stayer, lambda v: v.owner is not None)
+        await leads.run_command(client, stayer, Accept(by=ANNA))
+        await leads.run_command(client, stayer, Qualify(by=ANNA, bant=Bant(budget=True, need=True, timing=True)))
+        await leads.run_command(client, stayer, LogContact(by=BEN))
+        await leads.run_command(client, stayer, Close(by=BEN, outcome="won"))
+        await client.get_workflow_handle(workflow_id(stayer)).result()
+        await account_when(acme, lambda v: contacts(v) == {stayer: "won"})

@@ -145,7 +145,7 @@ async def test_replay_detects_a_changed_workflow(converter):
 
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7, 8, 9])
 async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store, version):
     """Leads started by older code keep replaying their way. Version 1: the model by a
     regular activity. Version 2: by local activity (a marker, no round trip), handover and
@@ -157,14 +157,16 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
     write in the lead (versions 2 and 3 start a lag timer; 1 writes at once). Version 5: a
     new lead given the active model starts on it without reading it (older ones read it
     anyway). Version 6: the lead's creation time is a search attribute as well. Version 7: a
-    lead in an account feeds it (test_accounts.py). Version 8 (what callers start now): the
+    lead in an account feeds it (test_accounts.py). Version 8: the
     lead writes the input it took to the store's event log with its audit, so the log is
     whole though nobody else logged it (these events come straight from the client, as
-    when the API's own log write fails); without holding a write back for it. All score alike."""
+    when the API's own log write fails); without holding a write back for it. Version 9
+    (what callers start now): a lead that leaves its account tells it (test_accounts.py).
+    All score alike."""
     from workflows.lead_input import CURRENT_VERSION, LeadInput
 
     client, lead = ts_env.client, f"V{version}"
-    assert CURRENT_VERSION == 8
+    assert CURRENT_VERSION == 9
     given = load_model(settings.model_path)
     async with running_worker(client, settings, store):
         now = await ts_env.get_current_time()
@@ -192,11 +194,11 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
         logged = [row.event_id for row in store.event_log(lead)]
     # (v1 waits with a timeout: a timer per signal)
     assert (quiet_timers, quiet_writes) == {1: (1, 1), 2: (1, 0), 3: (1, 0), 4: (0, 0), 5: (0, 0), 6: (0, 0), 7: (0, 0),
-                                            8: (0, 0)}[version]
-    assert (stored == total) == (version in (1, 4, 5, 6, 7, 8))  # written at once, or swept; 2 and 3 wait 30 s
+                                            8: (0, 0), 9: (0, 0)}[version]
+    assert (stored == total) == (version in (1, 4, 5, 6, 7, 8, 9))  # written at once, or swept; 2 and 3 wait 30 s
     assert sorted(logged) == ([f"{lead}-1", f"{lead}-2", f"{lead}-3"] if version >= 8 else [])
     activities = scheduled_activities(history)
-    assert ("load_scoring_model" in activities) == (version not in (2, 5, 6, 7, 8))
+    assert ("load_scoring_model" in activities) == (version not in (2, 5, 6, 7, 8, 9))
     upserted = {name for e in history.events if e.HasField("upsert_workflow_search_attributes_event_attributes")
                 for name in e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields}
     assert ("LeadCreated" in upserted) == (version >= 6)

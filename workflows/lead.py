@@ -39,7 +39,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.audit_cadence import AuditCadence
     from workflows.deliveries import Deliveries
     from workflows.account_feed import AccountFeed
-    from funnel.accounts import contact_snapshot
+    from funnel.accounts import contact_snapshot, contact_snapshots
     from workflows.lead_input import CURRENT_VERSION, LeadInput, ModelChange, ShredPending, behaviour
     from workflows.wake_timer import WakeTimer
 
@@ -80,7 +80,8 @@ class LeadWorkflow:
                                    lead_id=inp.lead_id)
         self._wake = WakeTimer()
         self._deliveries = Deliveries(self._owner_assigned, assign_first=self._behaviour.decisions_and_owners)
-        self._account_feed = AccountFeed() if self._behaviour.feeds_accounts else None
+        self._account_feed = (AccountFeed(inp.account, per_account=self._behaviour.departs_accounts)
+                              if self._behaviour.feeds_accounts else None)
         # Erasure: inputs taken and applied so far (an erasure waits for what came before it),
         # the old key generations still to destroy, and whether this run must end for a new one.
         self._taken = len(self._inbox)
@@ -96,6 +97,8 @@ class LeadWorkflow:
         lead = self._lead = await self._start_or_go_on(inp)
         for message in inp.undelivered:
             self._deliveries.start(message)
+        if self._account_feed is not None:
+            self._account_feed.resume(inp.account_untold)
         if self._shred is not None:
             asyncio.create_task(self._shred_old_keys(inp.lead_id, self._shred))
         while True:
@@ -117,7 +120,7 @@ class LeadWorkflow:
                     # handlers return and deliveries finish first.
                     await workflow.wait_condition(
                         lambda: workflow.all_handlers_finished() and not self._deliveries.undelivered
-                        and (self._shred is None or self._restart))
+                        and (self._shred is None or self._restart) and self._account_heard())
                     if not self._has_work():
                         return lead.view()
                     continue
@@ -209,13 +212,24 @@ class LeadWorkflow:
             self._refresh_search_attributes(always=True)
 
     def _feed_account(self) -> None:
-        """Tell the lead's account (if it has one) what it reads of the lead, when that changed."""
-        if self._account_feed is None or self._lead is None:
+        """Tell the lead's account (if it has one) what it reads of the lead, when that changed,
+        and (v9) the account it left that it is gone."""
+        feed = self._account_feed
+        if feed is None or self._lead is None:
             return
         s = self._lead.state
-        self._account_feed.offer(contact_snapshot(
-            s.lead_id, s.profile, s.profile_seen, s.stage.value, s.score.total, s.score.engagement, s.audit_seq,
-            self._lead.model, workflow.now()))
+        if not self._behaviour.departs_accounts:
+            feed.offer(contact_snapshot(s.lead_id, s.profile, s.profile_seen, s.stage.value, s.score.total,
+                                        s.score.engagement, s.audit_seq, self._lead.model, workflow.now()))
+            return
+        for snapshot in contact_snapshots(s.lead_id, s.profile, s.profile_seen, s.stage.value, s.score.total,
+                                          s.score.engagement, s.audit_seq, self._lead.model, workflow.now(),
+                                          feed.account):
+            feed.offer(snapshot)
+
+    def _account_heard(self) -> bool:
+        """Whether a won lead may end: (v9) its account has heard its last word."""
+        return self._account_feed is None or not self._behaviour.departs_accounts or self._account_feed.idle
 
     async def _continue_as_new(self, inp: LeadInput) -> None:
         """A long run ends whatever keeps arriving: input not applied yet waits in the inbox
@@ -262,6 +276,8 @@ class LeadWorkflow:
             lead_id=inp.lead_id, state=self._lead.state, model=self._lead.model,
             undelivered=list(self._deliveries.undelivered.values()), max_history_events=inp.max_history_events,
             pending=list(self._inbox),
+            account=self._account_feed.account if self._account_feed else inp.account,
+            account_untold=self._account_feed.untold() if self._account_feed else [],
             seen_ids_max=inp.seen_ids_max, version=CURRENT_VERSION, audit_max_lag_seconds=inp.audit_max_lag_seconds,
             decision_delay_seconds=inp.decision_delay_seconds,
             shred_delay_seconds=inp.shred_delay_seconds, shred=self._shred,

@@ -12,6 +12,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from funnel.accounts import ContactSnapshot
 from funnel.lead import SEEN_IDS_MAX
 from funnel.models import ActivityEvent, Actor, LeadState, Outbound, ProfileUpdate
 from funnel.scoring_model import ScoringModel
@@ -19,7 +20,7 @@ from funnel.scoring_model import ScoringModel
 # How a run behaves, for replay. Runs keep the behaviour of the code that started them
 # (chosen by input rather than `workflow.patched()`: a patch upserts the
 # TemporalChangeVersion search attribute, a visibility write for every new lead).
-CURRENT_VERSION = 8
+CURRENT_VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,19 @@ class RunBehaviour:
     # `explain`): a threshold handover held back as backfill, every change of email consent.
     # v1-v7 runs stay silent (an entry written at once would add a write that does not replay).
     explains: bool = False
+    # v9: a lead that leaves its account (its facts now name another or none) tells the old
+    # account, which drops it as a contact (funnel.accounts.contact_snapshots); what it has not
+    # told for sure goes into its next run, and a won lead ends only once its account heard.
+    # v7-v8 runs stay as they were (an added feed would not replay): a lead that moved under
+    # them stays a contact of its old account.
+    departs_accounts: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
     return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3, local_reads=version == 2,
                         swept_audit=version >= 4, model_from_input=version >= 5, created_attribute=version >= 6,
                         feeds_accounts=version >= 7, logs_input=version >= 8,
-                        explains=version >= 8)
+                        explains=version >= 8, departs_accounts=version >= 9)
 
 
 class ModelChange(BaseModel):
@@ -110,6 +117,8 @@ class LeadInput(BaseModel):
     model: ScoringModel | None = None
     pending: list[ActivityEvent | ProfileUpdate] = Field(default_factory=list)
     undelivered: list[Outbound] = Field(default_factory=list)  # deliveries still retrying
+    account: str | None = None  # the account the lead last told it belongs to (workflows/account_feed.py)
+    account_untold: list[ContactSnapshot] = Field(default_factory=list)  # snapshots it may not have heard
     max_history_events: int = 2000
     seen_ids_max: int = SEEN_IDS_MAX
     version: int = 1  # callers and continue-as-new set CURRENT_VERSION
