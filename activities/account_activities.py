@@ -11,7 +11,7 @@ from activities.store import AuditStore
 
 from config import Settings
 from funnel.accounts import ContactSnapshot
-from workflows.account_input import AccountInput, account_workflow_id
+from workflows.account_input import ACCOUNT_VERSION, AccountInput, account_workflow_id
 
 
 NOTED_MAX = 100_000  # memberships a process remembers having written (then it forgets them all)
@@ -40,7 +40,7 @@ class AccountActivities:
                 self._noted.clear()
             self._noted[member] = snapshot.role
         await self.client.start_workflow(
-            "AccountWorkflow", AccountInput(account_id=snapshot.account_id,
+            "AccountWorkflow", AccountInput(account_id=snapshot.account_id, version=ACCOUNT_VERSION,
                                             max_history_events=self.settings.max_history_events),
             id=account_workflow_id(snapshot.account_id), task_queue=self.settings.task_queue,
             start_signal="contact_changed", start_signal_args=[snapshot])

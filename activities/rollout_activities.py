@@ -1,5 +1,6 @@
-"""Activities of a model rollout (workflows/rollout.py): find the running leads still on
-another model version in Temporal visibility, and tell them to switch."""
+"""Activities of a model rollout (workflows/rollout.py): find the running leads (and
+accounts, whose rules come from the model too) still on another model version in Temporal
+visibility, and tell them to switch."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ SIGNAL_CONCURRENCY = 10
 
 
 def behind_query(ref: str, task_queue: str) -> str:
-    """Running leads of this task queue (this deployment) not on model version `ref`."""
+    """Running leads and accounts of this task queue (this deployment) not on model version `ref`."""
     for value in (ref, task_queue):
         if "'" in value or "\\" in value:
             raise ValueError(f"invalid value {value!r}")
-    return (f"WorkflowType = 'LeadWorkflow' AND ExecutionStatus = 'Running' AND TaskQueue = '{task_queue}' AND "
+    return (f"WorkflowType IN ('LeadWorkflow', 'AccountWorkflow') AND ExecutionStatus = 'Running' AND TaskQueue = '{task_queue}' AND "
             f"({sa.LEAD_MODEL.name} != '{ref}' OR {sa.LEAD_MODEL.name} IS NULL)")
 
 

@@ -138,7 +138,7 @@ class AccountEntry(BaseModel):
 
     n: int
     at: datetime
-    kind: str  # "contact" | "mqa"
+    kind: str  # "contact" | "mqa" | "model"
     lead_id: str | None = None
     detail: str
     score: float
@@ -150,6 +150,7 @@ class AccountState(BaseModel):
     created_at: datetime
     stage: AccountStage = AccountStage.ENGAGED
     stage_since: datetime
+    model_ref: str | None = None  # the scoring model version its rules come from
     contacts: dict[str, ContactSnapshot] = Field(default_factory=dict)
     departed: dict[str, int] = Field(default_factory=dict)  # lead -> seq of its departure (older news is stale)
     score: float = 0.0
@@ -222,7 +223,14 @@ class Account:
         return True
 
     def use_model(self, model: ScoringModel, now: datetime) -> None:
+        """Apply the rules of this model version (the one the account runs on); a switch of
+        version says so in the history, as a lead's does."""
+        s = self.state
+        old_ref, old_score = s.model_ref, s.score
         self._rescore(model)
+        s.model_ref = model.ref
+        if old_ref is not None and old_ref != model.ref:
+            self._note(now, "model", f"scoring model {old_ref} \u2192 {model.ref}: {old_score:g} \u2192 {s.score:g}")
         self._consider(model, now)
 
     def assign_owner(self, owner: str) -> None:

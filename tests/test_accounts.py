@@ -102,6 +102,25 @@ def test_a_contact_that_leaves_no_longer_counts_and_late_news_of_it_changes_noth
     assert (s.score, s.roles, s.departed) == (100, ["champion", "decision_maker"], {"L-c": 2})
 
 
+def test_an_account_on_another_model_version_says_so_and_applies_its_rules():
+    from funnel.scoring_model import parse_model
+
+    lower = parse_model(DEFAULT_MODEL.read_text().replace('version = "1"', 'version = "2"', 1)
+                        + "\n[account]\nthreshold = 60\n", "v2.toml")
+    account = Account.create("acme-gmbh.de", T0)
+    account.use_model(MODEL, T0)
+    account.apply(snap("L-a", 3, 50, "decision_maker", facts={"target_account": True}), MODEL, T0)
+    account.apply(snap("L-b", 4, 1, "champion"), MODEL, T0)
+    assert (account.state.score, account.state.stage) == (71, AccountStage.ENGAGED)
+    account.use_model(MODEL, T0)  # the same version again (a new run): nothing to say
+    assert [e.kind for e in account.state.history] == ["contact", "contact"]
+    account.use_model(lower, T0)
+    assert [e.detail for e in account.state.history[-2:]] == [
+        "scoring model default@1 \u2192 default@2: 71 \u2192 71",
+        "marketing-qualified account: score 71 >= 60, roles champion, decision_maker (2 >= 2)"]
+    assert account.state.model_ref == "default@2"
+
+
 @pytest.mark.parametrize("fed, email, told", [
     (None, "erika@acme-gmbh.de", [("acme-gmbh.de", False)]),  # a first snapshot
     ("acme-gmbh.de", "erika@acme-gmbh.de", [("acme-gmbh.de", False)]),  # stays

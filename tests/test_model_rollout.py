@@ -16,6 +16,7 @@ from config import DEFAULT_MODEL
 from funnel.models import Accept, AuditKind, ProfileUpdate, Stage
 from funnel.scoring_model import ModelError
 from tests.conftest import ANNA, MIA, event, running_worker, settle
+from workflows import search_attributes as sa
 
 V2 = DEFAULT_MODEL.read_text().replace('version = "1"', 'version = "2"', 1).replace(
     "[events.live_chat]\npoints = 15", "[events.live_chat]\npoints = 30", 1)
@@ -186,3 +187,42 @@ async def test_a_rollout_keeps_its_rate_survives_a_worker_restart_and_continues_
     history = await client.get_workflow_handle(start["id"], run_id=first_run).fetch_history()
     assert history.events[-1].HasField("workflow_execution_continued_as_new_event_attributes")
     assert PAGES_PER_RUN < 60
+
+
+async def test_a_rollout_reaches_accounts_too(dev_env, settings, store):
+    """An account's rules (its [account] thresholds, its fit) come from the model as well: a
+    rollout tells running accounts, each goes on under the new version, says so in its
+    history, and shows it in visibility, so the rollout knows when nobody is behind."""
+    from funnel.models import ProfileUpdate as Profile
+
+    client, run = dev_env.client, settings.task_queue[-6:]
+    domain = f"acme-{run}.de"
+    lower = V2 + "\n[account]\nthreshold = 60\n"  # a buying team of two at 71 points is now enough
+    async with running_worker(client, settings, store):
+        now = await dev_env.get_current_time()
+        for lead, role, extra, kind in ((f"A{run}-dm", "decision_maker", {"target_account": True}, "webinar_attended"),
+                                        (f"A{run}-ch", "champion", {}, "website_visit")):
+            await leads.send_profile(client, settings, Profile(update_id="p", lead_id=lead, facts={
+                "email": f"{role}@{domain}", "role": role, **extra}))
+            await leads.send_events(client, settings, [event(lead, "1", kind, now)])
+
+        async def account(check):
+            async def fetch():
+                try:
+                    view = await leads.get_account(client, domain)
+                except (leads.LeadStarting, leads.LeadNotFound):
+                    return None
+                return view if check(view) else None
+            return await until(fetch)
+
+        before = await account(lambda v: v.score == 71 and len(v.roles) == 2)
+        assert before.stage.value == "engaged" and before.threshold == 120
+        await leads.apply_model(client, settings, store, lower, "v2.toml", by=MIA.model_copy(), rate_per_second=50)
+        progress = await until(lambda: _done(client, settings))
+        after = await account(lambda v: v.stage.value == "mqa")
+        assert after.threshold == 60 and progress.behind == 0
+        model_entry = next(e for e in after.history if e.kind == "model")
+        assert model_entry.detail == "scoring model default@1 \u2192 default@2: 71 \u2192 71"
+        assert after.history.index(model_entry) < [e.kind for e in after.history].index("mqa")
+        described = await client.get_workflow_handle(f"account-{domain}").describe()
+        assert described.typed_search_attributes.get(sa.LEAD_MODEL) == "default@2"
