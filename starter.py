@@ -1351,7 +1351,7 @@ async def _follow_rollout(tc, settings: Settings, ref: str) -> int:
                 if state.done:
                     break
             await asyncio.sleep(0.5)
-    print(f"{ref} rolled out: {state.signalled} lead(s) told"
+    print(f"{ref} rolled out: {state.signalled} lead(s) and account(s) told"
           + (f"; {state.behind} still behind (apply again to go on)" if state.behind else ""))
     return 0
 

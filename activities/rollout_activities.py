@@ -23,7 +23,8 @@ def behind_query(ref: str, task_queue: str) -> str:
     for value in (ref, task_queue):
         if "'" in value or "\\" in value:
             raise ValueError(f"invalid value {value!r}")
-    return (f"WorkflowType IN ('LeadWorkflow', 'AccountWorkflow') AND ExecutionStatus = 'Running' AND TaskQueue = '{task_queue}' AND "
+    return (f"WorkflowType IN ('LeadWorkflow', 'AccountWorkflow') AND ExecutionStatus = 'Running' AND "
+            f"TaskQueue = '{task_queue}' AND "
             f"({sa.LEAD_MODEL.name} != '{ref}' OR {sa.LEAD_MODEL.name} IS NULL)")
 
 
