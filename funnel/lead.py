@@ -662,8 +662,10 @@ class Lead:
         unsubscribe, a bounce, a confirmed resubscribe, a consent fact), with its source and
         since when; a second unsubscribe changes nothing worth an entry."""
         s = self.state
+        if s.event_consent is None and s.consent_fact is None and s.consent_noted is None:
+            return  # opted in when created, nothing since (most leads: no record built for it)
         consent = self.consent()
-        if consent.email == (s.consent_noted or self._initial_consent()).email:
+        if consent.email == (s.consent_noted.email if s.consent_noted is not None else True):
             return
         s.consent_noted = consent
         verb = "may be mailed again" if consent.email else "may not be mailed"
