@@ -610,8 +610,9 @@ class Lead:
                 return e if e.occurred_at >= at - th.max_age.fast_track else None
         return None
 
-    def _fresh(self, at: datetime) -> bool:
-        newest = self._newest_activity()
+    def _fresh(self, at: datetime, newest: datetime | None = None) -> bool:
+        """Whether the newest activity (found here unless given) is recent enough to be news."""
+        newest = newest or self._newest_activity()
         return newest is not None and newest >= at - self.model.thresholds.max_age.score_threshold
 
     def _newest_activity(self) -> datetime | None:
@@ -678,12 +679,12 @@ class Lead:
         older than `max_age.score_threshold` (backfill is not news) says so in its history,
         once per newest activity: a manager sees why 108 points sit in IQL."""
         s, th = self.state, self.model.thresholds
-        if s.stage not in (Stage.IQL, Stage.RECYCLED) or s.score.total < th.mql or self._fresh(at):
-            return
-        if s.stage == Stage.RECYCLED and self._cooling_off(at):
+        if s.stage not in (Stage.IQL, Stage.RECYCLED) or s.score.total < th.mql:
             return
         newest = self._newest_activity()
-        if newest is None or newest == s.withheld_noted_for:
+        if newest is None or self._fresh(at, newest) or newest == s.withheld_noted_for:
+            return
+        if s.stage == Stage.RECYCLED and self._cooling_off(at):
             return
         s.withheld_noted_for = newest
         self._audit(AuditKind.NOT_HANDED_OVER, SYSTEM,
