@@ -218,13 +218,11 @@ class LeadWorkflow:
         if feed is None or self._lead is None:
             return
         s = self._lead.state
-        if not self._behaviour.departs_accounts:
-            feed.offer(contact_snapshot(s.lead_id, s.profile, s.profile_seen, s.stage.value, s.score.total,
-                                        s.score.engagement, s.audit_seq, self._lead.model, workflow.now()))
-            return
-        for snapshot in contact_snapshots(s.lead_id, s.profile, s.profile_seen, s.stage.value, s.score.total,
-                                          s.score.engagement, s.audit_seq, self._lead.model, workflow.now(),
-                                          feed.account):
+        about = (s.lead_id, s.profile, s.profile_seen, s.stage.value, s.score.total, s.score.engagement, s.audit_seq,
+                 self._lead.model, workflow.now())
+        departs = self._behaviour.departs_accounts
+        told = contact_snapshots(*about, feed.account) if departs else [contact_snapshot(*about)]
+        for snapshot in told:
             feed.offer(snapshot)
 
     def _account_heard(self) -> bool:
