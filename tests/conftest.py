@@ -150,6 +150,21 @@ def event(lead: str, n: str, kind: str, at, channel: str | None = "website") -> 
     return ActivityEvent(event_id=f"{lead}-{n}", lead_id=lead, type=kind, occurred_at=at, channel=channel)
 
 
+async def account_when(client, account_id: str, check, timeout: float = 60.0):
+    """Poll an account's view (it starts with its first lead's feed) until `check` holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    view = None
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            view = await leads.get_account(client, account_id)
+            if check(view):
+                return view
+        except (leads.LeadStarting, leads.LeadNotFound):
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"account {account_id} not as expected within {timeout} s; last: {view}")
+
+
 async def settle(env, client, lead: str, until, tries: int = 400):
     """Let the worker catch up: poll the lead's view every 50 ms (of server time,
     so the time-skipping server moves on too) until it satisfies `until`."""

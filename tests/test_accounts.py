@@ -310,7 +310,7 @@ async def test_a_lead_that_changes_company_leaves_its_old_account_and_a_won_lead
     account and its membership row goes (the report no longer counts it there), after a
     continue-as-new too; a won lead ends only once its account has heard that it was won."""
     from funnel.models import Accept, Bant, Close, LogContact, ProfileUpdate, Qualify
-    from tests.conftest import ANNA, BEN, event, settle
+    from tests.conftest import ANNA, BEN, account_when, event, settle
     from workflows.lead import workflow_id
 
     client, model = dev_env.client, MODEL
@@ -321,14 +321,6 @@ async def test_a_lead_that_changes_company_leaves_its_old_account_and_a_won_lead
 
     async def profile(lead: str, n: int, **facts) -> None:
         await leads.send_profile(client, settings, ProfileUpdate(update_id=f"p{n}", lead_id=lead, facts=facts), model)
-
-    async def account_when(account_id: str, check):
-        async def fetch():
-            try:
-                return await leads.get_account(client, account_id)
-            except (leads.LeadStarting, leads.LeadNotFound):
-                return None
-        return await until(fetch, lambda v: v is not None and check(v))
 
     def contacts(view) -> dict[str, str]:
         return {c.lead_id: c.stage for c in view.contacts}
@@ -343,16 +335,16 @@ async def test_a_lead_that_changes_company_leaves_its_old_account_and_a_won_lead
             await leads.send_events(client, settings, [event(mover, str(i), "website_visit", t)], model)
             await settle(dev_env, client, mover, lambda v, n=i + 1: v.events_applied == n)
         assert (await handle.describe()).run_id != first_run  # it moves in a later run
-        await account_when(acme, lambda v: set(contacts(v)) == {mover, stayer})
+        await account_when(client, acme, lambda v: set(contacts(v)) == {mover, stayer})
 
         await profile(mover, 2, email=f"erika@{globex}", role="decision_maker")
-        view = await account_when(acme, lambda v: set(contacts(v)) == {stayer})
+        view = await account_when(client, acme, lambda v: set(contacts(v)) == {stayer})
         assert view.history[-1].detail == f"{mover} left the account" and view.roles == ["champion"]
-        await account_when(globex, lambda v: set(contacts(v)) == {mover})
+        await account_when(client, globex, lambda v: set(contacts(v)) == {mover})
         assert store.account_summary().contacts == 2  # one in each: the acme row went
 
         await profile(mover, 3, email="erika@gmail.com")  # no company any more
-        await account_when(globex, lambda v: contacts(v) == {})
+        await account_when(client, globex, lambda v: contacts(v) == {})
         assert store.account_summary().contacts == 1
 
         await leads.send_events(client, settings, [event(stayer, "2", "demo_request", t)], model)
@@ -362,4 +354,4 @@ async def test_a_lead_that_changes_company_leaves_its_old_account_and_a_won_lead
         await leads.run_command(client, stayer, LogContact(by=BEN))
         await leads.run_command(client, stayer, Close(by=BEN, outcome="won"))
         await client.get_workflow_handle(workflow_id(stayer)).result()
-        await account_when(acme, lambda v: contacts(v) == {stayer: "won"})
+        await account_when(client, acme, lambda v: contacts(v) == {stayer: "won"})

@@ -15,7 +15,7 @@ from activities.store import ModelConflict
 from config import DEFAULT_MODEL
 from funnel.models import Accept, AuditKind, ProfileUpdate, Stage
 from funnel.scoring_model import ModelError
-from tests.conftest import ANNA, MIA, event, running_worker, settle
+from tests.conftest import ANNA, MIA, account_when, event, running_worker, settle
 from workflows import search_attributes as sa
 
 V2 = DEFAULT_MODEL.read_text().replace('version = "1"', 'version = "2"', 1).replace(
@@ -206,20 +206,11 @@ async def test_a_rollout_reaches_accounts_too(dev_env, settings, store):
                 "email": f"{role}@{domain}", "role": role, **extra}))
             await leads.send_events(client, settings, [event(lead, "1", kind, now)])
 
-        async def account(check):
-            async def fetch():
-                try:
-                    view = await leads.get_account(client, domain)
-                except (leads.LeadStarting, leads.LeadNotFound):
-                    return None
-                return view if check(view) else None
-            return await until(fetch)
-
-        before = await account(lambda v: v.score == 71 and len(v.roles) == 2)
+        before = await account_when(client, domain, lambda v: v.score == 71 and len(v.roles) == 2)
         assert before.stage.value == "engaged" and before.threshold == 120
         await leads.apply_model(client, settings, store, lower, "v2.toml", by=MIA.model_copy(), rate_per_second=50)
         progress = await until(lambda: _done(client, settings))
-        after = await account(lambda v: v.stage.value == "mqa")
+        after = await account_when(client, domain, lambda v: v.stage.value == "mqa")
         assert after.threshold == 60 and progress.behind == 0
         model_entry = next(e for e in after.history if e.kind == "model")
         assert model_entry.detail == "scoring model default@1 \u2192 default@2: 71 \u2192 71"
