@@ -209,3 +209,37 @@ async def test_the_sweeper_writes_each_entry_once_and_tries_again_after_a_failed
         # the lead's own write later (here: asked for) adds nothing the sweeper wrote
         await leads.flush_audit(client, lead)
         assert store.history(lead) == history
+
+
+async def test_the_sweeper_asks_the_newest_noted_leads_first_and_every_one_in_the_end(monkeypatch, store):
+    """A lead noted last is the likeliest still in the worker's cache (answering without a
+    replay), so it is asked before a backlog; at most QUERY_CONCURRENCY at a time."""
+    from activities import audit_sweeper
+    from workflows.audit_cadence import SWEEP_NOTES
+
+    asked, in_flight, most = [], set(), 0
+    release = asyncio.Event()
+
+    async def audit_tail(_client, lead_id, _timeout, after_seq=0):
+        nonlocal most
+        asked.append(lead_id)
+        in_flight.add(lead_id)
+        most = max(most, len(in_flight))
+        await release.wait()
+        in_flight.discard(lead_id)
+        return []
+
+    monkeypatch.setattr(audit_sweeper.leads, "audit_tail", audit_tail)
+    queue = "tq-newest-first"
+    noted = [f"L-{n:02d}" for n in range(40)]
+    for lead in noted:
+        SWEEP_NOTES.note(queue, lead)
+    SWEEP_NOTES.note(queue, "L-00")  # noted again: now the newest
+    sweeper = AuditSweeper(client=None, store=store, task_queue=queue)
+    sweeping = asyncio.create_task(sweeper.sweep())
+    await asyncio.sleep(0.05)
+    first = audit_sweeper.QUERY_CONCURRENCY
+    assert asked == ["L-00", *reversed(noted[-(first - 1):])]  # newest first, no more than that at once
+    release.set()
+    assert await sweeping == 0
+    assert sorted(asked) == sorted(noted) and most == first  # everyone asked once, in the end

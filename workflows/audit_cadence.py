@@ -55,13 +55,16 @@ class SweepNotes:
     while replaying: a hint for the sweeper, never read back by a workflow."""
 
     def __init__(self) -> None:
-        self._leads: dict[str, set[str]] = {}
+        self._leads: dict[str, dict[str, None]] = {}  # task queue -> leads, oldest note first
 
     def note(self, task_queue: str, lead_id: str) -> None:
-        self._leads.setdefault(task_queue, set()).add(lead_id)
+        leads = self._leads.setdefault(task_queue, {})
+        leads.pop(lead_id, None)  # noted again: now the newest
+        leads[lead_id] = None
 
-    def take(self, task_queue: str) -> set[str]:
-        return self._leads.pop(task_queue, set())
+    def take(self, task_queue: str) -> list[str]:
+        """The leads noted since the last take, oldest note first."""
+        return list(self._leads.pop(task_queue, {}))
 
 
 SWEEP_NOTES = SweepNotes()
