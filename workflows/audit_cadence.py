@@ -29,6 +29,7 @@ Workflow code: only workflow time, timers and activities.
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import timedelta
 
 from temporalio import workflow
@@ -56,15 +57,18 @@ class SweepNotes:
 
     def __init__(self) -> None:
         self._leads: dict[str, dict[str, None]] = {}  # task queue -> leads, oldest note first
+        self._lock = threading.Lock()  # leads note on workflow threads, the sweeper takes on its loop
 
     def note(self, task_queue: str, lead_id: str) -> None:
-        leads = self._leads.setdefault(task_queue, {})
-        leads.pop(lead_id, None)  # noted again: now the newest
-        leads[lead_id] = None
+        with self._lock:
+            leads = self._leads.setdefault(task_queue, {})
+            leads.pop(lead_id, None)  # noted again: now the newest
+            leads[lead_id] = None
 
     def take(self, task_queue: str) -> list[str]:
         """The leads noted since the last take, oldest note first."""
-        return list(self._leads.pop(task_queue, {}))
+        with self._lock:
+            return list(self._leads.pop(task_queue, {}))
 
 
 SWEEP_NOTES = SweepNotes()
