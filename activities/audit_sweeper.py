@@ -19,7 +19,9 @@ or the end of its run. `client.read_history` shows them meanwhile (store + tail)
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import time
 from collections import OrderedDict
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -33,6 +35,7 @@ from workflows.audit_cadence import SWEEP_NOTES
 log = logging.getLogger("leadflow.sweeper")
 
 QUERY_CONCURRENCY = 16
+OVERDUE = 5.0  # s a noted lead may wait while newer ones go first; then it is asked first
 QUERY_TIMEOUT = 10.0  # s; a lead that does not answer is noted again
 MAX_TRIES = 40  # sweeps in a row a lead may not answer (~10 s at 0.25 s) before it is left to write itself
 REMEMBERED_LEADS = 100_000  # per lead, the last seq written: the next query asks only for newer ones
@@ -46,7 +49,8 @@ class AuditSweeper:
         self.interval = interval
         self._written: OrderedDict[str, int] = OrderedDict()
         self._failures: dict[str, int] = {}  # leads whose query failed, sweeps in a row
-        self._waiting: OrderedDict[str, None] = OrderedDict()  # noted, not asked yet; newest last
+        self._waiting: OrderedDict[str, float] = OrderedDict()  # noted, not asked -> since when; newest last
+        self._by_age: list[tuple[float, str]] = []  # heap of the same (since, lead); stale ones skipped
         self._asking: dict[str, asyncio.Task] = {}  # leads whose query is under way
         self._noted_again: set[str] = set()  # noted while asked: asked again after that answer
         self._answers: list[AuditEntry] = []  # answered, not written yet
@@ -81,6 +85,7 @@ class AuditSweeper:
             except TimeoutError:
                 log.warning("last audit sweep cut off after %.0f s; the leads write it themselves later", timeout)
                 self._waiting.clear()  # (a cancelled ask would start the next one)
+                self._by_age.clear()
                 for task in list(self._asking.values()):
                     task.cancel()
 
@@ -97,19 +102,34 @@ class AuditSweeper:
         answers from memory; one it has evicted replays its whole history to answer. Under
         sparse traffic the cache turns over in about a second, so the lead noted last is the
         likeliest still there (`bench/ingest.py --shape sparse --cache 40`, two runs each:
-        asked in lead-id order, 70% of the queries replayed a lead; newest first, 54%)."""
+        asked in lead-id order, 70% of the queries replayed a lead; newest first, 54%).
+        So that newer notes cannot starve older ones under a sustained load, a lead waiting
+        longer than OVERDUE goes first: overloaded, the sweeper asks oldest first."""
+        now = time.monotonic()
         for lead_id in SWEEP_NOTES.take(self.task_queue):
-            self._waiting.pop(lead_id, None)
-            self._waiting[lead_id] = None
+            since = self._waiting.pop(lead_id, None)
+            if since is None:
+                since = now
+                heapq.heappush(self._by_age, (since, lead_id))
+            self._waiting[lead_id] = since  # the newest now, waiting since its first note
         self._ask_waiting()
 
     def _ask_waiting(self) -> None:
         while self._waiting and len(self._asking) < QUERY_CONCURRENCY:
-            lead_id, _ = self._waiting.popitem(last=True)
+            while self._waiting.get(self._by_age[0][1]) != self._by_age[0][0]:
+                heapq.heappop(self._by_age)  # asked already (newest first), or noted anew since
+            since, lead_id = self._by_age[0]
+            if time.monotonic() - since > OVERDUE:
+                heapq.heappop(self._by_age)
+                del self._waiting[lead_id]
+            else:
+                lead_id, _ = self._waiting.popitem(last=True)
             if lead_id in self._asking:
                 self._noted_again.add(lead_id)
             else:
                 self._asking[lead_id] = asyncio.create_task(self._ask(lead_id))
+        if not self._waiting:
+            self._by_age.clear()  # only stale entries left
 
     async def _ask(self, lead_id: str) -> None:
         try:

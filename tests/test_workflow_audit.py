@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import pytest
 from sqlalchemy.exc import OperationalError
 
 import client as leads
@@ -211,9 +212,12 @@ async def test_the_sweeper_writes_each_entry_once_and_tries_again_after_a_failed
         assert store.history(lead) == history
 
 
-async def test_the_sweeper_asks_the_newest_noted_leads_first_and_every_one_in_the_end(monkeypatch, store):
+@pytest.mark.parametrize("overdue", [False, True], ids=["newest-first", "overdue-oldest-first"])
+async def test_the_sweeper_asks_the_newest_noted_leads_first_and_every_one_in_the_end(monkeypatch, store, overdue):
     """A lead noted last is the likeliest still in the worker's cache (answering without a
-    replay), so it is asked before a backlog; at most QUERY_CONCURRENCY at a time."""
+    replay), so it is asked before a backlog; at most QUERY_CONCURRENCY at a time. Leads
+    that waited past OVERDUE go first (oldest first), so a stream of new notes cannot
+    starve a backlog."""
     from activities import audit_sweeper
     from workflows.audit_cadence import SWEEP_NOTES
 
@@ -230,7 +234,9 @@ async def test_the_sweeper_asks_the_newest_noted_leads_first_and_every_one_in_th
         return []
 
     monkeypatch.setattr(audit_sweeper.leads, "audit_tail", audit_tail)
-    queue = "tq-newest-first"
+    if overdue:
+        monkeypatch.setattr(audit_sweeper, "OVERDUE", -1.0)  # every note has waited too long
+    queue = f"tq-{overdue}"
     noted = [f"L-{n:02d}" for n in range(40)]
     for lead in noted:
         SWEEP_NOTES.note(queue, lead)
@@ -239,7 +245,10 @@ async def test_the_sweeper_asks_the_newest_noted_leads_first_and_every_one_in_th
     sweeping = asyncio.create_task(sweeper.sweep())
     await asyncio.sleep(0.05)
     first = audit_sweeper.QUERY_CONCURRENCY
-    assert asked == ["L-00", *reversed(noted[-(first - 1):])]  # newest first, no more than that at once
+    if overdue:  # oldest first; L-00's second note keeps its place by age
+        assert asked == noted[:first]
+    else:  # newest first (L-00, noted again, is the newest)
+        assert asked == ["L-00", *reversed(noted[-(first - 1):])]
     release.set()
     assert await sweeping == 0
     assert sorted(asked) == sorted(noted) and most == first  # everyone asked once, in the end
