@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-import pytest
 from sqlalchemy.exc import OperationalError
 
 import client as leads
@@ -212,31 +211,30 @@ async def test_the_sweeper_writes_each_entry_once_and_tries_again_after_a_failed
         assert store.history(lead) == history
 
 
-@pytest.mark.parametrize("overdue", [False, True], ids=["newest-first", "overdue-oldest-first"])
-async def test_the_sweeper_asks_the_newest_noted_leads_first_and_every_one_in_the_end(monkeypatch, store, overdue):
-    """A lead noted last is the likeliest still in the worker's cache (answering without a
-    replay), so it is asked before a backlog; at most QUERY_CONCURRENCY at a time. Leads
-    that waited past OVERDUE go first (oldest first), so a stream of new notes cannot
-    starve a backlog."""
+def _blocking_tail(monkeypatch, asked: list[str]) -> asyncio.Event:
+    """The sweeper's query, replaced: records who is asked and answers [] once released."""
     from activities import audit_sweeper
-    from workflows.audit_cadence import SWEEP_NOTES
 
-    asked, in_flight, most = [], set(), 0
     release = asyncio.Event()
 
     async def audit_tail(_client, lead_id, _timeout, after_seq=0):
-        nonlocal most
         asked.append(lead_id)
-        in_flight.add(lead_id)
-        most = max(most, len(in_flight))
         await release.wait()
-        in_flight.discard(lead_id)
         return []
 
     monkeypatch.setattr(audit_sweeper.leads, "audit_tail", audit_tail)
-    if overdue:
-        monkeypatch.setattr(audit_sweeper, "OVERDUE", -1.0)  # every note has waited too long
-    queue = f"tq-{overdue}"
+    return release
+
+
+async def test_the_sweeper_asks_the_newest_noted_leads_first_and_every_one_in_the_end(monkeypatch, store):
+    """A lead noted last is the likeliest still in the worker's cache (answering without a
+    replay), so it is asked before a backlog; at most QUERY_CONCURRENCY at a time."""
+    from activities import audit_sweeper
+    from workflows.audit_cadence import SWEEP_NOTES
+
+    asked: list[str] = []
+    release = _blocking_tail(monkeypatch, asked)
+    queue = "tq-newest-first"
     noted = [f"L-{n:02d}" for n in range(40)]
     for lead in noted:
         SWEEP_NOTES.note(queue, lead)
@@ -245,13 +243,35 @@ async def test_the_sweeper_asks_the_newest_noted_leads_first_and_every_one_in_th
     sweeping = asyncio.create_task(sweeper.sweep())
     await asyncio.sleep(0.05)
     first = audit_sweeper.QUERY_CONCURRENCY
-    if overdue:  # oldest first; L-00's second note keeps its place by age
-        assert asked == noted[:first]
-    else:  # newest first (L-00, noted again, is the newest)
-        assert asked == ["L-00", *reversed(noted[-(first - 1):])]
+    assert asked == ["L-00", *reversed(noted[-(first - 1):])]  # newest first, no more than that at once
     release.set()
     assert await sweeping == 0
-    assert sorted(asked) == sorted(noted) and most == first  # everyone asked once, in the end
+    assert sorted(asked) == sorted(noted)  # everyone asked once, in the end
+
+
+async def test_a_lead_noted_long_ago_is_asked_before_newer_ones(monkeypatch, store):
+    """Newest first must not starve a backlog: a lead waiting past OVERDUE goes first."""
+    from activities import audit_sweeper
+    from workflows.audit_cadence import SWEEP_NOTES
+
+    asked: list[str] = []
+    release = _blocking_tail(monkeypatch, asked)
+    monkeypatch.setattr(audit_sweeper, "QUERY_CONCURRENCY", 2)
+    monkeypatch.setattr(audit_sweeper, "OVERDUE", 0.2)
+    queue = "tq-overdue"
+    sweeper = AuditSweeper(client=None, store=store, task_queue=queue)
+    for lead in ("Z-old-1", "Z-old-2", "Z-old-3"):
+        SWEEP_NOTES.note(queue, lead)
+    sweeper._ask_noted()  # Z-old-3 and Z-old-2 asked; Z-old-1 waits
+    await asyncio.sleep(0.4)  # Z-old-1 is overdue now
+    for lead in ("A-new-1", "A-new-2"):
+        SWEEP_NOTES.note(queue, lead)
+    sweeping = asyncio.create_task(sweeper.sweep())
+    await asyncio.sleep(0)
+    release.set()
+    assert await sweeping == 0
+    # the overdue one first (though a newer note and an earlier name wait), then newest first
+    assert asked == ["Z-old-3", "Z-old-2", "Z-old-1", "A-new-2", "A-new-1"]
 
 
 def test_no_note_is_lost_while_the_sweeper_takes_them():
