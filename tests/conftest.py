@@ -150,19 +150,28 @@ def event(lead: str, n: str, kind: str, at, channel: str | None = "website") -> 
     return ActivityEvent(event_id=f"{lead}-{n}", lead_id=lead, type=kind, occurred_at=at, channel=channel)
 
 
+async def until(fetch, check, timeout: float = 60.0, every: float = 0.1):
+    """Call `fetch` until `check(result)` holds (wall-clock time); the last result otherwise
+    fails the test."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last = None
+    while asyncio.get_running_loop().time() < deadline:
+        last = await fetch()
+        if check(last):
+            return last
+        await asyncio.sleep(every)
+    raise AssertionError(f"condition not met within {timeout} s; last: {getattr(last, 'text', last)}")
+
+
 async def account_when(client, account_id: str, check, timeout: float = 60.0):
     """Poll an account's view (it starts with its first lead's feed) until `check` holds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    view = None
-    while asyncio.get_running_loop().time() < deadline:
+    async def fetch():
         try:
-            view = await leads.get_account(client, account_id)
-            if check(view):
-                return view
+            return await leads.get_account(client, account_id)
         except (leads.LeadStarting, leads.LeadNotFound):
-            pass
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"account {account_id} not as expected within {timeout} s; last: {view}")
+            return None
+
+    return await until(fetch, lambda view: view is not None and check(view), timeout)
 
 
 async def settle(env, client, lead: str, until, tries: int = 400):

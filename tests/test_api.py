@@ -40,7 +40,7 @@ from activities.store import AuditRow
 import client as leads_client
 from api import MAX_BATCH, MAX_BODY_BYTES, ConfigError, KeyRing, create_app
 from funnel.models import AuditEntry, AuditKind, Outbound, OutboundKind
-from tests.conftest import running_worker, scheduled_activities
+from tests.conftest import running_worker, scheduled_activities, until  # noqa: F401 (until: imported from here by other tests)
 from workflows.lead import workflow_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,18 +136,6 @@ async def api_over_worker(dev_env, settings, store):
 async def api(dev_env, settings, store):
     async with api_over_worker(dev_env, settings, store) as api:
         yield api
-
-
-async def until(fetch, check, timeout: float = WAIT, every: float = 0.1):
-    """Call `fetch` until `check(result)` holds; the last result otherwise fails the test."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await fetch()
-        if check(last):
-            return last
-        await asyncio.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s; last: {getattr(last, 'text', last)}")
 
 
 async def view_when(client: httpx.AsyncClient, lead: str, check, timeout: float = WAIT) -> dict:
