@@ -535,16 +535,30 @@ class AuditStore:
         return self.report_entries(since, kinds=(AuditKind.LEAD_CREATED, AuditKind.STAGE_CHANGED))
 
     def report_entries(self, since: datetime | None = None,
-                       kinds: Iterable[AuditKind] = REPORT_KINDS) -> list[ReportEntry]:
+                       kinds: Iterable[AuditKind] = REPORT_KINDS,
+                       leads: tuple[str, str] | None = None) -> list[ReportEntry]:
         """The entries funnel reports read (funnel/report.py), per lead in order, with the
         columns reports use (funnel.models.ReportEntry). Read as plain rows, not validated
         again (each was when written): a report reads hundreds of thousands, and ORM rows
-        validated twice cost 50 us each (bench/report.py)."""
+        validated twice cost 50 us each (bench/report.py). `leads`: only lead ids from the
+        first to the second, both included (a backtest reads its shards apart)."""
         stmt = report_store.entries_select(_AUDIT, kinds)
         if since is not None:
             stmt = stmt.where(_AUDIT.c.at >= since)
+        if leads is not None:
+            stmt = stmt.where(_AUDIT.c.lead_id.between(*leads))
         with self.engine.connect() as conn:
             return report_store.read_entries(conn, stmt.order_by(_AUDIT.c.lead_id, _AUDIT.c.seq))
+
+    def created_leads(self, since: datetime | None = None, until: datetime | None = None) -> list[str]:
+        """The ids of the leads created from `since` up to (not including) `until`, sorted."""
+        stmt = select(_AUDIT.c.lead_id).where(_AUDIT.c.kind == AuditKind.LEAD_CREATED.value)
+        if since is not None:
+            stmt = stmt.where(_AUDIT.c.at >= since)
+        if until is not None:
+            stmt = stmt.where(_AUDIT.c.at < until)
+        with self.engine.connect() as conn:
+            return sorted(set(conn.execute(stmt).scalars()))
 
     def funnel_report(self, now: datetime, windows: ReportWindows | None = None,
                       since: datetime | None = None) -> FunnelReport:
@@ -801,18 +815,21 @@ class AuditStore:
         return len(session.exec(stmt, params=rows).all())
 
     def replay_log(self, lead_id: str | None = None, since: datetime | None = None,
-                   until: datetime | None = None) -> Iterator[Any]:
+                   until: datetime | None = None, leads: tuple[str, str] | None = None) -> Iterator[Any]:
         """The logged events and profile updates, per lead, each lead's in the order they
         happened (events by occurred_at, updates by observed_at or else received_at; an
         update before an event of the same instant), streamed as plain rows with the
         columns of `event_log` (they have `event_id`) or `fact_log` (`update_id`): a
-        backtest or an export reads millions."""
+        backtest or an export reads millions. `leads`: lead ids from the first to the
+        second, both included."""
         queries = []
         for table, at in ((_EVENTS, _EVENTS.c.occurred_at),
                           (_FACTS, func.coalesce(_FACTS.c.observed_at, _FACTS.c.received_at))):
             stmt = select(table)
             if lead_id is not None:
                 stmt = stmt.where(table.c.lead_id == lead_id)
+            if leads is not None:
+                stmt = stmt.where(table.c.lead_id.between(*leads))
             if since is not None:
                 stmt = stmt.where(at >= since)
             if until is not None:

@@ -97,6 +97,46 @@ def test_processes_give_what_one_process_gives(demo_store):
     assert [(r.lead_id, r.path, r.peak_score) for r in one] == [(r.lead_id, r.path, r.peak_score) for r in two]
 
 
+def test_processes_reading_their_own_shards_give_what_reading_in_one_place_gives(demo_store, monkeypatch):
+    """`leadflow backtest` lets each worker process read its own range of lead ids; the
+    runs must be those of the logs read in one place and replayed there, in the same
+    order, also for a time window that cuts through the shards."""
+    from activities import backtest_source
+
+    _, store = demo_store
+    monkeypatch.setattr(backtest_source, "MIN_SHARD", 30)  # 400 leads: several shards per process
+    logs = backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
+    created = sorted(log.created_at for log in logs)
+    windows = [(None, NOW), (created[len(created) // 3], created[2 * len(created) // 3])]
+    for since, until in windows:
+        wanted = [log for log in logs if (since is None or log.created_at >= since) and log.created_at < until]
+        assert 0 < len(wanted) and (since is None or len(wanted) < len(logs))
+        expected = backtest.replay_all(wanted, {"m": MODEL}, until)["m"]
+        sharded = backtest_source.replay_store(store, {"m": MODEL}, until, since, workers=2)["m"]
+        assert len(backtest_source.shards(store.created_leads(since, until), 2 * backtest_source.SHARDS_PER_WORKER)) > 2
+        assert [(r.lead_id, r.path, r.peak_score, r.refused, r.outcome) for r in sharded] == \
+            [(r.lead_id, r.path, r.peak_score, r.refused, r.outcome) for r in expected]
+
+
+def test_shards_cover_every_lead_once_in_order():
+    ids = [f"L-{i:04d}" for i in range(1000)]
+    from activities.backtest_source import MIN_SHARD, shards
+
+    for count in (1, 2, 3, 16, 1000):
+        parts = shards(ids, count)
+        covered = [i for first, last in parts for i in ids if first <= i <= last]
+        assert covered == ids
+        assert all(len([i for i in ids if first <= i <= last]) >= MIN_SHARD for first, last in parts[:-1])
+    assert shards([], 4) == []
+
+
+def test_an_in_memory_store_is_read_in_this_process():
+    from activities.backtest_source import shareable
+
+    assert not shareable("sqlite://") and not shareable("sqlite:///:memory:")
+    assert shareable("sqlite:////tmp/x.db") and shareable("postgresql+psycopg://u@h/db")
+
+
 def test_a_replay_without_effects_ends_in_the_same_state_as_one_that_records_them(demo_store):
     """The backtest's lead writes no audit entries or messages (`record_effects=False`, for
     speed); what it reads, the state, must be what the recording lead has, field by field."""
