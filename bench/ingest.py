@@ -26,9 +26,12 @@ nothing here passes or fails.
 On a shared 2-core machine the absolute rates move a lot with what else runs;
 `--rounds R` alternates baseline and lead R times on the same server and
 sums them (plus the ratio of each round). CPU per event is the steadier figure.
+On 2 cores the worker and the dev server also take CPU from each other, which a
+deployment (workers on their own machines) does not: `--pin` gives the dev
+server one CPU and this process the others, in both phases alike.
 
     .venv/bin/python bench/ingest.py [--leads 50] [--events 40] [--concurrency 32]
-                                     [--db-file | --in-memory] [--store sqlite|URL] [--rounds 1]
+                                     [--db-file | --in-memory] [--store sqlite|URL] [--rounds 1] [--pin]
 """
 
 from __future__ import annotations
@@ -116,6 +119,16 @@ def child_pids() -> list[int]:
     except OSError:
         pass
     return pids
+
+
+def pin(pid: int | str, cpus: set[int]) -> None:
+    """Every thread of process `pid` ("self": this one) onto `cpus`; threads it starts later
+    inherit the set of the thread that starts them."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # a thread that just ended
+            pass
 
 
 def cpu_of(pids: list[int]) -> float:
@@ -512,7 +525,7 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
     print(f"Leadflow ingest benchmark ({shape}) = "
           f"{args.leads * args.events} events per phase and round, {args.rounds} round(s), "
           f"concurrency {args.concurrency}, dev server {server_kind}, audit store {store_kind}, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs" + (", dev server pinned to its own CPU" if args.pin else ""))
     rows = [
         ("events/s (end to end)", f"{base.events_per_s:.1f}", f"{lead.events_per_s:.1f}"),
         ("seconds end to end", f"{base.total_seconds:.2f}", f"{lead.total_seconds:.2f}"),
@@ -557,7 +570,7 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
     summary = {
         "shape": args.shape, "cache": args.cache, "audit_max_lag": args.audit_max_lag,
         "leads": args.leads, "events_per_lead": args.events, "concurrency": args.concurrency,
-        "server": server_kind, "store": store_kind, "dynamic_config": {**DEV_SERVER_DYNAMIC_CONFIG, **dict(kv.split("=", 1) for kv in args.dynamic_config)}, "cpus": os.cpu_count(),
+        "server": server_kind, "store": store_kind, "dynamic_config": {**DEV_SERVER_DYNAMIC_CONFIG, **dict(kv.split("=", 1) for kv in args.dynamic_config)}, "cpus": os.cpu_count(), "pinned": args.pin,
         "baseline_eps": round(base.events_per_s, 1), "lead_eps": round(lead.events_per_s, 1),
         "ratio": round(ratio, 3),
         "cpu_ratio": round(cpu_ratio, 3),
@@ -613,7 +626,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=int, default=1000,
                    help="workflows the workers keep cached (default 1000, the SDK's); sparse traffic over more "
                         "leads than this replays most leads from their history")
+    p.add_argument("--pin", action="store_true",
+                   help="the dev server on CPU 0, this process (worker, senders) on the others, as when the\n"
+                        "worker runs on its own machine: the lead's worker CPU then does not slow the server\n"
+                        "(Linux, 2+ CPUs; both phases pinned alike)")
     args = p.parse_args(argv)
+    if args.pin and (not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2):
+        p.error("--pin needs Linux and at least 2 CPUs")
     if min(args.leads, args.events, args.concurrency, args.rounds) < 1:
         p.error("--leads, --events, --concurrency and --rounds must be at least 1")
     return args
@@ -625,6 +644,9 @@ async def main(argv: list[str] | None = None) -> dict:
     database_url = f"sqlite:///{tmp / 'audit.db'}" if args.store == "sqlite" else args.store
     store_kind = "sqlite file" if args.store == "sqlite" else database_url.split("://")[0]
     server_kind = "in memory" if args.in_memory else "sqlite file"
+    cpus = os.sched_getaffinity(0) if args.pin else set()
+    if args.pin:  # before the SDK's runtime starts its threads
+        pin("self", cpus - {min(cpus)})
     print(f"starting the dev server ({server_kind}) in {tmp} ...", file=sys.stderr)
     key = new_key()
     if args.keep:  # what a kept server db is read with: LEADFLOW_PAYLOAD_KEYS_FILE=<tmp>/payload-keys.toml
@@ -635,6 +657,8 @@ async def main(argv: list[str] | None = None) -> dict:
     lead = Phase("lead", workflows=0, events=0)
     try:
         server_pids = child_pids()
+        for pid in server_pids if args.pin else ():
+            pin(pid, {min(cpus)})
         for n in range(1, args.rounds + 1):
             prefix = f"b{uuid.uuid4().hex[:6]}"  # new leads each round
             if args.shape == "sparse":
