@@ -15,22 +15,11 @@ from activities.store import ModelConflict
 from config import DEFAULT_MODEL
 from funnel.models import Accept, AuditKind, ProfileUpdate, Stage
 from funnel.scoring_model import ModelError
-from tests.conftest import ANNA, MIA, account_when, event, running_worker, settle
+from tests.conftest import ANNA, MIA, account_when, event, running_worker, settle, until
 from workflows import search_attributes as sa
 
 V2 = DEFAULT_MODEL.read_text().replace('version = "1"', 'version = "2"', 1).replace(
     "[events.live_chat]\npoints = 15", "[events.live_chat]\npoints = 30", 1)
-
-
-async def until(check, timeout: float = 60.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not reached within {timeout} s: {value!r}")
-        await asyncio.sleep(0.2)
 
 
 async def test_a_new_version_is_tried_recorded_and_rolled_out(dev_env, settings, store):
@@ -66,8 +55,8 @@ async def test_a_new_version_is_tried_recorded_and_rolled_out(dev_env, settings,
         assert (version.ref, version.applied_by, version.active) == ("default@2", "mia", True)
         assert store.active_model().ref == "default@2"
 
-        progress = await until(lambda: leads.rollout_progress(client, settings, "default@2"))
-        progress = await until(lambda: _done(client, settings))
+        await until(lambda: leads.rollout_progress(client, settings, "default@2"), bool)
+        progress = await until(lambda: _done(client, settings), bool)
         assert progress.signalled >= 3 and progress.behind == 0
         view = await settle(dev_env, client, near, lambda v: v.stage == Stage.MQL)
         assert view.model_ref == "default@2" and view.score["total"] == 101
@@ -175,7 +164,10 @@ async def test_a_rollout_keeps_its_rate_survives_a_worker_restart_and_continues_
     async with Worker(client, task_queue=queue, workflows=[ModelRolloutWorkflow],
                       activities=population.activities()):
         # (the new worker goes on once what the stopped one had taken times out: up to 2 min)
-        await until(lambda: asyncio.sleep(0.2, len(population.told) == 600), timeout=200)
+        async def told() -> int:
+            return len(population.told)
+
+        await until(told, lambda count: count == 600, timeout=200, every=0.2)
         progress = await asyncio.wait_for(handle.result(), 60)
     assert sorted(population.told) == sorted(f"lead-R{i:04d}" for i in range(600))  # each once
     assert progress.done and progress.signalled == 600 and progress.behind == 0 and progress.passes == 1
@@ -209,7 +201,7 @@ async def test_a_rollout_reaches_accounts_too(dev_env, settings, store):
         before = await account_when(client, domain, lambda v: v.score == 71 and len(v.roles) == 2)
         assert before.stage.value == "engaged" and before.threshold == 120
         await leads.apply_model(client, settings, store, lower, "v2.toml", by=MIA.model_copy(), rate_per_second=50)
-        progress = await until(lambda: _done(client, settings))
+        progress = await until(lambda: _done(client, settings), bool)
         after = await account_when(client, domain, lambda v: v.stage.value == "mqa")
         assert after.threshold == 60 and progress.behind == 0
         model_entry = next(e for e in after.history if e.kind == "model")
