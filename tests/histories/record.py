@@ -25,7 +25,7 @@ from activities.store import AuditStore  # noqa: E402
 from config import Settings, data_converter, dev_server_dynamic_flags  # noqa: E402
 from funnel.models import Accept, Bant, Close, LogContact, ProfileUpdate, Qualify, Reject  # noqa: E402
 from funnel.scoring_model import load_model  # noqa: E402
-from tests.conftest import ANNA, BEN, binary, event, running_worker, settle  # noqa: E402
+from tests.conftest import ANNA, BEN, account_when, binary, event, running_worker, settle  # noqa: E402
 from workflows import search_attributes as sa  # noqa: E402
 from workflows.lead import workflow_id  # noqa: E402
 
@@ -87,14 +87,7 @@ async def record_accounts(env, client, settings, model, now) -> None:
             update_id="p", lead_id=lead, facts={"email": f"{role}@{domain}", "role": role, **extra}), model)
         await leads.send_events(client, settings, [event(lead, "1", "webinar_attended", now)])
         await settle(env, client, lead, lambda v: v.events_applied == 1)
-    for _ in range(200):
-        try:
-            view = await leads.get_account(client, domain)
-            if view.owner is not None:
-                break
-        except (leads.LeadStarting, leads.LeadNotFound):
-            pass  # the account starts with its first lead's feed
-        await asyncio.sleep(0.1)
+    view = await account_when(client, domain, lambda v: v.owner is not None, timeout=20)
     assert view.stage.value == "mqa", view
     for lead in ("R-acct-a", "R-acct-b"):
         await write_runs(client, workflow_id(lead), lead)
