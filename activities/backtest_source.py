@@ -32,8 +32,9 @@ def shareable(url: str) -> bool:
 
 
 def shards(lead_ids: Sequence[str], count: int) -> list[tuple[str, str]]:
-    """Contiguous ranges (first id, last id) of the sorted `lead_ids`, about `count` of them,
-    each with at least MIN_SHARD leads (but one)."""
+    """Contiguous ranges (first id, last id) of `lead_ids`, sorted as the database sorts them
+    (AuditStore.created_leads), about `count` of them, each with at least MIN_SHARD leads
+    (but the last)."""
     if not lead_ids:
         return []
     size = max(MIN_SHARD, -(-len(lead_ids) // max(1, count)))

@@ -85,6 +85,14 @@ def test_on_postgresql_too(postgres_server):
         recorded = recorded_paths(store)
         assert len(runs["live"]) == 150
         assert all([(s, t, at) for s, at, t in r.path] == recorded[r.lead_id] for r in runs["live"])
+        # each process reading its own shard, there too
+        from activities import backtest_source
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(backtest_source, "MIN_SHARD", 20)
+            sharded = backtest_source.replay_store(store, {"live": MODEL}, NOW, None,
+                                                   timedelta(seconds=Settings().decision_delay_seconds), workers=2)
+        assert [(r.lead_id, r.path) for r in sharded["live"]] == [(r.lead_id, r.path) for r in runs["live"]]
     finally:
         store.dispose()
 

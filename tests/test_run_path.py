@@ -471,7 +471,8 @@ WALKTHROUGH = [
 # Shell blocks run somewhere else: the two commands (CI runs scripts/test; this test runs
 # scripts/run), and the benchmark (run by hand; its figures are in the README).
 ELSEWHERE = {"scripts/run", "scripts/test", ".venv/bin/python bench/ingest.py",
-             ".venv/bin/python bench/ingest.py --in-memory --rounds 3"}
+             ".venv/bin/python bench/ingest.py --in-memory --rounds 3",
+             ".venv/bin/python bench/ingest.py --pin --rounds 4"}
 # A section that repeats walkthrough commands as a reference ([optional] arguments shown).
 REFERENCE = "Changing the model under running leads"
 
