@@ -29,6 +29,7 @@ import asyncio
 import csv
 import errno
 import functools
+import itertools
 import json
 import math
 import os
@@ -950,15 +951,19 @@ async def cmd_demo_data(args, settings: Settings) -> int:
             raise BadInput(f"the audit store at {settings.database_url} already holds leads: demo data goes into "
                            "an empty one (set LEADFLOW_DATABASE_URL=sqlite:///demo.db)")
         started = time.monotonic()
-        leads = demo.generate(args.leads, model, utcnow(), seed=args.seed, days=args.days,
-                              decision_delay=timedelta(seconds=settings.decision_delay_seconds))
-        write_population(store, leads)
+        made = events = mqls = won = 0
+        leads = demo.generate_each(args.leads, model, utcnow(), seed=args.seed, days=args.days,
+                                   decision_delay=timedelta(seconds=settings.decision_delay_seconds))
+        while part := list(itertools.islice(leads, DEMO_CHUNK)):  # written as made: memory stays flat
+            write_population(store, part)
+            for lead in part:
+                stages = [e.to_stage for e in lead.entries if e.to_stage is not None]
+                made, events = made + 1, events + len(lead.events)
+                mqls, won = mqls + (Stage.MQL in stages), won + (stages[-1] == Stage.WON)
     finally:
         store.dispose()
-    stages = [[e.to_stage for e in lead.entries if e.to_stage is not None] for lead in leads]
-    print(f"{len(leads)} demo leads ({sum(len(lead.events) for lead in leads)} events) scored by {model.ref} "
-          f"into {settings.database_url} in {time.monotonic() - started:.1f} s: "
-          f"{sum(Stage.MQL in path for path in stages)} became MQL, {sum(path[-1] == Stage.WON for path in stages)} won")
+    print(f"{made} demo leads ({events} events) scored by {model.ref} into {settings.database_url} in "
+          f"{time.monotonic() - started:.1f} s: {mqls} became MQL, {won} won")
     print("next: leadflow report; leadflow backtest --model candidate.toml; the dashboard's funnel at /ui")
     return 0
 
@@ -969,6 +974,9 @@ def lead_logs_of(store):
     from funnel import backtest
 
     return backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
+
+
+DEMO_CHUNK = 2000  # demo leads generated, then written, at a time
 
 
 def write_population(store, leads) -> None:
