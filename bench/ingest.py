@@ -82,6 +82,7 @@ from workflows.lead import workflow_id as lead_workflow_id  # noqa: E402
 BIN = Path(sys.executable).parent
 POLL_INTERVAL = 0.1  # seconds between confirmation rounds
 DONE_TIMEOUT = 600.0  # give up waiting for confirmation after this long (and say so)
+CHECK_TIMEOUT = 30.0  # one confirmation query or store count (a query to a lead nobody serves never ends)
 SEND_ATTEMPTS = 5
 
 # How often each event type arrives, roughly as marketing automation reports
@@ -303,7 +304,9 @@ async def wait_until(keys: list[str], is_done: Callable[[str], Awaitable[bool]])
     pending = list(keys)
     deadline = time.perf_counter() + DONE_TIMEOUT
     while pending:
-        results = await asyncio.gather(*(is_done(k) for k in pending), return_exceptions=True)
+        # A lead the worker no longer answers for must not hang the bench: each check times out.
+        results = await asyncio.gather(*(asyncio.wait_for(is_done(k), CHECK_TIMEOUT) for k in pending),
+                                       return_exceptions=True)
         pending = [k for k, ok in zip(pending, results) if ok is not True]
         if not pending:
             return True
