@@ -1,7 +1,7 @@
 """A backtest's leads, read from the store in shards by the processes that replay them.
 
-Reading the store is a fifth of a backtest's work (bench/backtest.py). Read in the parent
-and replayed in workers, it runs on one core while the others wait; read by each worker
+Reading the store is about a seventh of a backtest's CPU (bench/backtest.py). Read in the
+parent and replayed in workers, it runs on one core while the others wait; read by each worker
 for its own range of lead ids, it runs beside the replays, and no lead log crosses a
 process boundary. A store only this process can open (in-memory SQLite) is read here.
 """
