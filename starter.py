@@ -968,15 +968,16 @@ async def cmd_demo_data(args, settings: Settings) -> int:
     return 0
 
 
-def lead_logs_of(store):
-    """Every logged lead as the backtest replays it (funnel/backtest.py): its decisions from
-    the audit, its events and profile updates from the event log."""
-    from funnel import backtest
-
-    return backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
-
-
 DEMO_CHUNK = 2000  # demo leads generated, then written, at a time
+
+
+def lead_logs_of(store):
+    """Every logged lead as the backtest replays it: activities/backtest_source.py reads them
+    (imported when used, not at every CLI start; bench/equivalence.py imports this name
+    from here, in older trees too)."""
+    from activities import backtest_source
+
+    return backtest_source.lead_logs_of(store)
 
 
 def write_population(store, leads) -> None:

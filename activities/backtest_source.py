@@ -41,12 +41,19 @@ def shards(lead_ids: Sequence[str], count: int) -> list[tuple[str, str]]:
     return [(lead_ids[i], lead_ids[min(i + size, len(lead_ids)) - 1]) for i in range(0, len(lead_ids), size)]
 
 
+def lead_logs_of(store, leads: tuple[str, str] | None = None) -> list[backtest.LeadLog]:
+    """Every logged lead (with an id in `leads`, when given) as the backtest replays it
+    (funnel/backtest.py): its decisions from the audit, its events and profile updates
+    from the event log."""
+    return backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS, leads=leads),
+                              store.replay_log(leads=leads))
+
+
 def read_shard(store, leads: tuple[str, str] | None, since: datetime | None, until: datetime
                ) -> list[backtest.LeadLog]:
     """The logs of the leads with ids in `leads` (all when None) created from `since` to `until`."""
-    logs = backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS, leads=leads),
-                              store.replay_log(leads=leads))
-    return [log for log in logs if (since is None or log.created_at >= since) and log.created_at < until]
+    return [log for log in lead_logs_of(store, leads)
+            if (since is None or log.created_at >= since) and log.created_at < until]
 
 
 def _start(url: str, models: dict[str, ScoringModel]) -> None:
