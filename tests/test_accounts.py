@@ -14,8 +14,8 @@ from funnel.accounts import Account, AccountStage, ContactSnapshot, account_of, 
 from funnel.models import OutboundKind
 from funnel.scoring_model import load_model
 import client as leads
-from tests.conftest import running_worker
-from tests.test_api import api_over_worker, ev, until, view_when
+from tests.conftest import running_worker, until
+from tests.test_api import api_over_worker, ev, view_when
 
 MODEL = load_model(DEFAULT_MODEL)  # [account]: threshold 120, 2 roles, best 3 contacts; target account +20
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)

@@ -40,7 +40,7 @@ from activities.store import AuditRow
 import client as leads_client
 from api import MAX_BATCH, MAX_BODY_BYTES, ConfigError, KeyRing, create_app
 from funnel.models import AuditEntry, AuditKind, Outbound, OutboundKind
-from tests.conftest import running_worker, scheduled_activities, until  # noqa: F401 (until: imported from here by other tests)
+from tests.conftest import running_worker, scheduled_activities, until
 from workflows.lead import workflow_id
 
 ROOT = Path(__file__).resolve().parent.parent

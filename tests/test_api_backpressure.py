@@ -9,8 +9,8 @@ import asyncio
 import uuid
 
 from api import create_app
-from tests.conftest import running_worker
-from tests.test_api import KEYRING, Api, ev, now, serving, until
+from tests.conftest import running_worker, until
+from tests.test_api import KEYRING, Api, ev, now, serving
 
 
 async def test_behind_workers_are_said_and_shed(dev_env, settings, store):

@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from api import create_app
-from tests.conftest import binary, running_worker
+from tests.conftest import binary, running_worker, until
 from tests.test_workflow_personal_data import b64_variants
-from tests.test_api import KEYRING, KEYS, Api, api, ev, now, serving, until, view_when  # noqa: F401 (fixture)
+from tests.test_api import KEYRING, KEYS, Api, api, ev, now, serving, view_when  # noqa: F401 (fixture)
 from workflows.lead import workflow_id
 
 EMAIL, PHONE, FORM = "ann.example@mail.test", "+49 170 5550123", "Whitepaper form of Ann Beispiel"

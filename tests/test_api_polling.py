@@ -8,7 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 from activities import webhook_store
 from activities.webhook_store import SubscriptionKind
-from tests.test_api import api, ev, iso, now, until  # noqa: F401 - `api` is the fixture
+from tests.conftest import until
+from tests.test_api import api, ev, iso, now  # noqa: F401 - `api` is the fixture
 
 
 async def _stored(store, lead: str, at_least: int = 1) -> None:

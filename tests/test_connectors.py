@@ -23,7 +23,8 @@ import pytest
 
 from connectors import hubspot, mautic
 from connectors.mapping import DEFAULT_CONNECTORS, MappingError, load_connectors
-from tests.test_api import api_over_worker, until, view_when
+from tests.conftest import until
+from tests.test_api import api_over_worker, view_when
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "connectors"
 MAUTIC_SECRET = "mautic-webhook-secret-7f3a9c"

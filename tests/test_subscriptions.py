@@ -21,8 +21,8 @@ from activities.webhook_dispatcher import WebhookDispatcher
 from activities.webhook_store import SubscriptionKind
 from funnel.models import AuditEntry, AuditKind, Outbound, OutboundKind, Role, Stage
 from funnel.personal_data import ERASED, ErasureReport
-from tests.conftest import Receiver
-from tests.test_api import api_over_worker, ev, until, view_when
+from tests.conftest import Receiver, until
+from tests.test_api import api_over_worker, ev, view_when
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=timezone.utc)
 

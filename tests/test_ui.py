@@ -24,8 +24,8 @@ import pytest
 
 from activities.store import AuditStore
 from api import create_app
-from tests.conftest import running_worker
-from tests.test_api import KEYRING, KEYS, ev, serving, until
+from tests.conftest import running_worker, until
+from tests.test_api import KEYRING, KEYS, ev, serving
 from tests.test_cli_process import cli_env, leadflow
 from tests.test_report_kpis import PLANS, play
 
