@@ -22,7 +22,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.store import AuditStore, ModelConflict
 from config import Settings
-from funnel.models import AuditBatch, AuditEntry, AuditKind, Outbound
+from funnel.models import Assigned, AuditBatch, AuditEntry, AuditKind, Outbound
 from funnel.scoring_model import ModelError, ScoringModel, load_model, parse_model
 
 WEBHOOK_TIMEOUT_SECONDS = 10.0
@@ -112,6 +112,26 @@ class LeadActivities:
             return self.store.write_audit(batch.entries, batch.taken)
         return self.store.write_audit(batch)
 
+    @activity.defn(name="record_audit_and_assign")
+    def record_audit_and_assign(self, batch: AuditBatch) -> Assigned:
+        """Version 10: write the batch, then give each handover it announces its owner and
+        its outbox row. One activity where v3-v9 leads use two (`record_audit`, then
+        `assign_owner`), and the owner comes back with the write. History first, as before:
+        the entries are stored before the outbox row names the owner. A retry writes nothing
+        twice and gets the same owners. A message whose team has no members gets none: the
+        lead hands it over by `assign_owner`, which fails saying why."""
+        written = self.store.write_audit(batch.entries, batch.taken)
+        owners = {}
+        for message in batch.assign:
+            team = message.assign_to or "presales"
+            try:
+                owner = self.store.assign_owner(message.message_id, self._members(team), team_name=team)
+            except ValueError:
+                continue
+            self.store.add_outbox(message.model_copy(update={"payload": {**message.payload, "owner": owner}}))
+            owners[message.message_id] = owner
+        return Assigned(written=written, owners=owners, post=bool(self.settings.webhook_url))
+
     @activity.defn(name="applied_event_ids")
     def applied_event_ids(self, lead_id: str, event_ids: list[str]) -> list[str]:
         """The ids among `event_ids` the lead has applied (each has its score entry in the store)."""
@@ -120,10 +140,12 @@ class LeadActivities:
 
     # ------------------------------------------------------------------ owners and deliveries
 
+    def _members(self, team: str) -> list[str]:
+        return self.settings.presales_team if team == "presales" else self.settings.sales_team
+
     def _owner_for(self, assignment_id: str, team: str) -> str:
-        members = self.settings.presales_team if team == "presales" else self.settings.sales_team
         try:
-            return self.store.assign_owner(assignment_id, members, team_name=team)
+            return self.store.assign_owner(assignment_id, self._members(team), team_name=team)
         except ValueError as err:  # an empty team: retrying cannot help until configuration changes
             raise ApplicationError(str(err), type="NoTeam", non_retryable=True) from err
 
@@ -177,5 +199,5 @@ class LeadActivities:
 
 def all_activities(acts: LeadActivities) -> list:
     """The bound activity methods, for `Worker(activities=...)`."""
-    return [acts.load_scoring_model, acts.record_audit, acts.applied_event_ids, acts.assign_owner, acts.hand_over,
-            acts.deliver]
+    return [acts.load_scoring_model, acts.record_audit, acts.record_audit_and_assign, acts.applied_event_ids,
+            acts.assign_owner, acts.hand_over, acts.deliver]

@@ -562,10 +562,22 @@ class AuditEntry(BaseModel):
 
 class AuditBatch(BaseModel):
     """One write of a lead (version 8): its new audit entries and the input it took since
-    its last write, for the store's event log. Older runs write a bare list of entries."""
+    its last write, for the store's event log. Older runs write a bare list of entries.
+    Version 10: with the handovers the entries announce (`assign`), whose owners the same
+    write assigns (activities.lead_activities.record_audit_and_assign)."""
 
     entries: list[AuditEntry]
     taken: list[TakenInput] = Field(default_factory=list)
+    assign: list["Outbound"] = Field(default_factory=list)
+
+
+class Assigned(BaseModel):
+    """What a write that assigned owners returns: each handover's owner (a message whose
+    team has no members is missing), and whether a webhook then wants the message posted."""
+
+    written: int
+    owners: dict[str, str] = Field(default_factory=dict)
+    post: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,6 +625,9 @@ class Outbound(BaseModel):
     payload: dict[str, Any] = Field(default_factory=dict)
     # The team whose next member in turn owns the lead before this message goes out.
     assign_to: Literal["presales", "sales"] | None = None
+
+
+AuditBatch.model_rebuild()  # it names Outbound, defined after it
 
 
 class Refused(Exception):

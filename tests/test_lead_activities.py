@@ -24,7 +24,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.lead_activities import LeadActivities, all_activities
 from activities.store import AuditStore
 from config import DEFAULT_MODEL, Settings
-from funnel.models import AuditEntry, AuditKind, Outbound, OutboundKind, Role
+from funnel.models import Assigned, AuditBatch, AuditEntry, AuditKind, Outbound, OutboundKind, Role
 from funnel.scoring_model import ScoringModel, load_model
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=timezone.utc)
@@ -124,7 +124,8 @@ def audit(lead_id: str, seq: int) -> AuditEntry:
 def test_all_activities_have_the_agreed_names_and_are_synchronous(acts):
     fns = all_activities(acts)
     names = [activity._Definition.must_from_callable(fn).name for fn in fns]
-    assert names == ["load_scoring_model", "record_audit", "applied_event_ids", "assign_owner", "hand_over", "deliver"]
+    assert names == ["load_scoring_model", "record_audit", "record_audit_and_assign", "applied_event_ids",
+                     "assign_owner", "hand_over", "deliver"]
     assert not any(inspect.iscoroutinefunction(fn) for fn in fns)
     assert all(getattr(fn, "__self__", None) is acts for fn in fns)  # bound to this configuration
 
@@ -313,6 +314,39 @@ def test_assign_owner_says_to_post_when_a_webhook_is_configured_and_posts_nothin
     handed = env.run(hooked.assign_owner, message().model_copy(update={"assign_to": "presales"}))
     assert handed == {"owner": "ana", "post": True}
     assert webhook.requests == []
+
+
+def test_record_audit_and_assign_writes_first_then_owns_and_outboxes_each_handover(acts, env, store):
+    """Version 10's write before a handover: the entries, then each message's owner (its
+    team's next in turn) and its outbox row naming them; a retry writes nothing twice and
+    gets the same owners without taking a turn."""
+    mql = message("lead-1", score=100.0).model_copy(update={"assign_to": "presales"})
+    sql = message("lead-2", kind=OutboundKind.OPPORTUNITY).model_copy(update={"assign_to": "sales"})
+    batch = AuditBatch(entries=[audit("lead-1", 1), audit("lead-2", 1)], assign=[mql, sql])
+    assigned = env.run(acts.record_audit_and_assign, batch)
+    assert assigned == Assigned(written=2, owners={mql.message_id: "ana", sql.message_id: "ae-1"}, post=False)
+    assert env.run(acts.record_audit_and_assign, batch) == assigned.model_copy(update={"written": 0})  # a retry
+    assert {m.message_id: m.payload["owner"] for m in store.pending_outbox()} == assigned.owners
+    assert store.count_history("lead-1") == store.count_history("lead-2") == 1
+    assert env.run(acts.assign_owner, message("lead-3").model_copy(update={"assign_to": "presales"}))["owner"] == "ben"
+
+
+def test_record_audit_and_assign_says_to_post_and_leaves_a_teamless_handover_to_assign_owner(store, env, webhook):
+    """A webhook configured: the lead is told to post (the activity posts nothing itself). A
+    team without members: the entries are written, the message gets no owner and no outbox
+    row; the lead then hands it over by `assign_owner`, which fails saying why."""
+    acts = make_activities(store, presales_team=[], webhook_url=webhook.url)
+    try:
+        lonely = message("lead-1").model_copy(update={"assign_to": "presales"})
+        sql = message("lead-2", kind=OutboundKind.OPPORTUNITY).model_copy(update={"assign_to": "sales"})
+        assigned = env.run(acts.record_audit_and_assign, AuditBatch(entries=[audit("lead-1", 1)], assign=[lonely, sql]))
+        assert assigned == Assigned(written=1, owners={sql.message_id: "ae-1"}, post=True)
+        assert [m.message_id for m in store.pending_outbox()] == [sql.message_id]
+        assert webhook.requests == []
+        with pytest.raises(ApplicationError, match="no members"):
+            env.run(acts.assign_owner, lonely)
+    finally:
+        acts.close()
 
 
 # --------------------------------------------------------------------------- hand-over (runs started by older code)

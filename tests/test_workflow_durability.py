@@ -145,7 +145,7 @@ async def test_replay_detects_a_changed_workflow(converter):
 
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
 async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store, version):
     """Leads started by older code keep replaying their way. Version 1: the model by a
     regular activity. Version 2: by local activity (a marker, no round trip), handover and
@@ -160,13 +160,14 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
     lead in an account feeds it (test_accounts.py). Version 8: the
     lead writes the input it took to the store's event log with its audit, so the log is
     whole though nobody else logged it (these events come straight from the client, as
-    when the API's own log write fails); without holding a write back for it. Version 9
-    (what callers start now): a lead that leaves its account tells it (test_accounts.py).
-    All score alike."""
+    when the API's own log write fails); without holding a write back for it. Version 9:
+    a lead that leaves its account tells it (test_accounts.py). Version 10 (what callers
+    start now): the handover's owner comes back with the write of the stage change, in one
+    activity, and the stage and owner reach visibility in one upsert. All score alike."""
     from workflows.lead_input import CURRENT_VERSION, LeadInput
 
     client, lead = ts_env.client, f"V{version}"
-    assert CURRENT_VERSION == 9
+    assert CURRENT_VERSION == 10
     given = load_model(settings.model_path)
     async with running_worker(client, settings, store):
         now = await ts_env.get_current_time()
@@ -194,26 +195,33 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
         logged = [row.event_id for row in store.event_log(lead)]
     # (v1 waits with a timeout: a timer per signal)
     assert (quiet_timers, quiet_writes) == {1: (1, 1), 2: (1, 0), 3: (1, 0), 4: (0, 0), 5: (0, 0), 6: (0, 0), 7: (0, 0),
-                                            8: (0, 0), 9: (0, 0)}[version]
-    assert (stored == total) == (version in (1, 4, 5, 6, 7, 8, 9))  # written at once, or swept; 2 and 3 wait 30 s
+                                            8: (0, 0), 9: (0, 0), 10: (0, 0)}[version]
+    assert (stored == total) == (version != 2 and version != 3)  # written at once, or swept; 2 and 3 wait 30 s
     assert sorted(logged) == ([f"{lead}-1", f"{lead}-2", f"{lead}-3"] if version >= 8 else [])
     activities = scheduled_activities(history)
-    assert ("load_scoring_model" in activities) == (version not in (2, 5, 6, 7, 8, 9))
+    assert ("load_scoring_model" in activities) == (version not in (2, 5, 6, 7, 8, 9, 10))
     upserted = {name for e in history.events if e.HasField("upsert_workflow_search_attributes_event_attributes")
                 for name in e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields}
     assert ("LeadCreated" in upserted) == (version >= 6)
     assert ("marker_recorded" in history_kinds(history)) == (version == 2)
     assert ("hand_over" in activities) == (version < 3)
-    assert ("assign_owner" in activities) == (version >= 3)
+    assert ("assign_owner" in activities) == (3 <= version < 10)
+    assert ("record_audit_and_assign" in activities) == (version >= 10)
     assert "record_audit" in activities
+    # v10: the handover's stage and its owner reach visibility in one upsert; v9 upserts the
+    # stage, then the owner once its own activity is back
+    upserts = [set(e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields)
+               for e in history.events if e.HasField("upsert_workflow_search_attributes_event_attributes")]
+    if version >= 9:
+        assert any("LeadStage" in names and "LeadOwner" not in names for names in upserts) == (version == 9)
     delay = (entered_mql - view.history[0].entered_at).total_seconds()
     assert delay >= 5 if version >= 3 else delay < 5
 
 
 async def test_callers_start_leads_at_the_current_version(ts_env, settings, store):
-    """A lead sent its first events by a caller behaves as version 7 (see above): it starts
-    on the model the caller passed, or reads the active one by a regular activity; no local
-    activity at all, the owner by its own activity."""
+    """A lead sent its first events by a caller behaves as the current version (see above):
+    it starts on the model the caller passed, or reads the active one by a regular activity;
+    no local activity at all; the owner comes back with the write of the handover."""
     client, given, read = ts_env.client, "V-now-given", "V-now-read"
     model = load_model(settings.model_path).model_copy(update={"name": "given", "version": "1"})
     async with running_worker(client, settings, store):
@@ -228,7 +236,8 @@ async def test_callers_start_leads_at_the_current_version(ts_env, settings, stor
     assert views[read].model_ref == load_model(settings.model_path).ref
     assert "load_scoring_model" not in scheduled_activities(histories[given])
     for history in histories.values():
-        assert "assign_owner" in scheduled_activities(history)
+        assert "record_audit_and_assign" in scheduled_activities(history)
+        assert "assign_owner" not in scheduled_activities(history)
         assert "marker_recorded" not in history_kinds(history)
     assert "load_scoring_model" in scheduled_activities(histories[read])
 
@@ -326,13 +335,17 @@ async def hold_the_last_write_before_continue_as_new(dev_env, settings, acts, le
 async def test_an_owner_assigned_during_the_last_write_before_continue_as_new_is_written(dev_env, settings, store):
     """Found by tests/test_chaos.py: the handover's owner came back (the store had been
     down) while the lead's last write before continue-as-new was in flight; its
-    OWNER_ASSIGNED entry was left behind, its seq used: a gap in the store for ever."""
+    OWNER_ASSIGNED entry was left behind, its seq used: a gap in the store for ever. A
+    version 9 run: from version 10 the owner comes back with the write of the stage change
+    itself, and the run after this one is version 10."""
     client, lead = dev_env.client, "D-owner-at-can"
     acts = HeldActivities(settings, store)
     async with running_worker(client, settings, store, activities=acts):
         now = await dev_env.get_current_time()
         acts.owner_open.clear()
-        await leads.send_events(client, settings, [event(lead, "hand", "demo_request", now)])
+        await client.start_workflow(LeadWorkflow.run, leads._input(settings, lead).model_copy(update={"version": 9}),
+                                    **leads._start_options(settings, lead),
+                                    start_signal="event", start_signal_args=[event(lead, "hand", "demo_request", now)])
         await until_set(acts.owner_held, "the handover")  # MQL written; its owner is held
         sent = await hold_the_last_write_before_continue_as_new(dev_env, settings, acts, lead, now)
         acts.owner_open.set()  # the owner comes back while the write is in flight

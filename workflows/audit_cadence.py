@@ -23,6 +23,9 @@ and the lead's write makes the log complete. Taken input does not make a write d
 itself (it rides along with the next one, at the latest before the run ends), unless
 UNLOGGED_MAX items wait.
 
+From version 10, the write that comes before a handover also gives it its owner (`write(assign)`,
+activity `record_audit_and_assign`): the owner comes back with the write.
+
 Workflow code: only workflow time, timers and activities.
 """
 
@@ -36,7 +39,8 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from funnel.models import ActivityEvent, AuditBatch, AuditEntry, AuditKind, ProfileUpdate, TakenInput
+    from funnel.models import (ActivityEvent, Assigned, AuditBatch, AuditEntry, AuditKind, Outbound, ProfileUpdate,
+                               TakenInput)
 
 AUDIT_TIMEOUT = timedelta(seconds=30)
 BATCH_MAX = 200  # write when this many entries wait, whatever their age
@@ -123,7 +127,9 @@ class AuditCadence:
             return True
         return any(entry.kind not in DEFERRABLE for entry in self.unwritten)
 
-    async def write(self) -> None:
+    async def write(self, assign: list[Outbound] = ()) -> Assigned | None:
+        """Write what waits; with `assign` (version 10), the same activity gives these
+        handovers their owners and returns them."""
         # A regular activity, not a local one: it is scheduled only by a workflow task
         # that completed, so the rows are always decisions Temporal kept. (A local
         # activity runs inside the task; if that task then fails, e.g. a continue-as-new
@@ -132,18 +138,27 @@ class AuditCadence:
         self.writing, self.unwritten = self.unwritten, []
         taken, self.unlogged = self.unlogged, []
         self.flush_requested = False
-        await workflow.execute_activity(
-            "record_audit",
-            AuditBatch(entries=self.writing, taken=taken) if taken else self.writing,
-            result_type=int,
-            start_to_close_timeout=AUDIT_TIMEOUT,
-            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
-        )
+        assigned = None
+        if assign:
+            assigned = await workflow.execute_activity(
+                "record_audit_and_assign", AuditBatch(entries=self.writing, taken=taken, assign=list(assign)),
+                result_type=Assigned, start_to_close_timeout=AUDIT_TIMEOUT,
+                retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
+            )
+        else:
+            await workflow.execute_activity(
+                "record_audit",
+                AuditBatch(entries=self.writing, taken=taken) if taken else self.writing,
+                result_type=int,
+                start_to_close_timeout=AUDIT_TIMEOUT,
+                retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
+            )
         if self.writing:
             self.written_seq = self.writing[-1].seq
         self.logged += sum(len(t.items) for t in taken)
         self.writing = []
         self.wrote = True
+        return assigned
 
     def settle(self) -> None:
         """After a round of effects: keep one lag timer while entries wait, none otherwise.

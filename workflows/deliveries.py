@@ -4,7 +4,9 @@ its own and never holds up events, commands or timers of the lead.
 A message that hands the lead to a team (`assign_to`: presales on MQL, sales on SQL)
 first gets its owner (a short store write, retried quickly), which the lead records at
 once; only then is the message, naming the owner, delivered. A receiver that is down
-for hours therefore delays the webhook, not the owner.
+for hours therefore delays the webhook, not the owner. From version 10 the owner comes
+with the audit write before the message (`start(message, assigned)`); older runs assign
+it here, by an activity of its own.
 
 Workflow code: only activities and workflow tasks.
 """
@@ -19,7 +21,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from funnel.models import Outbound, OutboundKind
+    from funnel.models import Assigned, Outbound, OutboundKind
     from funnel.personal_data import ERASED, scrub_payload
 
 DELIVERY_TIMEOUT = timedelta(minutes=2)
@@ -43,7 +45,20 @@ class Deliveries:
                 self.undelivered[message_id] = message.model_copy(
                     update={"payload": scrub_payload(message.payload, ERASED)})
 
-    def start(self, message: Outbound) -> None:
+    def needs_owner(self, message: Outbound) -> bool:
+        """Whether the message hands the lead to a team and names no owner yet."""
+        return self._assign_first and message.assign_to is not None and "owner" not in message.payload
+
+    def start(self, message: Outbound, assigned: Assigned | None = None) -> None:
+        """Deliver `message`. `assigned` (version 10): the write before it gave it its owner
+        and its outbox row already; the lead records the owner now, and the message goes out
+        only if a webhook wants it."""
+        owner = assigned.owners.get(message.message_id) if assigned is not None else None
+        if owner is not None and message.assign_to is not None:
+            self._on_owner(owner, message.assign_to)
+            if not assigned.post:
+                return
+            message = message.model_copy(update={"payload": {**message.payload, "owner": owner}})
         self.undelivered[message.message_id] = message
         asyncio.create_task(self._deliver(message))
 

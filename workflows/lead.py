@@ -201,10 +201,13 @@ class LeadWorkflow:
         while True:
             effects = self._lead.take_effects()
             self._audit.add(effects.audit)
+            assigned = None
             if self._audit.due(bool(effects.outbound)):
-                await self._audit.write()
+                assign = ([m for m in effects.outbound if self._deliveries.needs_owner(m)]
+                          if self._behaviour.assigns_in_write else [])
+                assigned = await self._audit.write(assign)
             for message in effects.outbound:
-                self._deliveries.start(message)
+                self._deliveries.start(message, assigned)
             if not effects.audit and not effects.outbound:
                 break
         self._audit.settle()

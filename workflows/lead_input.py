@@ -20,7 +20,7 @@ from funnel.scoring_model import ScoringModel
 # How a run behaves, for replay. Runs keep the behaviour of the code that started them
 # (chosen by input rather than `workflow.patched()`: a patch upserts the
 # TemporalChangeVersion search attribute, a visibility write for every new lead).
-CURRENT_VERSION = 9
+CURRENT_VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,20 @@ class RunBehaviour:
     # v7-v8 runs stay as they were (an added feed would not replay): a lead that moved under
     # them stays a contact of its old account.
     departs_accounts: bool = False
+    # v10: a handover's owner is assigned, and its outbox row written, by the write that
+    # records the stage change before it (`record_audit_and_assign`): per handover one
+    # activity and one workflow task less, and the stage and the owner reach visibility in
+    # one upsert. v3-v9 runs assign by an activity of their own after the write (a merged
+    # activity would not replay).
+    assigns_in_write: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
     return RunBehaviour(audit_cadence=version >= 2, decisions_and_owners=version >= 3, local_reads=version == 2,
                         swept_audit=version >= 4, model_from_input=version >= 5, created_attribute=version >= 6,
                         feeds_accounts=version >= 7, logs_input=version >= 8,
-                        explains=version >= 8, departs_accounts=version >= 9)
+                        explains=version >= 8, departs_accounts=version >= 9,
+                        assigns_in_write=version >= 10)
 
 
 class ModelChange(BaseModel):
