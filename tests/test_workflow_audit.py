@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import pytest
 from sqlalchemy.exc import OperationalError
 
 import client as leads
@@ -296,3 +297,33 @@ def test_no_note_is_lost_while_the_sweeper_takes_them():
     finally:
         sys.setswitchinterval(interval)
     assert len(set(taken)) == len(taken) == 80_000
+
+
+@pytest.mark.parametrize("version", [9, 10])
+async def test_a_deadline_that_starts_waits_for_the_sweeper_from_version_10(ts_env, settings, store, version):
+    """A webinar starts its follow-up deadline (SLA_SET) and nothing else: a version 9 lead
+    wrote that alone (an activity and a workflow task), a version 10 lead leaves it to the
+    sweeper like a score change. Either way it reaches the store, and so does its breach
+    when it comes."""
+    from workflows.lead import LeadWorkflow
+    from workflows.lead_input import LeadInput
+
+    client, lead = ts_env.client, f"A-deadline-v{version}"
+    async with running_worker(client, settings, store):
+        now = await ts_env.get_current_time()
+        await client.start_workflow(
+            LeadWorkflow.run, LeadInput(lead_id=lead, version=version, decision_delay_seconds=5),
+            id=workflow_id(lead), task_queue=settings.task_queue,
+            start_signal="event", start_signal_args=[event(lead, "w", "webinar_attended", now)])
+        view = await settle(ts_env, client, lead, lambda v: v.events_applied == 1)
+        assert view.stage == Stage.IQL and [d.name for d in view.deadlines] == ["webinar_follow_up"]
+        total, history = await leads.read_history(client, store, lead)
+        assert AuditKind.SLA_SET in [e.kind for e in history]
+        assert await store_reaches(store, lead, total) == total
+        handle = client.get_workflow_handle(workflow_id(lead))
+        assert scheduled_activities(await handle.fetch_history()).count("record_audit") == (1 if version == 9 else 0)
+        await ts_env.sleep(timedelta(days=1))  # past the follow-up deadline
+        await settle(ts_env, client, lead, lambda v: not v.deadlines)
+        total, _ = await leads.read_history(client, store, lead)
+        assert await store_reaches(store, lead, total) == total
+        assert AuditKind.SLA_BREACHED in [e.kind for e in store.history(lead, limit=1000)]

@@ -24,7 +24,8 @@ itself (it rides along with the next one, at the latest before the run ends), un
 UNLOGGED_MAX items wait.
 
 From version 10, the write that comes before a handover also gives it its owner (`write(assign)`,
-activity `record_audit_and_assign`): the owner comes back with the write.
+activity `record_audit_and_assign`): the owner comes back with the write. And a deadline that
+starts (SLA_SET) may wait like a score change; its outcome may not.
 
 Workflow code: only workflow time, timers and activities.
 """
@@ -80,7 +81,8 @@ SWEEP_NOTES = SweepNotes()
 
 class AuditCadence:
     def __init__(self, max_lag: timedelta | None, written_seq: int, enabled: bool = True, swept: bool = False,
-                 lead_id: str = ""):
+                 lead_id: str = "", deferrable: frozenset[AuditKind] = DEFERRABLE):
+        self.deferrable = deferrable  # version 10 adds SLA_SET (RunBehaviour.defers_deadlines)
         self.max_lag = max_lag
         self.enabled = enabled  # False (version-1 runs): every batch is written at once
         self.swept = swept  # version 4: the worker's sweeper writes what waits (no lag timer)
@@ -125,7 +127,7 @@ class AuditCadence:
             return True
         if len(self.unwritten) >= BATCH_MAX or sum(len(t.items) for t in self.unlogged) >= UNLOGGED_MAX:
             return True
-        return any(entry.kind not in DEFERRABLE for entry in self.unwritten)
+        return any(entry.kind not in self.deferrable for entry in self.unwritten)
 
     async def write(self, assign: list[Outbound] = ()) -> Assigned | None:
         """Write what waits; with `assign` (version 10), the same activity gives these

@@ -88,6 +88,11 @@ class RunBehaviour:
     # one upsert. v3-v9 runs assign by an activity of their own after the write (a merged
     # activity would not replay).
     assigns_in_write: bool = False
+    # v10: a deadline that starts (an SLA_SET entry: a webinar's follow-up) waits for the
+    # sweeper like a score change; what comes of it (met, breached) is still written at
+    # once. v4-v9 runs write a lone deadline themselves (an activity and a workflow task;
+    # fewer writes would not replay).
+    defers_deadlines: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
@@ -95,7 +100,7 @@ def behaviour(version: int) -> RunBehaviour:
                         swept_audit=version >= 4, model_from_input=version >= 5, created_attribute=version >= 6,
                         feeds_accounts=version >= 7, logs_input=version >= 8,
                         explains=version >= 8, departs_accounts=version >= 9,
-                        assigns_in_write=version >= 10)
+                        assigns_in_write=version >= 10, defers_deadlines=version >= 10)
 
 
 class ModelChange(BaseModel):
