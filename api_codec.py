@@ -117,6 +117,8 @@ async def _payloads(request: Request) -> Payloads:
         raise HTTPException(400, f"{expected}: {err}") from None
     if not isinstance(parsed, dict) or not isinstance(parsed.get("payloads"), list):
         raise HTTPException(400, expected)
+    if not all(isinstance(item, dict) for item in parsed["payloads"]):  # protobuf's parser takes [] for one
+        raise HTTPException(400, f"{expected}: each payload is an object")
     try:
         return json_format.ParseDict(parsed, Payloads())
     except (json_format.ParseError, DecodeError) as err:

@@ -167,6 +167,11 @@ async def test_codec_server_decodes_for_managers_only(api, dev_env):
     json_type = {"content-type": "application/json"}  # what the codec protocol has clients send
     assert (await api.as_("mia").post("/codec/decode", content=b"not json", headers=json_type)).status_code == 400
     assert (await api.as_("mia").post("/codec/decode", content=b"not json")).status_code == 415
+    # found by tests/test_api_fuzz.py: protobuf's JSON parser took a list for a payload
+    for path in ("/codec/encode", "/codec/decode"):
+        for bad in ([[]], [[1, 2]], ["text"], [None]):
+            r = await api.as_("mia").post(path, json={"payloads": bad})
+            assert r.status_code == 400 and "each payload is an object" in r.text, (path, bad, r.text)
 
 
 async def test_codec_server_answers_the_ui_origin_only_and_logs_a_browser_in(api):
