@@ -472,7 +472,6 @@ class AuditStore:
         rows = sorted((_audit_values(e) for e in entries), key=lambda row: (row["lead_id"], row["seq"]))
         # One statement run for many parameter sets: SQLAlchemy sends them as
         # multi-row INSERTs ("insertmanyvalues") from one cached compilation.
-        # ON CONFLICT DO NOTHING returns only the rows it inserted.
         # ON CONFLICT DO NOTHING returns only the rows it inserted: the leads with a new
         # report entry get their report rows derived again, in the same transaction.
         inserted = session.connection().execute(self._new_only(_AUDIT, "lead_id", "seq", "kind"), rows).all()

@@ -140,27 +140,22 @@ class AuditCadence:
         self.writing, self.unwritten = self.unwritten, []
         taken, self.unlogged = self.unlogged, []
         self.flush_requested = False
-        assigned = None
         if assign:
-            assigned = await workflow.execute_activity(
-                "record_audit_and_assign", AuditBatch(entries=self.writing, taken=taken, assign=list(assign)),
-                result_type=Assigned, start_to_close_timeout=AUDIT_TIMEOUT,
-                retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
-            )
+            activity, batch, answer = ("record_audit_and_assign",
+                                       AuditBatch(entries=self.writing, taken=taken, assign=list(assign)), Assigned)
         else:
-            await workflow.execute_activity(
-                "record_audit",
-                AuditBatch(entries=self.writing, taken=taken) if taken else self.writing,
-                result_type=int,
-                start_to_close_timeout=AUDIT_TIMEOUT,
-                retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
-            )
+            activity, batch, answer = ("record_audit", AuditBatch(entries=self.writing, taken=taken) if taken
+                                       else self.writing, int)
+        result = await workflow.execute_activity(
+            activity, batch, result_type=answer, start_to_close_timeout=AUDIT_TIMEOUT,
+            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=30)),
+        )
         if self.writing:
             self.written_seq = self.writing[-1].seq
         self.logged += sum(len(t.items) for t in taken)
         self.writing = []
         self.wrote = True
-        return assigned
+        return result if assign else None
 
     def settle(self) -> None:
         """After a round of effects: keep one lag timer while entries wait, none otherwise.
