@@ -123,13 +123,11 @@ class LeadActivities:
         written = self.store.write_audit(batch.entries, batch.taken)
         owners = {}
         for message in batch.assign:
-            team = message.assign_to or "presales"
             try:
-                owner = self.store.assign_owner(message.message_id, self._members(team), team_name=team)
-            except ValueError:
-                continue
-            self.store.add_outbox(message.model_copy(update={"payload": {**message.payload, "owner": owner}}))
-            owners[message.message_id] = owner
+                owners[message.message_id] = self._hand_to_owner(message)
+            except ApplicationError as err:
+                if err.type != "NoTeam":
+                    raise
         return Assigned(written=written, owners=owners, post=bool(self.settings.webhook_url))
 
     @activity.defn(name="applied_event_ids")
@@ -140,12 +138,10 @@ class LeadActivities:
 
     # ------------------------------------------------------------------ owners and deliveries
 
-    def _members(self, team: str) -> list[str]:
-        return self.settings.presales_team if team == "presales" else self.settings.sales_team
-
     def _owner_for(self, assignment_id: str, team: str) -> str:
+        members = self.settings.presales_team if team == "presales" else self.settings.sales_team
         try:
-            return self.store.assign_owner(assignment_id, self._members(team), team_name=team)
+            return self.store.assign_owner(assignment_id, members, team_name=team)
         except ValueError as err:  # an empty team: retrying cannot help until configuration changes
             raise ApplicationError(str(err), type="NoTeam", non_retryable=True) from err
 
@@ -154,15 +150,20 @@ class LeadActivities:
         """The next member of the message's team in turn (a retry gets the same owner), and
         the message, naming them, in the outbox. Returns {"owner", "post"}: `post` says a
         webhook is configured, which the lead then delivers to beside its loop."""
+        return {"owner": self._hand_to_owner(message), "post": bool(self.settings.webhook_url)}
+
+    def _hand_to_owner(self, message: Outbound) -> str:
+        """The next member of the message's team in turn (a retry gets the same owner), with
+        the message, naming them, in the outbox."""
         owner = self._owner_for(message.message_id, message.assign_to or "presales")
-        self.store.add_outbox(message.model_copy(update={"payload": {**message.payload, "owner": owner}}))
-        return {"owner": owner, "post": bool(self.settings.webhook_url)}
+        self.store.add_outbox(message.with_owner(owner))
+        return owner
 
     @activity.defn(name="hand_over")
     def hand_over(self, message: Outbound) -> str:
         """Assign the presales owner and deliver the handover in one (runs started by older code)."""
         owner = self._owner_for(message.message_id, "presales")
-        self.deliver(message.model_copy(update={"payload": {**message.payload, "owner": owner}}))
+        self.deliver(message.with_owner(owner))
         return owner
 
     @activity.defn(name="deliver")

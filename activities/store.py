@@ -394,7 +394,6 @@ class AuditStore:
         if self.dialect not in ("sqlite", "postgresql"):
             raise ValueError(f"unsupported database {url!r}: use sqlite:///... or postgresql+psycopg://...")
         self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
-        self._statements: dict[tuple, Any] = {}  # see _new_only
         if self.dialect == "sqlite":
             self.engine = _sqlite_engine(url)
             # SQLite has one writer at a time; queueing our own threads here
@@ -474,7 +473,8 @@ class AuditStore:
         # multi-row INSERTs ("insertmanyvalues") from one cached compilation.
         # ON CONFLICT DO NOTHING returns only the rows it inserted: the leads with a new
         # report entry get their report rows derived again, in the same transaction.
-        inserted = session.connection().execute(self._new_only(_AUDIT, "lead_id", "seq", "kind"), rows).all()
+        inserted = session.connection().execute(_new_only(self._insert, _AUDIT, ("lead_id", "seq", "kind")),
+                                                rows).all()
         report_store.refresh_leads(session.connection(),
                                    {lead_id for lead_id, _, kind in inserted if kind in REPORT_KIND_VALUES})
         announced = {(lead_id, seq) for lead_id, seq, kind in inserted if kind in _ANNOUNCED}
@@ -795,7 +795,7 @@ class AuditStore:
             "received_at": at, "channel": e.channel, "campaign": e.campaign, "source": e.source,
             "attributes": dict(e.attributes), "digest": event_digest(e),
         } for e, at in zip(events, times, strict=True)), key=lambda row: (row["lead_id"], row["event_id"]))
-        new = set(session.connection().execute(self._new_only(_EVENTS, "lead_id", "event_id"), rows).all())
+        new = set(session.connection().execute(_new_only(self._insert, _EVENTS, ("lead_id", "event_id")), rows).all())
         # Only new rows touch: a logged event merged its touch when it was logged.
         rows = [row for row in rows if (row["lead_id"], row["event_id"]) in new]
         if rows:
@@ -811,7 +811,7 @@ class AuditStore:
             "lead_id": u.lead_id, "update_id": u.update_id, "observed_at": u.observed_at, "received_at": at,
             "actor": u.actor.name, "role": u.actor.role.value, "facts": dict(u.facts),
         } for u, at in zip(updates, times, strict=True)), key=lambda row: (row["lead_id"], row["update_id"]))
-        return len(session.connection().execute(self._new_only(_FACTS, "update_id"), rows).all())
+        return len(session.connection().execute(_new_only(self._insert, _FACTS, ("update_id",)), rows).all())
 
     def replay_log(self, lead_id: str | None = None, since: datetime | None = None,
                    until: datetime | None = None, leads: tuple[str, str] | None = None) -> Iterator[Any]:
@@ -847,16 +847,6 @@ class AuditStore:
                     ((r.lead_id, r.observed_at or r.received_at, r) for r in facts),
                     ((r.lead_id, r.occurred_at, r) for r in events), key=lambda t: (t[0], t[1])))
 
-    def _new_only(self, table, *returned: str):
-        """INSERT ... ON CONFLICT DO NOTHING RETURNING `returned` of the rows it inserted,
-        built once per store (run on the connection: the ORM session's path added ~12% to
-        an audit write, for statements that load no ORM objects)."""
-        key = (table.name, returned)
-        if key not in self._statements:
-            self._statements[key] = self._insert(table).on_conflict_do_nothing().returning(
-                *(table.c[name] for name in returned))
-        return self._statements[key]
-
     def _touch(self, session: Session, events: list[dict]) -> None:
         """Merge these events into their leads' first touches, in the database (one upsert,
         atomic per row: concurrent writers on PostgreSQL cannot lose an earlier touch)."""
@@ -871,23 +861,7 @@ class AuditStore:
                     first.update({what: e[what], f"{what}_at": e["occurred_at"], f"{what}_event": e["event_id"]})
         rows = [row for row in firsts.values() if row["channel"] or row["campaign"]]
         if rows:
-            session.exec(self._touch_statement, params=sorted(rows, key=lambda row: row["lead_id"]))
-
-    @functools.cached_property
-    def _touch_statement(self):
-        """The upsert `_touch` runs, built once: building its CASE expressions and their cache
-        key took half the CPU of an audit write (measured on a batch of 10 entries and events)."""
-        insert = self._insert(_TOUCHES)
-        new, old = insert.excluded, _TOUCHES.c
-
-        def earlier(what: str):
-            at, event = f"{what}_at", f"{what}_event"
-            return and_(new[what].is_not(None), or_(old[what].is_(None), new[at] < old[at],
-                                                     and_(new[at] == old[at], new[event] < old[event])))
-
-        changes = {column: case((earlier(what), new[column]), else_=old[column])
-                   for what in ("channel", "campaign") for column in (what, f"{what}_at", f"{what}_event")}
-        return insert.on_conflict_do_update(index_elements=["lead_id"], set_=changes)
+            session.exec(_touch_upsert(self._insert), params=sorted(rows, key=lambda row: row["lead_id"]))
 
     def fill_lead_touches(self) -> None:
         """Derive `lead_touch` from the event log when it is empty and the log is not: a
@@ -1148,3 +1122,32 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.close()
 
     return engine
+
+
+# --------------------------------------------------------------------------- write statements
+# Built once per dialect, like report_store's (building one per write cost about as much as
+# running it); run on the connection: the ORM session's path added ~12% to an audit write,
+# for statements that load no ORM objects.
+
+
+@functools.cache
+def _new_only(insert, table, returned: tuple[str, ...]):
+    """INSERT ... ON CONFLICT DO NOTHING RETURNING `returned` of the rows it inserted."""
+    return insert(table).on_conflict_do_nothing().returning(*(table.c[name] for name in returned))
+
+
+@functools.cache
+def _touch_upsert(insert_of):
+    """The upsert `AuditStore._touch` runs (its CASE expressions and their cache key were
+    half the CPU of an audit write when built per write)."""
+    upsert = insert_of(_TOUCHES)
+    new, old = upsert.excluded, _TOUCHES.c
+
+    def earlier(what: str):
+        at, event = f"{what}_at", f"{what}_event"
+        return and_(new[what].is_not(None), or_(old[what].is_(None), new[at] < old[at],
+                                                 and_(new[at] == old[at], new[event] < old[event])))
+
+    changes = {column: case((earlier(what), new[column]), else_=old[column])
+               for what in ("channel", "campaign") for column in (what, f"{what}_at", f"{what}_event")}
+    return upsert.on_conflict_do_update(index_elements=["lead_id"], set_=changes)

@@ -626,6 +626,10 @@ class Outbound(BaseModel):
     # The team whose next member in turn owns the lead before this message goes out.
     assign_to: Literal["presales", "sales"] | None = None
 
+    def with_owner(self, owner: str) -> "Outbound":
+        """The message naming the owner it hands the lead to (as outbox and webhook carry it)."""
+        return self.model_copy(update={"payload": {**self.payload, "owner": owner}})
+
 
 AuditBatch.model_rebuild()  # it names Outbound, defined after it
 

@@ -135,7 +135,7 @@ class AccountWorkflow:
         self._account.assign_owner(handed["owner"])
         self._upsert()
         if handed["post"]:
-            named = message.model_copy(update={"payload": {**message.payload, "owner": handed["owner"]}})
+            named = message.with_owner(handed["owner"])
             await workflow.execute_activity("deliver", named, start_to_close_timeout=timedelta(minutes=2),
                                             retry_policy=DELIVERY_RETRY)
         self._undelivered.pop(message.message_id, None)

@@ -79,10 +79,14 @@ class SweepNotes:
 SWEEP_NOTES = SweepNotes()
 
 
+# Version 10 (RunBehaviour.defers_deadlines): a deadline that starts waits too; its outcome does not.
+DEFERRABLE_V10 = DEFERRABLE | {AuditKind.SLA_SET}
+
+
 class AuditCadence:
     def __init__(self, max_lag: timedelta | None, written_seq: int, enabled: bool = True, swept: bool = False,
-                 lead_id: str = "", deferrable: frozenset[AuditKind] = DEFERRABLE):
-        self.deferrable = deferrable  # version 10 adds SLA_SET (RunBehaviour.defers_deadlines)
+                 lead_id: str = "", defers_deadlines: bool = False):
+        self.deferrable = DEFERRABLE_V10 if defers_deadlines else DEFERRABLE
         self.max_lag = max_lag
         self.enabled = enabled  # False (version-1 runs): every batch is written at once
         self.swept = swept  # version 4: the worker's sweeper writes what waits (no lag timer)

@@ -58,7 +58,7 @@ class Deliveries:
             self._on_owner(owner, message.assign_to)
             if not assigned.post:
                 return
-            message = message.model_copy(update={"payload": {**message.payload, "owner": owner}})
+            message = message.with_owner(owner)
         self.undelivered[message.message_id] = message
         asyncio.create_task(self._deliver(message))
 
@@ -71,7 +71,7 @@ class Deliveries:
             )
             self._on_owner(handed["owner"], message.assign_to)
             message = self.undelivered.get(message.message_id, message)  # scrubbed meanwhile, if erased
-            message = message.model_copy(update={"payload": {**message.payload, "owner": handed["owner"]}})
+            message = message.with_owner(handed["owner"])
             self.undelivered[message.message_id] = message  # carried over with its owner
             if handed["post"]:
                 await self._post(message)

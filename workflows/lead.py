@@ -23,7 +23,6 @@ with workflow.unsafe.imports_passed_through():
         Accept,
         ActivityEvent,
         AuditEntry,
-        AuditKind,
         Close,
         LeadState,
         LogContact,
@@ -37,7 +36,7 @@ with workflow.unsafe.imports_passed_through():
     from funnel.personal_data import EraseRequest, ErasureReport
     from funnel.scoring_model import ScoringModel
     from workflows import search_attributes as sa
-    from workflows.audit_cadence import DEFERRABLE, AuditCadence
+    from workflows.audit_cadence import AuditCadence
     from workflows.deliveries import Deliveries
     from workflows.account_feed import AccountFeed
     from funnel.accounts import contact_snapshot, contact_snapshots
@@ -78,9 +77,7 @@ class LeadWorkflow:
         self._audit = AuditCadence(lag,
                                    written_seq=inp.state.audit_seq if inp.state else 0,
                                    enabled=self._behaviour.audit_cadence, swept=self._behaviour.swept_audit,
-                                   lead_id=inp.lead_id,
-                                   deferrable=DEFERRABLE | {AuditKind.SLA_SET} if self._behaviour.defers_deadlines
-                                   else DEFERRABLE)
+                                   lead_id=inp.lead_id, defers_deadlines=self._behaviour.defers_deadlines)
         self._wake = WakeTimer()
         self._deliveries = Deliveries(self._owner_assigned, assign_first=self._behaviour.decisions_and_owners)
         self._account_feed = (AccountFeed(inp.account, per_account=self._behaviour.departs_accounts)
