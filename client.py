@@ -729,24 +729,52 @@ class QueueHealth(BaseModel):
     activity_oldest_seconds: float = 0.0
 
 
-async def queue_health(client: Client, settings: Settings) -> QueueHealth:
-    """Workers and backlog of the lead task queue, from Temporal (DescribeTaskQueue)."""
-    from temporalio.api.enums.v1 import TaskQueueType
+async def _describe_queue(client: Client, task_queue: str, kind):
     from temporalio.api.taskqueue.v1 import TaskQueue
     from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 
-    async def describe(kind) -> tuple[int, int, float]:
-        response = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
-            namespace=client.namespace, task_queue=TaskQueue(name=settings.task_queue), task_queue_type=kind,
-            report_stats=True))
-        stats = response.stats
-        age = stats.approximate_backlog_age.ToTimedelta().total_seconds() if stats.HasField("approximate_backlog_age") else 0.0
-        return len(response.pollers), int(stats.approximate_backlog_count), age
-
     try:
-        (workers, backlog, age), (_, act_backlog, act_age) = await asyncio.gather(
-            describe(TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW), describe(TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY))
+        return await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+            namespace=client.namespace, task_queue=TaskQueue(name=task_queue), task_queue_type=kind, report_stats=True))
     except RPCError as err:
-        raise TemporalUnavailable(f"cannot ask Temporal about task queue {settings.task_queue}: {err.message}") from None
+        raise TemporalUnavailable(f"cannot ask Temporal about task queue {task_queue}: {err.message}") from None
+
+
+def _backlog(response) -> tuple[int, float]:
+    stats = response.stats
+    age = stats.approximate_backlog_age.ToTimedelta().total_seconds() if stats.HasField("approximate_backlog_age") else 0.0
+    return int(stats.approximate_backlog_count), age
+
+
+async def queue_health(client: Client, settings: Settings) -> QueueHealth:
+    """Workers and backlog of the lead task queue, from Temporal (DescribeTaskQueue)."""
+    from temporalio.api.enums.v1 import TaskQueueType
+
+    workflow, activity = await asyncio.gather(
+        _describe_queue(client, settings.task_queue, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW),
+        _describe_queue(client, settings.task_queue, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY))
+    workers = len(workflow.pollers)
+    (backlog, age), (act_backlog, act_age) = _backlog(workflow), _backlog(activity)
     return QueueHealth(task_queue=settings.task_queue, workers=workers, backlog=backlog, oldest_seconds=round(age, 1),
                        activity_backlog=act_backlog, activity_oldest_seconds=round(act_age, 1))
+
+
+@dataclass(frozen=True)
+class WorkflowPolling:
+    """The lead task queue's workflow side as Temporal sees it: what waits, and when each
+    worker (by identity) last polled for it."""
+
+    backlog: int
+    oldest_seconds: float
+    last_poll_seconds: dict[str, float]  # identity -> seconds since its last poll
+
+
+async def workflow_polling(client: Client, task_queue: str) -> WorkflowPolling:
+    from temporalio.api.enums.v1 import TaskQueueType
+
+    response = await _describe_queue(client, task_queue, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)
+    backlog, age = _backlog(response)
+    now = datetime.now(timezone.utc)
+    polls = {p.identity: max(0.0, (now - p.last_access_time.ToDatetime(timezone.utc)).total_seconds())
+             for p in response.pollers}
+    return WorkflowPolling(backlog, age, polls)

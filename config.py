@@ -16,6 +16,9 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "scoring_models" / "default.toml"
+# The worker's exit code when worker.StallWatch gives up on it (EX_TEMPFAIL): start it again.
+# scripts/run does; in a deployment, the process manager's restart policy does.
+WORKER_STALLED_EXIT = 75
 
 # Dynamic config for the embedded dev server (scripts/run, the tests, the benchmark).
 # Eager activity execution: the server hands an activity to the worker that scheduled
@@ -77,6 +80,9 @@ class Settings(BaseModel):
     # Back-pressure: the API refuses input (503, Retry-After) while the oldest lead task
     # waiting for a worker is older than this.
     max_backlog_seconds: float = Field(default=120.0, gt=0)
+    # A worker whose workflow poller has been silent this long while lead tasks waited as long
+    # exits (worker.StallWatch) to be started again; 0 turns the watch off.
+    worker_stall_seconds: float = Field(default=120.0, ge=0)
     # How long the API waits for a lead to answer a command (then 504: it may still apply).
     command_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     # Roles of API keys that may read personal data (profile facts, event attributes, notes);
@@ -123,6 +129,7 @@ class Settings(BaseModel):
             "LEADFLOW_AUDIT_MAX_LAG": "audit_max_lag_seconds",
             "LEADFLOW_DECISION_DELAY": "decision_delay_seconds",
             "LEADFLOW_MAX_BACKLOG": "max_backlog_seconds",
+            "LEADFLOW_WORKER_STALL": "worker_stall_seconds",
             "LEADFLOW_COMMAND_TIMEOUT": "command_timeout_seconds",
             "LEADFLOW_KEY_CACHE_SECONDS": "key_cache_seconds",
             "LEADFLOW_SHRED_DELAY": "shred_delay_seconds",

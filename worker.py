@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from temporalio.client import Client
 from temporalio.service import RPCError
-from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+from temporalio.worker import (
+    Interceptor, UnsandboxedWorkflowRunner, Worker, WorkflowInboundInterceptor, WorkflowInterceptorClassInput,
+)
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.audit_sweeper import AuditSweeper
@@ -29,7 +33,8 @@ from activities.lead_activities import LeadActivities, all_activities
 from activities.personal_data_activities import PersonalDataActivities
 from activities.rollout_activities import RolloutActivities
 from activities.store import ModelConflict
-from config import Settings, connect
+import client as leads
+from config import WORKER_STALLED_EXIT, Settings, connect
 from funnel.scoring_model import ModelError, load_model
 from payload_codec import KeyConfigError
 from workflows import search_attributes as sa
@@ -40,14 +45,49 @@ log = logging.getLogger("leadflow.worker")
 ACTIVITY_THREADS = 16
 
 
+class WorkflowProgress(Interceptor):
+    """When this worker last ran workflow code: a lead (or other workflow) starting or
+    replaying, a signal, a query or an update. The stall watch asks this before it believes
+    that a worker Temporal sees silent has stopped."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def idle_seconds(self) -> float:
+        return time.monotonic() - self.last
+
+    def workflow_interceptor_class(self, input: WorkflowInterceptorClassInput):
+        progress = self
+
+        class Inbound(WorkflowInboundInterceptor):
+            def init(self, outbound):
+                progress.last = time.monotonic()
+                super().init(outbound)
+
+            async def handle_signal(self, input):
+                progress.last = time.monotonic()
+                return await super().handle_signal(input)
+
+            async def handle_query(self, input):
+                progress.last = time.monotonic()
+                return await super().handle_query(input)
+
+            def handle_update_validator(self, input):
+                progress.last = time.monotonic()
+                return super().handle_update_validator(input)
+
+        return Inbound
+
+
 class LeadWorker(Worker):
     """Temporal's worker, with its companions beside it while it runs: the audit sweeper
     (activities/audit_sweeper.py) and the subscriptions' webhook dispatcher
-    (activities/webhook_dispatcher.py)."""
+    (activities/webhook_dispatcher.py); and its `progress` for the stall watch."""
 
     def __init__(self, *args, sweeper: AuditSweeper | None = None, dispatcher: WebhookDispatcher | None = None,
-                 **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+                 progress: WorkflowProgress | None = None, **kwargs) -> None:
+        self.progress = progress or WorkflowProgress()
+        super().__init__(*args, interceptors=[self.progress], **kwargs)
         self.sweeper = sweeper
         self.dispatcher = dispatcher
 
@@ -109,6 +149,72 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
         workflow_runner=SandboxedWorkflowRunner() if sandboxed else UnsandboxedWorkflowRunner(),
         max_cached_workflows=max_cached_workflows,
     )
+
+
+STALL_CONFIRM_SECONDS = 10.0  # a verdict must hold this long before the worker exits
+
+
+def stall_verdict(backlog: int, oldest_seconds: float, last_poll_seconds: float | None, idle_seconds: float,
+                  limit: float) -> str | None:
+    """Why a worker has stopped taking workflow tasks, or None while it has not.
+
+    Stalled means all three, for longer than `limit`: lead tasks have waited (Temporal says),
+    this worker has not polled for them (`last_poll_seconds` None: Temporal no longer lists
+    it), and it has run no workflow code (`idle_seconds`). A busy worker runs workflow code
+    all along, even when its polls are seconds apart (measured on 2 cores, tests/
+    test_worker_stall.py); an idle one has nothing waiting for it."""
+    if backlog <= 0 or oldest_seconds <= limit or idle_seconds <= limit:
+        return None
+    if last_poll_seconds is not None and last_poll_seconds <= limit:
+        return None
+    silent = "is no longer listed as polling" if last_poll_seconds is None else \
+        f"last polled {last_poll_seconds:.0f} s ago"
+    return (f"{backlog} lead task(s) have waited up to {oldest_seconds:.0f} s while this worker {silent} "
+            f"for workflow tasks and ran no workflow code for {idle_seconds:.0f} s (limit {limit:g} s)")
+
+
+class StallWatch:
+    """Notices a worker that has stopped taking workflow tasks while they wait for it.
+
+    Seen with temporalio 1.35 when leads leave a full cache with tasks buffered (README, known
+    problems): the SDK core logs "Extra buffered run should not have produced an activation",
+    and this process's workflow poller stops for good while its activity poller goes on. Every
+    lead on the worker then waits until the process is replaced. Nothing is lost meanwhile
+    (input waits in Temporal, audit entries in the leads' state), so the cure is to exit and
+    be started again. The verdict rests on what Temporal sees (DescribeTaskQueue) and on
+    whether workflow code runs here (WorkflowProgress, which counts from the worker's start),
+    not on SDK internals."""
+
+    def __init__(self, client, task_queue: str, identity: str, progress: WorkflowProgress, limit: float,
+                 interval: float | None = None, confirm: float = STALL_CONFIRM_SECONDS, clock=time.monotonic) -> None:
+        self.client, self.task_queue, self.identity, self.limit = client, task_queue, identity, limit
+        self.progress, self.confirm, self.clock = progress, confirm, clock
+        self.interval = interval if interval is not None else max(1.0, limit / 8)
+        self.verdict: str | None = None
+
+    async def run(self, on_stall) -> None:
+        """Check every `interval` until a verdict has held on every check for `confirm`
+        seconds (Temporal's backlog figures lag: a backlog just worked off is still counted
+        for a few seconds); then record it and call `on_stall()`."""
+        since: float | None = None  # when the current run of verdicts began
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                seen = await leads.workflow_polling(self.client, self.task_queue)
+            except leads.TemporalUnavailable as err:
+                log.debug("stall watch: %s", err)  # not this worker's fault; the worker says so itself
+                since = None
+                continue
+            verdict = stall_verdict(seen.backlog, seen.oldest_seconds, seen.last_poll_seconds.get(self.identity),
+                                    self.progress.idle_seconds(), self.limit)
+            if verdict is None:
+                since = None
+                continue
+            since = self.clock() if since is None else since
+            if self.clock() - since >= self.confirm:
+                self.verdict = verdict
+                on_stall()
+                return
 
 
 RETRY_MAX_SECONDS = 30.0
@@ -190,7 +296,20 @@ async def run(settings: Settings) -> None:
             settings.database_url.split("@")[-1],
         )
         async with worker:
+            watch = watching = None
+            if settings.worker_stall_seconds:
+                identity = worker.config().get("identity") or client.identity
+                watch = StallWatch(client, settings.task_queue, identity, worker.progress, settings.worker_stall_seconds)
+                watching = asyncio.create_task(watch.run(stop.set))
             await stop.wait()
+            if watching is not None:
+                watching.cancel()
+            if watch is not None and watch.verdict is not None:
+                # No graceful shutdown: it would wait for the very poller that is stuck.
+                log.critical("worker stalled: %s; exiting (code %d) to be started again", watch.verdict,
+                             WORKER_STALLED_EXIT)
+                logging.shutdown()
+                os._exit(WORKER_STALLED_EXIT)
             log.info("stopping worker")
 
 

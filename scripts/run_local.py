@@ -4,7 +4,8 @@ worker and the HTTP API (scripts/run sets up .venv, then runs this).
 Every child gets its own process group, so the terminal's Ctrl-C reaches only
 this supervisor; it then stops the children in reverse order (SIGTERM to the
 group, SIGKILL after 10 s) and leaves nothing running. If one child dies on its
-own, the others are stopped too and the exit code is non-zero.
+own, the others are stopped too and the exit code is non-zero; except a worker
+that exits because it stalled (config.WORKER_STALLED_EXIT): it is started again.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from config import dev_server_dynamic_flags  # noqa: E402
+from config import WORKER_STALLED_EXIT, dev_server_dynamic_flags  # noqa: E402
 from payload_codec import DEFAULT_KEY_FILE, PayloadKeyring  # noqa: E402
 from workflows.search_attributes import dev_server_flags  # noqa: E402
 
@@ -75,9 +76,24 @@ def say(message: str) -> None:
 class Child:
     """A started process, in its own process group (= session), with a name for messages."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str]):
-        self.name = name
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], restart_on: int | None = None):
+        self.name, self.cmd, self.env, self.restart_on = name, cmd, env, restart_on
+        self.restarts = 0
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, start_new_session=True)
+
+    def restarted(self) -> bool:
+        """Started again if it exited asking for that (`restart_on`); else False."""
+        if self.restart_on is None or self.proc.returncode != self.restart_on:
+            return False
+        self.signal_group(signal.SIGKILL)  # anything it left in its group
+        self.restarts += 1
+        say(f"the {self.name} exited to be started again ({self.describe_exit()}, see its log above); "
+            f"starting it again (restart {self.restarts})")
+        self.start()
+        return True
 
     def signal_group(self, sig: int) -> None:
         try:
@@ -214,7 +230,8 @@ def run(children: list[Child]) -> int:
     app_env = {**env, "TEMPORAL_ADDRESS": address, "TEMPORAL_NAMESPACE": "default"}
     app_env.setdefault("LEADFLOW_CODEC_ORIGINS", f"http://127.0.0.1:{ui_port},http://localhost:{ui_port}")
     worker_cmd = os.environ.get("LEADFLOW_WORKER_CMD")
-    children.append(Child("worker", shlex.split(worker_cmd) if worker_cmd else [sys.executable, "worker.py"], app_env))
+    children.append(Child("worker", shlex.split(worker_cmd) if worker_cmd else [sys.executable, "worker.py"], app_env,
+                          restart_on=WORKER_STALLED_EXIT))
     api_cmd = [sys.executable, "-m", "uvicorn", "api:app", "--host", "127.0.0.1", "--port", str(api_port)]
     # The API refuses to start without keys; this local run is what its dev keys are for.
     dev_keys = not any(os.environ.get(var) for var in API_KEY_VARS)
@@ -237,7 +254,7 @@ def run(children: list[Child]) -> int:
 
     while not signals_received:
         for child in children:
-            if child.proc.poll() is not None:
+            if child.proc.poll() is not None and not child.restarted():
                 say(f"the {child.name} exited unexpectedly ({child.describe_exit()}); stopping the rest")
                 return 1
         time.sleep(0.2)
