@@ -481,7 +481,7 @@ class Lead:
         late events (or a model change) re-scored, per rule."""
         s = self.state
         previous_eval = s.evaluated_at or s.created_at
-        result = eng.fold(self.model, s.engagement, now, self._fold_cache)
+        result = eng.fold(self.model, s.engagement, now, self._fold_cache, explain=self.recording)
         new = result.work
         fit, old = {}, {}
         for k, v in s.score.breakdown.items():
