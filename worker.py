@@ -205,6 +205,10 @@ class StallWatch:
                 log.debug("stall watch: %s", err)  # not this worker's fault; the worker says so itself
                 since = None
                 continue
+            except Exception:  # noqa: BLE001 - the watch must outlive a bad answer
+                log.warning("stall watch: could not read the task queue", exc_info=True)
+                since = None
+                continue
             verdict = stall_verdict(seen.backlog, seen.oldest_seconds, seen.last_poll_seconds.get(self.identity),
                                     self.progress.idle_seconds(), self.limit)
             if verdict is None:
