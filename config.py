@@ -80,8 +80,8 @@ class Settings(BaseModel):
     # Back-pressure: the API refuses input (503, Retry-After) while the oldest lead task
     # waiting for a worker is older than this.
     max_backlog_seconds: float = Field(default=120.0, gt=0)
-    # A worker whose workflow poller has been silent this long while lead tasks waited as long
-    # exits (worker.StallWatch) to be started again; 0 turns the watch off.
+    # A worker that has neither polled for nor run workflow tasks this long, while lead tasks
+    # waited as long, exits (worker.StallWatch) to be started again; 0 turns the watch off.
     worker_stall_seconds: float = Field(default=120.0, ge=0)
     # How long the API waits for a lead to answer a command (then 504: it may still apply).
     command_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
