@@ -5,8 +5,9 @@ One run starts one Temporal dev server (SQLite file by default, `--in-memory`
 optionally) and, in this process, measures two phases one after the other:
 
 1. baseline: `bench.counting_workflow.CountingWorkflow` (counts `event` signals,
-   nothing else) gets N leads x M events by signal-with-start from C concurrent
-   senders sharing one client; done when every workflow's `count` query says M.
+   nothing else, run outside the sandbox like the lead) gets N leads x M events by
+   signal-with-start from C concurrent senders sharing one client; done when every
+   workflow's `count` query says M.
 2. lead: the real `LeadWorkflow` with the real worker (`worker.build_worker`)
    and the real audit store (SQLite in a temp dir, or `--store URL`) gets the
    same N x M events through `client.send_events`, one event per call (as
@@ -65,7 +66,7 @@ from temporalio.api.enums.v1 import EventType  # noqa: E402
 from temporalio.client import Client, WorkflowExecutionStatus  # noqa: E402
 from temporalio.service import RPCError  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
-from temporalio.worker import Worker  # noqa: E402
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker  # noqa: E402
 
 import client as leads_client  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
@@ -406,7 +407,10 @@ async def run_baseline(client: Client, events: list[ActivityEvent], lead_ids: li
         return await client.get_workflow_handle(wid(lead_id)).query(CountingWorkflow.count) >= wanted
 
     meter = Meter(phase, server_pids)
-    async with Worker(client, task_queue=task_queue, workflows=[CountingWorkflow], max_cached_workflows=cache):
+    # Outside the sandbox, as the lead runs (worker.build_worker): in it, every replay of an
+    # evicted workflow builds a sandbox first (8-10 ms), which slowed the baseline, not the lead.
+    async with Worker(client, task_queue=task_queue, workflows=[CountingWorkflow], max_cached_workflows=cache,
+                      workflow_runner=UnsandboxedWorkflowRunner()):
         await warm_up(send, done)
         before = HistoryCount()
         if setup:  # untimed: the leads exist before the timed events reach them
