@@ -106,7 +106,7 @@ async def test_a_busy_worker_is_not_found_stalled(dev_env, settings, store):
         identity = worker.config().get("identity") or client.identity
         watch = StallWatch(client, settings.task_queue, identity, worker.progress, limit=limit, interval=0.25)
         watch_task = asyncio.create_task(watch.run(stalled.set))
-        await asyncio.sleep(limit + 0.5)  # past the watch's start-up grace
+        await asyncio.sleep(limit + 0.5)  # the watch is running, the worker idle, before the load comes
         sending: list[asyncio.Future] = []
         senders = asyncio.Semaphore(16)  # as an API with a bounded pool would send them
 
