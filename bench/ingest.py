@@ -472,8 +472,13 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
         wanted = WARMUP_EVENTS if lead_id.startswith("w") else expected[lead_id]
         return (await leads_client.get_view(client, lead_id)).events_applied >= wanted
 
-    async def audited(_: str) -> bool:
-        return await asyncio.to_thread(score_changes, store, prefix) >= len(events) + len(setup)
+    def scored(count: int) -> Callable[[str], Awaitable[bool]]:
+        """A wait_until check: the store holds `count` of this run's events scored."""
+        async def holds(_: str) -> bool:
+            return await asyncio.to_thread(score_changes, store, prefix) >= count
+        return holds
+
+    audited = scored(len(events) + len(setup))
 
     try:
         meter = Meter(phase, server_pids)
@@ -488,10 +493,7 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
                         # as a lead that got its event yesterday: written by the sweeper, no flush
                         # in its history (a flush is an update, an activity and two more tasks
                         # that every replay of the timed phase would go through again)
-                        async def setup_written(_: str) -> bool:
-                            return await asyncio.to_thread(score_changes, store, prefix) >= len(setup)
-
-                        await wait_until(["store"], setup_written)
+                        await wait_until(["store"], scored(len(setup)))
                     else:
                         for lead in sorted({e.lead_id for e in setup}):
                             await flush_or_say(client, lead)
