@@ -9,6 +9,7 @@ the worker with a clear message instead of reaching any lead.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -149,6 +150,16 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
         workflow_runner=SandboxedWorkflowRunner() if sandboxed else UnsandboxedWorkflowRunner(),
         max_cached_workflows=max_cached_workflows,
     )
+
+
+def freeze_heap() -> None:
+    """Take what a started worker holds for good (modules, pydantic schemas, the client, the
+    model) out of the garbage collector's sight, so each full collection walks only what
+    leads make. Measured in bench/ingest.py --shape sparse: a full collection took ~140 ms
+    of the worker's CPU and the collector 0.8 s of a lead phase's 6 s; frozen, 0.4 s.
+    What is frozen is never collected, so this runs once, after start-up."""
+    gc.collect()
+    gc.freeze()
 
 
 STALL_CONFIRM_SECONDS = 10.0  # a verdict must hold this long before the worker exits
@@ -300,6 +311,7 @@ async def run(settings: Settings) -> None:
             settings.database_url.split("@")[-1],
         )
         async with worker:
+            freeze_heap()
             watch = watching = None
             if settings.worker_stall_seconds:
                 identity = worker.config().get("identity") or client.identity

@@ -40,3 +40,35 @@ async def test_the_worker_adds_the_search_attributes_a_server_lacks(monkeypatch)
             await ensure_search_attributes(client)
     finally:
         await env.shutdown()
+
+
+def test_a_started_worker_hides_what_it_holds_for_good_from_the_collector():
+    """worker.freeze_heap: what is alive then is frozen (full collections no longer walk
+    it), and what was already garbage is collected first rather than kept for ever."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent("""
+        import gc, weakref
+        import worker
+
+        class Node:
+            pass
+
+        kept = Node()
+        dead = Node()
+        dead.me = dead  # a cycle only the collector frees
+        gone = weakref.ref(dead)
+        del dead
+        gc.disable()  # nothing collects it before freeze_heap does
+        worker.freeze_heap()
+        assert gone() is None, "garbage made before the freeze was kept"
+        assert gc.get_freeze_count() > 1000, gc.get_freeze_count()
+        assert not any(o is kept for g in range(3) for o in gc.get_objects(g)), "a live object is still walked"
+        print("ok")
+    """)
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
