@@ -6,19 +6,22 @@ optionally) and, in this process, measures two phases one after the other:
 
 1. baseline: `bench.counting_workflow.CountingWorkflow` (counts `event` signals,
    nothing else, run outside the sandbox like the lead) gets N leads x M events by
-   signal-with-start from C concurrent senders sharing one client; done when every
-   workflow's `count` query says M.
+   signal-with-start from C concurrent senders sharing one client.
 2. lead: the real `LeadWorkflow` with the real worker (`worker.build_worker`)
    and the real audit store (SQLite in a temp dir, or `--store URL`) gets the
    same N x M events through `client.send_events`, one event per call (as
-   webhooks arrive); done when every lead's view says `events_applied == M`
-   and the store holds N x M SCORE_CHANGED entries. Score changes reach the
-   store within LEADFLOW_AUDIT_MAX_LAG (30 s); instead of waiting that out, the
-   phase ends by asking every lead to write now (`client.flush_audit`, one
-   update per lead, inside the timed window).
+   webhooks arrive).
 
-Both are end to end: from the first send until the last confirmation (each
-phase first takes one untimed warm-up lead). It prints a table (events/s,
+A phase is done when the server says no workflow has a workflow task pending (every
+signal taken by the worker; `settled`) and, for the lead, the store holds all N x M
+SCORE_CHANGED entries, written by the worker's audit sweeper as in production
+(`LEADFLOW_AUDIT_MAX_LAG=never`: by asking each lead to write, one update per lead,
+timed). After the clock stops, each workflow is asked by query whether it counts its M
+events (the baseline's `count`, the lead's `events_applied`): a query makes the worker
+replay an evicted workflow, which would time the bench's own reading, not the ingest.
+
+Both are end to end: from the first send until done (each phase first takes one
+untimed warm-up lead). It prints a table (events/s,
 ratio lead/baseline, history events per ingested event, overall and by event
 type, continue-as-new runs, CPU seconds of this process = worker + senders and
 of the dev server, peak RSS) and a one-line JSON summary. Figures only:
@@ -62,7 +65,9 @@ if str(ROOT) not in sys.path:
 
 from sqlalchemy import func  # noqa: E402
 from sqlmodel import Session, select  # noqa: E402
+from temporalio.api.common.v1 import WorkflowExecution  # noqa: E402
 from temporalio.api.enums.v1 import EventType  # noqa: E402
+from temporalio.api.workflowservice.v1 import DescribeWorkflowExecutionRequest  # noqa: E402
 from temporalio.client import Client, WorkflowExecutionStatus  # noqa: E402
 from temporalio.service import RPCError  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
@@ -76,7 +81,7 @@ from config import DEFAULT_MODEL, DEV_SERVER_DYNAMIC_CONFIG, Settings, data_conv
 from payload_codec import PayloadKeyring, key_spec, new_key  # noqa: E402
 from funnel.models import ActivityEvent, AuditKind  # noqa: E402
 from funnel.scoring_model import load_model  # noqa: E402
-from worker import ACTIVITY_THREADS, build_worker  # noqa: E402
+from worker import ACTIVITY_THREADS, build_worker, freeze_heap  # noqa: E402
 from workflows import search_attributes as sa  # noqa: E402
 from workflows.lead import workflow_id as lead_workflow_id  # noqa: E402
 
@@ -318,6 +323,17 @@ async def wait_until(keys: list[str], is_done: Callable[[str], Awaitable[bool]])
     return True
 
 
+async def settled(client: Client, workflow_id: str) -> bool:
+    """The worker has taken every signal the server accepted so far: the workflow has no
+    workflow task pending (a signal schedules one, or joins the one pending). Asked of the
+    server, not the workflow: a query would make the worker replay every evicted workflow,
+    so the bench would time its own reading, and more so for the workflow whose queries
+    cost more. Signals and workflow tasks of both phases are judged the same way."""
+    response = await client.workflow_service.describe_workflow_execution(DescribeWorkflowExecutionRequest(
+        namespace=client.namespace, execution=WorkflowExecution(workflow_id=workflow_id)))
+    return not response.HasField("pending_workflow_task")
+
+
 WARMUP_EVENTS = 3
 
 
@@ -411,6 +427,7 @@ async def run_baseline(client: Client, events: list[ActivityEvent], lead_ids: li
     # evicted workflow builds a sandbox first (8-10 ms), which slowed the baseline, not the lead.
     async with Worker(client, task_queue=task_queue, workflows=[CountingWorkflow], max_cached_workflows=cache,
                       workflow_runner=UnsandboxedWorkflowRunner()):
+        freeze_heap()  # the same for both workers
         await warm_up(send, done)
         before = HistoryCount()
         if setup:  # untimed: the leads exist before the timed events reach them
@@ -419,9 +436,10 @@ async def run_baseline(client: Client, events: list[ActivityEvent], lead_ids: li
             before = await count_history(client, [wid(lead) for lead in lead_ids])
         meter.start()
         start = await send_all(events, concurrency, send, phase)
-        phase.confirmed = await wait_until(lead_ids, done)
+        phase.confirmed = await wait_until([wid(lead) for lead in lead_ids], lambda w: settled(client, w))
         phase.total_seconds = time.perf_counter() - start
         meter.stop()
+        phase.confirmed &= await wait_until(lead_ids, done)  # untimed: each count is what was sent
     take_history(phase, before, await count_history(client, [wid(lead) for lead in lead_ids]))
     return phase
 
@@ -484,6 +502,7 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
         meter = Meter(phase, server_pids)
         with ThreadPoolExecutor(ACTIVITY_THREADS) as executor:
             async with build_worker(client, settings, activities, executor, max_cached_workflows=cache):
+                freeze_heap()  # as worker.run does once the worker is up
                 await warm_up(send, applied)
                 before = HistoryCount()
                 if setup:  # untimed: the leads exist (and have written their audit) before the timed events
@@ -500,9 +519,9 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
                     before = await count_history(client, [lead_workflow_id(lead) for lead in lead_ids])
                 meter.start()
                 start = await send_all(events, concurrency, send, phase)
-                phase.confirmed = await wait_until(lead_ids, applied)
-                applied_seconds = time.perf_counter() - start
                 wids = [lead_workflow_id(lead) for lead in lead_ids]
+                phase.confirmed = await wait_until(wids, lambda w: settled(client, w))
+                applied_seconds = time.perf_counter() - start
                 if settings.audit_max_lag_seconds is not None:
                     # Score changes reach the store by the worker's sweeper (about a second),
                     # which adds nothing to the leads' histories.
@@ -510,6 +529,7 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
                     phase.flush_seconds = time.perf_counter() - start - applied_seconds
                     phase.total_seconds = time.perf_counter() - start
                     meter.stop()
+                    phase.confirmed &= await wait_until(lead_ids, applied)  # untimed: each lead counts its events
                     ingested = flushed = await count_history(client, wids)
                     take_history(phase, before, ingested)
                 else:
@@ -517,6 +537,7 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
                     # now (counted: it is in the window). The clock stops while the history
                     # is counted in between.
                     meter.stop()
+                    phase.confirmed &= await wait_until(lead_ids, applied)  # untimed: each lead counts its events
                     ingested = await count_history(client, wids)
                     take_history(phase, before, ingested)
                     meter.start()
