@@ -305,16 +305,23 @@ async def send_all(events: list[ActivityEvent], concurrency: int,
     return start
 
 
-async def wait_until(keys: list[str], is_done: Callable[[str], Awaitable[bool]]) -> bool:
-    """Poll `is_done(key)` for the keys not done yet, all at once, until all are (or time out)."""
+async def wait_until(keys: list[str], is_done: Callable[[str], Awaitable[bool]], chunk: int | None = None) -> bool:
+    """Poll `is_done(key)` for the keys not done yet until all are (or time out): all at once,
+    or `chunk` at a time in the order given, each round stopping at the first chunk with one
+    not done (the rest is asked next round)."""
     pending = list(keys)
     deadline = time.perf_counter() + DONE_TIMEOUT
+    step = chunk or len(pending)
     while pending:
-        # A lead the worker no longer answers for must not hang the bench: each check times out.
-        results = await asyncio.gather(*(asyncio.wait_for(is_done(k), CHECK_TIMEOUT) for k in pending),
-                                       return_exceptions=True)
-        pending = [k for k, ok in zip(pending, results) if ok is not True]
-        if not pending:
+        for i in range(0, len(pending), step):
+            # A lead the worker no longer answers for must not hang the bench: each check times out.
+            results = await asyncio.gather(*(asyncio.wait_for(is_done(k), CHECK_TIMEOUT) for k in pending[i:i + step]),
+                                           return_exceptions=True)
+            waiting = [k for k, ok in zip(pending[i:i + step], results) if ok is not True]
+            if waiting:
+                pending = waiting + pending[i + step:]
+                break
+        else:
             return True
         if time.perf_counter() > deadline:
             print(f"  gave up waiting: {len(pending)} not confirmed, e.g. {pending[0]}", file=sys.stderr)
@@ -341,28 +348,10 @@ SETTLE_CHUNK = 32  # workflows asked at once by wait_settled
 
 async def wait_settled(client: Client, workflow_ids: list[str]) -> bool:
     """Wait until every workflow is `settled`, once the sends are over. `workflow_ids` in the
-    order of their last send: the worker takes tasks about in that order, so each round asks
-    SETTLE_CHUNK at a time and stops at the first chunk with one still pending (the rest is
-    asked next round). Asking all that are pending every round cost the server ~1,600 requests
-    per phase of 300 workflows, inside the timed window."""
-    pending = list(workflow_ids)
-    deadline = time.perf_counter() + DONE_TIMEOUT
-    while pending:
-        for i in range(0, len(pending), SETTLE_CHUNK):
-            chunk = pending[i:i + SETTLE_CHUNK]
-            results = await asyncio.gather(*(asyncio.wait_for(settled(client, w), CHECK_TIMEOUT) for w in chunk),
-                                           return_exceptions=True)
-            waiting = [w for w, ok in zip(chunk, results) if ok is not True]
-            if waiting:
-                pending = waiting + pending[i + SETTLE_CHUNK:]
-                break
-        else:
-            return True
-        if time.perf_counter() > deadline:
-            print(f"  gave up waiting: {len(pending)} not settled, e.g. {pending[0]}", file=sys.stderr)
-            return False
-        await asyncio.sleep(POLL_INTERVAL)
-    return True
+    order of their last send: the worker takes tasks about in that order, so they are asked
+    SETTLE_CHUNK at a time. Asking all that are pending every round cost the server ~1,600
+    requests per phase of 300 workflows, inside the timed window."""
+    return await wait_until(workflow_ids, lambda w: settled(client, w), chunk=SETTLE_CHUNK)
 
 
 def by_last_send(events: list[ActivityEvent], lead_ids: list[str]) -> list[str]:
