@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -314,10 +314,11 @@ async def wait_until(keys: list[str], is_done: Callable[[str], Awaitable[bool]],
     step = chunk or len(pending)
     while pending:
         for i in range(0, len(pending), step):
+            batch = pending[i:i + step]
             # A lead the worker no longer answers for must not hang the bench: each check times out.
-            results = await asyncio.gather(*(asyncio.wait_for(is_done(k), CHECK_TIMEOUT) for k in pending[i:i + step]),
+            results = await asyncio.gather(*(asyncio.wait_for(is_done(k), CHECK_TIMEOUT) for k in batch),
                                            return_exceptions=True)
-            waiting = [k for k, ok in zip(pending[i:i + step], results) if ok is not True]
+            waiting = [k for k, ok in zip(batch, results) if ok is not True]
             if waiting:
                 pending = waiting + pending[i + step:]
                 break
@@ -346,18 +347,17 @@ async def settled(client: Client, workflow_id: str) -> bool:
 SETTLE_CHUNK = 32  # workflows asked at once by wait_settled
 
 
-async def wait_settled(client: Client, workflow_ids: list[str]) -> bool:
-    """Wait until every workflow is `settled`, once the sends are over. `workflow_ids` in the
-    order of their last send: the worker takes tasks about in that order, so they are asked
-    SETTLE_CHUNK at a time. Asking all that are pending every round cost the server ~1,600
-    requests per phase of 300 workflows, inside the timed window."""
-    return await wait_until(workflow_ids, lambda w: settled(client, w), chunk=SETTLE_CHUNK)
-
-
-def by_last_send(events: list[ActivityEvent], lead_ids: list[str]) -> list[str]:
-    """`lead_ids` in the order of the last event sent to each (senders take events in order)."""
+async def wait_settled(client: Client, events: Sequence[ActivityEvent], lead_ids: Iterable[str],
+                       workflow_id: Callable[[str], str]) -> bool:
+    """Wait until the workflow of every lead in `lead_ids` is `settled`, once `events` are
+    sent. They are asked in the order of each lead's last event (the senders take events in
+    order, and the worker their tasks about so), SETTLE_CHUNK at a time. Asking all that are
+    pending every round cost the server ~1,600 requests per phase of 300 workflows, inside
+    the timed window."""
     last = {event.lead_id: i for i, event in enumerate(events)}
-    return sorted(lead_ids, key=lambda lead: last.get(lead, -1))
+    in_send_order = sorted(lead_ids, key=lambda lead: last.get(lead, -1))
+    return await wait_until([workflow_id(lead) for lead in in_send_order], lambda w: settled(client, w),
+                            chunk=SETTLE_CHUNK)
 
 
 WARMUP_EVENTS = 3
@@ -458,12 +458,11 @@ async def run_baseline(client: Client, events: list[ActivityEvent], lead_ids: li
         before = HistoryCount()
         if setup:  # untimed: the leads exist before the timed events reach them
             await send_all(list(setup), concurrency, send, Phase("setup", 0, 0))
-            setup_leads = by_last_send(list(setup), sorted({e.lead_id for e in setup}))
-            await wait_settled(client, [wid(lead) for lead in setup_leads])
+            await wait_settled(client, setup, {e.lead_id for e in setup}, wid)
             before = await count_history(client, [wid(lead) for lead in lead_ids])
         meter.start()
         start = await send_all(events, concurrency, send, phase)
-        phase.confirmed = await wait_settled(client, [wid(lead) for lead in by_last_send(events, lead_ids)])
+        phase.confirmed = await wait_settled(client, events, lead_ids, wid)
         phase.total_seconds = time.perf_counter() - start
         meter.stop()
         phase.confirmed &= await wait_until(lead_ids, done)  # untimed: each count is what was sent
@@ -527,8 +526,7 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
                 before = HistoryCount()
                 if setup:  # untimed: the leads exist (and have written their audit) before the timed events
                     await send_all(list(setup), concurrency, send, Phase("setup", 0, 0))
-                    setup_leads = by_last_send(list(setup), sorted({e.lead_id for e in setup}))
-                    await wait_settled(client, [lead_workflow_id(lead) for lead in setup_leads])
+                    await wait_settled(client, setup, {e.lead_id for e in setup}, lead_workflow_id)
                     if settings.audit_max_lag_seconds is not None:
                         # as a lead that got its event yesterday: written by the sweeper, no flush
                         # in its history (a flush is an update, an activity and two more tasks
@@ -541,8 +539,7 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
                 meter.start()
                 start = await send_all(events, concurrency, send, phase)
                 wids = [lead_workflow_id(lead) for lead in lead_ids]
-                in_send_order = [lead_workflow_id(lead) for lead in by_last_send(events, lead_ids)]
-                phase.confirmed = await wait_settled(client, in_send_order)
+                phase.confirmed = await wait_settled(client, events, lead_ids, lead_workflow_id)
                 applied_seconds = time.perf_counter() - start
                 if settings.audit_max_lag_seconds is not None:
                     # Score changes reach the store by the worker's sweeper (about a second),
