@@ -232,6 +232,18 @@ class LeadKeyRow(SQLModel, table=True):
     destroyed_at: datetime | None = Field(default=None, sa_column=_utc_column(nullable=True))
 
 
+class LeadKeyChangeRow(SQLModel, table=True):
+    """A lead's key rotated or destroyed, numbered in commit order. Processes keep lead keys in
+    memory until they change, and read the changes since their last look (at most every
+    key_cache_seconds, payload_codec.LeadKeys) instead of reading every key again."""
+
+    __tablename__ = "lead_key_change"
+
+    id: int | None = Field(default=None, primary_key=True)
+    lead_id: str
+    changed_at: datetime = Field(sa_column=_utc_column(nullable=False))
+
+
 class ErasureRow(SQLModel, table=True):
     """Who erased a person's data when (GDPR Art. 17), and what it took; no personal data."""
 
@@ -303,6 +315,7 @@ _EVENTS = EventLogRow.__table__
 _TOUCHES = LeadTouchRow.__table__
 _FACTS = FactLogRow.__table__
 _LEAD_KEYS = LeadKeyRow.__table__
+_LEAD_KEY_CHANGES = LeadKeyChangeRow.__table__
 _ERASURES = ErasureRow.__table__
 _EXTERNAL_IDS = ExternalIdRow.__table__
 _CONNECTOR_LOG = ConnectorLogRow.__table__
@@ -404,7 +417,7 @@ class AuditStore:
             # PostgreSQL locks rows itself; ON CONFLICT and row locks suffice.
             self._write_lock = contextlib.nullcontext()
         SQLModel.metadata.create_all(self.engine, tables=[_AUDIT, _OUTBOX, _OWNERS, _ROUND_ROBIN, _MODELS, _EVENTS,
-                                                           _LEAD_KEYS, _ERASURES, _TOUCHES, _FACTS,
+                                                           _LEAD_KEYS, _LEAD_KEY_CHANGES, _ERASURES, _TOUCHES, _FACTS,
                                                            _EXTERNAL_IDS, _CONNECTOR_LOG, _ACCOUNT_MEMBERS,
                                                            *webhook_store.TABLES])
         report_store.create_tables(self.engine)
@@ -985,7 +998,10 @@ class AuditStore:
             erasure_id=record.erasure_id, created_at=utcnow(), destroyed_at=None,
         ).on_conflict_do_nothing()
         with self._writing() as session:
-            return session.exec(stmt, execution_options=_ROWCOUNT).rowcount == 1
+            added = session.exec(stmt, execution_options=_ROWCOUNT).rowcount == 1
+            if added and record.generation > 1:  # a rotation: the lead's current key changed
+                self._log_lead_key_change(session, record.lead_id)
+            return added
 
     def destroy_lead_keys(self, lead_id: str, below: int | None = None) -> int:
         """Forget the key material of the lead's generations below `below` (all: None)."""
@@ -993,7 +1009,29 @@ class AuditStore:
         if below is not None:
             stmt = stmt.where(_LEAD_KEYS.c.generation < below)
         with self._writing() as session:
-            return session.exec(stmt.values(wrapped=None, destroyed_at=utcnow()), execution_options=_ROWCOUNT).rowcount
+            destroyed = session.exec(stmt.values(wrapped=None, destroyed_at=utcnow()),
+                                     execution_options=_ROWCOUNT).rowcount
+            if destroyed:
+                self._log_lead_key_change(session, lead_id)
+            return destroyed
+
+    @staticmethod
+    def _log_lead_key_change(session: Session, lead_id: str) -> None:
+        """A change's number is drawn under a lock held to commit (PostgreSQL; SQLite has one
+        writer), so numbers commit in order: a reader that has seen number n has seen all below."""
+        if session.get_bind().dialect.name == "postgresql":
+            session.exec(text("LOCK TABLE lead_key_change IN SHARE ROW EXCLUSIVE MODE"))
+        session.exec(insert(_LEAD_KEY_CHANGES).values(lead_id=lead_id, changed_at=utcnow()))
+
+    def lead_key_changes(self, after: int | None) -> tuple[int, list[str]]:
+        """(the last change's number, the leads whose keys changed after number `after`).
+        `after=None`: just the last number, to start from."""
+        with Session(self.engine) as session:
+            if after is None:
+                return session.exec(select(func.max(LeadKeyChangeRow.id))).one() or 0, []
+            rows = session.exec(select(LeadKeyChangeRow.id, LeadKeyChangeRow.lead_id)
+                                .where(LeadKeyChangeRow.id > after).order_by(LeadKeyChangeRow.id)).all()
+        return (rows[-1][0] if rows else after), [lead_id for _, lead_id in rows]
 
     def lead_keys_not_wrapped_by(self, kek_id: str) -> list:
         stmt = select(LeadKeyRow).where(LeadKeyRow.kek_id != kek_id, LeadKeyRow.wrapped.is_not(None))

@@ -640,3 +640,72 @@ def test_a_leads_write_logs_the_input_it_took_with_its_entries_once(store):
     # the update (taken at T0 + 9 s, no time of its own) between the events, in time order
     assert [getattr(row, "update_id", None) or row.event_id for row in rows] == ["t-1", "f-1", "t-2"]
     assert store.lead_touches()["TK-1"].channel == "web"
+
+
+# --------------------------------------------------------------------------- lead key changes
+
+
+def test_lead_key_changes_are_logged_in_order_and_read_from_a_position(store):
+    """What processes caching lead keys read to learn which changed (payload_codec.LeadKeys):
+    rotations and destructions, not a lead's first key nor a re-wrap, each once, in order,
+    also when several processes change keys at once."""
+    from payload_codec import LeadKeyRecord
+
+    start, nothing = store.lead_key_changes(None)
+    assert (start, nothing) == (0, [])
+    assert store.add_lead_key(LeadKeyRecord("L-1", 1, "k1", b"w1"))  # a first key: nothing to forget
+    assert store.add_lead_key(LeadKeyRecord("L-2", 1, "k1", b"w2"))
+    assert store.lead_key_changes(start) == (start, [])
+    assert store.add_lead_key(LeadKeyRecord("L-1", 2, "k1", b"w3", erasure_id="e1"))  # rotated
+    assert not store.add_lead_key(LeadKeyRecord("L-1", 2, "k1", b"w4", erasure_id="e1"))  # a retry: no change
+    assert store.destroy_lead_keys("L-1", below=2) == 1
+    assert store.destroy_lead_keys("L-1", below=2) == 0  # nothing left to destroy: no change
+    record = store.lead_key("L-2", 1)
+    assert store.rewrap_lead_key(record, "k2", b"w5") == 1  # the same key, wrapped anew: no change
+    seen, changed = store.lead_key_changes(start)
+    assert changed == ["L-1", "L-1"] and seen > start
+    assert store.lead_key_changes(seen) == (seen, [])
+    assert store.lead_key_changes(None) == (seen, [])
+
+    def rotate(n: int) -> None:
+        lead = f"M-{n}"
+        store.add_lead_key(LeadKeyRecord(lead, 1, "k1", b"w"))
+        store.add_lead_key(LeadKeyRecord(lead, 2, "k1", b"w", erasure_id=lead))
+        store.destroy_lead_keys(lead, below=2)
+
+    threads = [threading.Thread(target=rotate, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    last, changed = store.lead_key_changes(seen)
+    assert Counter(changed) == {f"M-{n}": 2 for n in range(8)}
+    assert store.lead_key_changes(last) == (last, [])
+
+
+def test_a_lead_key_change_waits_for_an_earlier_one_to_commit_on_postgresql(postgres_server):
+    """A reader that has seen change n must have seen every change below n: otherwise a change
+    whose transaction commits late is never read, and a destroyed key stays usable in memory."""
+    from sqlalchemy import insert
+
+    from activities.store import LeadKeyChangeRow
+    from payload_codec import LeadKeyRecord
+
+    store = AuditStore(postgres_server.new_database())
+    try:
+        seen, _ = store.lead_key_changes(None)
+        store.add_lead_key(LeadKeyRecord("L-late", 1, "k1", b"w"))
+        with store.engine.connect() as slow:  # a change drawn first, committed late
+            slow.begin()
+            slow.execute(insert(LeadKeyChangeRow.__table__).values(lead_id="L-slow", changed_at=datetime.now(timezone.utc)))
+            rotating = threading.Thread(target=store.add_lead_key,
+                                        args=(LeadKeyRecord("L-late", 2, "k1", b"w", erasure_id="e"),))
+            rotating.start()
+            rotating.join(0.5)
+            assert rotating.is_alive()  # waits: it would otherwise commit a higher number first
+            assert store.lead_key_changes(seen) == (seen, [])
+            slow.commit()
+        rotating.join(10)
+        assert store.lead_key_changes(seen)[1] == ["L-slow", "L-late"]
+    finally:
+        store.dispose()
