@@ -88,8 +88,9 @@ class Settings(BaseModel):
     # Roles of API keys that may read personal data (profile facts, event attributes, notes);
     # the others get them masked. Marketing tools write facts but read none of them back.
     pii_readers: list[str] = Field(default_factory=lambda: ["manager", "presales", "sales"])
-    # How long a process keeps a lead's data key in memory (payload_codec.LeadKeys): a rotated
-    # key reaches every encoder, and a destroyed one is gone from every process, within this.
+    # How often a process looks in the store's log of lead-key changes before using a key it
+    # keeps in memory (payload_codec.LeadKeys): a rotated key reaches every encoder, and a
+    # destroyed one is gone from every process, within this. Unchanged keys stay in memory.
     key_cache_seconds: float = Field(default=30.0, gt=0, le=3600)
     # After an erasure the lead's earlier key generations are destroyed this long after the
     # rotation (longer than the key cache plus the slowest call that may still carry the old key).

@@ -29,10 +29,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import copy
+import math
 import os
 import re
 import secrets
+import threading
 import time
 import tomllib
 from collections import OrderedDict
@@ -61,7 +64,7 @@ LEAD_KEY_PREFIX = "lead:"
 LEAD_WORKFLOW_PREFIX = "lead-"  # workflows.lead.workflow_id
 DEFAULT_KEY_FILE = Path("data") / "payload-keys.toml"  # beside the default store data/leadflow.db
 DEFAULT_CACHE_SECONDS = 30.0
-CACHE_MAX = 20_000  # lead keys a process keeps in memory
+CACHE_MAX = 100_000  # leads whose keys a process keeps in memory (~0.5 KB each)
 
 
 class KeyConfigError(Exception):
@@ -222,9 +225,15 @@ class LeadKeys:
     kept in the store; erasure rotates them and destroys the old generations.
 
     `store` is an `activities.store.AuditStore` (its `lead_key` table), or a callable that
-    makes one on first use. Keys read from the store are kept in memory for
-    `cache_seconds`: so a destroyed key is unreadable in every process at most that long
-    after its destruction, and a rotation reaches every encoder within that time.
+    makes one on first use. Keys read from the store stay in memory (the last CACHE_MAX
+    leads used) until they change: before using them, at most every `cache_seconds`, a
+    process reads the store's log of key changes (rotations and destructions, by any
+    process) and forgets those leads. So a destroyed key is unreadable in every process at
+    most that long after its destruction, a rotation reaches every encoder within that
+    time, and a lead that gets an event once a week does not read its key again for each
+    one. (Until 2026-11-24 the keys themselves expired after `cache_seconds`: with sparse
+    traffic every event read its lead's key two or three times; bench/ingest.py
+    --shape sparse --key-cache-seconds 0.05 ran at 0.57 of its baseline then.)
     """
 
     def __init__(self, keyring: PayloadKeyring, store, cache_seconds: float = DEFAULT_CACHE_SECONDS):
@@ -232,8 +241,12 @@ class LeadKeys:
         self._store = store if not callable(store) else None
         self._make_store = store if callable(store) else None
         self.cache_seconds = cache_seconds
-        self._current: OrderedDict[str, tuple[float, int]] = OrderedDict()  # lead -> (until, generation)
-        self._keys: OrderedDict[tuple[str, int], tuple[float, bytes | None]] = OrderedDict()
+        # lead -> (its current generation or None if not known, {generation: key, None if destroyed})
+        self._leads: OrderedDict[str, tuple[int | None, dict[int, bytes | None]]] = OrderedDict()
+        self._looked_at = -math.inf  # when the last look at the change log began (monotonic)
+        self._seen: int | None = None  # the last change looked at
+        self._changed: OrderedDict[str, int] = OrderedDict()  # lead -> its last change looked at
+        self._looking = threading.Lock()
 
     @property
     def store(self):
@@ -268,23 +281,45 @@ class LeadKeys:
 
     # ------------------------------------------------------------------ cache
 
-    def _remember(self, lead_id: str, generation: int, key: bytes | None) -> None:
-        self._keys[(lead_id, generation)] = (time.monotonic() + self.cache_seconds, key)
-        self._keys.move_to_end((lead_id, generation))
-        while len(self._keys) > CACHE_MAX:
-            self._keys.popitem(last=False)
+    def _remember(self, lead_id: str, seen: int | None, generation: int, key: bytes | None,
+                  current: bool = False) -> None:
+        """Keep what was read, unless a look that began after the read shows the lead's keys
+        changed: the read may be from before the change, and nothing would forget it again."""
+        if self._changed.get(lead_id, -1) > (seen if seen is not None else -1):
+            return
+        known, keys = self._leads.pop(lead_id, (None, {}))
+        keys[generation] = key
+        self._leads[lead_id] = (generation if current else known, keys)
+        while len(self._leads) > CACHE_MAX:
+            self._leads.popitem(last=False)
 
-    def _remember_current(self, lead_id: str, generation: int) -> None:
-        self._current[lead_id] = (time.monotonic() + self.cache_seconds, generation)
-        self._current.move_to_end(lead_id)
-        while len(self._current) > CACHE_MAX:
-            self._current.popitem(last=False)
+    def _touch(self, lead_id: str) -> None:
+        with contextlib.suppress(KeyError):  # forgotten meanwhile on another thread
+            self._leads.move_to_end(lead_id)
 
     def forget(self, lead_id: str) -> None:
         """Drop what this process holds of a lead's keys (after rotating or destroying them)."""
-        self._current.pop(lead_id, None)
-        for cached in [k for k in self._keys if k[0] == lead_id]:
-            del self._keys[cached]
+        self._leads.pop(lead_id, None)
+
+    def _look_sync(self) -> None:
+        """Forget the leads whose keys changed since the last look (unless a look began less
+        than `cache_seconds` ago: another caller has just looked)."""
+        with self._looking:
+            began = time.monotonic()
+            if began - self._looked_at < self.cache_seconds:
+                return
+            seen, changed = self.store.lead_key_changes(self._seen)
+            for lead_id in changed:
+                self.forget(lead_id)
+                self._changed[lead_id] = seen
+                self._changed.move_to_end(lead_id)
+            while len(self._changed) > CACHE_MAX:
+                self._changed.popitem(last=False)
+            self._seen, self._looked_at = seen, began
+
+    async def _look_if_due(self) -> None:
+        if time.monotonic() - self._looked_at >= self.cache_seconds:
+            await asyncio.to_thread(self._look_sync)
 
     # ------------------------------------------------------------------ blocking store access
 
@@ -305,9 +340,10 @@ class LeadKeys:
             # another process made this generation at the same moment: use theirs
         raise RuntimeError(f"could not settle the key of lead {lead_id}")
 
-    def _key_sync(self, lead_id: str, generation: int) -> bytes | None:
+    def _key_sync(self, lead_id: str, generation: int) -> tuple[bool, bytes | None]:
+        """(whether that generation exists, its key or None if destroyed)."""
         record = self.store.lead_key(lead_id, generation)
-        return None if record is None else self._unwrap(record)
+        return (False, None) if record is None else (True, self._unwrap(record))
 
     def rotate_sync(self, lead_id: str, erasure_id: str) -> int:
         """A new generation of the lead's key for erasure `erasure_id` (the same one again for
@@ -349,24 +385,28 @@ class LeadKeys:
     # ------------------------------------------------------------------ async, cached (the codec's)
 
     async def current(self, lead_id: str) -> tuple[int, bytes]:
-        now = time.monotonic()
-        cached = self._current.get(lead_id)
-        if cached is not None and cached[0] > now:
-            key = self._keys.get((lead_id, cached[1]))
-            if key is not None and key[0] > now and key[1] is not None:
-                return cached[1], key[1]
+        await self._look_if_due()
+        known, keys = self._leads.get(lead_id, (None, {}))
+        key = keys.get(known) if known is not None else None
+        if key is not None:
+            self._touch(lead_id)
+            return known, key  # type: ignore[return-value]
+        seen = self._seen
         generation, key = await asyncio.to_thread(self._current_sync, lead_id)
-        self._remember(lead_id, generation, key)
-        self._remember_current(lead_id, generation)
+        self._remember(lead_id, seen, generation, key, current=True)
         return generation, key
 
     async def key(self, lead_id: str, generation: int) -> bytes | None:
         """The key of that generation, or None if it was destroyed (or never existed)."""
-        cached = self._keys.get((lead_id, generation))
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
-        key = await asyncio.to_thread(self._key_sync, lead_id, generation)
-        self._remember(lead_id, generation, key)
+        await self._look_if_due()
+        _, keys = self._leads.get(lead_id, (None, {}))
+        if generation in keys:
+            self._touch(lead_id)
+            return keys[generation]
+        seen = self._seen
+        exists, key = await asyncio.to_thread(self._key_sync, lead_id, generation)
+        if exists:  # (a generation that does not exist yet is not remembered as missing)
+            self._remember(lead_id, seen, generation, key)
         return key
 
     async def rotate(self, lead_id: str, erasure_id: str) -> int:

@@ -214,13 +214,16 @@ class Phase:
 
 
 async def start_embedded(tmp: Path, store: AuditStore, key: bytes | None = None, in_memory: bool = False,
-                         dynamic_config: dict[str, str] | None = None) -> WorkflowEnvironment:
+                         dynamic_config: dict[str, str] | None = None,
+                         key_cache_seconds: float | None = None) -> WorkflowEnvironment:
     """The embedded default for a benchmark: the dev server (on `tmp/temporal.db`, or in
     memory) with scripts/run's dynamic config (plus `dynamic_config`), and a client that
     encrypts as production does, with a throwaway payload key and the lead keys in `store`."""
     return await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(BIN / "temporal"), search_attributes=sa.ALL,
-        data_converter=data_converter(Settings(), keyring=PayloadKeyring({"bench": key or new_key()}, "bench"),
+        data_converter=data_converter(Settings(**({} if key_cache_seconds is None else
+                                                  {"key_cache_seconds": key_cache_seconds, "shred_delay_seconds": 0})),
+                                      keyring=PayloadKeyring({"bench": key or new_key()}, "bench"),
                                       key_store=store),
         dev_server_database_filename=None if in_memory else str(tmp / "temporal.db"), dev_server_log_level="error",
         dev_server_extra_args=dev_server_dynamic_flags(**(dynamic_config or {})),
@@ -592,7 +595,8 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
     print(f"Leadflow ingest benchmark ({shape}) = "
           f"{args.leads * args.events} events per phase and round, {args.rounds} round(s), "
           f"concurrency {args.concurrency}, dev server {server_kind}, audit store {store_kind}, "
-          f"{os.cpu_count()} CPUs" + (", dev server pinned to its own CPU" if args.pin else ""))
+          f"{os.cpu_count()} CPUs, key changes looked for every {args.key_cache_seconds:g} s"
+          + (", dev server pinned to its own CPU" if args.pin else ""))
     rows = [
         ("events/s (end to end)", f"{base.events_per_s:.1f}", f"{lead.events_per_s:.1f}"),
         ("seconds end to end", f"{base.total_seconds:.2f}", f"{lead.total_seconds:.2f}"),
@@ -635,7 +639,7 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
         print(f"    {k.removeprefix('EVENT_TYPE_').lower():<{wk}}  "
               f"{base.history_by_type[k] / base.events:>6.2f}  {lead.history_by_type[k] / lead.events:>6.2f}")
     summary = {
-        "shape": args.shape, "cache": args.cache, "audit_max_lag": args.audit_max_lag,
+        "shape": args.shape, "cache": args.cache, "key_cache_seconds": args.key_cache_seconds, "audit_max_lag": args.audit_max_lag,
         "leads": args.leads, "events_per_lead": args.events, "concurrency": args.concurrency,
         "server": server_kind, "store": store_kind, "dynamic_config": {**DEV_SERVER_DYNAMIC_CONFIG, **dict(kv.split("=", 1) for kv in args.dynamic_config)}, "cpus": os.cpu_count(), "pinned": args.pin,
         "baseline_eps": round(base.events_per_s, 1), "lead_eps": round(lead.events_per_s, 1),
@@ -693,6 +697,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=int, default=1000,
                    help="workflows the workers keep cached (default 1000, the SDK's); sparse traffic over more "
                         "leads than this replays most leads from their history")
+    p.add_argument("--key-cache-seconds", type=float, default=Settings().key_cache_seconds,
+                   help="LEADFLOW_KEY_CACHE_SECONDS: how often a process looks for changed lead keys; a lead\n"
+                        "idle longer than this is what real sparse traffic meets (default: the setting's)")
     p.add_argument("--pin", action="store_true",
                    help="the dev server on CPU 0, this process (worker, senders) on the others, as when the\n"
                         "worker runs on its own machine: the lead's worker CPU then does not slow the server\n"
@@ -719,7 +726,8 @@ async def main(argv: list[str] | None = None) -> dict:
     if args.keep:  # what a kept server db is read with: LEADFLOW_PAYLOAD_KEYS_FILE=<tmp>/payload-keys.toml
         (tmp / "payload-keys.toml").write_text(f'current = "bench"\n\n[keys]\nbench = "{key_spec("bench", key).split(":", 1)[1]}"\n')
     env = await start_embedded(tmp, AuditStore(database_url), key=key, in_memory=args.in_memory,
-                               dynamic_config=dict(kv.split("=", 1) for kv in args.dynamic_config))
+                               dynamic_config=dict(kv.split("=", 1) for kv in args.dynamic_config),
+                               key_cache_seconds=args.key_cache_seconds)
     base = Phase("baseline", workflows=0, events=0)
     lead = Phase("lead", workflows=0, events=0)
     try:

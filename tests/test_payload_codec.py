@@ -8,6 +8,7 @@ import asyncio
 import base64
 import os
 import stat
+import threading
 
 import pytest
 from temporalio.api.common.v1 import Payload
@@ -195,6 +196,79 @@ async def test_a_destroyed_key_is_gone_from_other_processes_within_the_cache_tim
     await asyncio.sleep(0.3)
     with pytest.raises(KeyUnavailable, match="destroyed"):
         await reader.decode([payload])
+
+
+class CountingStore:
+    """The key store, counting the reads of lead keys (what each event would cost)."""
+
+    def __init__(self, store: AuditStore):
+        self.store, self.reads = store, 0
+
+    def __getattr__(self, name):
+        if name in ("lead_keys", "lead_key"):
+            self.reads += 1
+        return getattr(self.store, name)
+
+
+async def test_a_quiet_leads_key_stays_in_memory_past_the_cache_time(key_store):
+    """Real leads get an event every few days: a time-limited cache made each of them read
+    the lead key from the store again (2-3 reads per event, worker and API). Keys stay in
+    memory until the store's log says they changed; the log is read once per cache time."""
+    ring = PayloadKeyring({"k1": K1}, "k1")
+    counting = CountingStore(key_store)
+    c = EncryptionCodec(ring, LeadKeys(ring, counting, cache_seconds=0.1), "lead-L-quiet")
+    [payload] = await c.encode([plain("ann")])
+    assert await c.decode([payload]) == [plain("ann")]
+    read = counting.reads
+    for _ in range(3):
+        await asyncio.sleep(0.15)  # longer than the cache time, nothing changed
+        [again] = await c.encode([plain("bob")])
+        assert await c.decode([payload, again]) == [plain("ann"), plain("bob")]
+    assert counting.reads == read
+
+
+async def test_a_rotation_elsewhere_reaches_the_encoder_within_the_cache_time(key_store):
+    ring = PayloadKeyring({"k1": K1}, "k1")
+    c = EncryptionCodec(ring, LeadKeys(ring, key_store, cache_seconds=0.2), "lead-L-rot")
+    [before] = await c.encode([plain("ann")])
+    assert LeadKeys(ring, key_store).rotate_sync("L-rot", "L-rot/1") == 2  # elsewhere
+    await asyncio.sleep(0.3)
+    [after] = await c.encode([plain("new")])
+    assert (before.metadata["encryption-key-id"], after.metadata["encryption-key-id"]) == (b"lead:1:L-rot",
+                                                                                          b"lead:2:L-rot")
+
+
+async def test_a_key_read_while_it_is_destroyed_is_not_kept(key_store):
+    """The read of a key that another process destroys while it is under way, and whose
+    change the log shows before the read returns, must not stay in memory: nothing
+    would make this process forget it again."""
+    ring = PayloadKeyring({"k1": K1}, "k1")
+    [payload] = await codec(ring, key_store, "lead-L-race").encode([plain("ann")])
+    read_done, go_on = threading.Event(), threading.Event()
+
+    class SlowStore(CountingStore):
+        def __getattr__(self, name):
+            got = super().__getattr__(name)
+            if name != "lead_key":
+                return got
+
+            def lead_key(*args):
+                record = got(*args)  # the key as it was ...
+                read_done.set()
+                go_on.wait(5)  # ... returned after it was destroyed and the change was seen
+                return record
+            return lead_key
+
+    reader = LeadKeys(ring, SlowStore(key_store), cache_seconds=0.1)
+    slow = asyncio.create_task(reader.key("L-race", 1))
+    await asyncio.to_thread(read_done.wait, 5)
+    LeadKeys(ring, key_store).destroy_sync("L-race")
+    await asyncio.sleep(0.15)
+    await reader.current("L-other")  # looks at the log: L-race changed
+    go_on.set()
+    assert await slow is not None  # it was read before the destruction
+    await asyncio.sleep(0.15)
+    assert await reader.key("L-race", 1) is None
 
 
 async def test_rewrap_lets_an_old_payload_key_retire(key_store):
