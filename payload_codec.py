@@ -247,6 +247,7 @@ class LeadKeys:
         self._seen: int | None = None  # the last change looked at
         self._changed: OrderedDict[str, int] = OrderedDict()  # lead -> its last change looked at
         self._looking = threading.Lock()
+        self._look: asyncio.Task | None = None  # the look under way
 
     @property
     def store(self):
@@ -318,8 +319,15 @@ class LeadKeys:
             self._seen, self._looked_at = seen, began
 
     async def _look_if_due(self) -> None:
-        if time.monotonic() - self._looked_at >= self.cache_seconds:
-            await asyncio.to_thread(self._look_sync)
+        """One look at a time per event loop: callers that find a look due while one is under
+        way wait for that one (each would otherwise take a thread to find it done)."""
+        if time.monotonic() - self._looked_at < self.cache_seconds:
+            return
+        loop = asyncio.get_running_loop()
+        look = self._look
+        if look is None or look.done() or look.get_loop() is not loop:
+            look = self._look = loop.create_task(asyncio.to_thread(self._look_sync))
+        await asyncio.shield(look)
 
     # ------------------------------------------------------------------ blocking store access
 
