@@ -138,8 +138,7 @@ def build_worker(client: Client, settings: Settings, activities: LeadActivities 
     interval = sweep_interval(settings)
     return LeadWorker(
         client,
-        sweeper=None if interval is None else AuditSweeper(client, activities.store, settings.task_queue, interval,
-                                                           cached_workflows=max_cached_workflows),
+        sweeper=None if interval is None else AuditSweeper(client, activities.store, settings.task_queue, interval),
         dispatcher=WebhookDispatcher(activities.store, settings.webhook_retry_seconds),
         task_queue=settings.task_queue,
         workflows=[LeadWorkflow, ModelRolloutWorkflow, AccountWorkflow],

@@ -39,18 +39,14 @@ OVERDUE = 5.0  # s a noted lead may wait while newer ones go first; then it is a
 QUERY_TIMEOUT = 10.0  # s; a lead that does not answer is noted again
 MAX_TRIES = 40  # sweeps in a row a lead may not answer (~10 s at 0.25 s) before it is left to write itself
 REMEMBERED_LEADS = 100_000  # per lead, the last seq written: the next query asks only for newer ones
-HURRY_SHARE = 8  # a sweep that would take over 1/8 of the worker's cached leads ...
-HURRIED_INTERVAL = 0.05  # s ... waits this long instead
 
 
 class AuditSweeper:
-    def __init__(self, client: Client, store: AuditStore, task_queue: str, interval: float = 1.0,
-                 cached_workflows: int | None = None):
+    def __init__(self, client: Client, store: AuditStore, task_queue: str, interval: float = 1.0):
         self.client = client
         self.store = store
         self.task_queue = task_queue
         self.interval = interval
-        self.cached_workflows = cached_workflows  # the worker's max_cached_workflows
         self._written: OrderedDict[str, int] = OrderedDict()
         self._failures: dict[str, int] = {}  # leads whose query failed, sweeps in a row
         self._waiting: OrderedDict[str, float] = OrderedDict()  # noted, not asked -> since when; newest last
@@ -67,35 +63,17 @@ class AuditSweeper:
         A sweep does not wait for its slowest lead (one the worker must replay to answer):
         waiting let notes pile up, and by the time they were asked, more of those leads had
         left the worker's cache (measured: sweeps of 3-9 s with the sparse benchmark)."""
-        wait, last = self.interval, time.monotonic()
         while not self._stopping.is_set():
             try:
-                await asyncio.wait_for(self._stopping.wait(), wait)
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
             except TimeoutError:
                 pass
             async with self._sweeping:  # never cut off half way by stop()
                 try:
-                    taken = self._ask_noted()
-                    now = time.monotonic()
-                    wait, last = self.next_wait(taken, now - last), now
+                    self._ask_noted()
                     await self._write_answers()
                 except Exception:  # noqa: BLE001 - the loop outlives any one sweep
                     log.exception("audit sweep failed; its leads write their entries themselves later")
-
-    def next_wait(self, taken: int, seconds: float) -> float:
-        """The interval, or HURRIED_INTERVAL while notes come so fast (`taken` in `seconds`)
-        that a sweep at the interval would take over 1/HURRY_SHARE of the leads the worker
-        caches. Each lead noted is one the worker has just run, so that many newer ones push
-        the oldest out of the cache within a few sweeps, and a query to an evicted lead
-        replays its whole history. Leads that stay cached (bursts) wait the interval and
-        are asked once for more entries. Measured (bench/ingest.py --shape sparse --cache 40):
-        at 0.25 s a quarter of the sweeper's queries replayed a lead, at 0.05 s none."""
-        if not self.cached_workflows or seconds <= 0:
-            return self.interval
-        at_interval = taken / seconds * self.interval
-        if at_interval * HURRY_SHARE > self.cached_workflows:
-            return min(self.interval, HURRIED_INTERVAL)
-        return self.interval
 
     async def stop(self, timeout: float = 10.0) -> None:
         """End the loop after its current sweep, and sweep once more (a worker shutting down:
@@ -119,7 +97,7 @@ class AuditSweeper:
             await asyncio.gather(*self._asking.values(), return_exceptions=True)
         return await self._write_answers()
 
-    def _ask_noted(self) -> int:
+    def _ask_noted(self) -> None:
         """Newest note first, QUERY_CONCURRENCY at a time. A lead the worker still caches
         answers from memory; one it has evicted replays its whole history to answer. Under
         sparse traffic the cache turns over in about a second, so the lead noted last is the
@@ -128,15 +106,13 @@ class AuditSweeper:
         So that newer notes cannot starve older ones under a sustained load, a lead waiting
         longer than OVERDUE goes first: overloaded, the sweeper asks oldest first."""
         now = time.monotonic()
-        noted = SWEEP_NOTES.take(self.task_queue)
-        for lead_id in noted:
+        for lead_id in SWEEP_NOTES.take(self.task_queue):
             since = self._waiting.pop(lead_id, None)
             if since is None:
                 since = now
                 heapq.heappush(self._by_age, (since, lead_id))
             self._waiting[lead_id] = since  # the newest now, waiting since its first note
         self._ask_waiting()
-        return len(noted)
 
     def _ask_waiting(self) -> None:
         while self._waiting and len(self._asking) < QUERY_CONCURRENCY:

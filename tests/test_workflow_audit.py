@@ -275,25 +275,6 @@ async def test_a_lead_noted_long_ago_is_asked_before_newer_ones(monkeypatch, sto
     assert asked == ["Z-old-3", "Z-old-2", "Z-old-1", "A-new-2", "A-new-1"]
 
 
-def test_the_sweeper_hurries_only_while_the_worker_cache_turns_over(store):
-    """Leads noted faster than the worker can keep them cached are asked sooner (a query to
-    an evicted lead replays its history); leads that stay cached wait the interval."""
-    from activities import audit_sweeper
-
-    sweeper = AuditSweeper(client=None, store=store, task_queue="tq-pace", interval=0.25, cached_workflows=40)
-    hurried = audit_sweeper.HURRIED_INTERVAL
-    assert sweeper.next_wait(taken=20, seconds=0.25) == hurried  # 20 per sweep: half the cache
-    assert sweeper.next_wait(taken=4, seconds=0.05) == hurried  # the same pace, hurried already: stays
-    assert sweeper.next_wait(taken=5, seconds=0.25) == 0.25  # an eighth of the cache per sweep
-    assert sweeper.next_wait(taken=0, seconds=0.05) == 0.25  # quiet again
-    big_cache = AuditSweeper(client=None, store=store, task_queue="tq-pace", interval=0.25, cached_workflows=1000)
-    assert big_cache.next_wait(taken=20, seconds=0.25) == 0.25  # 50 busy leads in a cache of 1,000
-    unknown = AuditSweeper(client=None, store=store, task_queue="tq-pace", interval=0.25)
-    assert unknown.next_wait(taken=500, seconds=0.25) == 0.25
-    short = AuditSweeper(client=None, store=store, task_queue="tq-pace", interval=0.01, cached_workflows=40)
-    assert short.next_wait(taken=500, seconds=0.01) == 0.01  # never slower than asked
-
-
 def test_no_note_is_lost_while_the_sweeper_takes_them():
     """Leads note on the workflow threads while the sweeper takes on its loop: a note must
     not land in a batch already taken (without the lock, ~70 of 80,000 were lost here)."""
