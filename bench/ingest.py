@@ -698,8 +698,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="workflows the workers keep cached (default 1000, the SDK's); sparse traffic over more "
                         "leads than this replays most leads from their history")
     p.add_argument("--key-cache-seconds", type=float, default=Settings().key_cache_seconds,
-                   help="LEADFLOW_KEY_CACHE_SECONDS: how often a process looks for changed lead keys; a lead\n"
-                        "idle longer than this is what real sparse traffic meets (default: the setting's)")
+                   help="LEADFLOW_KEY_CACHE_SECONDS: how often a process looks for changed lead keys (default:\n"
+                        "the setting's). Code before 2026-11-24 expired keys this long after reading them, so a\n"
+                        "small value showed there what leads idle for days cost; now it is the looks' cost")
     p.add_argument("--pin", action="store_true",
                    help="the dev server on CPU 0, this process (worker, senders) on the others, as when the\n"
                         "worker runs on its own machine: the lead's worker CPU then does not slow the server\n"
