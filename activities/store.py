@@ -316,6 +316,9 @@ _TOUCHES = LeadTouchRow.__table__
 _FACTS = FactLogRow.__table__
 _LEAD_KEYS = LeadKeyRow.__table__
 _LEAD_KEY_CHANGES = LeadKeyChangeRow.__table__
+# PostgreSQL advisory lock that writers of lead_key_change hold to commit (see _log_lead_key_change)
+LEAD_KEY_CHANGE_LOCK = int.from_bytes(hashlib.blake2b(b"leadflow lead_key_change", digest_size=8).digest(), "big",
+                                      signed=True)
 _ERASURES = ErasureRow.__table__
 _EXTERNAL_IDS = ExternalIdRow.__table__
 _CONNECTOR_LOG = ConnectorLogRow.__table__
@@ -1017,10 +1020,11 @@ class AuditStore:
 
     @staticmethod
     def _log_lead_key_change(session: Session, lead_id: str) -> None:
-        """A change's number is drawn under a lock held to commit (PostgreSQL; SQLite has one
-        writer), so numbers commit in order: a reader that has seen number n has seen all below."""
+        """A change's number is drawn under a lock held to commit (PostgreSQL: an advisory
+        lock, which needs no privilege beyond the insert; SQLite has one writer), so numbers
+        commit in order: a reader that has seen number n has seen all below."""
         if session.get_bind().dialect.name == "postgresql":
-            session.exec(text("LOCK TABLE lead_key_change IN SHARE ROW EXCLUSIVE MODE"))
+            session.exec(text("SELECT pg_advisory_xact_lock(:key)"), params={"key": LEAD_KEY_CHANGE_LOCK})
         session.exec(insert(_LEAD_KEY_CHANGES).values(lead_id=lead_id, changed_at=utcnow()))
 
     def lead_key_changes(self, after: int | None) -> tuple[int, list[str]]:

@@ -686,17 +686,18 @@ def test_lead_key_changes_are_logged_in_order_and_read_from_a_position(store):
 def test_a_lead_key_change_waits_for_an_earlier_one_to_commit_on_postgresql(postgres_server):
     """A reader that has seen change n must have seen every change below n: otherwise a change
     whose transaction commits late is never read, and a destroyed key stays usable in memory."""
-    from sqlalchemy import insert
+    from sqlalchemy import insert, text
 
-    from activities.store import LeadKeyChangeRow
+    from activities.store import LEAD_KEY_CHANGE_LOCK, LeadKeyChangeRow
     from payload_codec import LeadKeyRecord
 
     store = AuditStore(postgres_server.new_database())
     try:
         seen, _ = store.lead_key_changes(None)
         store.add_lead_key(LeadKeyRecord("L-late", 1, "k1", b"w"))
-        with store.engine.connect() as slow:  # a change drawn first, committed late
+        with store.engine.connect() as slow:  # another writer's change, drawn first, committed late
             slow.begin()
+            slow.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LEAD_KEY_CHANGE_LOCK})
             slow.execute(insert(LeadKeyChangeRow.__table__).values(lead_id="L-slow", changed_at=datetime.now(timezone.utc)))
             rotating = threading.Thread(target=store.add_lead_key,
                                         args=(LeadKeyRecord("L-late", 2, "k1", b"w", erasure_id="e"),))
