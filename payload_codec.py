@@ -245,7 +245,7 @@ class LeadKeys:
         self._leads: OrderedDict[str, tuple[int | None, dict[int, bytes | None]]] = OrderedDict()
         self._looked_at = -math.inf  # when the last look at the change log began (monotonic)
         self._seen: int | None = None  # the last change looked at
-        self._changed: OrderedDict[str, int] = OrderedDict()  # lead -> its last change looked at
+        self._changed_at = -1  # where in the log the last look that found changes ended
         self._looking = threading.Lock()
         self._look: asyncio.Task | None = None  # the look under way
 
@@ -284,9 +284,11 @@ class LeadKeys:
 
     def _remember(self, lead_id: str, seen: int | None, generation: int, key: bytes | None,
                   current: bool = False) -> None:
-        """Keep what was read, unless a look that began after the read shows the lead's keys
-        changed: the read may be from before the change, and nothing would forget it again."""
-        if self._changed.get(lead_id, -1) > (seen if seen is not None else -1):
+        """Keep what was read, unless a look that ended after the read began found changes
+        (`seen`: the log position when it began): the read may be from before a change to this
+        lead, and nothing would forget it again. Changes are erasures, rare: a read dropped
+        for another lead's change is read again next time."""
+        if self._changed_at > (seen if seen is not None else -1):
             return
         known, keys = self._leads.pop(lead_id, (None, {}))
         keys[generation] = key
@@ -312,10 +314,8 @@ class LeadKeys:
             seen, changed = self.store.lead_key_changes(self._seen)
             for lead_id in changed:
                 self.forget(lead_id)
-                self._changed[lead_id] = seen
-                self._changed.move_to_end(lead_id)
-            while len(self._changed) > CACHE_MAX:
-                self._changed.popitem(last=False)
+            if changed:
+                self._changed_at = seen
             self._seen, self._looked_at = seen, began
 
     async def _look_if_due(self) -> None:
