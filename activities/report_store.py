@@ -271,14 +271,18 @@ def lead_rows(lead_id: str, entries: Sequence[ReportEntry]) -> dict[Table, list[
 
 # --------------------------------------------------------------------------- keeping them
 
+def advisory_key(name: str) -> int:
+    """A PostgreSQL advisory lock key (a signed 64-bit integer) for `name`."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+
+
 def lock_leads(conn: Connection, lead_ids: Iterable[str]) -> None:
     """PostgreSQL: one transaction-scoped advisory lock per lead, always in the same order,
     so the rows of a lead are derived by one writer at a time, after the previous one's
     entries are committed (SQLite has a single writer anyway)."""
     if conn.dialect.name != "postgresql":
         return
-    keys = sorted({int.from_bytes(hashlib.blake2b(lead.encode(), digest_size=8).digest(), "big", signed=True)
-                   for lead in lead_ids})
+    keys = sorted({advisory_key(lead) for lead in lead_ids})
     for i in range(0, len(keys), 1000):
         conn.execute(text("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:keys AS bigint[])) "
                           "WITH ORDINALITY AS t(k, i) ORDER BY i"), {"keys": keys[i:i + 1000]})

@@ -317,8 +317,7 @@ _FACTS = FactLogRow.__table__
 _LEAD_KEYS = LeadKeyRow.__table__
 _LEAD_KEY_CHANGES = LeadKeyChangeRow.__table__
 # PostgreSQL advisory lock that writers of lead_key_change hold to commit (see _log_lead_key_change)
-LEAD_KEY_CHANGE_LOCK = int.from_bytes(hashlib.blake2b(b"leadflow lead_key_change", digest_size=8).digest(), "big",
-                                      signed=True)
+LEAD_KEY_CHANGE_LOCK = report_store.advisory_key("leadflow lead_key_change")
 _ERASURES = ErasureRow.__table__
 _EXTERNAL_IDS = ExternalIdRow.__table__
 _CONNECTOR_LOG = ConnectorLogRow.__table__
