@@ -10,6 +10,10 @@ query adds nothing to a history) and writes all of it in one transaction. The st
 the first copy of each (lead, seq), so the lead's own later write of the same entries
 changes nothing.
 
+Leads also hand the entries of each workflow task to the sweeper (`Handed`): it writes them
+once a read of the lead's newest history events shows that task completed (`task_outcome`),
+with no query and no replay; what it cannot confirm so, it asks by query.
+
 If a sweep fails (the store or Temporal down), its leads are noted again for the next one.
 If the worker dies first, the entries are still in the leads' state (Temporal's history)
 and reach the store with the lead's next write of its own: an entry that must not wait,
@@ -24,13 +28,20 @@ import logging
 import time
 from collections import OrderedDict
 
+from datetime import timedelta, timezone
+
 from sqlalchemy.exc import SQLAlchemyError
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryReverseRequest
 from temporalio.client import Client, WorkflowQueryRejectedError
+from temporalio.service import RPCError, RPCStatusCode
 
 import client as leads
 from activities.store import AuditStore
 from funnel.models import AuditEntry
-from workflows.audit_cadence import SWEEP_NOTES
+from workflows.audit_cadence import SWEEP_NOTES, Handed
+from workflows.lead import workflow_id
 
 log = logging.getLogger("leadflow.sweeper")
 
@@ -39,6 +50,8 @@ OVERDUE = 5.0  # s a noted lead may wait while newer ones go first; then it is a
 QUERY_TIMEOUT = 10.0  # s; a lead that does not answer is noted again
 MAX_TRIES = 40  # sweeps in a row a lead may not answer (~10 s at 0.25 s) before it is left to write itself
 REMEMBERED_LEADS = 100_000  # per lead, the last seq written: the next query asks only for newer ones
+SAME_INSTANT = timedelta(microseconds=5)
+CONFIRM_PAGE = 16  # newest history events read to find a handed task's outcome; further back: ask by query
 
 
 class AuditSweeper:
@@ -54,9 +67,15 @@ class AuditSweeper:
         self._asking: dict[str, asyncio.Task] = {}  # leads whose query is under way
         self._noted_again: set[str] = set()  # noted while asked: asked again after that answer
         self._answers: list[AuditEntry] = []  # answered, not written yet
+        self._confirming: set[asyncio.Task] = set()  # handed entries whose task is being looked up
+        self._unconfirmed: list[Handed] = []  # task not completed yet at the last look: looked up again
+        self._confirm_slots = asyncio.Semaphore(QUERY_CONCURRENCY)
+        self._can_confirm = True  # False: the server cannot read a history backwards; leads are asked
         self._stopping = asyncio.Event()
         self._sweeping = asyncio.Lock()
         self.swept_entries = 0  # written by sweeps (new or not), for tests and figures
+        self.queries = 0  # leads asked by query ...
+        self.confirmed = 0  # ... and handed tasks confirmed by a history read, for figures
 
     async def run(self) -> None:
         """Every `interval`: ask the leads noted since, and write the answers that are in.
@@ -70,6 +89,7 @@ class AuditSweeper:
                 pass
             async with self._sweeping:  # never cut off half way by stop()
                 try:
+                    self._confirm_handed()
                     self._ask_noted()
                     await self._write_answers()
                 except Exception:  # noqa: BLE001 - the loop outlives any one sweep
@@ -92,10 +112,29 @@ class AuditSweeper:
     async def sweep(self) -> int:
         """Ask every lead noted, wait for all answers (of earlier asks too) and write them;
         returns how many entries were new."""
+        self._confirm_handed()
+        while self._confirming:  # what they cannot confirm is noted, and asked below
+            await asyncio.gather(*self._confirming, return_exceptions=True)
         self._ask_noted()
         while self._asking:
             await asyncio.gather(*self._asking.values(), return_exceptions=True)
         return await self._write_answers()
+
+    def _confirm_handed(self) -> None:
+        """Look up the tasks of the entries handed since the last sweep (and of those whose
+        task had not completed at the last look): one read per run instance that handed any,
+        for its latest task, which vouches for the instance's earlier ones."""
+        handed, self._unconfirmed = self._unconfirmed + SWEEP_NOTES.take_handed(self.task_queue), []
+        by_instance: dict[tuple[str, str, int], list[Handed]] = {}
+        for item in handed:
+            by_instance.setdefault((item.lead_id, item.run_id, item.instance), []).append(item)
+        for (lead_id, _, _), items in by_instance.items():
+            if not self._can_confirm:
+                SWEEP_NOTES.note(self.task_queue, lead_id)
+                continue
+            task = asyncio.create_task(self._confirm(items))
+            self._confirming.add(task)
+            task.add_done_callback(self._confirming.discard)
 
     def _ask_noted(self) -> None:
         """Newest note first, QUERY_CONCURRENCY at a time. A lead the worker still caches
@@ -134,6 +173,7 @@ class AuditSweeper:
     async def _ask(self, lead_id: str) -> None:
         try:
             try:  # [] for a lead that is gone or won (it wrote everything before it ended)
+                self.queries += 1
                 got = await leads.audit_tail(self.client, lead_id, QUERY_TIMEOUT,
                                              after_seq=self._written.get(lead_id, 0))
             except WorkflowQueryRejectedError:
@@ -152,6 +192,49 @@ class AuditSweeper:
         if lead_id in self._noted_again:
             self._noted_again.discard(lead_id)
             SWEEP_NOTES.note(self.task_queue, lead_id)
+
+    async def _confirm(self, items: list[Handed]) -> None:
+        """Take handed entries once the workflow task that produced them is in the lead's
+        history as completed: its WorkflowTaskStarted at `started_id` (at `started_at`), then
+        WorkflowTaskCompleted. One read of the newest history events, no workflow task and no
+        replay (a query on an evicted lead replays it). A task that failed or timed out, or
+        one further back than the page: the lead is asked by query, which sees completed tasks
+        only. Not completed yet: looked up again at the next sweep."""
+        handed = max(items, key=lambda item: item.started_id)
+        async with self._confirm_slots:
+            try:
+                page = await self.client.workflow_service.get_workflow_execution_history_reverse(
+                    GetWorkflowExecutionHistoryReverseRequest(
+                        namespace=self.client.namespace, maximum_page_size=CONFIRM_PAGE,
+                        execution=WorkflowExecution(workflow_id=workflow_id(handed.lead_id), run_id=handed.run_id)),
+                    timeout=timedelta(seconds=QUERY_TIMEOUT))
+            except RPCError as err:
+                if err.status == RPCStatusCode.NOT_FOUND:
+                    return  # the run is gone (its history deleted): nothing to confirm it by
+                if err.status == RPCStatusCode.UNIMPLEMENTED:  # e.g. the SDK's time-skipping test server
+                    self._can_confirm = False
+                    SWEEP_NOTES.note(self.task_queue, handed.lead_id)
+                    return
+                if self._retry(handed.lead_id):
+                    self._unconfirmed += items
+                return
+            except Exception:  # noqa: BLE001 - the server away, a timeout: again at the next sweep
+                if self._retry(handed.lead_id):
+                    self._unconfirmed += items
+                return
+        outcome = task_outcome(page.history.events, handed)
+        if outcome is None:  # still running: the completion is on its way
+            if self._retry(handed.lead_id):
+                self._unconfirmed += items
+            else:
+                SWEEP_NOTES.note(self.task_queue, handed.lead_id)  # asked: a query waits for the task
+        elif outcome:
+            self.confirmed += 1
+            self._failures.pop(handed.lead_id, None)
+            written = self._written.get(handed.lead_id, 0)
+            self._answers.extend(e for item in items for e in item.entries if e.seq > written)
+        else:
+            SWEEP_NOTES.note(self.task_queue, handed.lead_id)
 
     async def _write_answers(self) -> int:
         """All answers in, in one transaction; if it fails, their leads are noted again."""
@@ -192,3 +275,20 @@ class AuditSweeper:
             self._written.move_to_end(lead_id)
             while len(self._written) > REMEMBERED_LEADS:
                 self._written.popitem(last=False)
+
+
+def task_outcome(newest_first, handed: Handed) -> bool | None:
+    """From a run's newest history events: True if the workflow task started at event
+    `handed.started_id`, at `handed.started_at`, completed; None if its outcome is not in the
+    history yet; False if it did not complete (failed, timed out, another task at that id) or
+    the page does not reach back to it."""
+    by_id = {event.event_id: event for event in newest_first}
+    if by_id and max(by_id) == handed.started_id:
+        return None  # the task is still running, or its completion is on its way
+    started, after = by_id.get(handed.started_id), by_id.get(handed.started_id + 1)
+    if started is None or after is None or started.event_type != EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+        return False
+    # workflow.now() goes through a float: the same instant within a few microseconds
+    if abs(started.event_time.ToDatetime(tzinfo=timezone.utc) - handed.started_at) > SAME_INSTANT:
+        return False  # a task at the same id, not the one that produced the entries
+    return after.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED

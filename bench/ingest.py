@@ -174,12 +174,14 @@ class Phase:
     confirmed: bool = True
     rounds: list[float] = field(default_factory=list)  # events/s of each round, once folded
     setup_events: int = 0  # sparse: the untimed events that created the leads (their history is not counted)
+    sweeper_queries: int = 0  # lead phase, timed window: leads the audit sweeper asked by query ...
+    sweeper_confirmed: int = 0  # ... and handed workflow tasks it confirmed by a history read
 
     def add(self, other: "Phase") -> None:
         """Fold another round of the same phase into this one (sums; peak RSS is the last)."""
         for name in ("workflows", "events", "send_seconds", "flush_seconds", "total_seconds", "cpu_bench_s", "cpu_server_s",
                      "send_retries", "history_events", "flush_history_events", "runs", "continued_as_new",
-                     "setup_events"):
+                     "setup_events", "sweeper_queries", "sweeper_confirmed"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.history_by_type.update(other.history_by_type)
         self.rss_after_mb = other.rss_after_mb
@@ -523,7 +525,7 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
     try:
         meter = Meter(phase, server_pids)
         with ThreadPoolExecutor(ACTIVITY_THREADS) as executor:
-            async with build_worker(client, settings, activities, executor, max_cached_workflows=cache):
+            async with build_worker(client, settings, activities, executor, max_cached_workflows=cache) as worker:
                 freeze_heap()  # as worker.run does once the worker is up
                 await warm_up(send, applied)
                 before = HistoryCount()
@@ -540,6 +542,8 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
                             await flush_or_say(client, lead)
                     before = await count_history(client, [lead_workflow_id(lead) for lead in lead_ids])
                 meter.start()
+                sweeper = worker.sweeper
+                asked0, confirmed0 = (sweeper.queries, sweeper.confirmed) if sweeper else (0, 0)
                 start = await send_all(events, concurrency, send, phase)
                 wids = [lead_workflow_id(lead) for lead in lead_ids]
                 phase.confirmed = await wait_settled(client, events, lead_ids, lead_workflow_id)
@@ -551,6 +555,9 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
                     phase.flush_seconds = time.perf_counter() - start - applied_seconds
                     phase.total_seconds = time.perf_counter() - start
                     meter.stop()
+                    if sweeper is not None:
+                        phase.sweeper_queries = sweeper.queries - asked0
+                        phase.sweeper_confirmed = sweeper.confirmed - confirmed0
                     phase.confirmed &= await wait_until(lead_ids, applied)  # untimed: each lead counts its events
                     ingested = flushed = await count_history(client, wids)
                     take_history(phase, before, ingested)
@@ -615,6 +622,8 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
         ("CPU ms per event bench+server", f"{base.cpu_ms_per_event:.1f}", f"{lead.cpu_ms_per_event:.1f}"),
         ("peak RSS MB before -> after", f"{base.rss_before_mb:.0f} -> {base.rss_after_mb:.0f}",
          f"{lead.rss_before_mb:.0f} -> {lead.rss_after_mb:.0f}"),
+        ("audit sweeper: queries / tasks confirmed by history", "-",
+         f"{lead.sweeper_queries} / {lead.sweeper_confirmed}"),
         ("all confirmed", str(base.confirmed), str(lead.confirmed)),
     ]
     w0 = max(len(r[0]) for r in rows)
@@ -651,6 +660,7 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
         "baseline_hist_per_event": round(base.history_per_event, 2),
         "lead_hist_per_event": round(lead.history_per_event, 2),
         "lead_flush_hist_per_event": round(lead.flush_history_per_event, 2),
+        "sweeper_queries": lead.sweeper_queries, "sweeper_confirmed": lead.sweeper_confirmed,
         "continue_as_new": lead.continued_as_new,
         "baseline_cpu_bench_s": round(base.cpu_bench_s, 1), "baseline_cpu_server_s": round(base.cpu_server_s, 1),
         "lead_cpu_bench_s": round(lead.cpu_bench_s, 1), "lead_cpu_server_s": round(lead.cpu_server_s, 1),

@@ -10,7 +10,8 @@ are not restarted by each event.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy.exc import OperationalError
@@ -25,6 +26,7 @@ from tests.conftest import (
     running_worker,
     scheduled_activities,
     settle,
+    until,
 )
 from workflows.lead import workflow_id
 
@@ -327,3 +329,117 @@ async def test_a_deadline_that_starts_waits_for_the_sweeper_from_version_10(ts_e
         total, _ = await leads.read_history(client, store, lead)
         assert await store_reaches(store, lead, total) == total
         assert AuditKind.SLA_BREACHED in [e.kind for e in store.history(lead, limit=1000)]
+
+
+async def test_handed_entries_reach_the_store_without_a_query_once_their_task_completed(
+        dev_env, settings, store, monkeypatch):
+    """On the dev server the lead hands its entries to the sweeper with the workflow task that
+    produced them; the sweeper writes them once the history shows that task completed, without
+    asking the lead (a query on an evicted lead replays it). Here every query fails, so only
+    the handed entries can reach the store."""
+    from activities import audit_sweeper
+
+    asked: list[str] = []
+
+    async def no_tail(_client, lead_id, _timeout, after_seq=0):
+        asked.append(lead_id)
+        raise RuntimeError("asked")
+
+    monkeypatch.setattr(audit_sweeper.leads, "audit_tail", no_tail)
+    client, lead = dev_env.client, f"A-hand-{uuid.uuid4().hex[:6]}"
+
+    async def applied() -> int:
+        try:
+            return (await leads.get_view(client, lead)).events_applied
+        except leads.LeadStarting:
+            return 0
+    async with running_worker(client, settings, store):
+        now = datetime.now(timezone.utc)
+        for n in range(3):  # separate workflow tasks, each handing its own entries
+            await leads.send_events(client, settings, [event(lead, str(n), "website_visit", now)])
+            await until(applied, lambda count, n=n: count == n + 1)
+        await until(lambda: asyncio.to_thread(store.count_history, lead), lambda c: c == 4, timeout=20)
+    assert asked == []
+    kinds = [e.kind for e in store.history(lead)]
+    assert kinds.count(AuditKind.SCORE_CHANGED) == 3 and kinds[0] == AuditKind.LEAD_CREATED
+
+
+def _events(*spec):
+    """History events newest first from (id, type, seconds) tuples."""
+    from temporalio.api.history.v1 import HistoryEvent
+
+    out = []
+    for event_id, kind, second in spec:
+        e = HistoryEvent(event_id=event_id, event_type=kind)
+        e.event_time.FromDatetime(datetime(2026, 11, 24, 12, 0, second, tzinfo=timezone.utc))
+        out.append(e)
+    return out[::-1]
+
+
+def test_handed_entries_count_only_for_the_very_task_that_completed():
+    """The sweeper writes handed entries only if the task that produced them completed: a
+    failed or timed-out task is decided again (maybe otherwise), so its entries must not
+    reach the store; neither may those of another task that took the same event id."""
+    from temporalio.api.enums.v1 import EventType as T
+
+    from activities.audit_sweeper import task_outcome
+    from workflows.audit_cadence import Handed
+
+    at = datetime(2026, 11, 24, 12, 0, 5, tzinfo=timezone.utc)
+    handed = Handed("L", "run", 8, at, ())
+    scheduled, started = (7, T.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 4), (8, T.EVENT_TYPE_WORKFLOW_TASK_STARTED, 5)
+    assert task_outcome(_events(scheduled, started, (9, T.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 5)), handed) is True
+    assert task_outcome(_events(scheduled, started, (9, T.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 5),
+                                (10, T.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED, 5)), handed) is True
+    assert task_outcome(_events(scheduled, started), handed) is None  # completion on its way
+    assert task_outcome(_events(scheduled, started, (9, T.EVENT_TYPE_WORKFLOW_TASK_FAILED, 6)), handed) is False
+    assert task_outcome(_events(scheduled, started, (9, T.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT, 15)), handed) is False
+    other_attempt = (8, T.EVENT_TYPE_WORKFLOW_TASK_STARTED, 6)  # the same id, another task (a second later)
+    assert task_outcome(_events(scheduled, other_attempt, (9, T.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 6)), handed) is False
+    later = [(n, T.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED, 9) for n in range(10, 30)]
+    page = _events(scheduled, started, (9, T.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 5), *later)[:16]
+    assert task_outcome(page, handed) is False  # the page does not reach back: the lead is asked
+    assert task_outcome([], handed) is False
+
+
+async def test_the_latest_completed_task_of_a_run_instance_vouches_for_its_earlier_ones(store):
+    """One history read per run instance: its tasks reached it one after another, so its
+    latest completed task vouches for its earlier ones. Entries another instance handed
+    from a task that did not complete (decided again later) are not written; that lead is
+    asked by query instead."""
+    from types import SimpleNamespace
+
+    from temporalio.api.enums.v1 import EventType as T
+
+    from funnel.models import AuditEntry, Role
+    from workflows.audit_cadence import SWEEP_NOTES, Handed
+
+    at = datetime(2026, 11, 24, 12, 0, 5, tzinfo=timezone.utc)
+    reads: list[str] = []
+
+    async def history_reverse(request, timeout=None):
+        reads.append(request.execution.run_id)
+        return SimpleNamespace(history=SimpleNamespace(events=_events(
+            (7, T.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 4), (8, T.EVENT_TYPE_WORKFLOW_TASK_STARTED, 5),
+            (9, T.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 5))))
+
+    client = SimpleNamespace(namespace="default",
+                             workflow_service=SimpleNamespace(get_workflow_execution_history_reverse=history_reverse))
+    queue, lead = f"q-{uuid.uuid4().hex[:6]}", "A-vouch"
+
+    def entry(seq: int, detail: str) -> AuditEntry:
+        return AuditEntry(lead_id=lead, seq=seq, at=at, kind=AuditKind.SCORE_CHANGED, actor="system",
+                          role=Role.SYSTEM, detail=detail)
+
+    SWEEP_NOTES.hand(queue, Handed(lead, "run", 4, at - timedelta(seconds=1), (entry(1, "first"),), instance=1))
+    SWEEP_NOTES.hand(queue, Handed(lead, "run", 8, at, (entry(2, "second"),), instance=1))
+    # another instance of the same run handed seq 3 from a task at id 8 that started later:
+    # not the task in the history, so not written
+    SWEEP_NOTES.hand(queue, Handed(lead, "run", 8, at + timedelta(seconds=1), (entry(3, "rejected"),), instance=2))
+    sweeper = AuditSweeper(client, store, queue)
+    sweeper._ask_waiting = lambda: None  # the noted lead is not asked here (no real client)
+    assert await sweeper.sweep() == 2
+    assert sorted(reads) == ["run", "run"]  # one read per instance, not per task
+    assert [e.detail for e in store.history(lead)] == ["first", "second"]
+    assert sweeper.confirmed == 1
+    assert lead in sweeper._waiting  # the unconfirmed instance's lead waits to be asked

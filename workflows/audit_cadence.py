@@ -17,6 +17,13 @@ ends, and the store keeps the first copy of each (lead, seq). A query sees only 
 completed workflow tasks, which a replay rebuilds exactly, so what the sweeper writes is
 what the lead would have written.
 
+Since 2026-11-24 (no new version: nothing in a history changes) a lead hands the entries
+each workflow task produced to the sweeper in memory, with the task's id and start time
+(`Handed`), instead of only noting itself. The sweeper writes them once one read of the
+lead's newest history events shows that very task completed; a task the server rejected is
+decided again, so its entries are never written. What it cannot confirm it asks by query as
+before. This spares the query, and the replay it costs when the worker has evicted the lead.
+
 From version 8, each write also carries the input the lead took since the last one
 (`TakenInput`), for the store's event log: the edge logs input at once but best effort,
 and the lead's write makes the log complete. Taken input does not make a write due by
@@ -33,8 +40,10 @@ Workflow code: only workflow time, timers and activities.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -55,13 +64,37 @@ DEFERRABLE = frozenset({
 })
 
 
+@dataclass(frozen=True)
+class Handed:
+    """Entries a lead produced in one workflow task, handed to its worker's sweeper. They may
+    be written only once that very task is known to have completed (its WorkflowTaskStarted
+    event `started_id`, at `started_at`, followed by WorkflowTaskCompleted in run `run_id`):
+    a task that failed or timed out is decided again, and its entries with it."""
+
+    lead_id: str
+    run_id: str
+    started_id: int
+    started_at: datetime
+    entries: tuple[AuditEntry, ...]
+    # The run instance in this worker that handed them: its tasks reached it one after
+    # another, each only once the one before had completed (a rejected completion evicts
+    # the instance), so its latest completed task vouches for all its earlier ones.
+    instance: int = 0
+
+
+INSTANCES = itertools.count(1)  # numbers the run instances of this process (not workflow state)
+HANDED_MAX = 20_000  # per task queue; beyond it a lead is noted instead (its tail read by query)
+
+
 class SweepNotes:
     """Leads whose audit waits in their state, per task queue, for the sweeper of the worker
     that ran them (one per process and task queue). Workflow code only adds to it, and not
-    while replaying: a hint for the sweeper, never read back by a workflow."""
+    while replaying: a hint for the sweeper, never read back by a workflow. A lead either
+    hands the entries it produced (`hand`) or only notes itself (`note`: the sweeper asks)."""
 
     def __init__(self) -> None:
         self._leads: dict[str, dict[str, None]] = {}  # task queue -> leads, oldest note first
+        self._handed: dict[str, list[Handed]] = {}  # task queue -> handed entries, oldest first
         self._lock = threading.Lock()  # leads note on workflow threads, the sweeper takes on its loop
 
     def note(self, task_queue: str, lead_id: str) -> None:
@@ -70,10 +103,23 @@ class SweepNotes:
             leads.pop(lead_id, None)  # noted again: now the newest
             leads[lead_id] = None
 
+    def hand(self, task_queue: str, handed: Handed) -> None:
+        with self._lock:
+            queue = self._handed.setdefault(task_queue, [])
+            if len(queue) < HANDED_MAX:
+                queue.append(handed)
+                return
+        self.note(task_queue, handed.lead_id)  # no sweeper takes them (or it is far behind)
+
     def take(self, task_queue: str) -> list[str]:
         """The leads noted since the last take, oldest note first."""
         with self._lock:
             return list(self._leads.pop(task_queue, {}))
+
+    def take_handed(self, task_queue: str) -> list[Handed]:
+        """The entries handed since the last take, oldest first."""
+        with self._lock:
+            return self._handed.pop(task_queue, [])
 
 
 SWEEP_NOTES = SweepNotes()
@@ -100,6 +146,10 @@ class AuditCadence:
         self.flush_requested = False  # a command, the lag timer or flush_audit wants it now
         self.wrote = False  # set by each write; the workflow refreshes search attributes
         self._lag_timer: asyncio.Task | None = None
+        # Entries up to this seq are handed to the sweeper (or were there before this run
+        # instance replayed its history); not workflow state, only what this process told.
+        self._handed_seq: int | None = None
+        self._instance = next(INSTANCES)
 
     @property
     def tail(self) -> list[AuditEntry]:
@@ -171,10 +221,25 @@ class AuditCadence:
                 self._lag_timer.cancel()
                 self._lag_timer = None
         elif self.swept:
-            if self.max_lag is not None and not workflow.unsafe.is_replaying():
-                SWEEP_NOTES.note(workflow.info().task_queue, self.lead_id)
+            if self.max_lag is not None:
+                self._hand()
         elif self.enabled and self._lag_timer is None and self.max_lag is not None:
             self._lag_timer = asyncio.create_task(self._flush_after_lag())
+
+    def _hand(self) -> None:
+        """Hand the entries this workflow task produced to the sweeper, with the task they
+        came from. The first live task of a run instance hands its whole tail: what earlier
+        instances handed may have been lost with a worker, and the sweeper skips what it wrote."""
+        if workflow.unsafe.is_replaying():
+            return
+        new = self.unwritten if self._handed_seq is None else [e for e in self.unwritten if e.seq > self._handed_seq]
+        if new:
+            info = workflow.info()
+            SWEEP_NOTES.hand(info.task_queue, Handed(self.lead_id, info.run_id, info.get_current_history_length(),
+                                                     workflow.now(), tuple(new), self._instance))
+            self._handed_seq = new[-1].seq
+        elif self._handed_seq is None:
+            self._handed_seq = 0
 
     async def _flush_after_lag(self) -> None:
         assert self.max_lag is not None
