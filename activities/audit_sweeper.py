@@ -27,7 +27,6 @@ import heapq
 import logging
 import time
 from collections import OrderedDict
-
 from datetime import timedelta, timezone
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -50,7 +49,7 @@ OVERDUE = 5.0  # s a noted lead may wait while newer ones go first; then it is a
 QUERY_TIMEOUT = 10.0  # s; a lead that does not answer is noted again
 MAX_TRIES = 40  # sweeps in a row a lead may not answer (~10 s at 0.25 s) before it is left to write itself
 REMEMBERED_LEADS = 100_000  # per lead, the last seq written: the next query asks only for newer ones
-SAME_INSTANT = timedelta(microseconds=5)
+SAME_INSTANT = timedelta(microseconds=5)  # a task's start time as the lead saw it vs as the history has it
 CONFIRM_PAGE = 16  # newest history events read to find a handed task's outcome; further back: ask by query
 
 

@@ -146,8 +146,8 @@ class AuditCadence:
         self.flush_requested = False  # a command, the lag timer or flush_audit wants it now
         self.wrote = False  # set by each write; the workflow refreshes search attributes
         self._lag_timer: asyncio.Task | None = None
-        # Entries up to this seq are handed to the sweeper (or were there before this run
-        # instance replayed its history); not workflow state, only what this process told.
+        # Entries up to this seq were handed to the sweeper by this run instance (None: none
+        # yet; its first live task hands the whole tail). Not workflow state: what this process told.
         self._handed_seq: int | None = None
         self._instance = next(INSTANCES)
 
