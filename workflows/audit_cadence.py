@@ -146,9 +146,9 @@ class AuditCadence:
         self.flush_requested = False  # a command, the lag timer or flush_audit wants it now
         self.wrote = False  # set by each write; the workflow refreshes search attributes
         self._lag_timer: asyncio.Task | None = None
-        # Entries up to this seq were handed to the sweeper by this run instance (None: none
-        # yet; its first live task hands the whole tail). Not workflow state: what this process told.
-        self._handed_seq: int | None = None
+        # Entries up to this seq were handed to the sweeper by this run instance (seqs start at
+        # 1: its first live task hands the whole tail). Not workflow state: what this process told.
+        self._handed_seq = 0
         self._instance = next(INSTANCES)
 
     @property
@@ -232,14 +232,12 @@ class AuditCadence:
         instances handed may have been lost with a worker, and the sweeper skips what it wrote."""
         if workflow.unsafe.is_replaying():
             return
-        new = self.unwritten if self._handed_seq is None else [e for e in self.unwritten if e.seq > self._handed_seq]
+        new = [e for e in self.unwritten if e.seq > self._handed_seq]
         if new:
             info = workflow.info()
             SWEEP_NOTES.hand(info.task_queue, Handed(self.lead_id, info.run_id, info.get_current_history_length(),
                                                      workflow.now(), tuple(new), self._instance))
             self._handed_seq = new[-1].seq
-        elif self._handed_seq is None:
-            self._handed_seq = 0
 
     async def _flush_after_lag(self) -> None:
         assert self.max_lag is not None
