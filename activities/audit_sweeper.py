@@ -77,7 +77,8 @@ class AuditSweeper:
         self.confirmed = 0  # ... and handed tasks confirmed by a history read, for figures
 
     async def run(self) -> None:
-        """Every `interval`: ask the leads noted since, and write the answers that are in.
+        """Every `interval`: look up the tasks of the entries handed since, ask the leads noted
+        since, and write the answers that are in.
         A sweep does not wait for its slowest lead (one the worker must replay to answer):
         waiting let notes pile up, and by the time they were asked, more of those leads had
         left the worker's cache (measured: sweeps of 3-9 s with the sparse benchmark)."""
@@ -109,8 +110,9 @@ class AuditSweeper:
                     task.cancel()
 
     async def sweep(self) -> int:
-        """Ask every lead noted, wait for all answers (of earlier asks too) and write them;
-        returns how many entries were new."""
+        """Confirm every handed entry and ask every lead noted (and those it could not
+        confirm), wait for all answers (of earlier asks too) and write them; returns how many
+        entries were new."""
         self._confirm_handed()
         while self._confirming:  # what they cannot confirm is noted, and asked below
             await asyncio.gather(*self._confirming, return_exceptions=True)
@@ -207,18 +209,14 @@ class AuditSweeper:
                         namespace=self.client.namespace, maximum_page_size=CONFIRM_PAGE,
                         execution=WorkflowExecution(workflow_id=workflow_id(handed.lead_id), run_id=handed.run_id)),
                     timeout=timedelta(seconds=QUERY_TIMEOUT))
-            except RPCError as err:
-                if err.status == RPCStatusCode.NOT_FOUND:
+            except Exception as err:  # noqa: BLE001 - the server away, a timeout: again at the next sweep
+                status = err.status if isinstance(err, RPCError) else None
+                if status == RPCStatusCode.NOT_FOUND:
                     return  # the run is gone (its history deleted): nothing to confirm it by
-                if err.status == RPCStatusCode.UNIMPLEMENTED:  # e.g. the SDK's time-skipping test server
+                if status == RPCStatusCode.UNIMPLEMENTED:  # e.g. the SDK's time-skipping test server
                     self._can_confirm = False
                     SWEEP_NOTES.note(self.task_queue, handed.lead_id)
-                    return
-                if self._retry(handed.lead_id):
-                    self._unconfirmed += items
-                return
-            except Exception:  # noqa: BLE001 - the server away, a timeout: again at the next sweep
-                if self._retry(handed.lead_id):
+                elif self._retry(handed.lead_id):
                     self._unconfirmed += items
                 return
         outcome = task_outcome(page.history.events, handed)
