@@ -106,7 +106,8 @@ class AuditSweeper:
                 log.warning("last audit sweep cut off after %.0f s; the leads write it themselves later", timeout)
                 self._waiting.clear()  # (a cancelled ask would start the next one)
                 self._by_age.clear()
-                for task in list(self._asking.values()):
+                self._unconfirmed.clear()
+                for task in [*self._asking.values(), *self._confirming]:
                     task.cancel()
 
     async def sweep(self) -> int:
