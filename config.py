@@ -27,6 +27,19 @@ WORKER_STALLED_EXIT = 75
 DEV_SERVER_DYNAMIC_CONFIG = {"system.enableActivityEagerExecution": "true"}
 
 
+# The embedded dev server's SQLite file as a write-ahead log, synced at every commit:
+# as durable as SQLite's default rollback journal (a committed write survives a power cut),
+# with one sync per commit where the journal needed several, and readers that do not block
+# the single writer. Measured with bench/ingest.py (50 leads x 40 events, 2 cores, same
+# hour): the baseline 156 -> 254 events/s, the lead workflow 112 -> 191.
+DEV_SERVER_SQLITE = {"journal_mode": "wal", "synchronous": "full"}
+
+
+def dev_server_sqlite_flags() -> list[str]:
+    """`--sqlite-pragma` flags for `temporal server start-dev` (no effect in memory)."""
+    return [flag for key, value in DEV_SERVER_SQLITE.items() for flag in ("--sqlite-pragma", f"{key}={value}")]
+
+
 def dev_server_dynamic_flags(**extra: str) -> list[str]:
     """`--dynamic-config-value KEY=JSON` flags for `temporal server start-dev`."""
     values = {**DEV_SERVER_DYNAMIC_CONFIG, **extra}

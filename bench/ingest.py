@@ -77,7 +77,8 @@ import client as leads_client  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditRow, AuditStore  # noqa: E402
 from bench.counting_workflow import CountingWorkflow  # noqa: E402
-from config import DEFAULT_MODEL, DEV_SERVER_DYNAMIC_CONFIG, Settings, data_converter, dev_server_dynamic_flags  # noqa: E402
+from config import (DEFAULT_MODEL, DEV_SERVER_DYNAMIC_CONFIG, Settings, data_converter,  # noqa: E402
+                    dev_server_dynamic_flags, dev_server_sqlite_flags)
 from payload_codec import PayloadKeyring, key_spec, new_key  # noqa: E402
 from funnel.models import ActivityEvent, AuditKind  # noqa: E402
 from funnel.scoring_model import load_model  # noqa: E402
@@ -219,7 +220,7 @@ async def start_embedded(tmp: Path, store: AuditStore, key: bytes | None = None,
                          dynamic_config: dict[str, str] | None = None,
                          key_cache_seconds: float | None = None) -> WorkflowEnvironment:
     """The embedded default for a benchmark: the dev server (on `tmp/temporal.db`, or in
-    memory) with scripts/run's dynamic config (plus `dynamic_config`), and a client that
+    memory) with scripts/run's SQLite settings and dynamic config (plus `dynamic_config`), and a client that
     encrypts as production does, with a throwaway payload key and the lead keys in `store`."""
     return await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(BIN / "temporal"), search_attributes=sa.ALL,
@@ -228,7 +229,7 @@ async def start_embedded(tmp: Path, store: AuditStore, key: bytes | None = None,
                                       keyring=PayloadKeyring({"bench": key or new_key()}, "bench"),
                                       key_store=store),
         dev_server_database_filename=None if in_memory else str(tmp / "temporal.db"), dev_server_log_level="error",
-        dev_server_extra_args=dev_server_dynamic_flags(**(dynamic_config or {})),
+        dev_server_extra_args=[*dev_server_sqlite_flags(), *dev_server_dynamic_flags(**(dynamic_config or {}))],
     )
 
 
@@ -728,7 +729,7 @@ async def main(argv: list[str] | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="leadflow-bench-"))
     database_url = f"sqlite:///{tmp / 'audit.db'}" if args.store == "sqlite" else args.store
     store_kind = "sqlite file" if args.store == "sqlite" else database_url.split("://")[0]
-    server_kind = "in memory" if args.in_memory else "sqlite file"
+    server_kind = "in memory" if args.in_memory else "sqlite file (WAL)"
     cpus = os.sched_getaffinity(0) if args.pin else set()
     if args.pin:  # before the SDK's runtime starts its threads
         pin("self", cpus - {min(cpus)})

@@ -21,10 +21,12 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -211,6 +213,10 @@ def test_readme_run_path(running):
         return result.returncode == 0, result.stderr.strip()
 
     poll("`leadflow list` reaches Temporal", reachable, READY_TIMEOUT, log, interval=1.0)
+
+    # 1a. Temporal's state file is a write-ahead log, synced at every commit (config.DEV_SERVER_SQLITE).
+    with closing(sqlite3.connect(f"file:{cli.workdir / 'data' / 'temporal.db'}?mode=ro", uri=True)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
     # 1b. Every example in the README does what its comment says, on a fresh store as a newcomer runs them.
     check_readme_examples(cli, log)
