@@ -12,7 +12,14 @@ changes nothing.
 
 Leads also hand the entries of each workflow task to the sweeper (`Handed`): it writes them
 once a read of the lead's newest history events shows that task completed (`task_outcome`),
-with no query and no replay; what it cannot confirm so, it asks by query.
+with no query and no replay; what it cannot confirm so, it asks by query. A later task of
+the same run instance vouches for the earlier ones with no read at all: the SDK's core
+gives an instance its next task only once the server took the completion of the one
+before, and evicts the instance if it did not. So the newest task of a busy instance
+(one that handed in the last BUSY_SWEEPS sweeps too) waits for its successor, and a read
+is made once the instance is quiet for a sweep: per burst of events to a lead, one read
+instead of one per sweep. An instance's first task (all of them, under sparse traffic) is
+read at once.
 
 If a sweep fails (the store or Temporal down), its leads are noted again for the next one.
 If the worker dies first, the entries are still in the leads' state (Temporal's history)
@@ -39,7 +46,7 @@ from temporalio.service import RPCError, RPCStatusCode
 import client as leads
 from activities.store import AuditStore
 from funnel.models import AuditEntry
-from workflows.audit_cadence import SWEEP_NOTES, Handed
+from workflows.audit_cadence import HANDED_MAX, SWEEP_NOTES, Handed
 from workflows.lead import workflow_id
 
 log = logging.getLogger("leadflow.sweeper")
@@ -51,6 +58,7 @@ MAX_TRIES = 40  # sweeps in a row a lead may not answer (~10 s at 0.25 s) before
 REMEMBERED_LEADS = 100_000  # per lead, the last seq written: the next query asks only for newer ones
 SAME_INSTANT = timedelta(microseconds=5)  # a task's start time as the lead saw it vs as the history has it
 CONFIRM_PAGE = 16  # newest history events read to find a handed task's outcome; further back: ask by query
+BUSY_SWEEPS = 3  # an instance that handed within this many sweeps before is busy: its newest task waits
 
 
 class AuditSweeper:
@@ -68,13 +76,17 @@ class AuditSweeper:
         self._answers: list[AuditEntry] = []  # answered, not written yet
         self._confirming: set[asyncio.Task] = set()  # handed entries whose task is being looked up
         self._unconfirmed: list[Handed] = []  # task not completed yet at the last look: looked up again
+        self._deferred: dict[tuple[str, str, int], list[Handed]] = {}  # a busy instance's newest task
+        self._last_handed: dict[tuple[str, str, int], int] = {}  # instance -> the sweep it last handed in
+        self._sweeps = 0
         self._confirm_slots = asyncio.Semaphore(QUERY_CONCURRENCY)
         self._can_confirm = True  # False: the server cannot read a history backwards; leads are asked
         self._stopping = asyncio.Event()
         self._sweeping = asyncio.Lock()
         self.swept_entries = 0  # written by sweeps (new or not), for tests and figures
         self.queries = 0  # leads asked by query ...
-        self.confirmed = 0  # ... and handed tasks confirmed by a history read, for figures
+        self.confirmed = 0  # ... and handed tasks confirmed by a history read ...
+        self.vouched = 0  # ... and by a later task of the same instance, for figures
 
     async def run(self) -> None:
         """Every `interval`: look up the tasks of the entries handed since, ask the leads noted
@@ -107,6 +119,7 @@ class AuditSweeper:
                 self._waiting.clear()  # (a cancelled ask would start the next one)
                 self._by_age.clear()
                 self._unconfirmed.clear()
+                self._deferred.clear()
                 for task in [*self._asking.values(), *self._confirming]:
                     task.cancel()
 
@@ -114,7 +127,7 @@ class AuditSweeper:
         """Confirm every handed entry and ask every lead noted (and those it could not
         confirm), wait for all answers (of earlier asks too) and write them; returns how many
         entries were new."""
-        self._confirm_handed()
+        self._confirm_handed(defer=False)
         while self._confirming:  # what they cannot confirm is noted, and asked below
             await asyncio.gather(*self._confirming, return_exceptions=True)
         self._ask_noted()
@@ -122,21 +135,46 @@ class AuditSweeper:
             await asyncio.gather(*self._asking.values(), return_exceptions=True)
         return await self._write_answers()
 
-    def _confirm_handed(self) -> None:
-        """Look up the tasks of the entries handed since the last sweep (and of those whose
-        task had not completed at the last look): one read per run instance that handed any,
-        for its latest task, which vouches for the instance's earlier ones."""
-        handed, self._unconfirmed = self._unconfirmed + SWEEP_NOTES.take_handed(self.task_queue), []
-        by_instance: dict[tuple[str, str, int], list[Handed]] = {}
-        for item in handed:
+    def _confirm_handed(self, defer: bool = True) -> None:
+        """Take the entries handed since the last sweep (and those whose task had not completed
+        at the last look, or waited): per run instance, those of tasks before its newest are
+        vouched for by it; the newest is looked up by one read, unless the instance is busy
+        (`defer`): then it waits a sweep for a later task to vouch for it."""
+        new = SWEEP_NOTES.take_handed(self.task_queue)
+        by_instance: dict[tuple[str, str, int], list[Handed]] = self._deferred
+        self._deferred = {}
+        for item in self._unconfirmed + new:
             by_instance.setdefault((item.lead_id, item.run_id, item.instance), []).append(item)
-        for (lead_id, _, _), items in by_instance.items():
-            if not self._can_confirm:
-                SWEEP_NOTES.note(self.task_queue, lead_id)
-                continue
-            task = asyncio.create_task(self._confirm(items))
-            self._confirming.add(task)
-            task.add_done_callback(self._confirming.discard)
+        self._unconfirmed = []
+        self._sweeps += 1
+        busy = set()
+        for key in {(item.lead_id, item.run_id, item.instance) for item in new}:
+            if self._sweeps - self._last_handed.get(key, -BUSY_SWEEPS) <= BUSY_SWEEPS:
+                busy.add(key)
+            self._last_handed[key] = self._sweeps
+        if len(self._last_handed) > HANDED_MAX:  # (quiet instances are forgotten)
+            self._last_handed = {k: n for k, n in self._last_handed.items() if self._sweeps - n <= BUSY_SWEEPS}
+        for key, items in by_instance.items():
+            newest = max(item.started_id for item in items)
+            vouched = [item for item in items if item.started_id < newest]
+            if vouched:
+                self.vouched += len({item.started_id for item in vouched})
+                self._take(key[0], vouched)
+            items = [item for item in items if item.started_id == newest]
+            if defer and key in busy:
+                self._deferred[key] = items
+            elif not self._can_confirm:
+                SWEEP_NOTES.note(self.task_queue, key[0])
+            else:
+                task = asyncio.create_task(self._confirm(items))
+                self._confirming.add(task)
+                task.add_done_callback(self._confirming.discard)
+
+    def _take(self, lead_id: str, items: list[Handed]) -> None:
+        """Entries of completed tasks, to be written (those not written yet)."""
+        self._failures.pop(lead_id, None)
+        written = self._written.get(lead_id, 0)
+        self._answers.extend(e for item in items for e in item.entries if e.seq > written)
 
     def _ask_noted(self) -> None:
         """Newest note first, QUERY_CONCURRENCY at a time. A lead the worker still caches
@@ -228,9 +266,7 @@ class AuditSweeper:
                 SWEEP_NOTES.note(self.task_queue, handed.lead_id)  # asked: a query waits for the task
         elif outcome:
             self.confirmed += 1
-            self._failures.pop(handed.lead_id, None)
-            written = self._written.get(handed.lead_id, 0)
-            self._answers.extend(e for item in items for e in item.entries if e.seq > written)
+            self._take(handed.lead_id, items)
         else:
             SWEEP_NOTES.note(self.task_queue, handed.lead_id)
 

@@ -176,13 +176,14 @@ class Phase:
     rounds: list[float] = field(default_factory=list)  # events/s of each round, once folded
     setup_events: int = 0  # sparse: the untimed events that created the leads (their history is not counted)
     sweeper_queries: int = 0  # lead phase, timed window: leads the audit sweeper asked by query ...
-    sweeper_confirmed: int = 0  # ... and handed workflow tasks it confirmed by a history read
+    sweeper_confirmed: int = 0  # ... and handed workflow tasks it confirmed by a history read ...
+    sweeper_vouched: int = 0  # ... or by a later task of the same run instance (no read)
 
     def add(self, other: "Phase") -> None:
         """Fold another round of the same phase into this one (sums; peak RSS is the last)."""
         for name in ("workflows", "events", "send_seconds", "flush_seconds", "total_seconds", "cpu_bench_s", "cpu_server_s",
                      "send_retries", "history_events", "flush_history_events", "runs", "continued_as_new",
-                     "setup_events", "sweeper_queries", "sweeper_confirmed"):
+                     "setup_events", "sweeper_queries", "sweeper_confirmed", "sweeper_vouched"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.history_by_type.update(other.history_by_type)
         self.rss_after_mb = other.rss_after_mb
@@ -544,7 +545,7 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
                     before = await count_history(client, [lead_workflow_id(lead) for lead in lead_ids])
                 meter.start()
                 sweeper = worker.sweeper
-                asked0, confirmed0 = (sweeper.queries, sweeper.confirmed) if sweeper else (0, 0)
+                asked0, confirmed0, vouched0 = (sweeper.queries, sweeper.confirmed, sweeper.vouched) if sweeper else (0, 0, 0)
                 start = await send_all(events, concurrency, send, phase)
                 wids = [lead_workflow_id(lead) for lead in lead_ids]
                 phase.confirmed = await wait_settled(client, events, lead_ids, lead_workflow_id)
@@ -559,6 +560,7 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
                     if sweeper is not None:
                         phase.sweeper_queries = sweeper.queries - asked0
                         phase.sweeper_confirmed = sweeper.confirmed - confirmed0
+                        phase.sweeper_vouched = sweeper.vouched - vouched0
                     phase.confirmed &= await wait_until(lead_ids, applied)  # untimed: each lead counts its events
                     ingested = flushed = await count_history(client, wids)
                     take_history(phase, before, ingested)
@@ -623,8 +625,8 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
         ("CPU ms per event bench+server", f"{base.cpu_ms_per_event:.1f}", f"{lead.cpu_ms_per_event:.1f}"),
         ("peak RSS MB before -> after", f"{base.rss_before_mb:.0f} -> {base.rss_after_mb:.0f}",
          f"{lead.rss_before_mb:.0f} -> {lead.rss_after_mb:.0f}"),
-        ("audit sweeper: queries / tasks confirmed by history", "-",
-         f"{lead.sweeper_queries} / {lead.sweeper_confirmed}"),
+        ("audit sweeper: queries / tasks confirmed by history / by a later task", "-",
+         f"{lead.sweeper_queries} / {lead.sweeper_confirmed} / {lead.sweeper_vouched}"),
         ("all confirmed", str(base.confirmed), str(lead.confirmed)),
     ]
     w0 = max(len(r[0]) for r in rows)
@@ -662,6 +664,7 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
         "lead_hist_per_event": round(lead.history_per_event, 2),
         "lead_flush_hist_per_event": round(lead.flush_history_per_event, 2),
         "sweeper_queries": lead.sweeper_queries, "sweeper_confirmed": lead.sweeper_confirmed,
+        "sweeper_vouched": lead.sweeper_vouched,
         "continue_as_new": lead.continued_as_new,
         "baseline_cpu_bench_s": round(base.cpu_bench_s, 1), "baseline_cpu_server_s": round(base.cpu_server_s, 1),
         "lead_cpu_bench_s": round(lead.cpu_bench_s, 1), "lead_cpu_server_s": round(lead.cpu_server_s, 1),

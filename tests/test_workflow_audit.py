@@ -443,3 +443,65 @@ async def test_the_latest_completed_task_of_a_run_instance_vouches_for_its_earli
     assert [e.detail for e in store.history(lead)] == ["first", "second"]
     assert sweeper.confirmed == 1
     assert lead in sweeper._waiting  # the unconfirmed instance's lead waits to be asked
+
+
+async def test_a_busy_instance_s_later_task_vouches_for_its_newest_without_a_read(store):
+    """An instance gets a task only once the server took the completion of the one before
+    (else the SDK evicts it), so its later task vouches for the earlier ones with no read.
+    The newest task of an instance that handed in the last few sweeps waits for that; once
+    the instance is quiet for a sweep it is read (an instance's first task at once). A sweep that must finish (`sweep`, at shutdown)
+    reads it at once."""
+    from types import SimpleNamespace
+
+    from temporalio.api.enums.v1 import EventType as T
+
+    from funnel.models import AuditEntry, Role
+    from workflows.audit_cadence import SWEEP_NOTES, Handed
+
+    def at(second: int) -> datetime:
+        return datetime(2026, 11, 24, 12, 0, second, tzinfo=timezone.utc)
+
+    reads: list[int] = []
+
+    async def history_reverse(request, timeout=None):  # tasks started at ids 4, 12, 16, 20, each completed
+        reads.append(len(reads))
+        return SimpleNamespace(history=SimpleNamespace(events=_events(
+            (3, T.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 1), (4, T.EVENT_TYPE_WORKFLOW_TASK_STARTED, 1),
+            (5, T.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 1), (11, T.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 3),
+            (12, T.EVENT_TYPE_WORKFLOW_TASK_STARTED, 3), (13, T.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 3),
+            (15, T.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 4), (16, T.EVENT_TYPE_WORKFLOW_TASK_STARTED, 4),
+            (17, T.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 4), (19, T.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 5),
+            (20, T.EVENT_TYPE_WORKFLOW_TASK_STARTED, 5), (21, T.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 5))))
+
+    client = SimpleNamespace(namespace="default",
+                             workflow_service=SimpleNamespace(get_workflow_execution_history_reverse=history_reverse))
+    queue, lead = f"q-{uuid.uuid4().hex[:6]}", "A-busy"
+    sweeper = AuditSweeper(client, store, queue)
+    sweeper._ask_waiting = lambda: None
+
+    def hand(seq: int, started_id: int, second: int) -> None:
+        entry = AuditEntry(lead_id=lead, seq=seq, at=at(second), kind=AuditKind.SCORE_CHANGED, actor="system",
+                           role=Role.SYSTEM, detail=f"task {started_id}")
+        SWEEP_NOTES.hand(queue, Handed(lead, "run", started_id, at(second), (entry,), instance=7))
+
+    async def run_loop_sweep() -> list[str]:  # what AuditSweeper.run does every interval
+        sweeper._confirm_handed()
+        await asyncio.gather(*sweeper._confirming)
+        await sweeper._write_answers()
+        return [e.detail for e in store.history(lead)]
+
+    hand(1, 4, 1)
+    assert await run_loop_sweep() == ["task 4"] and len(reads) == 1  # a first task: read at once
+    hand(2, 8, 2)
+    assert await run_loop_sweep() == ["task 4"] and len(reads) == 1  # busy: waits for a later task
+    hand(3, 12, 3)
+    assert await run_loop_sweep() == ["task 4", "task 8"] and len(reads) == 1  # task 8 vouched, no read
+    assert sweeper.vouched == 1
+    assert await run_loop_sweep() == ["task 4", "task 8", "task 12"] and len(reads) == 2  # quiet: read
+    hand(4, 16, 4)  # a sweep after: still busy (it handed within BUSY_SWEEPS sweeps)
+    assert (await run_loop_sweep())[-1] == "task 12" and len(reads) == 2
+    hand(5, 20, 5)
+    assert (await run_loop_sweep())[-1] == "task 16" and len(reads) == 2  # 16 vouched, 20 waits ...
+    assert await sweeper.sweep() == 1 and len(reads) == 3  # ... but the worker stops: read now
+    assert [e.detail for e in store.history(lead)] == ["task 4", "task 8", "task 12", "task 16", "task 20"]
+    assert sweeper.confirmed == 3 and sweeper.vouched == 2
