@@ -139,7 +139,8 @@ class AuditSweeper:
         """Take the entries handed since the last sweep (and those whose task had not completed
         at the last look, or waited): per run instance, those of tasks before its newest are
         vouched for by it; the newest is looked up by one read, unless the instance is busy
-        (`defer`): then it waits a sweep for a later task to vouch for it."""
+        (`defer`): then it waits for a later task to vouch for it, and is read once the
+        instance hands nothing in a sweep."""
         new = SWEEP_NOTES.take_handed(self.task_queue)
         by_instance: dict[tuple[str, str, int], list[Handed]] = self._deferred
         self._deferred = {}
@@ -149,7 +150,8 @@ class AuditSweeper:
         self._sweeps += 1
         busy = set()
         for key in {(item.lead_id, item.run_id, item.instance) for item in new}:
-            if self._sweeps - self._last_handed.get(key, -BUSY_SWEEPS) <= BUSY_SWEEPS:
+            last = self._last_handed.get(key)
+            if last is not None and self._sweeps - last <= BUSY_SWEEPS:
                 busy.add(key)
             self._last_handed[key] = self._sweeps
         if len(self._last_handed) > HANDED_MAX:  # (quiet instances are forgotten)

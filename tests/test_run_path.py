@@ -214,7 +214,8 @@ def test_readme_run_path(running):
 
     poll("`leadflow list` reaches Temporal", reachable, READY_TIMEOUT, log, interval=1.0)
 
-    # 1a. Temporal's state file is a write-ahead log, synced at every commit (config.DEV_SERVER_SQLITE).
+    # 1a. Temporal's state file is a write-ahead log (config.DEV_SERVER_SQLITE; its `synchronous`
+    # is a setting of the server's own connections, which another connection cannot read).
     with closing(sqlite3.connect(f"file:{cli.workdir / 'data' / 'temporal.db'}?mode=ro", uri=True)) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
