@@ -19,10 +19,10 @@ what the lead would have written.
 
 Since 2026-11-24 (no new version: nothing in a history changes) a lead hands the entries
 each workflow task produced to the sweeper in memory, with the task's id and start time
-(`Handed`), instead of only noting itself. The sweeper writes them once one read of the
-lead's newest history events shows that very task completed; a task the server rejected is
-decided again, so its entries are never written. What it cannot confirm it asks by query as
-before. This spares the query, and the replay it costs when the worker has evicted the lead.
+(`Handed`), instead of only noting itself. The sweeper writes them once a later task of
+the same run instance shows the task completed, or one read of the lead's newest history
+events does; a task the server rejected is decided again, so its entries are never written.
+What it cannot confirm it asks by query as before. This spares the query, and the replay it costs when the worker has evicted the lead.
 
 From version 8, each write also carries the input the lead took since the last one
 (`TakenInput`), for the store's event log: the edge logs input at once but best effort,
@@ -78,7 +78,7 @@ class Handed:
     entries: tuple[AuditEntry, ...]
     # The run instance in this worker that handed them: its tasks reached it one after
     # another, each only once the one before had completed (a rejected completion evicts
-    # the instance), so its latest completed task vouches for all its earlier ones.
+    # the instance), so any later task it handed vouches for all its earlier ones.
     instance: int = 0
 
 
