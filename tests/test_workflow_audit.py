@@ -376,7 +376,7 @@ def _events(*spec):
     return out[::-1]
 
 
-def _page(newest_first: list, request) -> "SimpleNamespace":
+def _page(newest_first: list, request):
     """What the server answers a reverse history read: the next `maximum_page_size` events,
     newest first, and a token for the page after (empty at the run's start)."""
     from types import SimpleNamespace
