@@ -35,15 +35,18 @@ DEV_SERVER_DYNAMIC_CONFIG = {"system.enableActivityEagerExecution": "true"}
 DEV_SERVER_SQLITE = {"journal_mode": "wal", "synchronous": "full"}
 
 
-def dev_server_sqlite_flags() -> list[str]:
-    """`--sqlite-pragma` flags for `temporal server start-dev` (no effect in memory)."""
-    return [flag for key, value in DEV_SERVER_SQLITE.items() for flag in ("--sqlite-pragma", f"{key}={value}")]
-
-
 def dev_server_dynamic_flags(**extra: str) -> list[str]:
     """`--dynamic-config-value KEY=JSON` flags for `temporal server start-dev`."""
     values = {**DEV_SERVER_DYNAMIC_CONFIG, **extra}
     return [flag for key, value in values.items() for flag in ("--dynamic-config-value", f"{key}={value}")]
+
+
+def dev_server_file_flags(**extra: str) -> list[str]:
+    """The flags of a dev server on a SQLite file as scripts/run starts it: DEV_SERVER_SQLITE
+    as `--sqlite-pragma`, then the dynamic config (plus `extra`). One place, so the local
+    stack, the chaos test and the benchmarks cannot drift apart."""
+    pragmas = [flag for key, value in DEV_SERVER_SQLITE.items() for flag in ("--sqlite-pragma", f"{key}={value}")]
+    return [*pragmas, *dev_server_dynamic_flags(**extra)]
 
 
 class Settings(BaseModel):

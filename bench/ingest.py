@@ -77,8 +77,7 @@ import client as leads_client  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditRow, AuditStore  # noqa: E402
 from bench.counting_workflow import CountingWorkflow  # noqa: E402
-from config import (DEFAULT_MODEL, DEV_SERVER_DYNAMIC_CONFIG, Settings, data_converter,  # noqa: E402
-                    dev_server_dynamic_flags, dev_server_sqlite_flags)
+from config import DEFAULT_MODEL, DEV_SERVER_DYNAMIC_CONFIG, Settings, data_converter, dev_server_file_flags  # noqa: E402
 from payload_codec import PayloadKeyring, key_spec, new_key  # noqa: E402
 from funnel.models import ActivityEvent, AuditKind  # noqa: E402
 from funnel.scoring_model import load_model  # noqa: E402
@@ -230,7 +229,7 @@ async def start_embedded(tmp: Path, store: AuditStore, key: bytes | None = None,
                                       keyring=PayloadKeyring({"bench": key or new_key()}, "bench"),
                                       key_store=store),
         dev_server_database_filename=None if in_memory else str(tmp / "temporal.db"), dev_server_log_level="error",
-        dev_server_extra_args=[*dev_server_sqlite_flags(), *dev_server_dynamic_flags(**(dynamic_config or {}))],
+        dev_server_extra_args=dev_server_file_flags(**(dynamic_config or {})),
     )
 
 

@@ -38,7 +38,7 @@ import client as leads  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditStore  # noqa: E402
 from bench.ingest import BIN  # noqa: E402
-from config import DEFAULT_MODEL, Settings, data_converter, dev_server_dynamic_flags, dev_server_sqlite_flags  # noqa: E402
+from config import DEFAULT_MODEL, Settings, data_converter, dev_server_file_flags  # noqa: E402
 from payload_codec import PayloadKeyring, new_key  # noqa: E402
 from funnel.models import ActivityEvent, Actor, Role  # noqa: E402
 from worker import ACTIVITY_THREADS, build_worker  # noqa: E402
@@ -96,7 +96,7 @@ async def main(args: argparse.Namespace) -> dict:
             Settings(database_url=database_url), keyring=PayloadKeyring({"bench": new_key()}, "bench"),
             key_store=AuditStore(database_url)),
         dev_server_database_filename=str(tmp / "temporal.db"), search_attributes=sa.ALL,
-        dev_server_extra_args=[*dev_server_sqlite_flags(), *dev_server_dynamic_flags()],
+        dev_server_extra_args=dev_server_file_flags(),
     )
     settings = Settings(task_queue=f"bench-rollout-{uuid.uuid4().hex[:6]}", database_url=database_url,
                         audit_max_lag_seconds=5)

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from config import WORKER_STALLED_EXIT, dev_server_dynamic_flags, dev_server_sqlite_flags  # noqa: E402
+from config import WORKER_STALLED_EXIT, dev_server_file_flags  # noqa: E402
 from payload_codec import DEFAULT_KEY_FILE, PayloadKeyring  # noqa: E402
 from workflows.search_attributes import dev_server_flags  # noqa: E402
 
@@ -213,8 +213,7 @@ def run(children: list[Child]) -> int:
         "--ip", "127.0.0.1", "--port", str(temporal_port), "--ui-port", str(ui_port),
         "--namespace", "default", "--log-level", "warn",
         *dev_server_flags(),
-        *dev_server_sqlite_flags(),
-        *dev_server_dynamic_flags(),
+        *dev_server_file_flags(),
         # The UI shows encrypted payloads through the API's codec server (managers only).
         "--ui-codec-endpoint", f"http://127.0.0.1:{api_port}/codec",
     ]  # fmt: skip

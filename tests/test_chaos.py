@@ -82,7 +82,7 @@ from temporalio.service import RPCError
 
 import client as leads
 from activities.store import AuditStore
-from config import DEFAULT_MODEL, Settings, data_converter, dev_server_dynamic_flags, dev_server_sqlite_flags
+from config import DEFAULT_MODEL, Settings, data_converter, dev_server_file_flags
 from funnel.lead import Lead
 from funnel.models import ActivityEvent, AuditKind, OutboundKind, Stage
 from funnel.scoring_model import load_model
@@ -249,7 +249,7 @@ class DevServer:
     def start(self) -> None:
         cmd = [binary("temporal"), "server", "start-dev", "--db-filename", str(self.db), "--ip", "127.0.0.1",
                "--port", str(self.port), "--headless", "--namespace", "default", "--log-level", "warn",
-               *sa.dev_server_flags(), *dev_server_sqlite_flags(), *dev_server_dynamic_flags()]
+               *sa.dev_server_flags(), *dev_server_file_flags()]
         with self.log.open("ab") as out:
             out.write(f"--- started at {time.strftime('%X')}\n".encode())
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
