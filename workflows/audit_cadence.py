@@ -22,7 +22,8 @@ each workflow task produced to the sweeper in memory, with the task's id and sta
 (`Handed`), instead of only noting itself. The sweeper writes them once a later task of
 the same run instance shows the task completed, or one read of the lead's newest history
 events does; a task the server rejected is decided again, so its entries are never written.
-What it cannot confirm it asks by query as before. This spares the query, and the replay it costs when the worker has evicted the lead.
+What it cannot confirm it asks by query as before. This spares the query, and the replay
+it costs when the worker has evicted the lead.
 
 From version 8, each write also carries the input the lead took since the last one
 (`TakenInput`), for the store's event log: the edge logs input at once but best effort,
