@@ -759,13 +759,15 @@ async def main(argv: list[str] | None = None) -> dict:
             print(f"round {n}, phase 1: baseline (counting workflow) ...", file=sys.stderr)
             b = await run_baseline(env.client, events, lead_ids, expected, args.concurrency, server_pids, setup,
                                    args.cache)
-            print(f"  {b.events_per_s:.1f} events/s", file=sys.stderr)
+            print(f"  {b.events_per_s:.1f} events/s, CPU ms per event: bench {1000 * b.cpu_bench_s / b.events:.1f}, "
+                  f"server {1000 * b.cpu_server_s / b.events:.1f}", file=sys.stderr)
             settings = Settings(task_queue=f"bench-lead-{uuid.uuid4().hex[:8]}", database_url=database_url,
                                 audit_max_lag_seconds=args.audit_max_lag)
             print(f"round {n}, phase 2: lead workflow ...", file=sys.stderr)
             ld = await run_lead(env.client, settings, events, lead_ids, expected, args.concurrency, prefix,
                                 server_pids, setup, args.cache)
-            print(f"  {ld.events_per_s:.1f} events/s", file=sys.stderr)
+            print(f"  {ld.events_per_s:.1f} events/s, CPU ms per event: bench {1000 * ld.cpu_bench_s / ld.events:.1f}, "
+                  f"server {1000 * ld.cpu_server_s / ld.events:.1f}", file=sys.stderr)
             if n == 1:
                 base.rss_before_mb, lead.rss_before_mb = b.rss_before_mb, ld.rss_before_mb
             base.add(b)
