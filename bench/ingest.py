@@ -34,8 +34,14 @@ On 2 cores the worker and the dev server also take CPU from each other, which a
 deployment (workers on their own machines) does not: `--pin` gives the dev
 server one CPU and this process the others, in both phases alike.
 
+`--replays N` then replays N workflows of each phase from their histories in this process
+and prints the worker CPU per replay: what an event to a workflow the worker does not cache
+costs the worker (the sparse shape), without the server or the machine's noise. The SDK's
+Replayer adds the same fixed cost per history to both; the difference is the lead's.
+
     .venv/bin/python bench/ingest.py [--leads 50] [--events 40] [--concurrency 32]
                                      [--db-file | --in-memory] [--store sqlite|URL] [--rounds 1] [--pin]
+                                     [--replays N]
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ from temporalio.api.workflowservice.v1 import DescribeWorkflowExecutionRequest  
 from temporalio.client import Client, WorkflowExecutionStatus  # noqa: E402
 from temporalio.service import RPCError  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
-from temporalio.worker import UnsandboxedWorkflowRunner, Worker  # noqa: E402
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, Worker  # noqa: E402
 
 import client as leads_client  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
@@ -83,7 +89,7 @@ from funnel.models import ActivityEvent, AuditKind  # noqa: E402
 from funnel.scoring_model import load_model  # noqa: E402
 from worker import ACTIVITY_THREADS, build_worker, freeze_heap  # noqa: E402
 from workflows import search_attributes as sa  # noqa: E402
-from workflows.lead import workflow_id as lead_workflow_id  # noqa: E402
+from workflows.lead import LeadWorkflow, workflow_id as lead_workflow_id  # noqa: E402
 
 BIN = Path(sys.executable).parent
 POLL_INTERVAL = 0.1  # seconds between confirmation rounds
@@ -593,10 +599,41 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
     return phase
 
 
+async def replay_cost(client: Client, kinds: dict[str, tuple[type, list[str]]], repeat: int = 3) -> dict:
+    """Worker CPU per replay of a whole history, per workflow type, in this process: what a
+    worker pays when an event reaches a workflow it does not cache (the sparse shape), without
+    the server and without the noise of a shared machine. {kind: (ms per replay, history
+    events per workflow)}; the first pass is a warm-up."""
+    found = {}
+    for kind, (workflow, workflow_ids) in kinds.items():
+        histories = [await client.get_workflow_handle(wid).fetch_history() for wid in workflow_ids]
+        replayer = Replayer(workflows=[workflow], data_converter=client.data_converter,
+                            workflow_runner=UnsandboxedWorkflowRunner())
+
+        async def replay_all() -> None:
+            async def each():
+                for history in histories:
+                    yield history
+
+            async with replayer.workflow_replay_iterator(each()) as results:
+                async for result in results:
+                    if result.replay_failure is not None:
+                        raise RuntimeError(f"{kind} does not replay: {result.replay_failure}")
+
+        await replay_all()
+        cpu = cpu_self()
+        for _ in range(repeat):
+            await replay_all()
+        found[kind] = (1000 * (cpu_self() - cpu) / (repeat * len(histories)),
+                       sum(len(h.events) for h in histories) / len(histories))
+    return found
+
+
 # --------------------------------------------------------------------------- reporting
 
 
-def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Phase, lead: Phase) -> dict:
+def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Phase, lead: Phase,
+           replays: dict[str, tuple[float, float]] | None = None) -> dict:
     ratio = lead.events_per_s / base.events_per_s if base.events_per_s else 0.0
     print()
     shape = (f"sparse: {args.leads} existing leads, {args.leads * args.events} events to random ones, worker cache "
@@ -628,6 +665,11 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
          f"{lead.sweeper_queries} / {lead.sweeper_confirmed} / {lead.sweeper_vouched}"),
         ("all confirmed", str(base.confirmed), str(lead.confirmed)),
     ]
+    if replays:
+        rows.append((f"replay from history ({args.replays} workflows): CPU ms per replay",
+                     f"{replays['baseline'][0]:.2f}", f"{replays['lead'][0]:.2f}"))
+        rows.append(("  history events per replayed workflow", f"{replays['baseline'][1]:.1f}",
+                     f"{replays['lead'][1]:.1f}"))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows + [("", "baseline", "")])
     w2 = max(len(r[2]) for r in rows + [("", "", "lead")])
@@ -672,6 +714,9 @@ def report(args: argparse.Namespace, server_kind: str, store_kind: str, base: Ph
         "rss_mb": [round(base.rss_before_mb), round(base.rss_after_mb), round(lead.rss_before_mb),
                    round(lead.rss_after_mb)],
         "confirmed": base.confirmed and lead.confirmed,
+        **({"replay_cpu_ms": [round(replays["baseline"][0], 2), round(replays["lead"][0], 2)],
+            "replay_history_events": [round(replays["baseline"][1], 1), round(replays["lead"][1], 1)]}
+           if replays else {}),
     }
     print(json.dumps(summary, separators=(",", ":")))
     return summary
@@ -714,6 +759,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LEADFLOW_KEY_CACHE_SECONDS: how often a process looks for changed lead keys (default:\n"
                         "the setting's). Code before 2026-11-24 expired keys this long after reading them, so a\n"
                         "small value showed there what leads idle for days cost; now it is the looks' cost")
+    p.add_argument("--replays", type=int, default=0, metavar="N",
+                   help="after the rounds, replay N workflows of each phase of the last round from their\n"
+                        "histories in this process and print the worker CPU per replay (what an event to an\n"
+                        "uncached workflow costs the worker; steadier than events/s). Default 0: off")
     p.add_argument("--pin", action="store_true",
                    help="the dev server on CPU 0, this process (worker, senders) on the others, as when the\n"
                         "worker runs on its own machine: the lead's worker CPU then does not slow the server\n"
@@ -721,6 +770,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.pin and (not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2):
         p.error("--pin needs Linux and at least 2 CPUs")
+    if args.replays < 0:
+        p.error("--replays must be 0 or more")
     if min(args.leads, args.events, args.concurrency, args.rounds) < 1:
         p.error("--leads, --events, --concurrency and --rounds must be at least 1")
     return args
@@ -772,11 +823,17 @@ async def main(argv: list[str] | None = None) -> dict:
                 base.rss_before_mb, lead.rss_before_mb = b.rss_before_mb, ld.rss_before_mb
             base.add(b)
             lead.add(ld)
+        replays = {}
+        if args.replays:
+            print(f"replaying {args.replays} workflows of each phase ...", file=sys.stderr)
+            replays = await replay_cost(env.client, {
+                "baseline": (CountingWorkflow, [f"count-{lead}" for lead in lead_ids[:args.replays]]),
+                "lead": (LeadWorkflow, [lead_workflow_id(lead) for lead in lead_ids[:args.replays]])})
     finally:
         await env.shutdown()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    return report(args, server_kind, store_kind, base, lead)
+    return report(args, server_kind, store_kind, base, lead, replays)
 
 
 if __name__ == "__main__":
