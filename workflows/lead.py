@@ -11,7 +11,7 @@ audit_cadence.py) and deliveries beside the loop (deliveries.py).
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -159,7 +159,7 @@ class LeadWorkflow:
                 self._audit.flush_requested = True  # the round ends in a write: the task yields
         else:
             batch, self._inbox = self._inbox, []
-        now = workflow.now()
+        now = self._now()
         events = [item for item in batch if isinstance(item, ActivityEvent)]
         if events:
             applied: frozenset[str] = frozenset()
@@ -193,7 +193,7 @@ class LeadWorkflow:
             change = self._model_changes.pop(0)
             if change.ref != self._lead.state.model_ref:
                 model = await self._load_model(self._lead.model, ref=change.ref)
-                self._lead.use_model(model, workflow.now(), by=change.by)
+                self._lead.use_model(model, self._now(), by=change.by)
 
     async def _carry_out_effects(self) -> None:
         """Write the audit when it is due (awaited: history first), then start deliveries."""
@@ -222,7 +222,7 @@ class LeadWorkflow:
             return
         s = self._lead.state
         about = (s.lead_id, s.profile, s.profile_seen, s.stage.value, s.score.total, s.score.engagement, s.audit_seq,
-                 self._lead.model, workflow.now())
+                 self._lead.model, self._now())
         departs = self._behaviour.departs_accounts
         told = contact_snapshots(*about, feed.account) if departs else [contact_snapshot(*about)]
         for snapshot in told:
@@ -267,6 +267,13 @@ class LeadWorkflow:
         except TimeoutError:
             pass  # a timer is due: the loop's tick fires it
 
+    def _now(self) -> datetime:
+        """Workflow time, never earlier than a wake-up that has fired: see WakeTimer.fired_for
+        (a firing the SDK stamped with the previous task's time). With correct stamps, this is
+        workflow.now()."""
+        now, fired = workflow.now(), self._wake.fired_for
+        return fired if fired is not None and fired > now else now
+
     def _has_work(self) -> bool:
         return bool(self._inbox or self._work_pending or self._audit.waiting or self._model_changes
                     or self._restart)
@@ -286,7 +293,7 @@ class LeadWorkflow:
 
     def _owner_assigned(self, owner: str, team: str) -> None:
         assert self._lead is not None
-        self._lead.assign_owner(owner, workflow.now(), team)
+        self._lead.assign_owner(owner, self._now(), team)
         self._work_pending = True  # the owner's audit entry goes out with the loop
 
     async def _load_model(self, carried: ScoringModel | None, ref: str | None = None) -> ScoringModel:
