@@ -79,6 +79,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
 from temporalio.service import RPCError
+from temporalio.worker import Replayer, UnsandboxedWorkflowRunner
 
 import client as leads
 from activities.store import AuditStore
@@ -89,7 +90,7 @@ from funnel.scoring_model import load_model
 from tests.conftest import Receiver, binary
 from tests.test_store import _as_postgres_user, _free_port, _postgres_bin_dir
 from workflows import search_attributes as sa
-from workflows.lead import workflow_id
+from workflows.lead import LeadWorkflow, workflow_id
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(420)]
 
@@ -536,7 +537,8 @@ async def test_leads_hold_under_faults(tmp_path):
         store = AuditStore(postgres.url())
         outbox = store.pending_outbox(limit=100_000)
         outbox_handovers = {m.message_id: m for m in outbox if m.kind == OutboundKind.HANDOVER}
-        failed_tasks, lengths = await workflow_histories(client, plans)
+        failed_tasks, lengths, unreplayable = await workflow_histories(client, plans)
+        problems += unreplayable
         for p in plans:
             problems += check_lead(p, expected[p.lead_id], views[p.lead_id], store, last_seq[p.lead_id],
                                    outbox_handovers, receiver)
@@ -616,12 +618,16 @@ async def flush(client: Client, lead_id: str) -> int:
     raise AssertionError("unreachable")
 
 
-async def workflow_histories(client: Client, plans) -> tuple[Counter, Counter]:
+async def workflow_histories(client: Client, plans) -> tuple[Counter, Counter, list[str]]:
     """Failed workflow tasks by cause and history events per run, over every run of every
     lead: reported, not judged (a task can fail legitimately, e.g. a continue-as-new
-    refused because a signal came)."""
+    refused because a signal came). And the runs that do not replay, judged: a lead that
+    decided differently live than on replay wedges at its next restart or eviction."""
     causes: Counter = Counter()
     lengths: Counter = Counter()
+    unreplayable: list[str] = []
+    replayer = Replayer(workflows=[LeadWorkflow], data_converter=client.data_converter,
+                        workflow_runner=UnsandboxedWorkflowRunner())
     for p in plans:
         async for run in client.list_workflows(f"WorkflowId = '{workflow_id(p.lead_id)}'"):
             history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
@@ -630,7 +636,11 @@ async def workflow_histories(client: Client, plans) -> tuple[Counter, Counter]:
                 if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
                     causes[WorkflowTaskFailedCause.Name(e.workflow_task_failed_event_attributes.cause)
                            .removeprefix("WORKFLOW_TASK_FAILED_CAUSE_").lower()] += 1
-    return causes, lengths
+            replayed = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+            if replayed.replay_failure is not None:
+                unreplayable.append(f"lead {p.lead_id} run {run.run_id[:8]} does not replay: "
+                                    f"{str(replayed.replay_failure)[:300]}")
+    return causes, lengths, unreplayable
 
 
 # --------------------------------------------------------------------------- checking
