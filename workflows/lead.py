@@ -265,7 +265,7 @@ class LeadWorkflow:
         try:
             await workflow.wait_condition(work, timeout=timeout)
         except TimeoutError:
-            pass  # a timer is due: the loop's tick fires it
+            self._wake.note_fired(wake)  # a timer is due: the loop's tick fires it
 
     def _now(self) -> datetime:
         """Workflow time, never earlier than a wake-up that has fired: see WakeTimer.fired_for

@@ -44,5 +44,9 @@ class WakeTimer:
         await workflow.sleep(max(wake - workflow.now(), timedelta(0)))
         self._running.discard(wake)
         self.due = True
+        self.note_fired(wake)
+
+    def note_fired(self, wake: datetime) -> None:
+        """A timer set for `wake` fired (here, or a version-1 lead's wait with a timeout)."""
         if self.fired_for is None or wake > self.fired_for:
             self.fired_for = wake
