@@ -36,7 +36,8 @@ server one CPU and this process the others, in both phases alike.
 
 `--replays N` then replays N workflows of each phase from their histories in this process
 and prints the worker CPU per replay: what an event to a workflow the worker does not cache
-costs the worker (the sparse shape), without the server or the machine's noise. The SDK's
+costs the worker (the sparse shape), without the server. (It moves between runs too, by up to
+~40%: compare the two in one run.) The SDK's
 Replayer adds the same fixed cost per history to both; the difference is the lead's.
 
     .venv/bin/python bench/ingest.py [--leads 50] [--events 40] [--concurrency 32]
@@ -602,7 +603,7 @@ async def run_lead(client: Client, settings: Settings, events: list[ActivityEven
 async def replay_cost(client: Client, kinds: dict[str, tuple[type, list[str]]], repeat: int = 3) -> dict:
     """Worker CPU per replay of a whole history, per workflow type, in this process: what a
     worker pays when an event reaches a workflow it does not cache (the sparse shape), without
-    the server and without the noise of a shared machine. {kind: (ms per replay, history
+    the server. {kind: (ms per replay, history
     events per workflow)}; the first pass is a warm-up."""
     found = {}
     for kind, (workflow, workflow_ids) in kinds.items():
@@ -762,7 +763,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replays", type=int, default=0, metavar="N",
                    help="after the rounds, replay N workflows of each phase of the last round from their\n"
                         "histories in this process and print the worker CPU per replay (what an event to an\n"
-                        "uncached workflow costs the worker; steadier than events/s). Default 0: off")
+                        "uncached workflow costs the worker). Default 0: off")
     p.add_argument("--pin", action="store_true",
                    help="the dev server on CPU 0, this process (worker, senders) on the others, as when the\n"
                         "worker runs on its own machine: the lead's worker CPU then does not slow the server\n"
