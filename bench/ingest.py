@@ -36,9 +36,9 @@ server one CPU and this process the others, in both phases alike.
 
 `--replays N` then replays N workflows of each phase from their histories in this process
 and prints the worker CPU per replay: what an event to a workflow the worker does not cache
-costs the worker (the sparse shape), without the server. (It moves between runs too, by up to
-~40%: compare the two in one run.) The SDK's
-Replayer adds the same fixed cost per history to both; the difference is the lead's.
+costs the worker (the sparse shape), without the server. It moves between runs too, by up
+to ~40%, so compare the two of one run: the SDK's Replayer adds the same fixed cost per
+history to both, and the difference is the lead's. A history that does not replay stops it.
 
     .venv/bin/python bench/ingest.py [--leads 50] [--events 40] [--concurrency 32]
                                      [--db-file | --in-memory] [--store sqlite|URL] [--rounds 1] [--pin]
