@@ -17,7 +17,8 @@ decisions fall due while they are asked by query, with a small cache) and assert
 history replays. It is a check of the whole path, not a sure one: on the code before it
 failed in 4 of 7 runs (3 of 4 with three rounds, 1 of 3 with these four; each failing run on
 1-2 of its leads; the dev server also logged the live worker's own "workflow task failed ...
-NonDeterministic"), and passed in 3 of 3 runs after the change. tests/test_workflow_stale_timer_stamp.py pins the cause every time.
+NonDeterministic"), and it passed in 4 of 4 runs after the change (one of them in the
+fresh-clone CI). tests/test_workflow_stale_timer_stamp.py pins the cause every time.
 """
 
 from __future__ import annotations
@@ -34,10 +35,9 @@ from activities.lead_activities import LeadActivities
 from activities.store import AuditStore
 from config import Settings
 from funnel.models import ActivityEvent
+from tests.conftest import KEY_CACHE_SECONDS
 from worker import build_worker
 from workflows.lead import LeadWorkflow, workflow_id
-
-from tests.conftest import KEY_CACHE_SECONDS
 
 ROUNDS = 4
 LEADS = 60
