@@ -1,6 +1,6 @@
 """The lead decides the same whether a timer's firing comes stamped late or early.
 
-tests/test_workflow_query_clock.py shows the race with the real worker: the SDK applied a
+bench/query_race.py runs the race with the real worker: the SDK applied a
 lead's decision timer firing while answering a query, stamped with the time of the lead's
 previous workflow task; replayed later, the same firing carried the time of the task that
 recorded it, and the lead's commands differed (a new timer live, the handover's write on

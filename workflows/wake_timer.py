@@ -12,7 +12,7 @@ workflow stamped with the time of the task before: when a query reaches a worker
 longer caches the lead and the history it reads already holds the firing, the worker applies
 the firing there and then. A replay later stamps it with the task that recorded it, so the
 lead decided differently live ("not due yet", a new timer) than on replay (due, a handover):
-a nondeterminism error that wedged the lead (tests/test_workflow_query_clock.py). A firing
+a nondeterminism error that wedged the lead (tests/test_workflow_stale_timer_stamp.py). A firing
 always comes at or after the wake-up it was set for, so with correct stamps this changes
 nothing.
 
