@@ -245,9 +245,9 @@ class AuditSweeper:
         """Take handed entries once the workflow task that produced them is in the lead's
         history as completed: its WorkflowTaskStarted at `started_id` (at `started_at`), then
         WorkflowTaskCompleted. One read of the newest history events (a page, rarely a few), no
-        workflow task and no replay (a query on an evicted lead replays it). A task that failed or timed out, or
-        one further back than CONFIRM_REACH: the lead is asked by query, which sees completed tasks
-        only. Not completed yet: looked up again at the next sweep."""
+        workflow task and no replay (a query on an evicted lead replays it). A task that failed
+        or timed out, or one further back than CONFIRM_REACH: the lead is asked by query, which
+        sees completed tasks only. Not completed yet: looked up again at the next sweep."""
         handed = max(items, key=lambda item: item.started_id)
         async with self._confirm_slots:
             try:
