@@ -483,13 +483,22 @@ class Lead:
         previous_eval = s.evaluated_at or s.created_at
         result = eng.fold(self.model, s.engagement, now, self._fold_cache, explain=self.recording)
         new = result.work
-        fit, old = {}, {}
+        after = new.breakdown
+        # The difference per rule, kept only where the points moved: for a rule whose points
+        # stayed it is 0.0, which is what a missing rule reads as below (most rules, most calls).
+        fit, old, diff = {}, {}, {}
         for k, v in s.score.breakdown.items():
-            (fit if k.startswith("fit:") else old)[k] = v
-        diff = {rule: round(new.breakdown.get(rule, 0.0) - old.get(rule, 0.0), 2)
-                for rule in set(old) | set(new.breakdown)}
+            if k.startswith("fit:"):
+                fit[k] = v
+            else:
+                old[k] = v
+                if (now_points := after.get(k, 0.0)) != v:
+                    diff[k] = round(now_points - v, 2)
+        for k, v in after.items():
+            if v and k not in old:
+                diff[k] = round(v - 0.0, 2)
         s.score.engagement = new.engagement
-        fit.update(new.breakdown)
+        fit.update(after)
         s.score.breakdown = fit
         s.evaluated_at = max(now, previous_eval)
         s.next_decay_at = eng.next_decay_at(self.model, new)
@@ -497,44 +506,55 @@ class Lead:
         if new.first_touch is not None:
             s.channel = new.first_touch[1]
         # One entry per change, as below; a lead that records no effects only counts them
-        # (audit_seq is state), so it skips writing their text.
+        # (audit_seq is state), so it skips writing their text and building the entries.
         rec = self.recording
         entries: list[tuple[str, float, str, str | None, datetime | None, str | None, str | None]] = []
+        count = 0
         contributions = result.by_key()
         for event, points, why in beyond:
             diff[event.type] = round(diff.get(event.type, 0.0) - points, 2)
-            entries.append((event.type, points,
-                            f"{_fmt(points)} {event.type}: late event {event.event_id} of {_day(event.occurred_at)}{why}"
-                            if rec else "", event.event_id, event.occurred_at, event.channel, event.source))
-        late = [e for e in added if prior_newest is not None and (e.occurred_at, e.event_id) < prior_newest]
+            count += 1
+            if rec:
+                entries.append((event.type, points,
+                                f"{_fmt(points)} {event.type}: late event {event.event_id} of {_day(event.occurred_at)}{why}",
+                                event.event_id, event.occurred_at, event.channel, event.source))
+        late = [e for e in added if prior_newest is not None and (e.occurred_at, e.event_id) < prior_newest] if rec else []
+        taken_back = any(k.startswith("c:") for k in contributions)  # an event took back another's points
         for event in added:  # one entry per applied event, with what it scored itself
             c = contributions.get(f"e:{event.event_id}")
             if c is None:
                 continue
             diff[c.rule] = round(diff.get(c.rule, 0.0) - c.points, 2)
+            count += 1
             if rec:
                 name = (f"late event {event.event_id} of {_day(event.occurred_at)}" if event in late else
                         f"event {event.event_id}")
-            entries.append((c.rule, c.points, f"{_fmt(c.points)} {event.type} ({name}{c.why})" if rec else "",
-                            event.event_id, event.occurred_at, event.channel, event.source))
+                entries.append((c.rule, c.points, f"{_fmt(c.points)} {event.type} ({name}{c.why})",
+                                event.event_id, event.occurred_at, event.channel, event.source))
+            if not taken_back:
+                continue
             for key in (k for k in contributions if k.startswith(f"c:{event.event_id}:")):
                 taken = contributions[key]
                 diff[taken.rule] = round(diff.get(taken.rule, 0.0) - taken.points, 2)
-                entries.append((taken.rule, taken.points, f"{_fmt(taken.points)} {taken.rule}{taken.why}" if rec else "",
-                                None, event.occurred_at, event.channel, event.source))
+                count += 1
+                if rec:
+                    entries.append((taken.rule, taken.points, f"{_fmt(taken.points)} {taken.rule}{taken.why}",
+                                    None, event.occurred_at, event.channel, event.source))
         reset_key = f"r:{new_anchor.at.isoformat()}" if new_anchor is not None else None
         # Decay steps after the last evaluation are new; so is all decay of a lead's first events.
         first_events = bool(added) and prior_newest is None
         for c in result.contributions:
             if (c.key[0] == "d" and (first_events or c.at > previous_eval)) or c.key == reset_key:
                 diff[c.rule] = round(diff.get(c.rule, 0.0) - c.points, 2)
-                text = ("" if not rec else f"{_fmt(c.points)} inactivity decay ({c.why})" if c.rule == "decay" else
-                        f"{_fmt(c.points)} {c.why}")
-                entries.append((c.rule, c.points, text, None, c.at, None, None))
-        changed = sorted(r for r, d in diff.items() if d)  # what the entries so far do not explain
+                count += 1
+                if rec:
+                    text = (f"{_fmt(c.points)} inactivity decay ({c.why})" if c.rule == "decay" else
+                            f"{_fmt(c.points)} {c.why}")
+                    entries.append((c.rule, c.points, text, None, c.at, None, None))
         if not rec:
-            s.audit_seq += len(entries) + len(changed)  # as _audit counts them
+            s.audit_seq += count + sum(1 for d in diff.values() if d)  # as _audit counts them
             return
+        changed = sorted(r for r, d in diff.items() if d)  # what the entries so far do not explain
         if changed:
             why_rescored = _why_rescored(late, cause, added)  # (only now: it formats dates)
             cause_at = late[0].occurred_at if late else (added[0].occurred_at if added else None)
