@@ -59,6 +59,7 @@ from funnel.models import (
     StageVisit,
     Trigger,
     WindowEvent,
+    assign,
     built,
     parse_fact_time,
 )
@@ -251,7 +252,7 @@ class Lead:
                 continue
             if self._is_duplicate(event.event_id, kind="event", channel=event.channel, known=event.event_id in applied):
                 continue
-            s.events_applied += 1
+            assign(s, events_applied=s.events_applied + 1)
             item = built(WindowEvent, {  # validated as an ActivityEvent already
                 "event_id": event.event_id, "type": event.type, "occurred_at": event.occurred_at,
                 "channel": event.channel, "attributes": dict(event.attributes)})
@@ -389,6 +390,17 @@ class Lead:
             due.append((s.cool_off_until, "cool_off", None))
         return due
 
+    def _due(self, now: datetime) -> bool:
+        """Whether any of `_timers` is due at or before `now`: tick asks at every input, and
+        the answer is almost always no, so it asks without listing and sorting them."""
+        s = self.state
+        return ((s.decision_due_at is not None and s.decision_due_at <= now)
+                or (bool(s.nurture) and s.nurture.next_at <= now)  # type: ignore[union-attr]
+                or (s.next_decay_at is not None and s.next_decay_at <= now and s.stage not in CLOSED_STAGES)
+                or (s.cool_off_until is not None and s.cool_off_until <= now
+                    and s.stage in (Stage.LOST, Stage.RECYCLED))
+                or any(sla.due_at <= now for sla in s.slas))
+
     def next_wakeup(self) -> datetime | None:
         """The earliest moment a timer is due; the workflow sleeps until then."""
         return min((t for t, _, _ in self._timers()), default=None)
@@ -399,9 +411,9 @@ class Lead:
         self._now = now
         s = self.state
         while True:
-            timers = self._timers()
-            if not timers:
+            if not self._due(now):
                 return
+            timers = self._timers()
             # The first timer of all, by time and order: if it is not due, none is.
             at, kind, item = min(timers, key=lambda x: (x[0], _TIMER_ORDER[x[1]]))
             if at > now:
@@ -497,14 +509,12 @@ class Lead:
         for k, v in after.items():
             if v and k not in old:
                 diff[k] = round(v - 0.0, 2)
-        s.score.engagement = new.engagement
         fit.update(after)
-        s.score.breakdown = fit
-        s.evaluated_at = max(now, previous_eval)
-        s.next_decay_at = eng.next_decay_at(self.model, new)
-        s.event_consent = new.consent
+        assign(s.score, engagement=new.engagement, breakdown=fit)  # (setattr, without pydantic's dispatch)
+        assign(s, evaluated_at=max(now, previous_eval), next_decay_at=eng.next_decay_at(self.model, new),
+               event_consent=new.consent)
         if new.first_touch is not None:
-            s.channel = new.first_touch[1]
+            assign(s, channel=new.first_touch[1])
         # One entry per change, as below; a lead that records no effects only counts them
         # (audit_seq is state), so it skips writing their text and building the entries.
         rec = self.recording
@@ -552,7 +562,7 @@ class Lead:
                             f"{_fmt(c.points)} {c.why}")
                     entries.append((c.rule, c.points, text, None, c.at, None, None))
         if not rec:
-            s.audit_seq += count + sum(1 for d in diff.values() if d)  # as _audit counts them
+            assign(s, audit_seq=s.audit_seq + count + sum(1 for d in diff.values() if d))  # as _audit counts them
             return
         changed = sorted(r for r, d in diff.items() if d)  # what the entries so far do not explain
         if changed:
@@ -984,7 +994,7 @@ class Lead:
 
     def _audit(self, kind: AuditKind, actor: Actor, detail: str, **fields) -> None:
         s = self.state
-        s.audit_seq += 1
+        assign(s, audit_seq=s.audit_seq + 1)
         if not self.recording:
             return
         fields.setdefault("channel", s.channel)

@@ -81,6 +81,15 @@ def built(cls: type[M], values: dict[str, Any]) -> M:
     return model
 
 
+def assign(model: BaseModel, **values: Any) -> None:
+    """`setattr(model, name, value)` for each of `values`, as pydantic does it for a field of
+    a model that validates no assignment (the value in `__dict__`, the name in the fields
+    set), without its `__setattr__`: the core sets a few fields of its state per event, and
+    that dispatch cost more than the rest of the write (tests/test_models_built.py pins it)."""
+    model.__dict__.update(values)
+    model.__pydantic_fields_set__.update(values)
+
+
 class Strict(BaseModel):
     """Inputs reject unknown fields so a typo is an error, not silently ignored."""
 
