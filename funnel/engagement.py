@@ -136,7 +136,15 @@ class FoldCache:
     The cached state is shared, not copied, with the fold that kept it (`fold` copies it
     before it changes it further) and with the next fold that continues it with new events
     (that fold keeps a later point, so this one is not needed again): most events in order
-    then cost no copy at all."""
+    then cost no copy at all.
+
+    A fold with nothing new after that point (a decay timer, an input that is no event)
+    only decays it; the cache keeps that result too (`decayed`), and the next such fold
+    decays on from there instead of from the point again: an idle lead's timers fired each
+    decay step again at every later step. Decay steps are the same from either start (each
+    depends on the state the one before left); the steps before `decayed` are left out of
+    the contributions, and they are all at or before the lead's last evaluation (the fold
+    that made `decayed` was up to then), which is where the lead stops reading them."""
 
     def __init__(self) -> None:
         self.clear()
@@ -147,9 +155,11 @@ class FoldCache:
         self.last: tuple | None = None  # the key of the last event folded
         self.work: _Work | None = None
         self.at: datetime | None = None  # work.at when kept (the fold that shares it moves its own on)
+        self.decayed: _Work | None = None  # the last fold with nothing new: `work` decayed to its `at`
 
-    def tail(self, model: ScoringModel, log: EngagementLog) -> tuple[_Work, list] | None:
-        """(the cached state, the items after it), if nothing before it changed."""
+    def tail(self, model: ScoringModel, log: EngagementLog, until: datetime) -> tuple[_Work, list] | None:
+        """(the cached state, the items after it), if nothing before it changed: with no
+        items, the latest decayed state up to `until`, when there is one."""
         if self.work is None or self.ref != model.ref:
             return None
         window, anchors = log.window, log.anchors
@@ -160,6 +170,8 @@ class FoldCache:
         if self.anchors and _item_key(anchors[self.anchors - 1]) > self.last:  # type: ignore[operator]
             return None
         new = [*window[self.events:], *anchors[self.anchors:]]
+        if not new and self.decayed is not None and self.decayed.at <= until:  # type: ignore[operator]
+            return self.decayed.copy(), new
         # Without a new event the cache stays where it is: the fold gets a copy to change.
         work = self.work if len(window) > self.events else self.work.copy()
         work.at = self.at
@@ -168,6 +180,7 @@ class FoldCache:
     def keep(self, model: ScoringModel, events: int, anchors: int, work: _Work, last: tuple) -> None:
         self.ref, self.events, self.anchors, self.last, self.work, self.at = (
             model.ref, events, anchors, last, work, work.at)
+        self.decayed = None
 
 
 def _item_key(item: WindowEvent | Anchor) -> tuple:
@@ -179,10 +192,12 @@ def fold(model: ScoringModel, log: EngagementLog, until: datetime, cache: FoldCa
     """Engagement at `until` from the checkpoint, the window's events and the anchors.
 
     With a `cache` that still holds (every change since came after its point), only the
-    items after that point are folded: the same result, for events that arrive in order.
+    items after that point are folded: the same result, for events that arrive in order
+    (its contributions leave out decay steps up to the cache's last fold with nothing new:
+    see FoldCache).
     Without `explain`, contributions carry no `why` (a backtest reads no text; formatting
     it was a tenth of its time)."""
-    hit = cache.tail(model, log) if cache is not None else None
+    hit = cache.tail(model, log, until) if cache is not None else None
     if hit is not None:
         work, items = hit
         events, anchors = cache.events, cache.anchors  # type: ignore[union-attr]
@@ -214,6 +229,8 @@ def fold(model: ScoringModel, log: EngagementLog, until: datetime, cache: FoldCa
     _decay_until(model, work, until, out, explain)
     if work.at is None or until > work.at:
         work.at = until
+    if hit is not None and not items:
+        cache.decayed = work  # type: ignore[union-attr]  # (nothing changes a fold's result: see FoldCache)
     return FoldResult(work=work, contributions=out)
 
 
@@ -225,12 +242,12 @@ def next_decay_at(model: ScoringModel, state: FoldState | _Work) -> datetime | N
 
 
 def _decay_until(model: ScoringModel, state: _Work, t: datetime, out: list[Contribution], explain: bool = True) -> None:
-    if state.clock_from is None or state.positive <= 0:
+    clock = state.clock_from
+    if clock is None or state.positive <= 0:
         return  # nothing decays (next_decay_at is None)
     decay = model.decay
-    if state.clock_from + decay.after + decay.every * state.decay_steps > t:
-        return  # next_decay_at is later: most calls, one per item folded
-    while (due := next_decay_at(model, state)) is not None and due <= t:
+    due = clock + decay.after + decay.every * state.decay_steps  # next_decay_at, spelled out
+    while due <= t:  # later: most calls, one per item folded
         positive = state.positive
         loss = positive * decay.percent / 100 if decay.percent is not None else min(decay.points or 0.0, positive)
         below = positive - loss < DECAY_FLOOR
@@ -245,6 +262,9 @@ def _decay_until(model: ScoringModel, state: _Work, t: datetime, out: list[Contr
         state.decay_steps += 1
         _add(state, "decay", -loss)
         out.append(Contribution(f"d:{due.isoformat()}", "decay", -loss, due, why))
+        if state.positive <= 0:
+            return  # next_decay_at is None
+        due = clock + decay.after + decay.every * state.decay_steps
 
 
 def _apply_event(model: ScoringModel, state: _Work, event: WindowEvent, out: list[Contribution],

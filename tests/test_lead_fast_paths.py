@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from config import DEFAULT_MODEL
-from funnel import demo
+from funnel import demo, engagement as eng
 from funnel.lead import Lead
-from funnel.models import ConsentRecord, EngagementLog, FoldState, LeadState, Score, assign
+from funnel.models import ConsentRecord, EngagementLog, FoldState, LeadState, Score, WindowEvent, assign
 from funnel.scoring_model import load_model
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
@@ -71,3 +71,34 @@ def test_due_is_what_the_timers_say(seed, delay):
         mp.setattr(Lead, "tick", checking_tick)
         demo.generate(25, MODEL, NOW, seed=seed, decision_delay=delay)
     assert any(checked) and len(checked) > 100  # leads with timers were asked, many times
+
+
+def _log(events: list[tuple[str, int]]) -> EngagementLog:
+    log = EngagementLog()
+    for i, (kind, hour) in enumerate(events):
+        log.add(WindowEvent(event_id=f"e-{i}", type=kind, occurred_at=NOW + timedelta(hours=hour), channel="web"))
+    return log
+
+
+@settings(max_examples=60, deadline=None)
+@given(events=st.lists(st.tuples(st.sampled_from(["website_visit", "demo_request", "webinar_attended",
+                                                  "unsubscribe", "pricing_page_visit"]), st.integers(0, 2000)),
+                       min_size=1, max_size=8),
+       offsets=st.lists(st.integers(0, 400 * 24), min_size=1, max_size=8))
+def test_a_fold_that_decays_on_from_the_cache_is_a_fold_from_scratch(events, offsets):
+    """Folds with nothing new after the cached point, at later (and sometimes earlier) times
+    after the newest event: an idle lead's timers, which decay on from the last such fold.
+    The same state as a fold of everything, and the same decay steps after the latest time
+    folded to before (the lead's last evaluation: what Lead._rescore reads of them)."""
+    log = _log(events)
+    cache = eng.FoldCache()
+    newest = evaluated = log.window[-1].occurred_at
+    eng.fold(MODEL, log, newest, cache, explain=False)
+    for offset in offsets:
+        until = newest + timedelta(hours=offset)
+        cached, full = eng.fold(MODEL, log, until, cache), eng.fold(MODEL, log, until)
+        assert cached.state.model_dump() == full.state.model_dump()
+        assert ([c for c in cached.contributions if c.at > evaluated]
+                == [c for c in full.contributions if c.key.startswith("d:") and c.at > evaluated])
+        assert cache.decayed is not None  # the path under test was taken
+        evaluated = max(evaluated, until)
