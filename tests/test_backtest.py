@@ -97,6 +97,29 @@ def test_on_postgresql_too(postgres_server):
         store.dispose()
 
 
+def test_the_logs_read_as_named_tuples_are_the_logs_read_from_database_rows(demo_store):
+    """activities/backtest_source.py reads the event log as named tuples, with the garbage
+    collector paused: the same logs, value for value, and the collector as it was after."""
+    import gc
+
+    from activities import backtest_source
+
+    _, store = demo_store
+    slow = backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
+    fast = backtest_source.lead_logs_of(store)
+    assert gc.isenabled()
+    assert len(fast) == 400 and sum(len(log.inputs) for log in fast) > 4000
+    assert fast == slow and repr(fast) == repr(slow)
+    assert all(a.event.model_fields_set == b.event.model_fields_set for x, y in zip(fast, slow)
+               for a, b in zip(x.inputs, y.inputs) if a.event is not None)
+    gc.disable()
+    try:
+        assert backtest_source.lead_logs_of(store, (fast[0].lead_id, fast[9].lead_id)) == slow[:10]
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_processes_give_what_one_process_gives(demo_store):
     _, store = demo_store
     logs = backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS), store.replay_log())
