@@ -525,10 +525,11 @@ class Lead:
             diff[event.type] = round(diff.get(event.type, 0.0) - points, 2)
             count += 1
             if rec:
-                entries.append((event.type, points,
-                                f"{_fmt(points)} {event.type}: late event {event.event_id} of {_day(event.occurred_at)}{why}",
-                                event.event_id, event.occurred_at, event.channel, event.source))
-        late = [e for e in added if prior_newest is not None and (e.occurred_at, e.event_id) < prior_newest] if rec else []
+                text = f"{_fmt(points)} {event.type}: late event {event.event_id} of {_day(event.occurred_at)}{why}"
+                entries.append((event.type, points, text, event.event_id, event.occurred_at, event.channel,
+                                event.source))
+        late = ([e for e in added if prior_newest is not None and (e.occurred_at, e.event_id) < prior_newest]
+                if rec else [])
         taken_back = any(k.startswith("c:") for k in contributions)  # an event took back another's points
         for event in added:  # one entry per applied event, with what it scored itself
             c = contributions.get(f"e:{event.event_id}")
