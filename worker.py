@@ -91,6 +91,7 @@ class LeadWorker(Worker):
         super().__init__(*args, interceptors=[self.progress], **kwargs)
         self.sweeper = sweeper
         self.dispatcher = dispatcher
+        let_slow_activations_finish(self)
 
     async def run(self) -> None:
         companions = [asyncio.create_task(c.run()) for c in (self.sweeper, self.dispatcher) if c is not None]
@@ -107,6 +108,30 @@ class LeadWorker(Worker):
         if self.sweeper is not None:
             await self.sweeper.stop()
         await super().shutdown()
+
+
+def let_slow_activations_finish(worker: Worker) -> None:
+    """Switch off the SDK's deadlock detection (temporalio 1.35: an activation that runs
+    longer than 2 s fails its workflow task), because what follows it wedges the lead.
+
+    Leads do no I/O and never block, so on this worker an activation that long is only a
+    slow one: a loaded machine, a long replay, a garbage collection. The SDK then fails the
+    task, and evicts the lead while the activation's thread is still running it (its wait
+    for that thread is `asyncio.wait_for`, which cancels the future it waited on, so the
+    eviction's "wait for the deadlocked activation" returns at once). The eviction finds
+    the lead's tasks still there ("Eviction processed, but 2 tasks remain"), retries for
+    ever, and the lead takes nothing more on this worker: no event, no query, no timer,
+    until the process is replaced (tests/test_worker_slow_activation.py). Without the
+    detection a slow activation just finishes; one longer than the workflow task timeout
+    (10 s) is timed out by the server and retried, after an ordinary eviction. The SDK
+    core still logs every activation over 5 s (TMPRL1104). There is no public option:
+    `debug_mode` would also run activations on the worker's event loop."""
+    inner = getattr(worker, "_workflow_worker", None)
+    if inner is None:
+        return  # an activity-only worker
+    if not hasattr(inner, "_deadlock_timeout_seconds"):
+        raise RuntimeError("temporalio changed: worker.let_slow_activations_finish no longer applies; review it")
+    inner._deadlock_timeout_seconds = None
 
 
 SWEEP_INTERVAL = 0.25  # s: soon enough that the leads swept are still in the worker's cache
