@@ -12,13 +12,18 @@ nondeterminism after an SDK deadlock error ("No command scheduled for event ... 
 WorkflowSearchAttributes"), not explained yet (README, design decisions). A race that
 fails now and then cannot be a test of the suite.
 
-    .venv/bin/python bench/query_race.py [--rounds 4] [--leads 60] [--cache 10] [--delay 2]
+    .venv/bin/python bench/query_race.py [--rounds 4] [--leads 60] [--cache 10] [--delay 2] [--save DIR]
+
+`--save DIR` keeps each history that does not replay as JSON (`temporal workflow show
+--output json` format), to replay and study later. The worker's workflow-task failures
+(deadlock errors, nondeterminism) are counted and the first ones printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import tempfile
 import uuid
@@ -53,13 +58,32 @@ async def _ask(client, lead: str) -> None:
         pass
 
 
+class _TaskFailures(logging.Handler):
+    """Counts what the SDK logs when a workflow task fails on the live worker."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f": {type(record.exc_info[1]).__name__}: {str(record.exc_info[1])[:200]}"
+        self.lines.append(text)
+
+
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--leads", type=int, default=60)
     p.add_argument("--cache", type=int, default=10, help="workflows the worker caches (fewer than --leads)")
     p.add_argument("--delay", type=float, default=2.0, help="LEADFLOW_DECISION_DELAY, seconds")
+    p.add_argument("--save", type=Path, help="folder for the histories that do not replay")
     args = p.parse_args()
+    failures = _TaskFailures()
+    logging.getLogger("temporalio.worker").addHandler(failures)
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="leadflow-race-") as tmp:
         store = AuditStore(f"sqlite:///{Path(tmp) / 'audit.db'}")
         keyring = PayloadKeyring({"race": new_key()}, current="race", source="bench")
@@ -96,6 +120,8 @@ async def main() -> None:
                             result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
                             if result.replay_failure is not None:
                                 failed.append(f"{lead}: {str(result.replay_failure)[:240]}")
+                                if args.save:
+                                    (args.save / f"{lead}.json").write_text(history.to_json())
                         print(f"round {round_ + 1}: {len(failed)} lead(s) so far do not replay", file=sys.stderr)
         finally:
             await env.shutdown()
@@ -103,6 +129,9 @@ async def main() -> None:
     print(f"{len(failed)} of {args.rounds * args.leads} leads do not replay")
     for line in failed[:10]:
         print(" ", line)
+    print(f"{len(failures.lines)} workflow task failure(s) logged by the worker")
+    for line in failures.lines[:5]:
+        print(" ", line[:300])
 
 
 if __name__ == "__main__":
