@@ -16,8 +16,8 @@ then cannot be a test of the suite.
     .venv/bin/python bench/query_race.py [--rounds 4] [--leads 60] [--cache 10] [--delay 2] [--save DIR]
 
 `--save DIR` keeps each history that does not replay as JSON (`temporal workflow show
---output json` format), to replay and study later. The worker's workflow-task failures
-(deadlock errors, nondeterminism) are counted and the first ones printed.
+--output json` format), to replay and study later. What the SDK's worker logs at WARNING
+or above (failed workflow tasks, failed evictions) is counted and the first lines printed.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ async def _ask(client, lead: str) -> None:
 
 
 class _TaskFailures(logging.Handler):
-    """Counts what the SDK logs when a workflow task fails on the live worker."""
+    """Keeps what the SDK's worker logs at WARNING or above: a failed workflow task (a
+    deadlock error, a nondeterminism), a failed eviction."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -130,7 +131,7 @@ async def main() -> None:
     print(f"{len(failed)} of {args.rounds * args.leads} leads do not replay")
     for line in failed[:10]:
         print(" ", line)
-    print(f"{len(failures.lines)} workflow task failure(s) logged by the worker")
+    print(f"{len(failures.lines)} warning(s) or error(s) logged by the SDK's worker")
     for line in failures.lines[:5]:
         print(" ", line[:300])
 
