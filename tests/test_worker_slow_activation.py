@@ -25,14 +25,15 @@ HOLD = 2.5  # s: longer than the SDK's deadlock timeout (2 s)
 
 
 class _Hold:
-    """Holds the first live call of a core method for one lead in the workflow thread."""
+    """Holds the first call of a core method for one lead, once armed, in the workflow thread."""
 
     def __init__(self, lead_id: str) -> None:
         self.lead_id = lead_id
+        self.armed = False
         self.held = threading.Event()
 
     def once(self, lead_id: str) -> None:
-        if lead_id == self.lead_id and not self.held.is_set():
+        if self.armed and lead_id == self.lead_id and not self.held.is_set():
             self.held.set()
             time.sleep(HOLD)
 
@@ -77,6 +78,7 @@ async def test_a_lead_goes_on_after_an_activation_slower_than_the_deadlock_timeo
     async with running_worker(client, settings, store):
         await _send(client, settings, lead, 1)
         await until(lambda: _applied(client, lead), lambda n: n == 1, timeout=30)
+        hold.armed = True
         if held == "event":
             await _send(client, settings, lead, 2)  # its activation is held
         else:
