@@ -22,7 +22,7 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
-from temporalio.common import WorkflowIDReusePolicy
+from temporalio.common import TypedSearchAttributes, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -51,8 +51,8 @@ from funnel.models import (
 from funnel.personal_data import EraseRequest, ErasureReport
 from funnel.scoring_model import ScoringModel, parse_model
 from workflows import search_attributes as sa
-from workflows.lead import UPDATE_FOR_COMMAND, LeadInput, LeadWorkflow, workflow_id
-from workflows.lead_input import CURRENT_VERSION
+from workflows.lead import UPDATE_FOR_COMMAND, LeadInput, LeadWorkflow, new_lead, workflow_id
+from workflows.lead_input import CURRENT_VERSION, behaviour
 from workflows.rollout import ModelRolloutWorkflow, RolloutInput, RolloutProgress, rollout_id
 
 # One signal carries at most this many events (payloads stay far below 2 MB).
@@ -132,12 +132,13 @@ class LeadPage:
     next_cursor: str | None  # pass it back for the next page; None: this was the last
 
 
-def _start_options(settings: Settings, lead_id: str) -> dict:
+def _start_options(settings: Settings, lead_id: str, attributes: TypedSearchAttributes | None = None) -> dict:
     return dict(
         id=workflow_id(lead_id),
         task_queue=settings.task_queue,
         # A won lead's workflow has completed; new input must not start a fresh lead.
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        **({"search_attributes": attributes} if attributes else {}),
     )
 
 
@@ -145,7 +146,22 @@ def _input(settings: Settings, lead_id: str, model: ScoringModel | None = None) 
     return LeadInput(lead_id=lead_id, model=model, max_history_events=settings.max_history_events, version=CURRENT_VERSION,
                      audit_max_lag_seconds=settings.audit_max_lag_seconds,
                      decision_delay_seconds=settings.decision_delay_seconds,
-                     shred_delay_seconds=settings.shred_delay_seconds)
+                     shred_delay_seconds=settings.shred_delay_seconds,
+                     created_at=datetime.now(timezone.utc) if model is not None else None)
+
+
+def _start_attributes(inp: LeadInput, first: list[ActivityEvent | ProfileUpdate]) -> TypedSearchAttributes | None:
+    """The search attributes a new lead will have after its first input, computed by the same
+    core at its creation time (`LeadInput.created_at`), for its start: it then upserts only
+    what differs (RunBehaviour.starts_with_attributes), so most new leads cost no visibility
+    write of their own. Only where the starter passes the model (a lead that already runs
+    ignores start attributes); a wrong guess costs that upsert, nothing else."""
+    if inp.model is None or inp.created_at is None:
+        return None
+    lead = new_lead(inp, inp.model, first, inp.created_at, timedelta(seconds=inp.decision_delay_seconds),
+                    explain=behaviour(inp.version).explains)
+    lead.take(first, inp.created_at)
+    return sa.typed(sa.of_lead(lead.state))
 
 
 async def send_events(client: Client, settings: Settings, events: list[ActivityEvent],
@@ -164,17 +180,15 @@ async def send_events(client: Client, settings: Settings, events: list[ActivityE
     for lead_id, lead_events in by_lead.items():
         for i in range(0, len(lead_events), SIGNAL_BATCH):
             chunk = lead_events[i : i + SIGNAL_BATCH]
+            inp = _input(settings, lead_id, model if i == 0 else None)  # (only the first chunk may start it)
+            options = _start_options(settings, lead_id, _start_attributes(inp, list(chunk)))
             try:
                 if len(chunk) == 1:
-                    await client.start_workflow(
-                        LeadWorkflow.run, _input(settings, lead_id, model), **_start_options(settings, lead_id),
-                        start_signal="event", start_signal_args=[chunk[0]],
-                    )
+                    await client.start_workflow(LeadWorkflow.run, inp, **options,
+                                                start_signal="event", start_signal_args=[chunk[0]])
                 else:
-                    await client.start_workflow(
-                        LeadWorkflow.run, _input(settings, lead_id, model), **_start_options(settings, lead_id),
-                        start_signal="events", start_signal_args=[chunk],
-                    )
+                    await client.start_workflow(LeadWorkflow.run, inp, **options,
+                                                start_signal="events", start_signal_args=[chunk])
             except WorkflowAlreadyStartedError:
                 closed.append(await _how_it_ended(client, lead_id))
                 break
@@ -219,9 +233,10 @@ async def _how_it_ended(client: Client, lead_id: str) -> str:
 
 async def send_profile(client: Client, settings: Settings, update: ProfileUpdate,
                        model: ScoringModel | None = None) -> None:
+    inp = _input(settings, update.lead_id, model)
     try:
         await client.start_workflow(
-            LeadWorkflow.run, _input(settings, update.lead_id, model), **_start_options(settings, update.lead_id),
+            LeadWorkflow.run, inp, **_start_options(settings, update.lead_id, _start_attributes(inp, [update])),
             start_signal="profile", start_signal_args=[update],
         )
     except WorkflowAlreadyStartedError:

@@ -275,6 +275,18 @@ class Lead:
             self._arm_below("negative")
         self._consider(now)
 
+    def take(self, batch: list[ActivityEvent | ProfileUpdate], now: datetime,
+             applied: frozenset[str] = frozenset()) -> None:
+        """A round of input, as the lead workflow applies it: the events together, then the
+        profile updates in order, then whatever timers are due."""
+        events = [item for item in batch if isinstance(item, ActivityEvent)]
+        if events:
+            self.ingest_many(events, now, applied=applied)
+        for item in batch:
+            if isinstance(item, ProfileUpdate):
+                self.update_profile(item, now)
+        self.tick(now)
+
     def update_profile(self, update: ProfileUpdate, now: datetime) -> None:
         """Merge profile facts (the latest observed value of each wins) and re-evaluate the fit rules."""
         self.tick(now)

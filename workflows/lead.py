@@ -52,10 +52,23 @@ INPUT_PER_ROUND = 200
 # payload limit); a bigger backlog is worked off a round at a time first.
 CARRY_MAX = 1000
 ERASURE_TIMEOUT = timedelta(minutes=2)
+# A v11 lead is created at its starter's time (so the search attributes it was started with
+# hold) when that is this close to its first task; else (a backlog, a skewed clock, a
+# time-skipping test server) at the task's time, and it upserts what differs.
+START_CLOCK_TOLERANCE = timedelta(minutes=1)
 
 
 def workflow_id(lead_id: str) -> str:
     return f"lead-{lead_id}"
+
+
+def new_lead(inp: LeadInput, model: ScoringModel, first: list[ActivityEvent | ProfileUpdate], created: datetime,
+             decision_delay: timedelta, explain: bool) -> Lead:
+    """A lead as its first run creates it, its channel that of its earliest event that names
+    one among the input it starts with. (Its starter predicts its search attributes with it.)"""
+    events = sorted((i for i in first if isinstance(i, ActivityEvent) and i.channel), key=lambda e: e.occurred_at)
+    return Lead.create(inp.lead_id, model, created, channel=events[0].channel if events else None,
+                       seen_ids_max=inp.seen_ids_max, decision_delay=decision_delay, explain=explain)
 
 
 def _update_id() -> str | None:
@@ -73,6 +86,7 @@ class LeadWorkflow:
         self._lead: Lead | None = None
         self._work_pending = False  # a command or a delivery left effects for the loop
         self._upserted: dict[str, object] = {}
+        self._start_attributes_checked = True  # v11 sets it False once it takes them (run)
         lag = None if inp.audit_max_lag_seconds is None else timedelta(seconds=inp.audit_max_lag_seconds)
         self._audit = AuditCadence(lag,
                                    written_seq=inp.state.audit_seq if inp.state else 0,
@@ -95,6 +109,10 @@ class LeadWorkflow:
     @workflow.run
     async def run(self, inp: LeadInput) -> LeadView:
         lead = self._lead = await self._start_or_go_on(inp)
+        if self._behaviour.starts_with_attributes:
+            # Set by the starter, or inherited from the run before: upsert only what differs.
+            self._upserted = sa.as_set(workflow.info().typed_search_attributes)
+            self._start_attributes_checked = False
         for message in inp.undelivered:
             self._deliveries.start(message)
         if self._account_feed is not None:
@@ -139,11 +157,11 @@ class LeadWorkflow:
         now = workflow.now()
         delay = timedelta(seconds=inp.decision_delay_seconds) if self._behaviour.decisions_and_owners else timedelta(0)
         if inp.state is None:
-            events = sorted((i for i in self._inbox if isinstance(i, ActivityEvent) and i.channel),
-                            key=lambda e: e.occurred_at)
-            return Lead.create(inp.lead_id, model, now, channel=events[0].channel if events else None,
-                               seen_ids_max=inp.seen_ids_max, decision_delay=delay,
-                               explain=self._behaviour.explains)
+            created = now
+            if (self._behaviour.starts_with_attributes and inp.created_at is not None
+                    and abs(now - inp.created_at) <= START_CLOCK_TOLERANCE):
+                created = min(inp.created_at, now)  # as its starter predicted (never after its first task)
+            return new_lead(inp, model, self._inbox, created, delay, self._behaviour.explains)
         lead = Lead(inp.state, model, seen_ids_max=inp.seen_ids_max, decision_delay=delay,
                     explain=self._behaviour.explains)
         lead.use_model(model, now)
@@ -160,19 +178,14 @@ class LeadWorkflow:
         else:
             batch, self._inbox = self._inbox, []
         now = self._now()
-        events = [item for item in batch if isinstance(item, ActivityEvent)]
-        if events:
-            applied: frozenset[str] = frozenset()
-            if self._behaviour.decisions_and_owners and (forgotten := self._lead.forgets([e.event_id for e in events])):
-                applied = await self._applied_before(forgotten)
-            self._lead.ingest_many(events, now, applied=applied)
-        for item in batch:
-            if isinstance(item, ProfileUpdate):
-                self._lead.update_profile(item, now)
+        applied: frozenset[str] = frozenset()
+        if self._behaviour.decisions_and_owners and (
+                forgotten := self._lead.forgets([e.event_id for e in batch if isinstance(e, ActivityEvent)])):
+            applied = await self._applied_before(forgotten)
+        self._lead.take(batch, now, applied)
         if self._behaviour.logs_input:
             self._audit.log(batch, now)
         self._applied += len(batch)
-        self._lead.tick(now)
         self._work_pending = False
 
     async def _applied_before(self, event_ids: list[str]) -> frozenset[str]:
@@ -331,19 +344,13 @@ class LeadWorkflow:
             return
         self._audit.wrote = False
         assert self._lead is not None
-        s = self._lead.state
-        wanted = {
-            sa.LEAD_STAGE: s.stage.value,
-            sa.LEAD_SCORE: float(s.score.total),
-            sa.LEAD_OWNER: s.owner,
-            sa.LEAD_CHANNEL: s.channel,
-        }
-        if self._behaviour.decisions_and_owners:
-            wanted[sa.LEAD_MODEL] = s.model_ref
-        if self._behaviour.created_attribute:
-            wanted[sa.LEAD_CREATED] = s.created_at
+        wanted = sa.of_lead(self._lead.state, with_model=self._behaviour.decisions_and_owners,
+                            with_created=self._behaviour.created_attribute)
         changed = [key for key, value in wanted.items() if self._upserted.get(key.name, ...) != value]
-        if not wrote and all(key is sa.LEAD_SCORE for key in changed):
+        # (v11: the attributes a run starts with are a guess; the first refresh puts even a
+        # lone score right, as the first upsert of older runs does)
+        first, self._start_attributes_checked = not self._start_attributes_checked, True
+        if not wrote and not first and all(key is sa.LEAD_SCORE for key in changed):
             return
         updates = []
         for key in changed:

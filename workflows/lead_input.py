@@ -20,7 +20,7 @@ from funnel.scoring_model import ScoringModel
 # How a run behaves, for replay. Runs keep the behaviour of the code that started them
 # (chosen by input rather than `workflow.patched()`: a patch upserts the
 # TemporalChangeVersion search attribute, a visibility write for every new lead).
-CURRENT_VERSION = 10
+CURRENT_VERSION = 11
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,13 @@ class RunBehaviour:
     # once. v4-v9 runs write a lone deadline themselves (an activity and a workflow task;
     # fewer writes would not replay).
     defers_deadlines: bool = False
+    # v11: a new lead's starter sets its search attributes at the start, as the same core
+    # computes them after the lead's first input (`LeadInput.created_at` is its creation
+    # time), and the lead upserts only what differs: no visibility write and no history
+    # event for most new leads, nor for a run that continues as new with nothing changed
+    # (it inherits its attributes). v1-v10 runs upsert everything at their first refresh (an
+    # upsert left out would not replay).
+    starts_with_attributes: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
@@ -100,7 +107,8 @@ def behaviour(version: int) -> RunBehaviour:
                         swept_audit=version >= 4, model_from_input=version >= 5, created_attribute=version >= 6,
                         feeds_accounts=version >= 7, logs_input=version >= 8,
                         explains=version >= 8, departs_accounts=version >= 9,
-                        assigns_in_write=version >= 10, defers_deadlines=version >= 10)
+                        assigns_in_write=version >= 10, defers_deadlines=version >= 10,
+                        starts_with_attributes=version >= 11)
 
 
 class ModelChange(BaseModel):
@@ -143,3 +151,6 @@ class LeadInput(BaseModel):
     # Erasure (GDPR Art. 17): old key generations are destroyed this long after the rotation.
     shred_delay_seconds: float = Field(default=120.0, ge=0)
     shred: ShredPending | None = None  # an erasure's key destruction still to do
+    # v11, a new lead: when its starter sent the first input (and set the search attributes
+    # for that moment); the lead is created then, never later than its first workflow task.
+    created_at: datetime | None = None

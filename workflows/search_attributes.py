@@ -5,7 +5,13 @@ unencrypted by Temporal). Servers must know them before a lead upserts them:
 the dev server gets `--search-attribute NAME=TYPE`, tests register them.
 """
 
-from temporalio.common import SearchAttributeKey
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+
+from funnel.models import LeadState
 
 LEAD_STAGE = SearchAttributeKey.for_keyword("LeadStage")
 LEAD_OWNER = SearchAttributeKey.for_keyword("LeadOwner")
@@ -17,6 +23,32 @@ LEAD_MODEL = SearchAttributeKey.for_keyword("LeadModel")  # scoring model ref: a
 LEAD_CREATED = SearchAttributeKey.for_datetime("LeadCreated")
 
 ALL = [LEAD_STAGE, LEAD_OWNER, LEAD_CHANNEL, LEAD_SCORE, LEAD_MODEL, LEAD_CREATED]
+
+
+def of_lead(state: LeadState, with_model: bool = True, with_created: bool = True) -> dict[SearchAttributeKey, Any]:
+    """The attributes that show this lead state (None: unset). Older runs leave out the model
+    or the creation time (see workflows/lead_input.RunBehaviour)."""
+    wanted: dict[SearchAttributeKey, Any] = {
+        LEAD_STAGE: state.stage.value,
+        LEAD_SCORE: float(state.score.total),
+        LEAD_OWNER: state.owner,
+        LEAD_CHANNEL: state.channel,
+    }
+    if with_model:
+        wanted[LEAD_MODEL] = state.model_ref
+    if with_created:
+        wanted[LEAD_CREATED] = state.created_at
+    return wanted
+
+
+def typed(wanted: dict[SearchAttributeKey, Any]) -> TypedSearchAttributes:
+    """The set ones, as a workflow start takes them."""
+    return TypedSearchAttributes([SearchAttributePair(key, value) for key, value in wanted.items() if value is not None])
+
+
+def as_set(attributes: TypedSearchAttributes) -> dict[str, Any]:
+    """{name: value} of every lead attribute, None where unset: what a run starts with."""
+    return {key.name: attributes.get(key) for key in ALL}
 
 
 def type_name(key: SearchAttributeKey) -> str:

@@ -1,0 +1,117 @@
+"""A new lead is started with the search attributes it will have (lead version 11), so it
+costs no upsert (a visibility write and a history event) of its own; a wrong guess is put
+right by the lead. On the real dev server: its clock is the client's, as in production."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+
+import client as leads
+from client import LeadFilters
+from funnel.models import ProfileUpdate, Stage
+from funnel.scoring_model import load_model
+from tests.conftest import event, running_worker, settle, until
+from workflows import search_attributes as sa
+from workflows.lead import LeadWorkflow, workflow_id
+from workflows.lead_input import CURRENT_VERSION, LeadInput
+
+
+def upserts(history) -> list[dict]:
+    return [dict(e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields)
+            for e in history.events if e.HasField("upsert_workflow_search_attributes_event_attributes")]
+
+
+def started_with(history) -> set[str]:
+    started = history.events[0].workflow_execution_started_event_attributes
+    return set(started.search_attributes.indexed_fields)
+
+
+async def listed(client, lead: str, **filters) -> list[str]:
+    page = await leads.lead_page(client, LeadFilters(lead_ids=[lead], **filters), size=10)
+    return [s.lead_id for s in page.leads]
+
+
+async def test_a_new_lead_starts_with_its_attributes_and_upserts_none(dev_env, settings, store):
+    """Events and a profile update, each starting a lead as the API does (with the model):
+    the start carries stage, score, channel, model and creation time as the lead computes
+    them, the lead's history has no upsert, and lists filter it by all of them."""
+    client = dev_env.client
+    model = load_model(settings.model_path)
+    visit, profiled = "SA-visit", "SA-profile"
+    async with running_worker(client, settings, store):
+        now = await dev_env.get_current_time()
+        await leads.send_events(client, settings, [event(visit, "1", "website_visit", now, channel="ads"),
+                                                   event(visit, "2", "webinar_attended", now, channel="webinar")],
+                                model)
+        await leads.send_profile(client, settings, ProfileUpdate(update_id="p", lead_id=profiled,
+                                                                  facts={"target_account": True}), model)
+        views = {lead: await settle(dev_env, client, lead, lambda v: v.events_applied + len(v.profile) > 0)
+                 for lead in (visit, profiled)}
+        histories = {lead: await client.get_workflow_handle(workflow_id(lead)).fetch_history() for lead in views}
+        for lead, view in views.items():
+            assert upserts(histories[lead]) == [], lead
+            assert {"LeadStage", "LeadScore", "LeadModel", "LeadCreated"} <= started_with(histories[lead])
+            score, created = view.score["total"], view.history[0].entered_at
+            assert score > 0
+            found = await until(lambda lead=lead: listed(client, lead), lambda found: found == [lead])
+            assert found == [lead]
+            assert await listed(client, lead, stage=Stage.IQL.value, min_score=score, max_score=score,
+                                created_from=created - timedelta(seconds=1), created_to=created + timedelta(seconds=1)) == [lead]
+            described = await client.get_workflow_handle(workflow_id(lead)).describe()
+            attrs = described.typed_search_attributes
+            assert attrs.get(sa.LEAD_CREATED) == view.history[0].entered_at
+            assert attrs.get(sa.LEAD_MODEL) == model.ref
+            assert attrs.get(sa.LEAD_OWNER) is None
+        assert views[visit].channel == "ads"
+        assert await listed(client, visit, channel="ads") == [visit]
+        assert views[profiled].score["fit"] > 0 and views[profiled].channel is None
+
+
+async def test_a_wrong_guess_is_put_right_by_the_lead(dev_env, settings, store):
+    """Started with attributes that do not match (another starter's guess, a skewed clock):
+    the lead upserts every one that differs, a lone score too, at its first refresh."""
+    client = dev_env.client
+    lead = "SA-wrong"
+    model = load_model(settings.model_path)
+    async with running_worker(client, settings, store):
+        now = await dev_env.get_current_time()
+        wrong = TypedSearchAttributes([SearchAttributePair(sa.LEAD_STAGE, "mql"), SearchAttributePair(sa.LEAD_SCORE, 999.0),
+                                       SearchAttributePair(sa.LEAD_CHANNEL, "nowhere")])
+        await client.start_workflow(
+            LeadWorkflow.run, LeadInput(lead_id=lead, model=model, version=CURRENT_VERSION, created_at=now),
+            id=workflow_id(lead), task_queue=settings.task_queue, search_attributes=wrong,
+            start_signal="event", start_signal_args=[event(lead, "1", "website_visit", now)])
+        view = await settle(dev_env, client, lead, lambda v: v.events_applied == 1)
+        handle = client.get_workflow_handle(workflow_id(lead))
+
+        async def attributes():
+            return (await handle.describe()).typed_search_attributes
+
+        attrs = await until(attributes, lambda a: a.get(sa.LEAD_SCORE) == view.score["total"])
+        assert attrs.get(sa.LEAD_STAGE) == Stage.IQL.value
+        assert attrs.get(sa.LEAD_CHANNEL) == "website"
+        assert attrs.get(sa.LEAD_MODEL) == model.ref
+        assert attrs.get(sa.LEAD_CREATED) == view.history[0].entered_at
+        (upserted,) = upserts(await handle.fetch_history())
+        assert {"LeadStage", "LeadScore", "LeadChannel", "LeadModel", "LeadCreated"} <= set(upserted)
+
+
+@pytest.mark.parametrize("skew_minutes", [-5, 5])
+async def test_a_starter_clock_far_off_does_not_date_the_lead(dev_env, settings, store, skew_minutes):
+    """A lead is created at its starter's time only when that is within a minute of its first
+    task; otherwise at the task's time (then it upserts its creation time)."""
+    client = dev_env.client
+    lead = f"SA-skew{skew_minutes}"
+    model = load_model(settings.model_path)
+    async with running_worker(client, settings, store):
+        now = await dev_env.get_current_time()
+        await client.start_workflow(
+            LeadWorkflow.run,
+            LeadInput(lead_id=lead, model=model, version=CURRENT_VERSION, created_at=now + timedelta(minutes=skew_minutes)),
+            id=workflow_id(lead), task_queue=settings.task_queue,
+            start_signal="event", start_signal_args=[event(lead, "1", "website_visit", now)])
+        view = await settle(dev_env, client, lead, lambda v: v.events_applied == 1)
+    assert abs(view.history[0].entered_at - now) < timedelta(seconds=30)
