@@ -72,7 +72,7 @@ async def test_a_new_lead_starts_with_its_attributes_and_upserts_none(dev_env, s
 
 async def test_a_wrong_guess_is_put_right_by_the_lead(dev_env, settings, store):
     """Started with attributes that do not match (another starter's guess, a skewed clock):
-    the lead upserts every one that differs, a lone score too, at its first refresh."""
+    the lead upserts every one that differs at its first refresh, the score going along."""
     client = dev_env.client
     lead = "SA-wrong"
     model = load_model(settings.model_path)

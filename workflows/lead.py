@@ -86,7 +86,6 @@ class LeadWorkflow:
         self._lead: Lead | None = None
         self._work_pending = False  # a command or a delivery left effects for the loop
         self._upserted: dict[str, object] = {}
-        self._start_attributes_checked = True  # v11 sets it False once it takes them (run)
         lag = None if inp.audit_max_lag_seconds is None else timedelta(seconds=inp.audit_max_lag_seconds)
         self._audit = AuditCadence(lag,
                                    written_seq=inp.state.audit_seq if inp.state else 0,
@@ -112,7 +111,6 @@ class LeadWorkflow:
         if self._behaviour.starts_with_attributes:
             # Set by the starter, or inherited from the run before: upsert only what differs.
             self._upserted = sa.as_set(workflow.info().typed_search_attributes)
-            self._start_attributes_checked = False
         for message in inp.undelivered:
             self._deliveries.start(message)
         if self._account_feed is not None:
@@ -347,10 +345,7 @@ class LeadWorkflow:
         wanted = sa.of_lead(self._lead.state, with_model=self._behaviour.decisions_and_owners,
                             with_created=self._behaviour.created_attribute)
         changed = [key for key, value in wanted.items() if self._upserted.get(key.name, ...) != value]
-        # (v11: the attributes a run starts with are a guess; the first refresh puts even a
-        # lone score right, as the first upsert of older runs does)
-        first, self._start_attributes_checked = not self._start_attributes_checked, True
-        if not wrote and not first and all(key is sa.LEAD_SCORE for key in changed):
+        if not wrote and all(key is sa.LEAD_SCORE for key in changed):
             return
         updates = []
         for key in changed:
