@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -54,6 +55,8 @@ from workflows import search_attributes as sa
 from workflows.lead import UPDATE_FOR_COMMAND, LeadInput, LeadWorkflow, new_lead, workflow_id
 from workflows.lead_input import CURRENT_VERSION, behaviour
 from workflows.rollout import ModelRolloutWorkflow, RolloutInput, RolloutProgress, rollout_id
+
+log = logging.getLogger(__name__)
 
 # One signal carries at most this many events (payloads stay far below 2 MB).
 SIGNAL_BATCH = 100
@@ -158,10 +161,14 @@ def _start_attributes(inp: LeadInput, first: list[ActivityEvent | ProfileUpdate]
     ignores start attributes); a wrong guess costs that upsert, nothing else."""
     if inp.model is None or inp.created_at is None:
         return None
-    lead = new_lead(inp, inp.model, first, inp.created_at, timedelta(seconds=inp.decision_delay_seconds),
-                    explain=behaviour(inp.version).explains)
-    lead.take(first, inp.created_at)
-    return sa.typed(sa.of_lead(lead.state))
+    try:
+        lead = new_lead(inp, inp.model, first, inp.created_at, timedelta(seconds=inp.decision_delay_seconds),
+                        explain=behaviour(inp.version).explains)
+        lead.take(first, inp.created_at)
+        return sa.typed(sa.of_lead(lead.state))
+    except Exception:  # noqa: BLE001 - a guess must never keep input from its lead
+        log.exception("start attributes of lead %s not predicted; the lead upserts them itself", inp.lead_id)
+        return None
 
 
 async def send_events(client: Client, settings: Settings, events: list[ActivityEvent],

@@ -115,3 +115,25 @@ async def test_a_starter_clock_far_off_does_not_date_the_lead(dev_env, settings,
             start_signal="event", start_signal_args=[event(lead, "1", "website_visit", now)])
         view = await settle(dev_env, client, lead, lambda v: v.events_applied == 1)
     assert abs(view.history[0].entered_at - now) < timedelta(seconds=30)
+
+
+async def test_a_guess_that_fails_never_keeps_input_from_its_lead(dev_env, settings, store, monkeypatch, caplog):
+    """The prediction is only a saving: should it raise, the lead starts without attributes,
+    takes its events and upserts them itself."""
+    client = dev_env.client
+    lead = "SA-noguess"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("prediction broke")
+
+    monkeypatch.setattr(leads, "new_lead", broken)
+    async with running_worker(client, settings, store):
+        now = await dev_env.get_current_time()
+        await leads.send_events(client, settings, [event(lead, "1", "website_visit", now)], load_model(settings.model_path))
+        view = await settle(dev_env, client, lead, lambda v: v.events_applied == 1)
+        history = await client.get_workflow_handle(workflow_id(lead)).fetch_history()
+    assert "prediction broke" in caplog.text
+    assert started_with(history) <= {"BuildIds"}
+    (upserted,) = upserts(history)
+    assert {"LeadStage", "LeadScore", "LeadChannel", "LeadModel", "LeadCreated"} <= set(upserted)
+    assert view.stage == Stage.IQL
