@@ -9,9 +9,8 @@ process boundary. A store only this process can open (in-memory SQLite) is read 
 from __future__ import annotations
 
 import gc
-from collections import namedtuple
 from datetime import datetime, timedelta
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Sequence
 
 from sqlalchemy.engine import make_url
 
@@ -43,24 +42,6 @@ def shards(lead_ids: Sequence[str], count: int) -> list[tuple[str, str]]:
     return [(lead_ids[i], lead_ids[min(i + size, len(lead_ids)) - 1]) for i in range(0, len(lead_ids), size)]
 
 
-_ROW_TYPES: dict[int, Any] = {}  # columns -> a named tuple of the columns of event_log or fact_log
-
-
-def _plain_rows(rows: Iterable[Any]) -> Iterator[Any]:
-    """`AuditStore.replay_log`'s rows as named tuples of the same fields and values: a
-    database row finds each field by name in Python (~0.45 us a field, nine per event:
-    more than the rest of turning a row into an input), a named tuple in C. Each row is
-    `select(table)` of event_log or fact_log, so its length tells which."""
-    if not _ROW_TYPES:
-        from activities.store import _EVENTS, _FACTS
-
-        for table in (_EVENTS, _FACTS):
-            _ROW_TYPES[len(table.c)] = namedtuple(f"{table.name}_row", [c.name for c in table.c])._make
-        assert len(_ROW_TYPES) == 2, "event_log and fact_log rows must differ in length"
-    types = _ROW_TYPES
-    return (types[len(row)](row) for row in rows)
-
-
 def lead_logs_of(store, leads: tuple[str, str] | None = None) -> list[backtest.LeadLog]:
     """Every logged lead (with an id in `leads`, when given) as the backtest replays it
     (funnel/backtest.py): its decisions from the audit, its events and profile updates
@@ -71,7 +52,7 @@ def lead_logs_of(store, leads: tuple[str, str] | None = None) -> list[backtest.L
     gc.disable()
     try:
         return backtest.lead_logs(store.report_entries(kinds=backtest.DECISION_KINDS, leads=leads),
-                                  _plain_rows(store.replay_log(leads=leads)))
+                                  store.replay_log(leads=leads))
     finally:
         if paused:
             gc.enable()

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import hashlib
 import heapq
+from collections import namedtuple
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -314,6 +315,11 @@ _MODELS = ScoringModelRow.__table__
 _EVENTS = EventLogRow.__table__
 _TOUCHES = LeadTouchRow.__table__
 _FACTS = FactLogRow.__table__
+# `replay_log`'s rows, as named tuples of their table's columns: a database row finds each
+# field by name in Python (~0.45 us a field, nine per event: more than the rest of turning a
+# row into a backtest's input), a named tuple in C.
+_EVENT_TUPLE = namedtuple("event_log_row", [c.name for c in _EVENTS.c])._make  # type: ignore[misc]
+_FACT_TUPLE = namedtuple("fact_log_row", [c.name for c in _FACTS.c])._make  # type: ignore[misc]
 _LEAD_KEYS = LeadKeyRow.__table__
 _LEAD_KEY_CHANGES = LeadKeyChangeRow.__table__
 # PostgreSQL advisory lock that writers of lead_key_change hold to commit (see _log_lead_key_change)
@@ -832,7 +838,7 @@ class AuditStore:
                    until: datetime | None = None, leads: tuple[str, str] | None = None) -> Iterator[Any]:
         """The logged events and profile updates, per lead, each lead's in the order they
         happened (events by occurred_at, updates by observed_at or else received_at; an
-        update before an event of the same instant), streamed as plain rows with the
+        update before an event of the same instant), streamed as named tuples of the
         columns of `event_log` (they have `event_id`) or `fact_log` (`update_id`): a
         backtest or an export reads millions. `leads`: lead ids from the first to the
         second, both included."""
@@ -850,14 +856,14 @@ class AuditStore:
                 stmt = stmt.where(at < until)
             queries.append(stmt)
         with self.engine.connect() as conn:
-            events = conn.execution_options(yield_per=5000).execute(
-                queries[0].order_by(_EVENTS.c.lead_id, _EVENTS.c.occurred_at, _EVENTS.c.event_id))
+            events = map(_EVENT_TUPLE, conn.execution_options(yield_per=5000).execute(
+                queries[0].order_by(_EVENTS.c.lead_id, _EVENTS.c.occurred_at, _EVENTS.c.event_id)))
             with self.engine.connect() as conn2:
-                facts = conn2.execution_options(yield_per=5000).execute(
+                facts = map(_FACT_TUPLE, conn2.execution_options(yield_per=5000).execute(
                     queries[1].order_by(_FACTS.c.lead_id, func.coalesce(_FACTS.c.observed_at, _FACTS.c.received_at),
-                                        _FACTS.c.update_id))
-                # Each stream keyed by its own time column: asking a row for its `_fields`
-                # builds that tuple every time (the merge took 2.4x as long, ~6% of reading).
+                                        _FACTS.c.update_id)))
+                # Each stream keyed by its own time column (asking each row which table it is
+                # of would cost more than the merge).
                 yield from (row for _, _, row in heapq.merge(
                     ((r.lead_id, r.observed_at or r.received_at, r) for r in facts),
                     ((r.lead_id, r.occurred_at, r) for r in events), key=lambda t: (t[0], t[1])))

@@ -99,7 +99,7 @@ def lead_logs(entries: Iterable[ReportEntry], logged: Iterable) -> list[LeadLog]
         log = logs.get(row.lead_id)
         if log is None:
             continue
-        if hasattr(row, "event_id"):  # (not `in row._fields`: a database row builds that tuple each time)
+        if hasattr(row, "event_id"):
             event = built(ActivityEvent, {
                 "event_id": row.event_id, "lead_id": row.lead_id, "type": row.type, "occurred_at": row.occurred_at,
                 "channel": row.channel, "campaign": row.campaign, "attributes": dict(row.attributes or {}),
