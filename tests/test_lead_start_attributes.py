@@ -137,3 +137,27 @@ async def test_a_guess_that_fails_never_keeps_input_from_its_lead(dev_env, setti
     (upserted,) = upserts(history)
     assert {"LeadStage", "LeadScore", "LeadChannel", "LeadModel", "LeadCreated"} <= set(upserted)
     assert view.stage == Stage.IQL
+
+
+async def test_a_continued_run_keeps_the_attributes_it_inherits(dev_env, settings, store):
+    """A run that continues as new inherits its search attributes; with nothing but the score
+    changed, it upserts no stage, channel, model or creation time again (the runs of older
+    versions upserted all of them at their first refresh). The dev server suggests continue-
+    as-new after 40 history events."""
+    from tests.test_workflow_durability import runs_of
+
+    client, lead = dev_env.client, "SA-can"
+    model = load_model(settings.model_path)
+    async with running_worker(client, settings, store):
+        now = await dev_env.get_current_time()
+        await leads.send_events(client, settings, [event(lead, "0", "email_open", now)], model)
+        for b in range(1, 40):
+            await leads.send_events(client, settings, [event(lead, f"{b}-{i}", "email_open", now) for i in range(2)])
+        await settle(dev_env, client, lead, lambda v: v.events_applied == 79, tries=300)
+        runs = await runs_of(client, lead, at_least=2)
+        assert len(runs) >= 2, "the events crossed a continue-as-new"
+        histories = [await client.get_workflow_handle(workflow_id(lead), run_id=run.run_id).fetch_history()
+                     for run in runs]
+    again = [set(u) - {"LeadScore"} for history in histories for u in upserts(history)]
+    assert not any(again), again
+    assert all("LeadStage" in started_with(h) for h in histories)
