@@ -165,7 +165,8 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
     owner comes back with the write of the stage change, in one activity, and the stage and
     owner reach visibility in one upsert. Version 11 (what callers start now): a lead started
     with search attributes upserts only what differs from them (started here without any, it
-    upserts them all: test_lead_start_attributes.py has the rest). All score alike."""
+    upserts every one it has a value for: test_lead_start_attributes.py has the rest). All
+    score alike."""
     from workflows.lead_input import CURRENT_VERSION, LeadInput
 
     client, lead = ts_env.client, f"V{version}"
