@@ -710,3 +710,25 @@ def test_a_lead_key_change_waits_for_an_earlier_one_to_commit_on_postgresql(post
         assert store.lead_key_changes(seen)[1] == ["L-slow", "L-late"]
     finally:
         store.dispose()
+
+
+# --------------------------------------------------------------------------- lead keys
+
+
+def test_lead_keys_first_writer_wins_and_only_a_rotation_is_logged_as_a_change(store):
+    from payload_codec import LeadKeyRecord
+
+    first = LeadKeyRecord("lead-k", 1, "k1", b"wrapped-1")
+    assert store.lead_keys("lead-k") == [] and store.lead_key("lead-k", 1) is None
+    mark, _ = store.lead_key_changes(None)
+
+    assert store.add_lead_key(first) is True
+    assert store.add_lead_key(LeadKeyRecord("lead-k", 1, "k1", b"someone else's")) is False
+    assert store.lead_key("lead-k", 1) == first
+    assert store.lead_key_changes(mark)[1] == []  # a new lead's key changes no one's cache
+
+    rotated = LeadKeyRecord("lead-k", 2, "k2", b"wrapped-2", erasure_id="erasure-1")
+    assert store.add_lead_key(rotated) is True
+    assert store.lead_keys("lead-k") == [first, rotated]
+    assert store.lead_key_changes(mark)[1] == ["lead-k"]
+    assert store.lead_key("lead-k", 3) is None and store.lead_keys("lead-other") == []
