@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 SIGNAL_BATCH = 100
 PREVIEW_TIMEOUT = 5.0  # s for one lead to answer a dry run's query
 NOT_READY_RETRIES = 5
+# How far beyond a creation-time bound visibility is asked (LeadFilters.query): its
+# comparison is off by up to a millisecond; the leads in the margin are filtered here.
+VISIBILITY_TIME_MARGIN = timedelta(milliseconds=10)
 
 
 class LeadNotFound(LookupError):
@@ -123,10 +126,23 @@ class LeadFilters:
         for op, value in ((">=", self.min_score), ("<=", self.max_score)):
             if value is not None:
                 parts.append(f"{sa.LEAD_SCORE.name} {op} {float(value)!r}")
-        for op, at in ((">=", self.created_from), ("<", self.created_to)):
+        # Visibility compares LeadCreated at about a millisecond, rounding (the dev server's
+        # SQLite listed a lead created at .001500 from .002000, and not one created at .999999
+        # from that very instant): it is asked with a margin, and `admits` keeps what the
+        # filter says, to the microsecond.
+        for op, at, margin in ((">=", self.created_from, -VISIBILITY_TIME_MARGIN),
+                               ("<", self.created_to, VISIBILITY_TIME_MARGIN)):
             if at is not None:
-                parts.append(f"{sa.LEAD_CREATED.name} {op} '{at.astimezone(timezone.utc).isoformat()}'")
+                parts.append(f"{sa.LEAD_CREATED.name} {op} '{(at + margin).astimezone(timezone.utc).isoformat()}'")
         return " AND ".join(parts)
+
+    def admits(self, lead: LeadSummary) -> bool:
+        """Whether a lead visibility listed is within the creation times asked, exactly."""
+        if self.created_from is None and self.created_to is None:
+            return True
+        created = lead.created_at
+        return created is not None and (self.created_from is None or created >= self.created_from) \
+            and (self.created_to is None or created < self.created_to)
 
 
 @dataclass
@@ -460,7 +476,9 @@ async def list_leads(client: Client, stage: str | None = None, owner: str | None
 
 async def lead_page(client: Client, filters: LeadFilters, cursor: str | None = None, size: int = 50) -> LeadPage:
     """One page of leads from Temporal visibility (newest runs first) and the cursor of the
-    next: Temporal's page token, opaque to callers, so paging goes on past any count."""
+    next: Temporal's page token, opaque to callers, so paging goes on past any count. With a
+    creation-time filter a page can hold fewer than `size` leads (those visibility listed
+    within its margin of a bound are left out): follow `next_cursor` until it is None."""
     token = _page_token(cursor) if cursor else None
     executions = client.list_workflows(filters.query(), page_size=size, next_page_token=token)
     try:
@@ -472,11 +490,13 @@ async def lead_page(client: Client, filters: LeadFilters, cursor: str | None = N
     found = []
     for execution in executions.current_page or []:
         attrs = execution.typed_search_attributes
-        found.append(LeadSummary(
+        lead = LeadSummary(
             lead_id=execution.id.removeprefix("lead-"), stage=attrs.get(sa.LEAD_STAGE), score=attrs.get(sa.LEAD_SCORE),
             owner=attrs.get(sa.LEAD_OWNER), channel=attrs.get(sa.LEAD_CHANNEL), created_at=attrs.get(sa.LEAD_CREATED),
             closed=execution.status is not None and execution.status != WorkflowExecutionStatus.RUNNING,
-        ))
+        )
+        if filters.admits(lead):
+            found.append(lead)
     token = executions.next_page_token
     return LeadPage(found, _cursor(token) if token else None)
 

@@ -4,7 +4,7 @@ right by the lead. On the real dev server: its clock is the client's, as in prod
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import timedelta, timezone
 
 import pytest
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
@@ -161,3 +161,33 @@ async def test_a_continued_run_keeps_the_attributes_it_inherits(dev_env, setting
     again = [set(u) - {"LeadScore"} for history in histories for u in upserts(history)]
     assert not any(again), again
     assert all("LeadStage" in started_with(h) for h in histories)
+
+
+@pytest.mark.parametrize("micros", [1, 999, 1500, 999_999])
+async def test_a_creation_time_filter_holds_to_the_microsecond(dev_env, settings, store, monkeypatch, micros):
+    """The dev server's visibility compares LeadCreated at about a millisecond, rounding
+    (a lead created at .001500 was listed from .002000; one at .999999 was not listed from
+    its own creation time): the list asks visibility with a margin and keeps exactly what
+    the filter says, so a lead is listed from its own creation time and not a microsecond later."""
+    real = leads.datetime
+
+    class StarterClock(real):  # the starter's clock, at a chosen microsecond of the second before
+        @classmethod
+        def now(cls, tz=None):
+            return (real.now(tz) - timedelta(seconds=1)).replace(microsecond=micros)
+
+    client = dev_env.client
+    lead = f"SA-created-{micros}"
+    async with running_worker(client, settings, store):
+        monkeypatch.setattr(leads, "datetime", StarterClock)
+        await leads.send_events(client, settings, [event(lead, "1", "website_visit", real.now(timezone.utc))],
+                                load_model(settings.model_path))
+        monkeypatch.setattr(leads, "datetime", real)
+        view = await settle(dev_env, client, lead, lambda v: v.events_applied == 1)
+        created = view.history[0].entered_at
+        assert created.microsecond == micros  # created at the starter's time
+        assert await until(lambda: listed(client, lead), lambda found: found == [lead]) == [lead]
+
+        assert await listed(client, lead, created_from=created, created_to=created + timedelta(microseconds=1)) == [lead]
+        assert await listed(client, lead, created_from=created + timedelta(microseconds=1)) == []
+        assert await listed(client, lead, created_to=created) == []
