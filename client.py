@@ -132,8 +132,13 @@ class LeadFilters:
         # filter says, to the microsecond.
         for op, at, margin in ((">=", self.created_from, -VISIBILITY_TIME_MARGIN),
                                ("<", self.created_to, VISIBILITY_TIME_MARGIN)):
-            if at is not None:
-                parts.append(f"{sa.LEAD_CREATED.name} {op} '{(at + margin).astimezone(timezone.utc).isoformat()}'")
+            if at is None:
+                continue
+            try:
+                wide = (at + margin).astimezone(timezone.utc)
+            except OverflowError:  # a bound within the margin of the first or last instant: none
+                continue
+            parts.append(f"{sa.LEAD_CREATED.name} {op} '{wide.isoformat()}'")
         return " AND ".join(parts)
 
     def admits(self, lead: LeadSummary) -> bool:

@@ -924,6 +924,10 @@ async def test_contract_breaks_are_clear_refusals_not_500s(api, store):
         assert "out of range" in r.json()["results"][0]["reason"]
         r = await mia.get("/report", params={"since": stamp})
         assert r.status_code == 422 and "out of range" in r.json()["message"], r.text
+    # the first and last instants UTC can say are valid creation-time bounds (the list asks
+    # visibility a little wider than them), not an overflow
+    r = await mia.get("/leads", params={"created_from": "0001-01-01T00:00:00Z", "created_to": "9999-12-31T23:59:59Z"})
+    assert r.status_code == 200, r.text
     claimed = ev(f"{lead}-2", lead, "email_open", now(), source="someone-else")
     assert (await mautic.post("/events", json=claimed)).status_code == 422
     await view_when(mia, lead, lambda v: v["events_applied"] == 2)
