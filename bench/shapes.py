@@ -2,7 +2,7 @@
 
 Issue "Hold under faults and load" §4 asks every shape to reach 0.8 of a trivial
 signal-counting workflow, measured in the same run. One `bench/ingest.py` run measures one
-shape, and on a shared 2-core machine one run moves by ±0.05 from the next. This script runs
+shape, and on a shared 2-core machine one run moves by up to ±0.1 from the next. This script runs
 the three shapes one after another, `--repeat` times (alternating, so a slow quarter hour
 hits every shape alike), each in its own process with its own dev server, and prints each
 run's ratio, CPU ratio and history events per event, then each shape's median and lowest.
