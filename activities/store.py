@@ -27,7 +27,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 from pydantic import BaseModel
 from sqlmodel import Field, Session, SQLModel, create_engine, select
@@ -1008,13 +1008,10 @@ class AuditStore:
         values = {"lead_id": record.lead_id, "generation": record.generation, "kek_id": record.kek_id,
                   "wrapped": record.wrapped, "erasure_id": record.erasure_id, "created_at": utcnow(),
                   "destroyed_at": None}
-        if record.generation == 1:  # a new lead's first key: nothing else to write with it
-            with self._write_lock, self.engine.begin() as conn:
-                return conn.execute(_add_key(self._insert), values, execution_options=_ROWCOUNT).rowcount == 1
-        with self._writing() as session:
-            added = session.exec(_add_key(self._insert), params=values, execution_options=_ROWCOUNT).rowcount == 1
-            if added:  # a rotation: the lead's current key changed
-                self._log_lead_key_change(session, record.lead_id)
+        with self._write_lock, self.engine.begin() as conn:
+            added = conn.execute(_add_key(self._insert), values, execution_options=_ROWCOUNT).rowcount == 1
+            if added and record.generation > 1:  # a rotation: the lead's current key changed
+                self._log_lead_key_change(conn, record.lead_id)
             return added
 
     def destroy_lead_keys(self, lead_id: str, below: int | None = None) -> int:
@@ -1022,21 +1019,21 @@ class AuditStore:
         stmt = update(_LEAD_KEYS).where(_LEAD_KEYS.c.lead_id == lead_id, _LEAD_KEYS.c.wrapped.is_not(None))
         if below is not None:
             stmt = stmt.where(_LEAD_KEYS.c.generation < below)
-        with self._writing() as session:
-            destroyed = session.exec(stmt.values(wrapped=None, destroyed_at=utcnow()),
+        with self._write_lock, self.engine.begin() as conn:
+            destroyed = conn.execute(stmt.values(wrapped=None, destroyed_at=utcnow()),
                                      execution_options=_ROWCOUNT).rowcount
             if destroyed:
-                self._log_lead_key_change(session, lead_id)
+                self._log_lead_key_change(conn, lead_id)
             return destroyed
 
     @staticmethod
-    def _log_lead_key_change(session: Session, lead_id: str) -> None:
+    def _log_lead_key_change(conn: Connection, lead_id: str) -> None:
         """A change's number is drawn under a lock held to commit (PostgreSQL: an advisory
         lock, which needs no privilege beyond the insert; SQLite has one writer), so numbers
         commit in order: a reader that has seen number n has seen all below."""
-        if session.get_bind().dialect.name == "postgresql":
-            session.exec(text("SELECT pg_advisory_xact_lock(:key)"), params={"key": LEAD_KEY_CHANGE_LOCK})
-        session.exec(insert(_LEAD_KEY_CHANGES).values(lead_id=lead_id, changed_at=utcnow()))
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LEAD_KEY_CHANGE_LOCK})
+        conn.execute(insert(_LEAD_KEY_CHANGES).values(lead_id=lead_id, changed_at=utcnow()))
 
     def lead_key_changes(self, after: int | None) -> tuple[int, list[str]]:
         """(the last change's number, the leads whose keys changed after number `after`).
