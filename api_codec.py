@@ -199,7 +199,7 @@ async def login_page(request: Request) -> HTMLResponse:
              description="Form field `key`: a manager's API key. Sets an HttpOnly cookie for /codec.",
              openapi_extra={"requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {
                  "schema": {"type": "object", "required": ["key"],
-                            "properties": {"key": {"type": "string", "minLength": 1}}}}}}},
+                            "properties": {"key": {"type": "string", "minLength": 1, "pattern": r"\S"}}}}}}},
              responses={400: _problem("no key in the form"), 401: _problem("not a valid key"),
                         403: _problem("not a manager's key"), 429: _problem("too many failed authentications")})
 async def login(request: Request) -> Response:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import subprocess
 import uuid
 
@@ -196,6 +197,23 @@ async def test_codec_server_answers_the_ui_origin_only_and_logs_a_browser_in(api
     r = await browser.post("/codec/decode", json={"payloads": []})
     assert r.status_code == 200 and r.json() == {}  # no payloads in, none out
     assert "login" in (await browser.get("/codec/login")).text
+
+
+async def test_a_blank_codec_login_key_is_refused_as_the_document_says(api):
+    """Found by tests/test_api_fuzz.py: the document let a key of blanks through (`minLength`
+    1), which the form's answer refuses as no key at all (400)."""
+    document = (await api.as_(None).get("/openapi.json")).json()
+    body = document["paths"]["/codec/login"]["post"]["requestBody"]["content"]["application/x-www-form-urlencoded"]
+    key = body["schema"]["properties"]["key"]
+
+    def documented_valid(value: str) -> bool:  # a JSON Schema string's length and pattern
+        return len(value) >= key.get("minLength", 0) and re.search(key.get("pattern", ""), value) is not None
+
+    assert documented_valid("a-key")
+    for blank in (" ", "\t ", "  "):
+        assert not documented_valid(blank), repr(blank)
+        r = await api.as_(None, Origin=UI).post("/codec/login", data={"key": blank})
+        assert r.status_code == 400 and "form field `key`" in r.text
 
 
 async def test_the_temporal_cli_shows_payloads_through_the_codec_server(api, dev_env):
