@@ -168,6 +168,7 @@ def _start_options(settings: Settings, lead_id: str, attributes: TypedSearchAttr
 
 def _input(settings: Settings, lead_id: str, model: ScoringModel | None = None) -> LeadInput:
     return LeadInput(lead_id=lead_id, model=model, max_history_events=settings.max_history_events, version=CURRENT_VERSION,
+                     quiet_history_events=settings.quiet_history_events, quiet_after_seconds=settings.quiet_after_seconds,
                      audit_max_lag_seconds=settings.audit_max_lag_seconds,
                      decision_delay_seconds=settings.decision_delay_seconds,
                      shred_delay_seconds=settings.shred_delay_seconds,

@@ -79,6 +79,12 @@ class Settings(BaseModel):
     sales_team: list[str] = Field(default_factory=lambda: ["ae-1", "ae-2"])
     # Continue-as-new when the server suggests it or history passes this many events.
     max_history_events: int = 2000
+    # ... or, sooner, once it has this many and has just woken from a sleep of at least
+    # `quiet_after_seconds` (0: never sooner). A quiet lead's worker has most likely evicted
+    # it, and replays its whole run for each event or timer: ~0.4 ms of CPU per history event
+    # (bench/long_leads.py), so a short run makes every later wake-up cheaper.
+    quiet_history_events: int = Field(default=100, ge=0)
+    quiet_after_seconds: float = Field(default=60.0, ge=0)
     # Score changes and owner assignments reach the audit store (and visibility) at the
     # latest this many seconds after they happen; stage changes, commands, SLAs at once.
     # "never" (None): no time limit, they go with the lead's next other write (a stage change,
@@ -143,6 +149,8 @@ class Settings(BaseModel):
             "LEADFLOW_CONNECTORS": "connectors_path",
             "LEADFLOW_PUBLIC_URL": "public_url",
             "LEADFLOW_MAX_HISTORY_EVENTS": "max_history_events",
+            "LEADFLOW_QUIET_HISTORY_EVENTS": "quiet_history_events",
+            "LEADFLOW_QUIET_AFTER": "quiet_after_seconds",
             "LEADFLOW_AUDIT_MAX_LAG": "audit_max_lag_seconds",
             "LEADFLOW_DECISION_DELAY": "decision_delay_seconds",
             "LEADFLOW_MAX_BACKLOG": "max_backlog_seconds",
