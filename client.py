@@ -185,7 +185,7 @@ def _start_attributes(inp: LeadInput, first: list[ActivityEvent | ProfileUpdate]
         return None
     try:
         lead = new_lead(inp, inp.model, first, inp.created_at, timedelta(seconds=inp.decision_delay_seconds),
-                        explain=behaviour(inp.version).explains)
+                        explain=behaviour(inp.version).explains, orders_slas=behaviour(inp.version).orders_slas)
         lead.take(first, inp.created_at)
         return sa.typed(sa.of_lead(lead.state))
     except Exception:  # noqa: BLE001 - a guess must never keep input from its lead

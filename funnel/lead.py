@@ -152,14 +152,18 @@ def _why_rescored(late: list[ActivityEvent], cause: str | None, added: list[Acti
 class Lead:
     def __init__(self, state: LeadState, model: ScoringModel, seen_ids_max: int = SEEN_IDS_MAX,
                  decision_delay: timedelta = timedelta(0), record_effects: bool = True,
-                 explain: bool = True):
+                 explain: bool = True, orders_slas: bool = True):
         """`record_effects=False`: the lead keeps no audit entries or outbound messages, only
         its state (their sequence numbers included) moves on exactly as with them. For a
         backtest, which reads the state alone: writing the entries' text is most of the work.
         `explain`: audit what a manager would otherwise guess at: a threshold handover held
         back because the lead's newest activity is too old, and every change of email
-        consent (workflow runs of version 8 on; older runs replay without these entries)."""
+        consent (workflow runs of version 8 on; older runs replay without these entries).
+        `orders_slas`: a deadline an event starts counts from the earliest such event, in
+        whatever order they arrive (runs of version 12 on; older runs replay from the first
+        to arrive)."""
         self.explain = explain
+        self.orders_slas = orders_slas
         self.state = state
         self.recording = record_effects
         self.model = model
@@ -950,9 +954,19 @@ class Lead:
     def _open_sla(self, name: str, start: datetime, due: timedelta, met_by, stage: Stage | None,
                   escalate_to: str, cause: str) -> None:
         s = self.state
-        if any(x.name == name for x in s.slas):
+        running = next((x for x in s.slas if x.name == name), None)
+        if running is not None and not self._started_earlier(running, start, met_by, cause):
             return
         due_at = start + due
+        if running is not None and due_at > self._now:
+            # An event that occurred before the one that set this deadline arrived after it:
+            # the deadline counts from the earlier one, as it would have in time order.
+            s.slas = [x for x in s.slas if x.name != name]
+            cause_text = f"{cause}, which occurred before {running.cause} and arrived after it"
+        elif running is not None:
+            return  # (in time order the earlier one's deadline had passed, and this one was set)
+        else:
+            cause_text = cause
         if due_at <= self._now:
             # The deadline passed before its cause was even received: nobody could have met it.
             self._audit(AuditKind.SLA_LATE_DATA, SYSTEM,
@@ -963,8 +977,14 @@ class Lead:
                       escalate_to=escalate_to, cause=cause)
         s.slas.append(sla)
         self._audit(AuditKind.SLA_SET, SYSTEM,
-                    f"SLA {name} due {sla.due_at.isoformat()} ({format_duration(due)} after {cause})", rule=name,
+                    f"SLA {name} due {sla.due_at.isoformat()} ({format_duration(due)} after {cause_text})", rule=name,
                     occurred_at=start)
+
+    def _started_earlier(self, running: OpenSla, start: datetime, met_by: str, cause: str) -> bool:
+        """Whether an event-started deadline's new cause comes before the running one's in
+        time order (ties by event id: both causes read "event <id>")."""
+        return (self.orders_slas and met_by == running.met_by == "contact" and cause.startswith("event ")
+                and running.cause.startswith("event ") and (start, cause) < (running.started_at, running.cause))
 
     def _close_sla(self, sla: OpenSla, kind: AuditKind, actor: Actor, at: datetime) -> None:
         s = self.state

@@ -409,3 +409,32 @@ def test_beyond_its_memory_a_lead_asks_and_applies_each_id_once_ever():
     assert [a.kind for a in lead.take_effects().audit if a.kind != AuditKind.NURTURE_STEP_SENT] == [
         AuditKind.DUPLICATE_IGNORED]
     assert new_lead(lead_id="L-8").forgets(["x"]) == []  # with room in its memory it knows
+
+
+def test_a_follow_up_deadline_counts_from_the_earliest_event_whatever_arrives_first():
+    """Found by test_event_time_properties.py: the webinar follow-up counted from the first
+    attendance to *arrive*, so an earlier one arriving late left the deadline an hour later
+    (and named the later event). It counts from the earliest, as in time order; a run of
+    version 11 or older (`orders_slas=False`) replays as it was decided."""
+    def follow_up(lead: Lead) -> tuple:
+        (sla,) = [x for x in lead.state.slas if x.name == "webinar_follow_up"]
+        return sla.started_at, sla.due_at, sla.cause
+
+    arrived = T0 + hours(2)
+    in_order, late_first, as_before = new_lead(), new_lead(), new_lead(orders_slas=False)
+    feed(in_order, "webinar_attended", T0, "w-early", now=arrived)
+    feed(in_order, "webinar_attended", T0 + hours(1), "w-late", now=arrived)
+    for lead in (late_first, as_before):
+        feed(lead, "webinar_attended", T0 + hours(1), "w-late", now=arrived)
+        feed(lead, "webinar_attended", T0, "w-early", now=arrived)
+    assert follow_up(in_order) == (T0, T0 + hours(12), "event w-early")
+    assert follow_up(late_first) == follow_up(in_order)
+    moved = [e.detail for e in late_first.take_effects().audit
+             if e.kind == AuditKind.SLA_SET and e.rule == "webinar_follow_up"]
+    assert moved[-1].endswith("(12h after event w-early, which occurred before event w-late and arrived after it)")
+    assert follow_up(as_before) == (T0 + hours(1), T0 + hours(13), "event w-late")
+    # an earlier attendance whose deadline had passed when it arrived moves nothing
+    stale = new_lead()
+    feed(stale, "webinar_attended", T0 + hours(20), "w-new", now=T0 + hours(21))
+    feed(stale, "webinar_attended", T0, "w-old", now=T0 + hours(21))
+    assert follow_up(stale) == (T0 + hours(20), T0 + hours(32), "event w-new")

@@ -63,12 +63,13 @@ def workflow_id(lead_id: str) -> str:
 
 
 def new_lead(inp: LeadInput, model: ScoringModel, first: list[ActivityEvent | ProfileUpdate], created: datetime,
-             decision_delay: timedelta, explain: bool) -> Lead:
+             decision_delay: timedelta, explain: bool, orders_slas: bool) -> Lead:
     """A lead as its first run creates it, its channel that of its earliest event that names
     one among the input it starts with. (Its starter predicts its search attributes with it.)"""
     events = sorted((i for i in first if isinstance(i, ActivityEvent) and i.channel), key=lambda e: e.occurred_at)
     return Lead.create(inp.lead_id, model, created, channel=events[0].channel if events else None,
-                       seen_ids_max=inp.seen_ids_max, decision_delay=decision_delay, explain=explain)
+                       seen_ids_max=inp.seen_ids_max, decision_delay=decision_delay, explain=explain,
+                       orders_slas=orders_slas)
 
 
 def _update_id() -> str | None:
@@ -163,9 +164,10 @@ class LeadWorkflow:
             if (self._behaviour.starts_with_attributes and inp.created_at is not None
                     and abs(now - inp.created_at) <= START_CLOCK_TOLERANCE):
                 created = min(inp.created_at, now)  # as its starter predicted (never after its first task)
-            return new_lead(inp, model, self._inbox, created, delay, self._behaviour.explains)
+            return new_lead(inp, model, self._inbox, created, delay, self._behaviour.explains,
+                            self._behaviour.orders_slas)
         lead = Lead(inp.state, model, seen_ids_max=inp.seen_ids_max, decision_delay=delay,
-                    explain=self._behaviour.explains)
+                    explain=self._behaviour.explains, orders_slas=self._behaviour.orders_slas)
         lead.use_model(model, now)
         return lead
 

@@ -106,6 +106,10 @@ class RunBehaviour:
     # (an event, a timer), ~0.4 ms of CPU per history event. v1-v11 runs go on to the
     # history limit (an earlier continue-as-new would not replay).
     continues_when_quiet: bool = False
+    # v12: a deadline an event starts (a webinar's follow-up) counts from the earliest such
+    # event, whatever order they arrive in (funnel.lead.Lead `orders_slas`). v1-v11 runs
+    # count from the first to arrive (a moved deadline arms another timer: it would not replay).
+    orders_slas: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
@@ -114,7 +118,8 @@ def behaviour(version: int) -> RunBehaviour:
                         feeds_accounts=version >= 7, logs_input=version >= 8,
                         explains=version >= 8, departs_accounts=version >= 9,
                         assigns_in_write=version >= 10, defers_deadlines=version >= 10,
-                        starts_with_attributes=version >= 11, continues_when_quiet=version >= 12)
+                        starts_with_attributes=version >= 11, continues_when_quiet=version >= 12,
+                        orders_slas=version >= 12)
 
 
 class ModelChange(BaseModel):
