@@ -2,7 +2,8 @@
 
 Run after a change to workflow code has shipped (leads are running with it):
     .venv/bin/python tests/histories/record.py [--only funnel|accounts]
-It drives leads through the funnel (including continue-as-new) and two leads of one
+It drives leads through the funnel (including continue-as-new, at the limit and after a
+quiet spell) and two leads of one
 account to an MQA on a throwaway dev server, and writes one JSON history per workflow
 run into this folder (account workflows' as A-*.json).
 Keep the old files: they are the running leads the new code must still replay.
@@ -72,7 +73,18 @@ async def main() -> None:
                                     model if b == 0 else None)
         await settle(env, client, burst, lambda v: v.events_applied == 45, tries=300)
 
-        for lead in (won, lost, burst):
+        # (version 12) a quiet lead with a long run continues as new when it wakes
+        quiet = "R-quiet"
+        quick = settings.model_copy(update={"quiet_history_events": 20, "quiet_after_seconds": 1.0})
+        for n in range(8):
+            await leads.send_events(client, quick, [event(quiet, str(n), "website_visit", now)], model)
+            await settle(env, client, quiet, lambda v, n=n: v.events_applied == n + 1)
+        await asyncio.sleep(1.5)
+        await leads.send_events(client, quick, [event(quiet, "late", "email_open", now)])
+        await settle(env, client, quiet, lambda v: v.events_applied == 9)
+        await asyncio.sleep(2)  # the write before the new run, and the new run's first task
+
+        for lead in (won, lost, burst, quiet):
             await write_runs(client, workflow_id(lead), lead)
     await env.shutdown()
 
