@@ -83,7 +83,7 @@ class Settings(BaseModel):
     # `quiet_after_seconds` (0: never sooner). A quiet lead's worker has most likely evicted
     # it, and replays its whole run for each event or timer: ~0.4 ms of CPU per history event
     # (bench/long_leads.py), so a short run makes every later wake-up cheaper.
-    quiet_history_events: int = Field(default=100, ge=0)
+    quiet_history_events: int = Field(default=50, ge=0)
     quiet_after_seconds: float = Field(default=60.0, ge=0)
     # Score changes and owner assignments reach the audit store (and visibility) at the
     # latest this many seconds after they happen; stage changes, commands, SLAs at once.

@@ -479,7 +479,8 @@ WALKTHROUGH = [
 # scripts/run), and the benchmark (run by hand; its figures are in the README).
 ELSEWHERE = {"scripts/run", "scripts/test", ".venv/bin/python bench/ingest.py",
              ".venv/bin/python bench/ingest.py --in-memory --rounds 3",
-             ".venv/bin/python bench/ingest.py --pin --rounds 4", ".venv/bin/python bench/shapes.py --repeat 2"}
+             ".venv/bin/python bench/ingest.py --pin --rounds 4", ".venv/bin/python bench/shapes.py --repeat 2",
+             ".venv/bin/python bench/long_leads.py"}
 # A section that repeats walkthrough commands as a reference ([optional] arguments shown).
 REFERENCE = "Changing the model under running leads"
 
