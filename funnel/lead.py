@@ -954,19 +954,16 @@ class Lead:
     def _open_sla(self, name: str, start: datetime, due: timedelta, met_by, stage: Stage | None,
                   escalate_to: str, cause: str) -> None:
         s = self.state
+        due_at, cause_text = start + due, cause
         running = next((x for x in s.slas if x.name == name), None)
-        if running is not None and not self._started_earlier(running, start, met_by, cause):
-            return
-        due_at = start + due
-        if running is not None and due_at > self._now:
-            # An event that occurred before the one that set this deadline arrived after it:
-            # the deadline counts from the earlier one, as it would have in time order.
+        if running is not None:
+            # Only an event that occurred before the one that set this deadline, and arrived
+            # after it, moves it: it counts from the earlier one, as it would in time order
+            # (where, had the earlier one's deadline passed on arrival, the later one's stood).
+            if not self._started_earlier(running, start, met_by, cause) or due_at <= self._now:
+                return
             s.slas = [x for x in s.slas if x.name != name]
             cause_text = f"{cause}, which occurred before {running.cause} and arrived after it"
-        elif running is not None:
-            return  # (in time order the earlier one's deadline had passed, and this one was set)
-        else:
-            cause_text = cause
         if due_at <= self._now:
             # The deadline passed before its cause was even received: nobody could have met it.
             self._audit(AuditKind.SLA_LATE_DATA, SYSTEM,
