@@ -36,20 +36,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from temporalio.client import Client  # noqa: E402
-from temporalio.worker import Replayer, UnsandboxedWorkflowRunner, Worker  # noqa: E402
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker  # noqa: E402
 
 import client as leads_client  # noqa: E402
 from activities.lead_activities import LeadActivities  # noqa: E402
 from activities.store import AuditStore  # noqa: E402
 from bench.counting_workflow import CountingWorkflow  # noqa: E402
-from bench.ingest import child_pids, cpu_of, cpu_self, make_events, start_embedded  # noqa: E402
+from bench.ingest import child_pids, cpu_of, cpu_self, make_events, replay_cost, start_embedded  # noqa: E402
 from config import Settings  # noqa: E402
 from funnel.models import ActivityEvent  # noqa: E402
 from worker import ACTIVITY_THREADS, build_worker  # noqa: E402
 from workflows.lead import LeadWorkflow, workflow_id  # noqa: E402
-
-REPLAY_REPEAT = 3  # replays of each history after a warm-up pass
-
 
 class Traffic:
     """Sends events one at a time, as webhooks arrive: to a lead (starting it on the active
@@ -72,30 +69,6 @@ class Traffic:
 def rounds(events: list[ActivityEvent], leads: int) -> list[list[ActivityEvent]]:
     """make_events interleaves: event j of every lead comes before event j + 1 of any."""
     return [events[i:i + leads] for i in range(0, len(events), leads)]
-
-
-async def replay_cpu(client: Client, workflow: type, workflow_ids: list[str]) -> tuple[float, float]:
-    """(worker CPU ms per replay, history events per workflow), replayed in this process."""
-    histories = [await client.get_workflow_handle(wid).fetch_history() for wid in workflow_ids]
-    replayer = Replayer(workflows=[workflow], data_converter=client.data_converter,
-                        workflow_runner=UnsandboxedWorkflowRunner())
-
-    async def replay_all() -> None:
-        async def each():
-            for history in histories:
-                yield history
-
-        async with replayer.workflow_replay_iterator(each()) as results:
-            async for result in results:
-                if result.replay_failure is not None:
-                    raise RuntimeError(f"{workflow.__name__} does not replay: {result.replay_failure}")
-
-    await replay_all()  # warm-up
-    cpu = cpu_self()
-    for _ in range(REPLAY_REPEAT):
-        await replay_all()
-    return (1000 * (cpu_self() - cpu) / (REPLAY_REPEAT * len(histories)),
-            sum(len(h.events) for h in histories) / len(histories))
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -123,8 +96,9 @@ async def replay_growth(client: Client, settings: Settings, activities: LeadActi
                     await asyncio.sleep(pace)
                 await asyncio.sleep(1.0)
                 ids = sorted(traffic.started)
-                lead = await replay_cpu(client, LeadWorkflow, [workflow_id(i) for i in ids])
-                count = await replay_cpu(client, CountingWorkflow, [f"count-{i}" for i in ids])
+                found = await replay_cost(client, {"lead": (LeadWorkflow, [workflow_id(i) for i in ids]),
+                                                   "counting": (CountingWorkflow, [f"count-{i}" for i in ids])})
+                lead, count = found["lead"], found["counting"]
                 lead_points.append((lead[1], lead[0]))
                 count_points.append((count[1], count[0]))
                 print(f"{size:>7} {lead[1]:>11.0f} {lead[0]:>10.2f} {count[1]:>15.0f} {count[0]:>10.2f} "
