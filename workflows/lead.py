@@ -343,10 +343,14 @@ class LeadWorkflow:
         likely evicted the lead while it slept and will again, and replays the whole run at
         each wake-up, so the next run starts short (bench/long_leads.py: ~0.4 ms of worker
         CPU per history event replayed; a continue-as-new ~70 ms of worker and server CPU).
-        Deterministic: workflow time and the history's length, as of this task."""
+        Not while a delivery or an account's feed is under way: its activity would be left
+        behind by the run and started again by the next (the test server's clock even stalls
+        on it); a later quiet wake-up will do. Deterministic: workflow time, the history's
+        length and workflow state, as of this task."""
         return (self._behaviour.continues_when_quiet and inp.quiet_history_events > 0
                 and self._slept >= timedelta(seconds=inp.quiet_after_seconds)
-                and workflow.info().get_current_history_length() >= inp.quiet_history_events)
+                and workflow.info().get_current_history_length() >= inp.quiet_history_events
+                and not self._deliveries.undelivered and (self._account_feed is None or self._account_feed.idle))
 
     def _refresh_search_attributes(self, always: bool = False) -> None:
         """Visibility follows the store: refreshed once caught up after a write (each upsert
