@@ -34,7 +34,7 @@ async def test_a_quiet_lead_with_a_long_run_continues_as_new_and_an_older_versio
                                         quiet_history_events=QUIET_EVENTS, quiet_after_seconds=QUIET_AFTER),
             id=workflow_id(old_lead), task_queue=settings.task_queue)
         start = await ts_env.get_current_time()
-        for n in range(BURST):  # busy: each call its own workflow task, seconds apart
+        for n in range(BURST):  # busy: each call its own workflow task, moments apart
             for lead in (now_lead, old_lead):
                 await leads.send_events(client, settings, [event(lead, str(n), "website_visit", start)], model)
                 await settle(ts_env, client, lead, lambda v, n=n: v.events_applied == n + 1)
@@ -47,10 +47,9 @@ async def test_a_quiet_lead_with_a_long_run_continues_as_new_and_an_older_versio
 
         await ts_env.sleep(timedelta(seconds=2 * QUIET_AFTER))  # quiet (no timer of these leads is due)
         later = await ts_env.get_current_time()
-        views = {}
         for lead in (now_lead, old_lead):
             await leads.send_events(client, settings, [event(lead, "late", "website_visit", later)])
-            views[lead] = await settle(ts_env, client, lead, lambda v: v.events_applied == BURST + 1)
+            await settle(ts_env, client, lead, lambda v: v.events_applied == BURST + 1)
         for _ in range(200):  # the new run starts once the lead has written what it decided
             if (await handles[now_lead].describe()).run_id != first_runs[now_lead]:
                 break
@@ -58,6 +57,7 @@ async def test_a_quiet_lead_with_a_long_run_continues_as_new_and_an_older_versio
         ended = {lead: await client.get_workflow_handle(workflow_id(lead), run_id=first_runs[lead]).fetch_history()
                  for lead in first_runs}
         current = {lead: await handle.describe() for lead, handle in handles.items()}
+        views = {lead: await leads.get_view(client, lead) for lead in handles}  # (the new run's, for the first)
 
     assert history_kinds(ended[now_lead])[-1] == "workflow_execution_continued_as_new"
     assert current[now_lead].run_id != first_runs[now_lead]
