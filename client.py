@@ -53,7 +53,7 @@ from funnel.personal_data import EraseRequest, ErasureReport
 from funnel.scoring_model import ScoringModel, parse_model
 from workflows import search_attributes as sa
 from workflows.lead import UPDATE_FOR_COMMAND, LeadInput, LeadWorkflow, new_lead, workflow_id
-from workflows.lead_input import CURRENT_VERSION, behaviour
+from workflows.lead_input import CURRENT_VERSION
 from workflows.rollout import ModelRolloutWorkflow, RolloutInput, RolloutProgress, rollout_id
 
 log = logging.getLogger(__name__)
@@ -184,8 +184,7 @@ def _start_attributes(inp: LeadInput, first: list[ActivityEvent | ProfileUpdate]
     if inp.model is None or inp.created_at is None:
         return None
     try:
-        lead = new_lead(inp, inp.model, first, inp.created_at, timedelta(seconds=inp.decision_delay_seconds),
-                        explain=behaviour(inp.version).explains, orders_slas=behaviour(inp.version).orders_slas)
+        lead = new_lead(inp, inp.model, first, inp.created_at, timedelta(seconds=inp.decision_delay_seconds))
         lead.take(first, inp.created_at)
         return sa.typed(sa.of_lead(lead.state))
     except Exception:  # noqa: BLE001 - a guess must never keep input from its lead

@@ -40,7 +40,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows.deliveries import Deliveries
     from workflows.account_feed import AccountFeed
     from funnel.accounts import contact_snapshot, contact_snapshots
-    from workflows.lead_input import CURRENT_VERSION, LeadInput, ModelChange, ShredPending, behaviour
+    from workflows.lead_input import CURRENT_VERSION, LeadInput, ModelChange, RunBehaviour, ShredPending, behaviour
     from workflows.wake_timer import WakeTimer
 
 MODEL_RETRY_DELAY = timedelta(minutes=1)
@@ -62,14 +62,20 @@ def workflow_id(lead_id: str) -> str:
     return f"lead-{lead_id}"
 
 
+def core_options(run: RunBehaviour) -> dict:
+    """How the core decides for a run of this behaviour (funnel.lead.Lead's flags): one place,
+    so a new run and a continued one, and the starter's prediction, always agree."""
+    return {"explain": run.explains, "orders_slas": run.orders_slas}
+
+
 def new_lead(inp: LeadInput, model: ScoringModel, first: list[ActivityEvent | ProfileUpdate], created: datetime,
-             decision_delay: timedelta, explain: bool, orders_slas: bool) -> Lead:
+             decision_delay: timedelta) -> Lead:
     """A lead as its first run creates it, its channel that of its earliest event that names
     one among the input it starts with. (Its starter predicts its search attributes with it.)"""
     events = sorted((i for i in first if isinstance(i, ActivityEvent) and i.channel), key=lambda e: e.occurred_at)
     return Lead.create(inp.lead_id, model, created, channel=events[0].channel if events else None,
-                       seen_ids_max=inp.seen_ids_max, decision_delay=decision_delay, explain=explain,
-                       orders_slas=orders_slas)
+                       seen_ids_max=inp.seen_ids_max, decision_delay=decision_delay,
+                       **core_options(behaviour(inp.version)))
 
 
 def _update_id() -> str | None:
@@ -164,10 +170,9 @@ class LeadWorkflow:
             if (self._behaviour.starts_with_attributes and inp.created_at is not None
                     and abs(now - inp.created_at) <= START_CLOCK_TOLERANCE):
                 created = min(inp.created_at, now)  # as its starter predicted (never after its first task)
-            return new_lead(inp, model, self._inbox, created, delay, self._behaviour.explains,
-                            self._behaviour.orders_slas)
+            return new_lead(inp, model, self._inbox, created, delay)
         lead = Lead(inp.state, model, seen_ids_max=inp.seen_ids_max, decision_delay=delay,
-                    explain=self._behaviour.explains, orders_slas=self._behaviour.orders_slas)
+                    **core_options(self._behaviour))
         lead.use_model(model, now)
         return lead
 
