@@ -29,6 +29,7 @@ import sys
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,8 +165,8 @@ async def main(argv: list[str] | None = None) -> None:
         env = await start_embedded(tmp, store)
         try:
             settings = Settings(database_url=url, task_queue=f"long-{uuid.uuid4().hex[:8]}")
-            activities = LeadActivities(settings, store)
-            await replay_growth(env.client, settings, activities, args.sizes, args.replay_leads, pace=0.1)
+            with closing(LeadActivities(settings, store)) as activities:
+                await replay_growth(env.client, settings, activities, args.sizes, args.replay_leads, pace=0.1)
             print(f"\n2. sparse traffic: {args.leads} leads x {args.events} events, one round every {args.pace} s, "
                   f"worker cache {args.cache}")
             print(f"{'phase':>22} {'worker ms/event':>16} {'server ms/event':>16} {'total':>7} {'runs':>5} "
@@ -176,8 +177,9 @@ async def main(argv: list[str] | None = None) -> None:
                 phase_settings = settings if events is None else Settings(
                     database_url=url, task_queue=f"long-{uuid.uuid4().hex[:8]}", quiet_history_events=events,
                     quiet_after_seconds=args.quiet_after)
-                found = await sparse_phase(env.client, phase_settings, LeadActivities(phase_settings, store), kind,
-                                           args.leads, args.events, args.cache, args.pace)
+                with closing(LeadActivities(phase_settings, store)) as activities:
+                    found = await sparse_phase(env.client, phase_settings, activities, kind, args.leads, args.events,
+                                               args.cache, args.pace)
                 total = found["worker_ms"] + found["server_ms"]
                 base_total = base_total or total
                 name = ("counting workflow" if events is None else "lead, to the limit" if not events
