@@ -341,6 +341,9 @@ def lead_slas(entries: Sequence[AuditEntry | ReportEntry]) -> LeadSlas:
                 found.first_contacts.append((owner or "unassigned", (e.happened_at - handed_at).total_seconds()))
                 handed_at = None
         elif e.kind == AuditKind.SLA_SET and e.rule:
+            if e.rule in running:  # the running deadline moved (an earlier cause arrived late): one run
+                running[e.rule] = (running[e.rule][0], e.happened_at)
+                continue
             run = SlaRun(name=e.rule, owner="unassigned", outcome="open")
             running[e.rule] = (run, e.happened_at)
             found.runs.append(run)

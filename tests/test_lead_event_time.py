@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from funnel.kpis import SlaRun, lead_slas
 from funnel.lead import Lead
 from funnel.models import AuditKind, LeadState, OutboundKind, ProfileUpdate, Stage, Trigger
 from tests.funnel_helpers import (
     LEAD,
     PRESALES,
+    SALES,
     T0,
     Accept,
+    LogContact,
     Reject,
     days,
     default_model,
@@ -438,3 +441,20 @@ def test_a_follow_up_deadline_counts_from_the_earliest_event_whatever_arrives_fi
     feed(stale, "webinar_attended", T0 + hours(20), "w-new", now=T0 + hours(21))
     feed(stale, "webinar_attended", T0, "w-old", now=T0 + hours(21))
     assert follow_up(stale) == (T0 + hours(20), T0 + hours(32), "event w-new")
+
+
+def test_a_moved_deadline_is_one_deadline_in_the_sla_report():
+    """A deadline moved by an earlier event that arrived late (above) is the same deadline:
+    the manager's SLA figures (funnel.kpis.lead_slas) count it once, met when the contact
+    meets it, not once more as a deadline that stays open for ever."""
+    in_order, late_first = new_lead(), new_lead()
+    feed(in_order, "webinar_attended", T0, "w-early", now=T0 + hours(2))
+    feed(in_order, "webinar_attended", T0 + hours(1), "w-late", now=T0 + hours(2))
+    feed(late_first, "webinar_attended", T0 + hours(1), "w-late", now=T0 + hours(2))
+    feed(late_first, "webinar_attended", T0, "w-early", now=T0 + hours(2))
+    runs = []
+    for lead in (in_order, late_first):
+        lead.execute(LogContact(by=SALES), T0 + hours(3))
+        runs.append([r for r in lead_slas(lead.take_effects().audit).runs if r.name == "webinar_follow_up"])
+    assert runs[0] == [SlaRun(name="webinar_follow_up", owner="unassigned", outcome="met", took=3 * 3600.0)]
+    assert runs[1] == runs[0]
