@@ -29,7 +29,7 @@ from typing import Iterable, Literal, Sequence
 
 from pydantic import BaseModel, Field
 
-from funnel.models import AuditEntry, AuditKind, ReportEntry, Role, Stage, Trigger
+from funnel.models import MET_BEFORE_ARRIVAL, AuditEntry, AuditKind, ReportEntry, Role, Stage, Trigger
 
 DAY = 86400.0
 
@@ -325,6 +325,7 @@ def lead_slas(entries: Sequence[AuditEntry | ReportEntry]) -> LeadSlas:
     ended, or now), and its times from handover to first contact."""
     found = LeadSlas()
     running: dict[str, tuple[SlaRun, datetime]] = {}
+    met_on_arrival: dict[str, datetime] = {}  # rule -> start of a deadline set and met at once
     breached: list[tuple[SlaRun, int]] = []  # breached runs and the seq of their breach
     owner: str | None = None
     handed_at: datetime | None = None
@@ -340,6 +341,13 @@ def lead_slas(entries: Sequence[AuditEntry | ReportEntry]) -> LeadSlas:
             if handed_at is not None:
                 found.first_contacts.append((owner or "unassigned", (e.happened_at - handed_at).total_seconds()))
                 handed_at = None
+        elif e.kind in (AuditKind.SLA_SET, AuditKind.SLA_MET) and e.rule and e.reason == MET_BEFORE_ARRIVAL:
+            # A deadline met by a contact logged before its event arrived: set and met at once.
+            if e.kind == AuditKind.SLA_SET:
+                met_on_arrival[e.rule] = e.happened_at
+            elif e.rule in met_on_arrival:
+                found.runs.append(SlaRun(name=e.rule, owner=owner or "unassigned", outcome="met",
+                                         took=(e.happened_at - met_on_arrival.pop(e.rule)).total_seconds()))
         elif e.kind == AuditKind.SLA_SET and e.rule:
             if e.rule in running:  # the running deadline moved (an earlier cause arrived late): one run
                 running[e.rule] = (running[e.rule][0], e.happened_at)

@@ -32,6 +32,7 @@ from funnel.models import (
     CONSENT_AT_FACT,
     CONSENT_FACT,
     CONSENT_SOURCE_FACT,
+    MET_BEFORE_ARRIVAL,
     SYSTEM,
     Accept,
     ActivityEvent,
@@ -42,9 +43,11 @@ from funnel.models import (
     Close,
     Command,
     ConsentRecord,
+    EndedSla,
     FactValue,
     LeadState,
     LogContact,
+    LoggedContact,
     NurtureProgress,
     OpenSla,
     Outbound,
@@ -71,6 +74,8 @@ FUTURE_TOLERANCE = timedelta(minutes=5)
 # state carried through continue-as-new stays small.
 SEEN_IDS_MAX = 2000
 COMMANDS_MAX = 500  # command outcomes a lead remembers by idempotency key
+CONTACTS_KEPT = 20  # contacts a lead remembers, to meet the follow-ups of events that arrive late
+ENDED_SLAS_KEPT = 20  # ended event-started deadlines a lead remembers, for events that arrive late
 DECAY_FLOOR = eng.DECAY_FLOOR
 CONTACT_STAGES = (Stage.IQL, Stage.MQL, Stage.SAL, Stage.SQL, Stage.RECYCLED)
 CONTACT_ROLES = (Role.PRESALES, Role.SALES, Role.MANAGER)
@@ -152,7 +157,7 @@ def _why_rescored(late: list[ActivityEvent], cause: str | None, added: list[Acti
 class Lead:
     def __init__(self, state: LeadState, model: ScoringModel, seen_ids_max: int = SEEN_IDS_MAX,
                  decision_delay: timedelta = timedelta(0), record_effects: bool = True,
-                 explain: bool = True, orders_slas: bool = True):
+                 explain: bool = True, orders_slas: bool = True, meets_late_slas: bool = True):
         """`record_effects=False`: the lead keeps no audit entries or outbound messages, only
         its state (their sequence numbers included) moves on exactly as with them. For a
         backtest, which reads the state alone: writing the entries' text is most of the work.
@@ -161,9 +166,12 @@ class Lead:
         consent (workflow runs of version 8 on; older runs replay without these entries).
         `orders_slas`: a deadline an event starts counts from the earliest such event, in
         whatever order they arrive (runs of version 12 on; older runs replay from the first
-        to arrive)."""
+        to arrive). `meets_late_slas`: a contact meets the follow-up deadline of an event that
+        occurred before it, also of one that arrives after it, as in time order (runs of
+        version 13 on; older runs open that deadline when the event arrives)."""
         self.explain = explain
         self.orders_slas = orders_slas
+        self.meets_late_slas = meets_late_slas
         self.state = state
         self.recording = record_effects
         self.model = model
@@ -367,6 +375,8 @@ class Lead:
             )
             for sla in [x for x in self.state.slas if x.met_by == "contact"]:
                 self._close_sla(sla, AuditKind.SLA_MET, actor, now)
+            if self.meets_late_slas:
+                self.state.contacts = [*self.state.contacts[-(CONTACTS_KEPT - 1):], LoggedContact(at=now, by=actor)]
             return
         if isinstance(command, Qualify):
             self.state.qualified_by = detail
@@ -942,7 +952,7 @@ class Lead:
         for sla in self.model.sla:
             if sla.on_event == event.type and s.stage not in CLOSED_STAGES:
                 self._open_sla(sla.name, event.occurred_at, sla.due, "contact", None, sla.escalate_to,
-                               f"event {event.event_id}")
+                               f"event {event.event_id}", by_event=True)
         if event.type in th.fast_track and event.occurred_at < now - th.max_age.fast_track:
             self._audit(AuditKind.NOT_HANDED_OVER, SYSTEM,
                         f"{event.type} {event.event_id} of {_day(event.occurred_at)} is older than"
@@ -952,9 +962,25 @@ class Lead:
     # ------------------------------------------------------------------ SLAs
 
     def _open_sla(self, name: str, start: datetime, due: timedelta, met_by, stage: Stage | None,
-                  escalate_to: str, cause: str) -> None:
+                  escalate_to: str, cause: str, by_event: bool = False) -> None:
         s = self.state
         due_at, cause_text = start + due, cause
+        if by_event and self.meets_late_slas and any(x.name == name and x.covers(start) for x in s.ended_slas):
+            return  # in time order this event came while a deadline of its kind ran: it started none
+        if by_event and (contact := self._contact_between(start, due_at)) is not None:
+            # Logged before the event arrived, and after it occurred: in time order this
+            # contact met the deadline. Set and met, as then; nothing runs or escalates.
+            when = contact.at.isoformat()
+            self._audit(AuditKind.SLA_SET, SYSTEM,
+                        f"SLA {name} due {due_at.isoformat()} ({format_duration(due)} after {cause}), met by the"
+                        f" contact of {when} before {cause} arrived", rule=name, occurred_at=start,
+                        reason=MET_BEFORE_ARRIVAL)
+            self._audit(AuditKind.SLA_MET, contact.by,
+                        f"SLA {name} met after {humanize(contact.at - start)} (due {due_at.isoformat()}): by the"
+                        f" contact of {when}, before {cause} arrived", rule=name, occurred_at=contact.at,
+                        reason=MET_BEFORE_ARRIVAL)
+            self._remember_ended(EndedSla(name=name, started_at=start, ended_at=contact.at, met=True))
+            return
         running = next((x for x in s.slas if x.name == name), None)
         if running is not None:
             # Only an event that occurred before the one that set this deadline, and arrived
@@ -977,6 +1003,15 @@ class Lead:
                     f"SLA {name} due {sla.due_at.isoformat()} ({format_duration(due)} after {cause_text})", rule=name,
                     occurred_at=start)
 
+    def _remember_ended(self, ended: EndedSla) -> None:
+        self.state.ended_slas = [*self.state.ended_slas[-(ENDED_SLAS_KEPT - 1):], ended]
+
+    def _contact_between(self, start: datetime, due_at: datetime) -> LoggedContact | None:
+        """The first contact logged at or after `start` and before `due_at` (version 13 on)."""
+        if not self.meets_late_slas:
+            return None
+        return next((c for c in self.state.contacts if start <= c.at < due_at), None)
+
     def _started_earlier(self, running: OpenSla, start: datetime, met_by: str, cause: str) -> bool:
         """Whether an event-started deadline's new cause comes before the running one's in
         time order (ties by event id: both causes read "event <id>")."""
@@ -986,6 +1021,9 @@ class Lead:
     def _close_sla(self, sla: OpenSla, kind: AuditKind, actor: Actor, at: datetime) -> None:
         s = self.state
         s.slas = [x for x in s.slas if x.name != sla.name]
+        if self.meets_late_slas and sla.cause.startswith("event "):
+            self._remember_ended(EndedSla(name=sla.name, started_at=sla.started_at, ended_at=at,
+                                          met=kind == AuditKind.SLA_MET))
         taken = humanize(at - sla.started_at)
         outcome = {AuditKind.SLA_MET: "met", AuditKind.SLA_BREACHED: "breached",
                    AuditKind.SLA_CANCELLED: "cancelled"}[kind]

@@ -317,6 +317,32 @@ class OpenSla(BaseModel):
     cause: str  # e.g. "stage mql" or "event e-19"
 
 
+# The reason of an SLA_SET and SLA_MET pair for an event that arrived after the contact that
+# met its deadline (funnel.lead.Lead `meets_late_slas`): one deadline, set and met.
+MET_BEFORE_ARRIVAL = "met_before_arrival"
+
+
+class LoggedContact(BaseModel):
+    """A contact sales or presales logged: it meets the follow-up of an event that occurred
+    before it, even one that arrives after it (version 13 on)."""
+
+    at: datetime
+    by: Actor
+
+
+class EndedSla(BaseModel):
+    """A deadline an event started, and when it ended (version 13 on): an event of the same
+    kind that occurred while it ran, and arrives later, starts none of its own."""
+
+    name: str
+    started_at: datetime
+    ended_at: datetime
+    met: bool  # met by a contact (an event at that very moment came before it), or breached/cancelled
+
+    def covers(self, at: datetime) -> bool:
+        return self.started_at <= at and (at <= self.ended_at if self.met else at < self.ended_at)
+
+
 class NurtureProgress(BaseModel):
     track: str
     next_step: int  # index into the track's steps
@@ -456,6 +482,8 @@ class LeadState(BaseModel):
     events_applied: int = 0
     seen_ids: list[str] = Field(default_factory=list)
     slas: list[OpenSla] = Field(default_factory=list)
+    contacts: list[LoggedContact] = Field(default_factory=list)  # the latest CONTACTS_KEPT, oldest first
+    ended_slas: list[EndedSla] = Field(default_factory=list)  # event-started deadlines, the latest ENDED_SLAS_KEPT
     nurture: NurtureProgress | None = None
     cool_off_until: datetime | None = None
     qualified_by: str | None = None  # "bant 3/4" once qualified

@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from funnel.engagement import fold
+from funnel.kpis import lead_slas
 from funnel.lead import Lead
-from funnel.models import ActivityEvent, AuditKind, ProfileUpdate
-from tests.funnel_helpers import LEAD, T0, days, default_model, variant
+from funnel.models import ActivityEvent, AuditKind, LogContact, OutboundKind, ProfileUpdate
+from tests.funnel_helpers import LEAD, SALES, T0, days, default_model, hours, variant
 
 MODEL = default_model()
 DELAY = timedelta(seconds=30)  # the lead's decision delay in these tests
@@ -184,3 +185,41 @@ def test_the_fold_is_what_the_lead_shows(items):
     state = fold(lead.model, lead.state.engagement, lead.state.evaluated_at).state
     assert state.breakdown == {k: v for k, v in lead.state.score.breakdown.items() if not k.startswith("fit:")}
     assert state.engagement == lead.state.score.engagement
+
+
+FOLLOW_UP = default_model().sla[0]  # webinar_follow_up: an attendance is followed up (a contact) within 12 h
+QUIET = variant(("mql = 100", "mql = 100000"), ('fast_track = ["demo_request"]', "fast_track = []"))
+
+
+@SETTINGS
+@given(attended=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 11)), min_size=1, max_size=6),
+       contacts=st.lists(st.integers(0, 40), max_size=3))
+def test_follow_up_deadlines_escalate_as_in_time_order_whatever_arrives_late(attended, contacts):
+    """Webinar attendances (hour, hours late) and contacts (hour). In time order each input
+    is taken when it happened; delivered, an attendance arrives late, though before its
+    follow-up is due. What escalates, and what still runs at the end, is the same."""
+    assert FOLLOW_UP.on_event == "webinar_attended" and FOLLOW_UP.due == hours(12)
+    events = [ActivityEvent(event_id=f"w-{i}", lead_id=LEAD, type="webinar_attended", occurred_at=T0 + hours(h))
+              for i, (h, _) in enumerate(attended)]
+    calls = [T0 + hours(h) for h in sorted(contacts)]
+
+    def run(arrivals: list) -> tuple:
+        lead = Lead.create(LEAD, QUIET, T0, decision_delay=DELAY)
+        for at, _, item in sorted(arrivals, key=lambda x: (x[0], x[1])):
+            lead.tick(at)
+            if isinstance(item, ActivityEvent):
+                lead.ingest(item, at)
+            else:
+                lead.execute(LogContact(by=SALES), at)
+        lead.tick(T0 + hours(80))
+        effects = lead.take_effects()
+        escalated = sorted(o.payload["due_at"] for o in effects.outbound if o.kind == OutboundKind.ESCALATION)
+        runs = lead_slas(effects.audit).runs
+        return (escalated, [(x.started_at, x.due_at) for x in lead.state.slas],
+                sum(r.outcome == "breached" for r in runs), sum(r.outcome == "open" for r in runs))
+
+    # ties: a contact before an attendance of the same hour (sort key 0 before 1), both ways
+    contacts_at = [(at, 0, "contact") for at in calls]
+    in_time_order = run([(e.occurred_at, 1, e) for e in events] + contacts_at)
+    delivered = run([(e.occurred_at + hours(late), 1, e) for e, (_, late) in zip(events, attended)] + contacts_at)
+    assert delivered == in_time_order

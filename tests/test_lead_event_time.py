@@ -458,3 +458,51 @@ def test_a_moved_deadline_is_one_deadline_in_the_sla_report():
         runs.append([r for r in lead_slas(lead.take_effects().audit).runs if r.name == "webinar_follow_up"])
     assert runs[0] == [SlaRun(name="webinar_follow_up", owner="unassigned", outcome="met", took=3 * 3600.0)]
     assert runs[1] == runs[0]
+
+
+def test_a_contact_meets_the_follow_up_of_an_event_that_occurred_before_it_and_arrived_after():
+    """In time order a webinar at T0 opens its 12 h follow-up and sam's call at T0+2h meets
+    it. Delivered late (the webinar tool's batch arrives at T0+3h, after the call) it opened
+    the follow-up then, and escalated it at T0+12h though sam had called. A contact meets
+    the deadline of an event that occurred before it, whenever the event arrives, and the
+    SLA figures match time order; a run of version 12 or older (`meets_late_slas=False`)
+    replays as it was decided."""
+    in_order, late, as_before = new_lead(), new_lead(), new_lead(meets_late_slas=False)
+    feed(in_order, "webinar_attended", T0, "w-1")
+    in_order.execute(LogContact(by=SALES), T0 + hours(2))
+    for lead in (late, as_before):
+        lead.execute(LogContact(by=SALES), T0 + hours(2))
+        feed(lead, "webinar_attended", T0, "w-1", now=T0 + hours(3))
+    assert late.state.slas == in_order.state.slas == []  # met, nothing runs
+    for lead in (in_order, late, as_before):
+        lead.tick(T0 + hours(13))
+    assert late.state.escalations == in_order.state.escalations == 0
+    expected = follow_ups_of(in_order.take_effects())
+    assert expected == [SlaRun(name="webinar_follow_up", owner="unassigned", outcome="met", took=2 * 3600.0)]
+    effects = late.take_effects()
+    assert follow_ups_of(effects) == expected
+    (met,) = of_kind(effects, AuditKind.SLA_MET)
+    assert (met.actor, met.occurred_at, met.reason) == (SALES.name, T0 + hours(2), "met_before_arrival")
+    assert met.detail.endswith(f"by the contact of {(T0 + hours(2)).isoformat()}, before event w-1 arrived")
+    assert as_before.state.escalations == 1  # as version 12 decided
+
+    # A contact before the event meets nothing of it: the follow-up runs.
+    after = new_lead()
+    after.execute(LogContact(by=SALES), T0)
+    feed(after, "webinar_attended", T0 + hours(1), "w-2", now=T0 + hours(2))
+    assert "webinar_follow_up" in [x.name for x in after.state.slas]
+
+    # The call met the late webinar's deadline, even if that passed before the webinar arrived,
+    # and a running deadline of a later webinar stays where it is.
+    both = new_lead()
+    both.execute(LogContact(by=SALES), T0 + hours(2))
+    feed(both, "webinar_attended", T0 + hours(3), "w-later", now=T0 + hours(4))
+    feed(both, "webinar_attended", T0, "w-earlier", now=T0 + hours(14))
+    (running,) = [x for x in both.state.slas if x.name == "webinar_follow_up"]
+    assert (running.started_at, running.cause) == (T0 + hours(3), "event w-later")
+    outcomes = sorted(r.outcome for r in follow_ups_of(both.take_effects()))
+    assert outcomes == ["met", "open"]
+
+
+def follow_ups_of(effects) -> list[SlaRun]:
+    return [r for r in lead_slas(effects.audit).runs if r.name == "webinar_follow_up"]

@@ -145,7 +145,7 @@ async def test_replay_detects_a_changed_workflow(converter):
 
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13])
 async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store, version):
     """Leads started by older code keep replaying their way. Version 1: the model by a
     regular activity. Version 2: by local activity (a marker, no round trip), handover and
@@ -166,13 +166,14 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
     owner reach visibility in one upsert. Version 11: a lead started
     with search attributes upserts only what differs from them (started here without any, it
     upserts every one it has a value for: test_lead_start_attributes.py has the rest).
-    Version 12 (what callers start now): a lead woken after a quiet spell with a long run
-    continues as new (test_workflow_quiet_continue.py; nothing here is quiet or long). All
-    score alike."""
+    Version 12: a lead woken after a quiet spell with a long run continues as new
+    (test_workflow_quiet_continue.py; nothing here is quiet or long). Version 13 (what callers
+    start now): a contact meets the follow-up of an event that arrives after it
+    (test_lead_event_time.py; nothing here arrives late). All score alike."""
     from workflows.lead_input import CURRENT_VERSION, LeadInput
 
     client, lead = ts_env.client, f"V{version}"
-    assert CURRENT_VERSION == 12
+    assert CURRENT_VERSION == 13
     given = load_model(settings.model_path)
     async with running_worker(client, settings, store):
         now = await ts_env.get_current_time()
@@ -200,7 +201,8 @@ async def test_run_version_decides_how_the_lead_behaves(ts_env, settings, store,
         logged = [row.event_id for row in store.event_log(lead)]
     # (v1 waits with a timeout: a timer per signal)
     assert (quiet_timers, quiet_writes) == {1: (1, 1), 2: (1, 0), 3: (1, 0), 4: (0, 0), 5: (0, 0), 6: (0, 0), 7: (0, 0),
-                                            8: (0, 0), 9: (0, 0), 10: (0, 0), 11: (0, 0), 12: (0, 0)}[version]
+                                            8: (0, 0), 9: (0, 0), 10: (0, 0), 11: (0, 0), 12: (0, 0),
+                                            13: (0, 0)}[version]
     assert (stored == total) == (version != 2 and version != 3)  # written at once, or swept; 2 and 3 wait 30 s
     assert sorted(logged) == ([f"{lead}-1", f"{lead}-2", f"{lead}-3"] if version >= 8 else [])
     activities = scheduled_activities(history)

@@ -15,7 +15,7 @@ import client as leads
 from funnel.scoring_model import load_model
 from tests.conftest import event, history_kinds, running_worker, settle
 from workflows.lead import LeadWorkflow, workflow_id
-from workflows.lead_input import CURRENT_VERSION, LeadInput
+from workflows.lead_input import CURRENT_VERSION, LeadInput, behaviour
 
 QUIET_EVENTS = 30  # history events
 QUIET_AFTER = 600.0  # seconds
@@ -27,7 +27,7 @@ async def test_a_quiet_lead_with_a_long_run_continues_as_new_and_an_older_versio
     settings = settings.model_copy(update={"quiet_history_events": QUIET_EVENTS, "quiet_after_seconds": QUIET_AFTER})
     model = load_model(settings.model_path)
     now_lead, old_lead = "quiet-v-now", "quiet-v11"
-    assert CURRENT_VERSION == 12
+    assert behaviour(CURRENT_VERSION).continues_when_quiet  # what callers start now
     async with running_worker(client, settings, store):
         await client.start_workflow(  # as a caller of version 11 started its leads
             LeadWorkflow.run, LeadInput(lead_id=old_lead, model=model, version=11, decision_delay_seconds=1,

@@ -65,7 +65,7 @@ def workflow_id(lead_id: str) -> str:
 def core_options(run: RunBehaviour) -> dict:
     """How the core decides for a run of this behaviour (funnel.lead.Lead's flags): one place,
     so a new run and a continued one, and the starter's prediction, always agree."""
-    return {"explain": run.explains, "orders_slas": run.orders_slas}
+    return {"explain": run.explains, "orders_slas": run.orders_slas, "meets_late_slas": run.meets_late_slas}
 
 
 def new_lead(inp: LeadInput, model: ScoringModel, first: list[ActivityEvent | ProfileUpdate], created: datetime,

@@ -20,7 +20,7 @@ from funnel.scoring_model import ScoringModel
 # How a run behaves, for replay. Runs keep the behaviour of the code that started them
 # (chosen by input rather than `workflow.patched()`: a patch upserts the
 # TemporalChangeVersion search attribute, a visibility write for every new lead).
-CURRENT_VERSION = 12
+CURRENT_VERSION = 13
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,12 @@ class RunBehaviour:
     # event, whatever order they arrive in (funnel.lead.Lead `orders_slas`). v1-v11 runs
     # count from the first to arrive (a moved deadline arms another timer: it would not replay).
     orders_slas: bool = False
+    # v13: a contact meets the follow-up deadline of an event that occurred before it and
+    # arrives after it, and an event that occurred while a deadline of its kind ran starts
+    # none when it arrives after that one ended: what escalates is what would in time order
+    # (funnel.lead.Lead `meets_late_slas`). v1-v12 runs open such a deadline on arrival (its
+    # timer would not replay).
+    meets_late_slas: bool = False
 
 
 def behaviour(version: int) -> RunBehaviour:
@@ -119,7 +125,7 @@ def behaviour(version: int) -> RunBehaviour:
                         explains=version >= 8, departs_accounts=version >= 9,
                         assigns_in_write=version >= 10, defers_deadlines=version >= 10,
                         starts_with_attributes=version >= 11, continues_when_quiet=version >= 12,
-                        orders_slas=version >= 12)
+                        orders_slas=version >= 12, meets_late_slas=version >= 13)
 
 
 class ModelChange(BaseModel):

@@ -3,7 +3,7 @@
 Run after a change to workflow code has shipped (leads are running with it):
     .venv/bin/python tests/histories/record.py [--only funnel|accounts]
 It drives leads through the funnel (including continue-as-new, at the limit and after a
-quiet spell) and two leads of one
+quiet spell, and an event that arrives after the contact that followed it up) and two leads of one
 account to an MQA on a throwaway dev server, and writes one JSON history per workflow
 run into this folder (account workflows' as A-*.json).
 Keep the old files: they are the running leads the new code must still replay.
@@ -84,7 +84,16 @@ async def main() -> None:
         await settle(env, client, quiet, lambda v: v.events_applied == 9)
         await asyncio.sleep(2)  # the write before the new run, and the new run's first task
 
-        for lead in (won, lost, burst, quiet):
+        # (version 13) a webinar that arrives after the call that followed it up: met, no deadline runs
+        late = "R-late"
+        await leads.send_events(client, settings, [event(late, "1", "demo_request", now)], model)
+        await settle(env, client, late, lambda v: v.owner is not None)
+        await leads.run_command(client, late, LogContact(by=ANNA))
+        await leads.send_events(client, settings, [event(late, "2", "webinar_attended", now)])
+        await settle(env, client, late, lambda v: v.events_applied == 2)
+        await leads.flush_audit(client, late)
+
+        for lead in (won, lost, burst, quiet, late):
             await write_runs(client, workflow_id(lead), lead)
     await env.shutdown()
 
