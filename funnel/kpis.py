@@ -326,6 +326,7 @@ def lead_slas(entries: Sequence[AuditEntry | ReportEntry]) -> LeadSlas:
     found = LeadSlas()
     running: dict[str, tuple[SlaRun, datetime]] = {}
     met_on_arrival: dict[str, datetime] = {}  # rule -> start of a deadline set and met at once
+    met_by_contact: dict[tuple[str, datetime], tuple[SlaRun, datetime]] = {}  # (rule, met at) -> (run, start)
     breached: list[tuple[SlaRun, int]] = []  # breached runs and the seq of their breach
     owner: str | None = None
     handed_at: datetime | None = None
@@ -343,11 +344,19 @@ def lead_slas(entries: Sequence[AuditEntry | ReportEntry]) -> LeadSlas:
                 handed_at = None
         elif e.kind in (AuditKind.SLA_SET, AuditKind.SLA_MET) and e.rule and e.reason == MET_BEFORE_ARRIVAL:
             # A deadline met by a contact logged before its event arrived: set and met at once.
+            # Met by the same contact as one of its kind already met, it is that one, started
+            # earlier (one of a kind runs at a time, and a contact meets what runs).
             if e.kind == AuditKind.SLA_SET:
                 met_on_arrival[e.rule] = e.happened_at
             elif e.rule in met_on_arrival:
-                found.runs.append(SlaRun(name=e.rule, owner=owner or "unassigned", outcome="met",
-                                         took=(e.happened_at - met_on_arrival.pop(e.rule)).total_seconds()))
+                start = met_on_arrival.pop(e.rule)
+                run, earlier = met_by_contact.get((e.rule, e.happened_at), (None, start))
+                if run is None:
+                    run = SlaRun(name=e.rule, owner=owner or "unassigned", outcome="met")
+                    found.runs.append(run)
+                start = min(start, earlier)
+                run.took = (e.happened_at - start).total_seconds()
+                met_by_contact[(e.rule, e.happened_at)] = (run, start)
         elif e.kind == AuditKind.SLA_SET and e.rule:
             if e.rule in running:  # the running deadline moved (an earlier cause arrived late): one run
                 running[e.rule] = (running[e.rule][0], e.happened_at)
@@ -364,6 +373,7 @@ def lead_slas(entries: Sequence[AuditEntry | ReportEntry]) -> LeadSlas:
                            AuditKind.SLA_CANCELLED: "cancelled"}[e.kind]
             if e.kind == AuditKind.SLA_MET:
                 run.took = (e.happened_at - started).total_seconds()
+                met_by_contact[(e.rule, e.happened_at)] = (run, started)
             if e.kind == AuditKind.SLA_BREACHED:
                 breached.append((run, e.seq))
     for run, _ in running.values():

@@ -969,7 +969,9 @@ class Lead:
             return  # in time order this event came while a deadline of its kind ran: it started none
         if by_event and (contact := self._contact_between(start, due_at)) is not None:
             # Logged before the event arrived, and after it occurred: in time order this
-            # contact met the deadline. Set and met, as then; nothing runs or escalates.
+            # contact met the deadline. Set and met, as then; nothing runs or escalates. If the
+            # contact met a deadline of a later event of this kind, that is this deadline: in
+            # time order this event started it, and the later one came while it ran.
             when = contact.at.isoformat()
             self._audit(AuditKind.SLA_SET, SYSTEM,
                         f"SLA {name} due {due_at.isoformat()} ({format_duration(due)} after {cause}), met by the"
@@ -979,7 +981,11 @@ class Lead:
                         f"SLA {name} met after {humanize(contact.at - start)} (due {due_at.isoformat()}): by the"
                         f" contact of {when}, before {cause} arrived", rule=name, occurred_at=contact.at,
                         reason=MET_BEFORE_ARRIVAL)
-            self._remember_ended(EndedSla(name=name, started_at=start, ended_at=contact.at, met=True))
+            same = next((x for x in s.ended_slas if x.name == name and x.met and x.ended_at == contact.at), None)
+            if same is None:
+                self._remember_ended(EndedSla(name=name, started_at=start, ended_at=contact.at, met=True))
+            else:  # (it does not cover `start`, see above: it started later)
+                s.ended_slas = [x.model_copy(update={"started_at": start}) if x is same else x for x in s.ended_slas]
             return
         running = next((x for x in s.slas if x.name == name), None)
         if running is not None:

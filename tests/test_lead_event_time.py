@@ -503,6 +503,16 @@ def test_a_contact_meets_the_follow_up_of_an_event_that_occurred_before_it_and_a
     outcomes = sorted(r.outcome for r in follow_ups_of(both.take_effects()))
     assert outcomes == ["met", "open"]
 
+    # The call met a later attendance's follow-up; the earlier one, arriving after the call,
+    # started that same follow-up in time order: one deadline, met 2 h after it started.
+    one = new_lead()
+    feed(one, "webinar_attended", T0 + hours(1), "w-later")
+    one.execute(LogContact(by=SALES), T0 + hours(2))
+    feed(one, "webinar_attended", T0, "w-earlier", now=T0 + hours(3))
+    assert follow_ups_of(one.take_effects()) == [
+        SlaRun(name="webinar_follow_up", owner="unassigned", outcome="met", took=2 * 3600.0)]
+    assert [(x.started_at, x.ended_at) for x in one.state.ended_slas] == [(T0, T0 + hours(2))]
+
 
 def follow_ups_of(effects) -> list[SlaRun]:
     return [r for r in lead_slas(effects.audit).runs if r.name == "webinar_follow_up"]
