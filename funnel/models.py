@@ -337,7 +337,7 @@ class EndedSla(BaseModel):
     name: str
     started_at: datetime
     ended_at: datetime
-    met: bool  # met by a contact (an event at that very moment came before it), or breached/cancelled
+    met: bool  # True: met by a contact (an event at that very moment came before it); False: breached or cancelled
 
     def covers(self, at: datetime) -> bool:
         return self.started_at <= at and (at <= self.ended_at if self.met else at < self.ended_at)
