@@ -116,6 +116,30 @@ async def test_webinar_follow_up_breached_after_12_hours(ts_env, settings, store
     assert [e.rule for e in audit(store, lead, AuditKind.SLA_BREACHED)] == ["webinar_follow_up"]
 
 
+async def test_a_webinar_arriving_after_the_call_that_followed_it_up_does_not_escalate(ts_env, settings, store):
+    """The webinar tool's batch arrives three hours after the attendance, one after anna
+    called: the call met the follow-up (version 13, funnel.lead.Lead `meets_late_slas`),
+    so no deadline runs and nothing escalates at the 12 h mark."""
+    client, lead = ts_env.client, "T-webinar-late"
+    async with running_worker(client, settings, store):
+        attended = await ts_env.get_current_time()
+        await leads.send_events(client, settings, [event(lead, "1", "demo_request", attended)])
+        await settle(ts_env, client, lead, lambda v: v.owner is not None)
+        await ts_env.sleep(hours(2))
+        await leads.run_command(client, lead, LogContact(by=ANNA))
+        await ts_env.sleep(hours(1))
+        await leads.send_events(client, settings, [event(lead, "2", "webinar_attended", attended)])
+        view = await settle(ts_env, client, lead, lambda v: v.events_applied == 2)
+        assert "webinar_follow_up" not in [d.name for d in view.deadlines]
+        await ts_env.sleep(hours(12))
+        await settle(ts_env, client, lead, lambda v: True)
+        await leads.flush_audit(client, lead)
+    (met,) = [e for e in audit(store, lead, AuditKind.SLA_MET) if e.rule == "webinar_follow_up"]
+    assert (met.actor, met.reason) == (ANNA.name, "met_before_arrival")
+    assert audit(store, lead, AuditKind.SLA_BREACHED) == []  # (presales has 2 days to decide)
+    assert outbox(store, OutboundKind.ESCALATION, lead) == []
+
+
 async def test_inactivity_decay_then_activity_resets_the_clock(ts_env, settings, store):
     client, lead = ts_env.client, "T-decay"
     async with running_worker(client, settings, store):
