@@ -29,7 +29,7 @@ from typing import Iterable, Literal, Sequence
 
 from pydantic import BaseModel, Field
 
-from funnel.models import MET_BEFORE_ARRIVAL, AuditEntry, AuditKind, ReportEntry, Role, Stage, Trigger
+from funnel.models import CANCELLED_BEFORE_ARRIVAL, MET_BEFORE_ARRIVAL, AuditEntry, AuditKind, ReportEntry, Role, Stage, Trigger
 
 DAY = 86400.0
 
@@ -327,6 +327,7 @@ def lead_slas(entries: Sequence[AuditEntry | ReportEntry]) -> LeadSlas:
     running: dict[str, tuple[SlaRun, datetime]] = {}
     met_on_arrival: dict[str, datetime] = {}  # rule -> start of a deadline set and met at once
     met_by_contact: dict[tuple[str, datetime], tuple[SlaRun, datetime]] = {}  # (rule, met at) -> (run, start)
+    cancelled_by_change: set[tuple[str, datetime]] = set()  # (rule, cancelled at)
     breached: list[tuple[SlaRun, int]] = []  # breached runs and the seq of their breach
     owner: str | None = None
     handed_at: datetime | None = None
@@ -342,6 +343,12 @@ def lead_slas(entries: Sequence[AuditEntry | ReportEntry]) -> LeadSlas:
             if handed_at is not None:
                 found.first_contacts.append((owner or "unassigned", (e.happened_at - handed_at).total_seconds()))
                 handed_at = None
+        elif e.kind in (AuditKind.SLA_SET, AuditKind.SLA_CANCELLED) and e.rule and e.reason == CANCELLED_BEFORE_ARRIVAL:
+            # A deadline cancelled by a stage change (recycled, closed) before its event arrived;
+            # cancelled by the same change as one of its kind, it is that one (as below).
+            if e.kind == AuditKind.SLA_CANCELLED and (e.rule, e.happened_at) not in cancelled_by_change:
+                found.runs.append(SlaRun(name=e.rule, owner=owner or "unassigned", outcome="cancelled"))
+                cancelled_by_change.add((e.rule, e.happened_at))
         elif e.kind in (AuditKind.SLA_SET, AuditKind.SLA_MET) and e.rule and e.reason == MET_BEFORE_ARRIVAL:
             # A deadline met by a contact logged before its event arrived: set and met at once.
             # Met by the same contact as one of its kind already met, it is that one, started
@@ -374,6 +381,8 @@ def lead_slas(entries: Sequence[AuditEntry | ReportEntry]) -> LeadSlas:
             if e.kind == AuditKind.SLA_MET:
                 run.took = (e.happened_at - started).total_seconds()
                 met_by_contact[(e.rule, e.happened_at)] = (run, started)
+            if e.kind == AuditKind.SLA_CANCELLED:
+                cancelled_by_change.add((e.rule, e.happened_at))
             if e.kind == AuditKind.SLA_BREACHED:
                 breached.append((run, e.seq))
     for run, _ in running.values():

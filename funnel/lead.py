@@ -32,6 +32,7 @@ from funnel.models import (
     CONSENT_AT_FACT,
     CONSENT_FACT,
     CONSENT_SOURCE_FACT,
+    CANCELLED_BEFORE_ARRIVAL,
     MET_BEFORE_ARRIVAL,
     SYSTEM,
     Accept,
@@ -167,8 +168,9 @@ class Lead:
         `orders_slas`: a deadline an event starts counts from the earliest such event, in
         whatever order they arrive (runs of version 12 on; older runs replay from the first
         to arrive). `meets_late_slas`: a contact meets the follow-up deadline of an event that
-        occurred before it, also of one that arrives after it, as in time order (runs of
-        version 13 on; older runs open that deadline when the event arrives)."""
+        occurred before it, also of one that arrives after it, and a stage change that cancels
+        deadlines (recycled, closed) cancels that of an event that occurred before it, as in
+        time order (runs of version 13 on; older runs open that deadline when the event arrives)."""
         self.explain = explain
         self.orders_slas = orders_slas
         self.meets_late_slas = meets_late_slas
@@ -950,7 +952,8 @@ class Lead:
         s = self.state
         th = self.model.thresholds
         for sla in self.model.sla:
-            if sla.on_event == event.type and s.stage not in CLOSED_STAGES:
+            # (v13: a closed lead's event from before it closed had its deadline, cancelled then)
+            if sla.on_event == event.type and (s.stage not in CLOSED_STAGES or self.meets_late_slas):
                 self._open_sla(sla.name, event.occurred_at, sla.due, "contact", None, sla.escalate_to,
                                f"event {event.event_id}", by_event=True)
         if event.type in th.fast_track and event.occurred_at < now - th.max_age.fast_track:
@@ -965,9 +968,14 @@ class Lead:
                   escalate_to: str, cause: str, by_event: bool = False) -> None:
         s = self.state
         due_at, cause_text = start + due, cause
-        if by_event and self.meets_late_slas and any(x.name == name and x.covers(start) for x in s.ended_slas):
-            return  # in time order this event came while a deadline of its kind ran: it started none
-        if by_event and (contact := self._contact_between(start, due_at)) is not None:
+        cancelled_at = None
+        if by_event and self.meets_late_slas:
+            if any(x.name == name and x.covers(start) for x in s.ended_slas):
+                return  # in time order this event came while a deadline of its kind ran: it started none
+            if self._stage_at(start) in CLOSED_STAGES:
+                return  # ... or while the lead was closed
+            cancelled_at = self._cancelled_after(start)
+        if by_event and (contact := self._contact_between(start, min(due_at, cancelled_at or due_at))) is not None:
             # Logged before the event arrived, and after it occurred: in time order this
             # contact met the deadline. Set and met, as then; nothing runs or escalates. If the
             # contact met a deadline of a later event of this kind, that is this deadline: in
@@ -985,6 +993,25 @@ class Lead:
             if same is None:
                 self._remember_ended(EndedSla(name=name, started_at=start, ended_at=contact.at, met=True))
             else:  # (it does not cover `start`, see above: it started later)
+                s.ended_slas = [x.model_copy(update={"started_at": start}) if x is same else x for x in s.ended_slas]
+            return
+        if cancelled_at is not None and due_at > cancelled_at:
+            # The lead was recycled or closed after the event and before this deadline: in time
+            # order it was set, then cancelled by that stage change. Nothing runs or escalates.
+            self._audit(AuditKind.SLA_SET, SYSTEM,
+                        f"SLA {name} due {due_at.isoformat()} ({format_duration(due)} after {cause}), cancelled by"
+                        f" the stage change of {cancelled_at.isoformat()} before {cause} arrived", rule=name,
+                        occurred_at=start, reason=CANCELLED_BEFORE_ARRIVAL)
+            self._audit(AuditKind.SLA_CANCELLED, SYSTEM,
+                        f"SLA {name} cancelled after {humanize(cancelled_at - start)} (due {due_at.isoformat()}): by"
+                        f" the stage change of {cancelled_at.isoformat()}, before {cause} arrived", rule=name,
+                        occurred_at=cancelled_at, reason=CANCELLED_BEFORE_ARRIVAL)
+            # Cancelled with a later event's deadline by the same change, it is that deadline (as above).
+            same = next((x for x in s.ended_slas if x.name == name and x.cancelled and x.ended_at == cancelled_at), None)
+            if same is None:
+                self._remember_ended(EndedSla(name=name, started_at=start, ended_at=cancelled_at, met=False,
+                                              cancelled=True))
+            else:
                 s.ended_slas = [x.model_copy(update={"started_at": start}) if x is same else x for x in s.ended_slas]
             return
         running = next((x for x in s.slas if x.name == name), None)
@@ -1012,6 +1039,18 @@ class Lead:
     def _remember_ended(self, ended: EndedSla) -> None:
         self.state.ended_slas = [*self.state.ended_slas[-(ENDED_SLAS_KEPT - 1):], ended]
 
+    def _stage_at(self, at: datetime) -> Stage:
+        """The lead's stage at `at`, by its stage history (its first stage before that). At the
+        same moment a stage change comes before an event or a contact."""
+        visits = self.state.history
+        return next((v.stage for v in reversed(visits) if v.entered_at <= at), visits[0].stage if visits else Stage.IQL)
+
+    def _cancelled_after(self, at: datetime) -> datetime | None:
+        """When the lead first entered a stage that cancels contact deadlines (recycled, or a
+        closed one) after `at`: see _on_exit."""
+        return next((v.entered_at for v in self.state.history
+                     if v.entered_at > at and (v.stage in CLOSED_STAGES or v.stage == Stage.RECYCLED)), None)
+
     def _contact_between(self, start: datetime, due_at: datetime) -> LoggedContact | None:
         """The first contact logged at or after `start` and before `due_at` (version 13 on)."""
         if not self.meets_late_slas:
@@ -1029,7 +1068,7 @@ class Lead:
         s.slas = [x for x in s.slas if x.name != sla.name]
         if self.meets_late_slas and sla.cause.startswith("event "):
             self._remember_ended(EndedSla(name=sla.name, started_at=sla.started_at, ended_at=at,
-                                          met=kind == AuditKind.SLA_MET))
+                                          met=kind == AuditKind.SLA_MET, cancelled=kind == AuditKind.SLA_CANCELLED))
         taken = humanize(at - sla.started_at)
         outcome = {AuditKind.SLA_MET: "met", AuditKind.SLA_BREACHED: "breached",
                    AuditKind.SLA_CANCELLED: "cancelled"}[kind]

@@ -318,8 +318,10 @@ class OpenSla(BaseModel):
 
 
 # The reason of an SLA_SET and SLA_MET pair for an event that arrived after the contact that
-# met its deadline (funnel.lead.Lead `meets_late_slas`): one deadline, set and met.
+# met its deadline (funnel.lead.Lead `meets_late_slas`): one deadline, set and met. And of an
+# SLA_SET and SLA_CANCELLED pair for one that arrived after the stage change that cancelled it.
 MET_BEFORE_ARRIVAL = "met_before_arrival"
+CANCELLED_BEFORE_ARRIVAL = "cancelled_before_arrival"
 
 
 class LoggedContact(BaseModel):
@@ -338,6 +340,7 @@ class EndedSla(BaseModel):
     started_at: datetime
     ended_at: datetime
     met: bool  # True: met by a contact (an event at that very moment came before it); False: breached or cancelled
+    cancelled: bool = False  # by a stage change (recycled, closed)
 
     def covers(self, at: datetime) -> bool:
         return self.started_at <= at and (at <= self.ended_at if self.met else at < self.ended_at)

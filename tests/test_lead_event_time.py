@@ -514,5 +514,23 @@ def test_a_contact_meets_the_follow_up_of_an_event_that_occurred_before_it_and_a
     assert [(x.started_at, x.ended_at) for x in one.state.ended_slas] == [(T0, T0 + hours(2))]
 
 
+def test_a_webinar_arriving_after_presales_recycled_the_lead_starts_no_follow_up():
+    """Attendance at T0, presales recycles the lead at T0+2h ("not now"), the batch arrives at
+    T0+3h. In time order the follow-up ran from T0 and the recycling cancelled it; it opened
+    on arrival and escalated at T0+12h, for a lead presales had just sent back to nurture.
+    Now it is recorded as set and cancelled (version 13); version 12 escalated."""
+    now_, as_before = mql_lead(), mql_lead(meets_late_slas=False)
+    for lead in (now_, as_before):
+        lead.execute(Reject(by=PRESALES, reason="not_now", recycle=True), T0 + hours(2))
+        feed(lead, "webinar_attended", T0, "w-1", now=T0 + hours(3))
+        lead.tick(T0 + hours(13))
+    assert (now_.state.stage, now_.state.slas, now_.state.escalations) == (Stage.RECYCLED, [], 0)
+    effects = now_.take_effects()
+    (cancelled,) = of_kind(effects, AuditKind.SLA_CANCELLED)
+    assert (cancelled.occurred_at, cancelled.reason) == (T0 + hours(2), "cancelled_before_arrival")
+    assert follow_ups_of(effects) == [SlaRun(name="webinar_follow_up", owner="unassigned", outcome="cancelled")]
+    assert as_before.state.escalations == 1
+
+
 def follow_ups_of(effects) -> list[SlaRun]:
     return [r for r in lead_slas(effects.audit).runs if r.name == "webinar_follow_up"]

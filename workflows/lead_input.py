@@ -111,8 +111,9 @@ class RunBehaviour:
     # count from the first to arrive (a moved deadline arms another timer: it would not replay).
     orders_slas: bool = False
     # v13: a contact meets the follow-up deadline of an event that occurred before it and
-    # arrives after it, and an event that occurred while a deadline of its kind ran starts
-    # none when it arrives after that one ended: what escalates is what would in time order
+    # arrives after it, an event that occurred while a deadline of its kind ran starts none
+    # when it arrives after that one ended, and one from before the lead was recycled or
+    # closed starts none after that (set and cancelled): what escalates is what would in time order
     # (funnel.lead.Lead `meets_late_slas`). v1-v12 runs open such a deadline on arrival (its
     # timer would not replay).
     meets_late_slas: bool = False
