@@ -977,42 +977,15 @@ class Lead:
             cancelled_at = self._cancelled_after(start)
         if by_event and (contact := self._contact_between(start, min(due_at, cancelled_at or due_at))) is not None:
             # Logged before the event arrived, and after it occurred: in time order this
-            # contact met the deadline. Set and met, as then; nothing runs or escalates. If the
-            # contact met a deadline of a later event of this kind, that is this deadline: in
-            # time order this event started it, and the later one came while it ran.
-            when = contact.at.isoformat()
-            self._audit(AuditKind.SLA_SET, SYSTEM,
-                        f"SLA {name} due {due_at.isoformat()} ({format_duration(due)} after {cause}), met by the"
-                        f" contact of {when} before {cause} arrived", rule=name, occurred_at=start,
-                        reason=MET_BEFORE_ARRIVAL)
-            self._audit(AuditKind.SLA_MET, contact.by,
-                        f"SLA {name} met after {humanize(contact.at - start)} (due {due_at.isoformat()}): by the"
-                        f" contact of {when}, before {cause} arrived", rule=name, occurred_at=contact.at,
-                        reason=MET_BEFORE_ARRIVAL)
-            same = next((x for x in s.ended_slas if x.name == name and x.met and x.ended_at == contact.at), None)
-            if same is None:
-                self._remember_ended(EndedSla(name=name, started_at=start, ended_at=contact.at, met=True))
-            else:  # (it does not cover `start`, see above: it started later)
-                s.ended_slas = [x.model_copy(update={"started_at": start}) if x is same else x for x in s.ended_slas]
+            # contact met the deadline.
+            self._ended_before_arrival(name, start, due, cause, AuditKind.SLA_MET, contact.at, contact.by,
+                                       f"the contact of {contact.at.isoformat()}")
             return
         if cancelled_at is not None and due_at > cancelled_at:
             # The lead was recycled or closed after the event and before this deadline: in time
-            # order it was set, then cancelled by that stage change. Nothing runs or escalates.
-            self._audit(AuditKind.SLA_SET, SYSTEM,
-                        f"SLA {name} due {due_at.isoformat()} ({format_duration(due)} after {cause}), cancelled by"
-                        f" the stage change of {cancelled_at.isoformat()} before {cause} arrived", rule=name,
-                        occurred_at=start, reason=CANCELLED_BEFORE_ARRIVAL)
-            self._audit(AuditKind.SLA_CANCELLED, SYSTEM,
-                        f"SLA {name} cancelled after {humanize(cancelled_at - start)} (due {due_at.isoformat()}): by"
-                        f" the stage change of {cancelled_at.isoformat()}, before {cause} arrived", rule=name,
-                        occurred_at=cancelled_at, reason=CANCELLED_BEFORE_ARRIVAL)
-            # Cancelled with a later event's deadline by the same change, it is that deadline (as above).
-            same = next((x for x in s.ended_slas if x.name == name and x.cancelled and x.ended_at == cancelled_at), None)
-            if same is None:
-                self._remember_ended(EndedSla(name=name, started_at=start, ended_at=cancelled_at, met=False,
-                                              cancelled=True))
-            else:
-                s.ended_slas = [x.model_copy(update={"started_at": start}) if x is same else x for x in s.ended_slas]
+            # order that stage change cancelled it.
+            self._ended_before_arrival(name, start, due, cause, AuditKind.SLA_CANCELLED, cancelled_at, SYSTEM,
+                                       f"the stage change of {cancelled_at.isoformat()}")
             return
         running = next((x for x in s.slas if x.name == name), None)
         if running is not None:
@@ -1035,6 +1008,29 @@ class Lead:
         self._audit(AuditKind.SLA_SET, SYSTEM,
                     f"SLA {name} due {sla.due_at.isoformat()} ({format_duration(due)} after {cause_text})", rule=name,
                     occurred_at=start)
+
+    def _ended_before_arrival(self, name: str, start: datetime, due: timedelta, cause: str, kind: AuditKind,
+                              ended_at: datetime, by: Actor, what: str) -> None:
+        """An event-started deadline that a contact met (SLA_MET), or a stage change cancelled
+        (SLA_CANCELLED), before the event arrived: set and ended, as in time order; nothing runs
+        or escalates. If `what` ended a deadline of a later event of this kind, that is this
+        deadline: in time order this event started it, and the later one came while it ran
+        (one of a kind runs at a time, and a contact or a stage change ends what runs)."""
+        met = kind == AuditKind.SLA_MET
+        reason, outcome = (MET_BEFORE_ARRIVAL, "met") if met else (CANCELLED_BEFORE_ARRIVAL, "cancelled")
+        due_at = start + due
+        self._audit(AuditKind.SLA_SET, SYSTEM,
+                    f"SLA {name} due {due_at.isoformat()} ({format_duration(due)} after {cause}), {outcome} by {what}"
+                    f" before {cause} arrived", rule=name, occurred_at=start, reason=reason)
+        self._audit(kind, by, f"SLA {name} {outcome} after {humanize(ended_at - start)} (due {due_at.isoformat()}):"
+                              f" by {what}, before {cause} arrived", rule=name, occurred_at=ended_at, reason=reason)
+        s = self.state
+        same = next((x for x in s.ended_slas
+                     if x.name == name and x.ended_at == ended_at and (x.met if met else x.cancelled)), None)
+        if same is None:
+            self._remember_ended(EndedSla(name=name, started_at=start, ended_at=ended_at, met=met, cancelled=not met))
+        else:  # (it does not cover `start`: it started later)
+            s.ended_slas = [x.model_copy(update={"started_at": start}) if x is same else x for x in s.ended_slas]
 
     def _remember_ended(self, ended: EndedSla) -> None:
         self.state.ended_slas = [*self.state.ended_slas[-(ENDED_SLAS_KEPT - 1):], ended]
